@@ -1,0 +1,28 @@
+"""edgefleet: take a trained model to a fleet of edge devices and keep it healthy there.
+
+``edgefleet.load(path)`` loads a model package (``.efpkg``) or a bare ``.onnx`` file for inference.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from edgefleet.errors import EdgefleetError
+from edgefleet.runtime import Model
+
+__all__ = ["EdgefleetError", "Model", "__version__", "load"]
+__version__ = "0.1.0"
+
+
+def load(path: str | os.PathLike[str], *, device_key: Any = None, settings: Any = None) -> Model:
+    """Load a ``.efpkg`` package (verifying it, decrypting with ``device_key`` if encrypted) or a ``.onnx`` file."""
+    p = Path(path)
+    if p.suffix == ".efpkg":
+        from edgefleet.package import open_package
+
+        return open_package(p, device_key=device_key).load(settings=settings)
+    from edgefleet.runtime import load_model
+
+    return load_model(p, settings=settings)

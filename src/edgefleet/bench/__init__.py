@@ -1,0 +1,1 @@
+"""Benchmark runner, device-tier profiles and emulation, statistics, result files."""

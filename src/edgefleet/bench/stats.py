@@ -1,0 +1,158 @@
+"""Statistics for latency measurements (DESIGN §4a). Pure functions, no I/O, no clocks.
+
+The same model's median moves ±25 % between processes on a busy host and an A/A test with thousands of pairs
+comes out "significant" ~1 % of the time, so comparisons here are *paired* (baseline and candidate interleaved in
+one process, one ratio per pair), report the median ratio with a bootstrap CI, and apply a *practical* threshold:
+
+* ``slower``  when the CI's lower bound exceeds ``1 + slower_threshold`` (default 0.05);
+* ``faster``  when the CI's upper bound is below ``1 - faster_threshold`` (default 0.03);
+* ``same``    otherwise (no practical difference);
+* ``inconclusive`` below ``min_pairs`` pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = [
+    "PairedComparison",
+    "QuantileEstimate",
+    "bootstrap_median_ci",
+    "paired_compare",
+    "quantile_ci",
+    "quantiles_with_ci",
+]
+
+Verdict = Literal["slower", "faster", "same", "inconclusive"]
+DEFAULT_QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    n_pairs: int
+    median_ratio: float | None
+    ci_low: float | None
+    ci_high: float | None
+    confidence: float
+    slower_threshold: float
+    faster_threshold: float
+    verdict: Verdict
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class QuantileEstimate:
+    q: float
+    value: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+
+    @property
+    def relative_half_width(self) -> float | None:
+        if self.value is None or self.ci_low is None or self.ci_high is None or self.value <= 0:
+            return None
+        return (self.ci_high - self.ci_low) / 2 / self.value
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["relative_half_width"] = self.relative_half_width
+        return d
+
+
+def _z(confidence: float) -> float:
+    # Two-sided normal quantile by bisection on erf: avoids a scipy runtime dependency.
+    target = confidence
+    lo, hi = 0.0, 10.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        if math.erf(mid / math.sqrt(2)) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def quantile_ci(samples: Sequence[float] | np.ndarray, q: float, confidence: float = 0.95) -> QuantileEstimate:
+    """Distribution-free CI of the ``q`` quantile from order statistics (normal approximation of the binomial
+    ranks). ``value``/bounds are ``None`` when the sample cannot support the quantile (e.g. p99.9 from 200 runs)."""
+    x = np.sort(np.asarray(samples, dtype=np.float64))
+    n = int(x.size)
+    if n == 0:
+        return QuantileEstimate(q, None, None, None, 0)
+    value = float(np.quantile(x, q))
+    z = _z(confidence)
+    half = z * math.sqrt(n * q * (1 - q))
+    lo_rank = math.floor(n * q - half)
+    hi_rank = math.ceil(n * q + half)
+    if lo_rank < 0 or hi_rank > n - 1:
+        return QuantileEstimate(q, value, None, None, n)
+    return QuantileEstimate(q, value, float(x[lo_rank]), float(x[hi_rank]), n)
+
+
+def quantiles_with_ci(
+    samples: Sequence[float] | np.ndarray, qs: Sequence[float] = DEFAULT_QUANTILES, confidence: float = 0.95
+) -> list[QuantileEstimate]:
+    return [quantile_ci(samples, q, confidence) for q in qs]
+
+
+def bootstrap_median_ci(
+    values: np.ndarray, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Median and its percentile-bootstrap CI. Resamples in chunks to bound memory on long runs."""
+    v = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    meds = np.empty(n_boot)
+    chunk = max(1, 2_000_000 // max(v.size, 1))
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        idx = rng.integers(0, v.size, size=(stop - start, v.size))
+        meds[start:stop] = np.median(v[idx], axis=1)
+    alpha = (1 - confidence) / 2
+    return float(np.median(v)), float(np.quantile(meds, alpha)), float(np.quantile(meds, 1 - alpha))
+
+
+def paired_compare(
+    baseline: Sequence[float] | np.ndarray,
+    candidate: Sequence[float] | np.ndarray,
+    *,
+    slower_threshold: float = 0.05,
+    faster_threshold: float = 0.03,
+    confidence: float = 0.95,
+    min_pairs: int = 30,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> PairedComparison:
+    """Compare interleaved timings: ``baseline[i]`` and ``candidate[i]`` were measured back to back."""
+    b = np.asarray(baseline, dtype=np.float64)
+    c = np.asarray(candidate, dtype=np.float64)
+    if b.shape != c.shape:
+        raise ValueError(f"paired samples differ in length ({b.size} vs {c.size})")
+    keep = (b > 0) & (c > 0) & np.isfinite(b) & np.isfinite(c)
+    b, c = b[keep], c[keep]
+    n = int(b.size)
+    common = dict(confidence=confidence, slower_threshold=slower_threshold, faster_threshold=faster_threshold)
+    if n < min_pairs:
+        return PairedComparison(
+            n, None, None, None, verdict="inconclusive", reason=f"{n} pairs < minimum {min_pairs}", **common
+        )
+    med, lo, hi = bootstrap_median_ci(c / b, confidence, n_boot, seed)
+    ci = f"median ratio {med:.3f} (CI {lo:.3f}–{hi:.3f}, {n} pairs)"
+    if lo > 1 + slower_threshold:
+        verdict: Verdict = "slower"
+        reason = f"{ci}: lower bound above {1 + slower_threshold:.2f}"
+    elif hi < 1 - faster_threshold:
+        verdict = "faster"
+        reason = f"{ci}: upper bound below {1 - faster_threshold:.2f}"
+    else:
+        verdict = "same"
+        reason = f"{ci}: no practical difference"
+    return PairedComparison(n, med, lo, hi, verdict=verdict, reason=reason, **common)

@@ -1,0 +1,1 @@
+"""The ``edgefleet`` command: one module per command group, no logic beyond arguments and printing."""

@@ -1,0 +1,1 @@
+"""Telemetry shared by agent and control plane: latency sketches, counters, drift statistics."""

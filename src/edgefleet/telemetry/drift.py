@@ -1,0 +1,169 @@
+"""Drift statistics (DESIGN §8): a reference of per-feature histograms, on-device accumulation, PSI.
+
+Features of one call, from raw inputs and outputs (no raw input ever leaves the device, only histograms):
+
+* each input tensor: per-call ``mean``, ``std``, ``min``, ``max``; and each element when the call's input has at
+  most 64 elements;
+* each output: integer outputs give a class histogram; float outputs give the arg-max class (more than one
+  value) or a value histogram (a single value) — classifiers and regressors alike.
+
+PSI rule of thumb: < 0.1 stable, 0.1–0.25 moderate, > 0.25 major.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "PSI_ALERT",
+    "DriftAccumulator",
+    "DriftReference",
+    "DriftSummary",
+    "FeatureReference",
+    "build_reference",
+    "call_features",
+    "psi",
+]
+
+MAX_ELEMENTS = 64
+BINS = 10
+PSI_ALERT = 0.25
+_EPS = 1e-4
+
+
+class FeatureReference(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: Literal["numeric", "categorical"]
+    edges: list[float] = Field(default_factory=list, description="inner bin edges (numeric)")
+    categories: list[int] = Field(default_factory=list, description="known classes (categorical)")
+    counts: list[float] = Field(description="reference counts per bin; categorical has one extra 'other' bin")
+    quantiles: dict[str, float] = Field(default_factory=dict)
+    n: int
+
+
+class DriftReference(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = 1
+    features: list[FeatureReference]
+
+
+class DriftSummary(BaseModel):
+    """What a device reports per feature and interval: the PSI against the reference and the counts behind it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    feature: str
+    psi: float
+    n: int
+    counts: list[float] = Field(default_factory=list)
+
+
+def call_features(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+    feats: dict[str, float] = {}
+    for name, arr in inputs.items():
+        a = np.asarray(arr)
+        if a.size == 0 or a.dtype == bool:
+            continue
+        f = a.astype(np.float64, copy=False)
+        feats[f"in.{name}.mean"] = float(f.mean())
+        feats[f"in.{name}.std"] = float(f.std())
+        feats[f"in.{name}.min"] = float(f.min())
+        feats[f"in.{name}.max"] = float(f.max())
+        if 1 < a.size <= MAX_ELEMENTS:
+            for i, v in enumerate(f.reshape(-1)):
+                feats[f"in.{name}[{i}]"] = float(v)
+    for name, arr in outputs.items():
+        a = np.asarray(arr)
+        if a.size == 0:
+            continue
+        if np.issubdtype(a.dtype, np.integer):
+            feats[f"out.{name}.class"] = float(a.reshape(-1)[0])
+        elif a.size == 1:
+            feats[f"out.{name}"] = float(a.reshape(-1)[0])
+        elif np.issubdtype(a.dtype, np.floating):
+            feats[f"out.{name}.argmax"] = float(np.argmax(a.reshape(-1)))
+    return feats
+
+
+def _categorical(name: str) -> bool:
+    return name.endswith(".class") or name.endswith(".argmax")
+
+
+def build_reference(
+    calls: Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+) -> DriftReference:
+    """Reference histograms from (raw inputs, outputs) pairs, e.g. the calibration or evaluation data."""
+    columns: dict[str, list[float]] = {}
+    for inputs, outputs in calls:
+        for k, v in call_features(inputs, outputs).items():
+            columns.setdefault(k, []).append(v)
+    features = []
+    for name, values in columns.items():
+        x = np.asarray(values)
+        if _categorical(name):
+            cats = sorted({int(v) for v in x})
+            counts = [float(np.sum(x == c)) for c in cats] + [0.0]
+            features.append(FeatureReference(name=name, kind="categorical", categories=cats, counts=counts, n=len(x)))
+            continue
+        edges = sorted(set(np.quantile(x, np.linspace(0, 1, BINS + 1)[1:-1]).round(12).tolist()))
+        hist = np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1)
+        qs = {f"p{int(q * 100):02d}": float(np.quantile(x, q)) for q in (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)}
+        features.append(
+            FeatureReference(
+                name=name, kind="numeric", edges=edges, counts=hist.astype(float).tolist(), quantiles=qs, n=len(x)
+            )
+        )
+    return DriftReference(features=features)
+
+
+def psi(expected: Iterable[float], actual: Iterable[float]) -> float:
+    """Population stability index between two histograms over the same bins (counts, not proportions)."""
+    e = np.asarray(list(expected), dtype=np.float64)
+    a = np.asarray(list(actual), dtype=np.float64)
+    if e.shape != a.shape:
+        raise ValueError(f"histograms differ in length ({e.size} vs {a.size})")
+    if e.sum() <= 0 or a.sum() <= 0:
+        return 0.0
+    pe = np.clip(e / e.sum(), _EPS, None)
+    pa = np.clip(a / a.sum(), _EPS, None)
+    return float(np.sum((pa - pe) * np.log(pa / pe)))
+
+
+class DriftAccumulator:
+    """Counts a device's live features into the reference's bins; cheap enough for every request."""
+
+    def __init__(self, reference: DriftReference) -> None:
+        self.reference = {f.name: f for f in reference.features}
+        self.counts = {f.name: np.zeros(len(f.counts)) for f in reference.features}
+        self._cat_index = {f.name: {c: i for i, c in enumerate(f.categories)} for f in reference.features}
+
+    def add(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        for name, value in call_features(inputs, outputs).items():
+            ref = self.reference.get(name)
+            if ref is None:
+                continue
+            if ref.kind == "categorical":
+                idx = self._cat_index[name].get(int(value), len(ref.categories))
+            else:
+                idx = int(np.searchsorted(ref.edges, value, side="right"))
+            self.counts[name][idx] += 1
+
+    def summaries(self, min_count: int = 1) -> list[DriftSummary]:
+        out = []
+        for name, ref in self.reference.items():
+            c = self.counts[name]
+            n = int(c.sum())
+            if n >= min_count:
+                out.append(DriftSummary(feature=name, psi=psi(ref.counts, c), n=n, counts=c.tolist()))
+        return out
+
+    def reset(self) -> None:
+        for c in self.counts.values():
+            c[:] = 0
