@@ -22,7 +22,10 @@ import numpy as np
 __all__ = [
     "PairedComparison",
     "QuantileEstimate",
+    "beta_cdf",
+    "beta_ppf",
     "bootstrap_median_ci",
+    "clopper_pearson",
     "paired_compare",
     "quantile_ci",
     "quantiles_with_ci",
@@ -156,3 +159,69 @@ def paired_compare(
         verdict = "same"
         reason = f"{ci}: no practical difference"
     return PairedComparison(n, med, lo, hi, verdict=verdict, reason=reason, **common)
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    # Continued fraction of the regularized incomplete beta (modified Lentz), as in Numerical Recipes §6.4.
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 1000):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def beta_cdf(x: float, a: float, b: float) -> float:
+    """Regularized incomplete beta I_x(a, b): the CDF of Beta(a, b) at ``x``."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    front = math.exp(log_front)
+    # The continued fraction converges fast only left of the mean; use the symmetry I_x(a,b) = 1 - I_{1-x}(b,a).
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def beta_ppf(p: float, a: float, b: float) -> float:
+    """Quantile of Beta(a, b) by bisection on :func:`beta_cdf` (no scipy at runtime)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"probability {p} outside [0, 1]")
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if beta_cdf(mid, a, b) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-14:
+            break
+    return (lo + hi) / 2
+
+
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) two-sided CI of a binomial proportion ``k / n``: the false-alarm and detection
+    rates of ``benchmarks/bench_stats.py`` are reported with it."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n > 0 (got k={k}, n={n})")
+    alpha = 1.0 - confidence
+    low = 0.0 if k == 0 else beta_ppf(alpha / 2, k, n - k + 1)
+    high = 1.0 if k == n else beta_ppf(1 - alpha / 2, k + 1, n - k)
+    return low, high

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgefleet.errors import ConfigError
 
-__all__ = ["TierProfile", "default_tiers", "get_tier", "host_isa_features"]
+__all__ = ["TierProfile", "default_tiers", "get_tier", "host_isa_features", "host_tier"]
 
 
 class TierProfile(BaseModel):
@@ -65,10 +65,10 @@ def get_tier(name_or_path: str | os.PathLike[str]) -> TierProfile:
             raw = yaml.safe_load(p.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{p} is not valid YAML: {err}")
-        tiers = _parse(raw, str(p))
-        if len(tiers) != 1:
-            raise ConfigError(f"{p} holds {len(tiers)} tiers; give one tier per file")
-        return tiers[0]
+        parsed = _parse(raw, str(p))
+        if len(parsed) != 1:
+            raise ConfigError(f"{p} holds {len(parsed)} tiers; give one tier per file")
+        return parsed[0]
     tiers = default_tiers()
     if str(name_or_path) not in tiers:
         raise ConfigError(f"unknown tier {str(name_or_path)!r}; known tiers: {', '.join(sorted(tiers))}")
@@ -102,3 +102,23 @@ def host_isa_features() -> list[str]:
             )
             return [f for f in wanted if f in flags]
     return []
+
+
+def host_tier() -> TierProfile:
+    """This machine as a tier (the default of ``edgefleet bench`` when no ``--tier`` is given)."""
+    import platform
+
+    import psutil
+
+    from edgefleet.runtime import runtime_version
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return TierProfile(
+        name="host",
+        arch=platform.machine() or "unknown",
+        cpu_threads=cores,
+        memory_mb=int(psutil.virtual_memory().total // (1024 * 1024)),
+        runtime_version=runtime_version(),
+        chipset=None,
+        isa_features=host_isa_features(),
+    )

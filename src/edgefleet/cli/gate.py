@@ -1,9 +1,55 @@
-"""Placeholder: this command group is being built."""
+"""``edgefleet gate``: judge a candidate against a release policy; exit 0 pass, 1 fail, 2 usage error."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+from rich.table import Table
+
+from edgefleet.cli._output import console, print_json
+from edgefleet.gate.junit import write_junit
+from edgefleet.gate.verdict import Verdict, gate
+
+_STYLE = {"pass": "[green]pass[/]", "fail": "[red]fail[/]", "inconclusive": "[yellow]inconclusive[/]"}
+
+
+def _table(v: Verdict) -> Table:
+    t = Table(title=f"edgefleet gate: {_STYLE[v.status]}", title_justify="left")
+    t.add_column("check")
+    t.add_column("result")
+    t.add_column("reason", overflow="fold")
+    for c in v.checks:
+        t.add_row(c.name, _STYLE[c.status], c.reason)
+    return t
+
+
+def gate_command(
+    policy: Path = typer.Option(..., "--policy", "-p", help="release policy YAML (see docs/gate.md)"),
+    bench: Path = typer.Option(..., "--bench", "-b", help="BENCH.json written by `edgefleet bench`"),
+    optimize_report: Path | None = typer.Option(
+        None, "--optimize-report", help="REPORT.json of `edgefleet optimize` (accuracy checks)"
+    ),
+    package: Path | None = typer.Option(None, "--package", help="the .efpkg about to be published"),
+    junit: Path | None = typer.Option(None, "--junit", help="also write JUnit XML (one testcase per check)"),
+    json_out: bool = typer.Option(False, "--json", help="print the verdict as JSON"),
+) -> None:
+    """Judge a release candidate against POLICY: accuracy drop (overall and worst slice), p95 per tier,
+    regression vs the baseline, peak memory, cold start, size, compatibility with every target tier, package
+    validity. Each check passes, fails or is inconclusive; inconclusive fails unless the policy allows it.
+    Exit code 0 pass, 1 fail, 2 usage error."""
+    verdict = gate(policy, bench, optimize_report, package)
+    if junit is not None:
+        write_junit(verdict, junit)
+    if json_out:
+        print_json(verdict)
+    else:
+        console.print(_table(verdict))
+        console.print(f"{_STYLE[verdict.status]}: {verdict.reason}", highlight=False)
+    if not verdict.passed:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this group's commands to ``app``."""
+    """Add ``gate`` to ``app``."""
+    app.command("gate")(gate_command)

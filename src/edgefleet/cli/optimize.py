@@ -1,9 +1,102 @@
-"""Placeholder: this command group is being built."""
+"""``edgefleet optimize``: quantize a model only as far as accuracy and measured latency allow."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from edgefleet.cli._output import console, err_console, error, print_json
+from edgefleet.data import load_calls
+from edgefleet.errors import EdgefleetError
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``app``."""
+    app.command("optimize")(optimize_cmd)
+
+
+def optimize_cmd(
+    model: Path = typer.Argument(..., help="The float ONNX model."),
+    calib: Path = typer.Option(..., "--calib", help="Per-call .npz for calibration (one array per model input)."),
+    eval_path: Path = typer.Option(..., "--eval", help="Per-call .npz to evaluate on (inputs, optional labels)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the chosen model (written atomically)."),
+    report: Path | None = typer.Option(None, "--report", help="Write the JSON report here."),
+    labels: str | None = typer.Option(None, "--labels", help="Key of the labels array in the eval .npz."),
+    slices: str | None = typer.Option(None, "--slices", help="Key of a slice-id array in the eval .npz."),
+    metric: str | None = typer.Option(
+        None, "--metric", help="top1 | agreement | cosine | sqnr (default: top1 with labels, else agreement)."
+    ),
+    max_accuracy_drop: float = typer.Option(0.01, "--max-accuracy-drop", help="Largest allowed metric drop."),
+    max_slice_drop: float | None = typer.Option(
+        None, "--max-slice-drop", help="Largest allowed drop in any slice (default: slices reported, not enforced)."
+    ),
+    tier: str | None = typer.Option(None, "--tier", help="Tier name or YAML file (default: this host)."),
+    time_budget: float = typer.Option(120.0, "--time-budget", help="Seconds the search may take."),
+    no_prune: bool = typer.Option(False, "--no-prune", help="Measure even recipes known to be slow on the tier."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Write the fastest candidate (FP16, dynamic or static INT8, with sensitive nodes kept in float) that stays
+    within --max-accuracy-drop on EVAL and that a paired A/B calls faster than the float model; else the
+    graph-optimized float model. The .npz files hold one array per model input whose first axis indexes calls."""
+    try:
+        _run(
+            model, calib, eval_path, out, report, labels, slices, metric, max_accuracy_drop, max_slice_drop, tier,
+            time_budget, no_prune, as_json,
+        )  # fmt: skip
+    except EdgefleetError as err:
+        # main.run() does this too; catching here keeps the one-line error when the app is invoked directly.
+        error(str(err))
+        raise typer.Exit(err.exit_code)
+
+
+def _run(
+    model: Path,
+    calib: Path,
+    eval_path: Path,
+    out: Path,
+    report: Path | None,
+    labels: str | None,
+    slices: str | None,
+    metric: str | None,
+    max_accuracy_drop: float,
+    max_slice_drop: float | None,
+    tier: str | None,
+    time_budget: float,
+    no_prune: bool,
+    as_json: bool,
+) -> None:
+    from edgefleet.optimize.api import model_input_names, optimize
+    from edgefleet.optimize.report import table
+
+    names = model_input_names(model)
+    calib_data = load_calls(calib, input_names=names)
+    eval_data = load_calls(eval_path, input_names=names, labels_key=labels, slices_key=slices)
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=err_console if as_json else console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("optimizing", total=1.0)
+        result = optimize(
+            model,
+            calib_data,
+            eval_data,
+            out,
+            metric=metric,  # type: ignore[arg-type]  # validated by optimize()
+            max_accuracy_drop=max_accuracy_drop,
+            max_slice_drop=max_slice_drop,
+            tier=tier,
+            time_budget_s=time_budget,
+            prune=not no_prune,
+            report_path=report,
+            progress=lambda what, frac: bar.update(task, description=what, completed=min(frac, 1.0)),
+        )
+    if as_json:
+        print_json(result)
+        return
+    console.print(table(result))
+    console.print(f"[bold]{result.chosen.name}[/] → {result.output}  ({result.reason}; {result.time_spent_s:.1f} s)")

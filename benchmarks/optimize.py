@@ -1,0 +1,102 @@
+"""Optimize benchmark (issue 3): per model, the chosen recipe, latency ratio vs float with its CI, accuracy delta,
+size ratio and wall time, at the default 120 s budget.
+
+Targets on the 2-core reference machine: an INT8 recipe for the 512-unit MLP at ≥ 1.3x faster (median ratio
+≤ 0.77) within 0.5 % accuracy; every model within tolerance and none slower; each optimized within 120 s.
+
+    .venv/bin/python benchmarks/optimize.py [--budget 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgefleet import examples
+from edgefleet.data import CallData
+from edgefleet.optimize import OptimizeReport, optimize
+from edgefleet.optimize._models import digits_cnn, outlier_mlp, silero_calls, with_outlier
+
+
+def _cases(d: examples.Digits) -> list[tuple[str, bytes | Path, CallData, CallData, str]]:
+    def flat(x: np.ndarray) -> np.ndarray:
+        return x[:, None, :]
+
+    cases: list[tuple[str, bytes | Path, CallData, CallData, str]] = [
+        ("mlp-512x2", examples.train_digits_mlp(hidden=(512, 512)), CallData({"X": flat(d.x_train[:128])}),
+         CallData({"X": flat(d.x_test)}, labels=d.y_test), "top1"),
+        ("mlp-64", examples.train_digits_mlp(hidden=(64,)), CallData({"X": flat(d.x_train[:128])}),
+         CallData({"X": flat(d.x_test)}, labels=d.y_test), "top1"),
+        ("cnn-digits", digits_cnn(d), CallData({"X": d.x_train[:128].reshape(-1, 1, 1, 8, 8)}),
+         CallData({"X": d.x_test.reshape(-1, 1, 1, 8, 8)}, labels=d.y_test), "top1"),
+        ("mlp-outlier", outlier_mlp(d), CallData({"X": with_outlier(d.x_train[:128])[:, None]}),
+         CallData({"X": with_outlier(d.x_test, 1)[:, None]}, labels=d.y_test), "top1"),
+    ]  # fmt: skip
+    vad = examples.silero_vad_path()
+    if vad is not None:
+        calls = silero_calls(str(vad), 300)
+        cases.append(
+            ("silero-vad", vad, CallData({k: v[::2] for k, v in calls.items()}),
+             CallData({k: v[1::2] for k, v in calls.items()}), "cosine")
+        )  # fmt: skip
+    return cases
+
+
+def _row(name: str, r: OptimizeReport, wall: float) -> tuple[str, bool]:
+    c = r.chosen
+    lat = c.latency
+    ratio = (
+        "1.000 (float)"
+        if lat is None or lat.median_ratio is None
+        else (f"{lat.median_ratio:.3f} [{lat.ci_low:.3f}, {lat.ci_high:.3f}] ({1 / lat.median_ratio:.2f}x faster)")
+    )
+    assert c.metrics is not None and c.size_bytes is not None
+    delta = c.metrics.overall - r.baseline_metrics.overall
+    size = c.size_bytes / r.float_size_bytes
+    ok = bool(c.within_tolerance) and (lat is None or lat.verdict == "faster" or c.recipe.kind == "float")
+    ok = ok and wall <= r.time_budget_s * 1.1
+    line = (
+        f"{name:12s} chosen={c.name:45s} ratio={ratio:42s} {r.metric} delta={delta:+.4f} "
+        f"size={size:.2f}x wall={wall:.1f}s {'OK' if ok else 'FAIL'}"
+    )
+    return line, ok
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget", type=float, default=120.0)
+    args = ap.parse_args()
+    d = examples.digits()
+    all_ok = True
+    mlp_target = False
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model, calib, ev, metric in _cases(d):
+            t0 = time.perf_counter()
+            r = optimize(model, calib, ev, Path(tmp) / f"{name}.onnx", metric=metric, time_budget_s=args.budget)  # type: ignore[arg-type]
+            wall = time.perf_counter() - t0
+            line, ok = _row(name, r, wall)
+            print(line, flush=True)
+            all_ok &= ok
+            if name == "mlp-512x2":
+                lat = r.chosen.latency
+                assert r.chosen.metrics is not None
+                drop = r.baseline_metrics.overall - r.chosen.metrics.overall
+                mlp_target = (
+                    r.chosen.recipe.kind in ("static", "dynamic")
+                    and lat is not None
+                    and lat.median_ratio is not None
+                    and lat.median_ratio <= 1 / 1.3
+                    and drop <= 0.005
+                )
+    print(f"512-unit MLP target (INT8, >=1.3x, <=0.5% drop): {'met' if mlp_target else 'MISSED'}")
+    print(f"all models within tolerance, none slower, within budget: {'yes' if all_ok else 'NO'}")
+    return 0 if all_ok and mlp_target else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""``optimize(...)``: the loop that prepares, builds, evaluates, times, falls back and selects (issue 3).
+
+Decisions live in pure modules (``candidates.prune``, ``evaluate.within_tolerance``, ``select``); this module does
+the I/O around them and keeps the time budget. The output is never slower nor out of tolerance: a quantized model
+is written only when it is within tolerance and two independent paired A/Bs against the graph-optimized float
+model both call it faster; otherwise the graph-optimized float model is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import psutil
+
+from edgefleet.bench.paired import time_paired
+from edgefleet.bench.tiers import TierProfile, get_tier, host_isa_features
+from edgefleet.config import RuntimeSettings
+from edgefleet.data import CallData
+from edgefleet.errors import DataError, EdgefleetError, ModelError
+from edgefleet.optimize.candidates import Recipe, recipe_space
+from edgefleet.optimize.candidates import prune as prune_recipes
+from edgefleet.optimize.evaluate import Metric, MetricValues, call_feed, metric_values, run_calls, within_tolerance
+from edgefleet.optimize.fallback import search
+from edgefleet.optimize.prepare import PreparedModel, prepare
+from edgefleet.optimize.quantize import QuantizeFailed, build_candidate, op_coverage
+from edgefleet.optimize.report import CandidateReport, LatencyResult, OpCoverage, OptimizeReport
+from edgefleet.optimize.select import classify, select, why_none
+from edgefleet.runtime.onnxruntime import OrtSession, runtime_version
+from edgefleet.runtime.schema import validate_feeds
+
+__all__ = ["Progress", "host_tier", "model_input_names", "optimize"]
+
+Progress = Callable[[str, float], None]  # (what is happening, fraction of the time budget spent)
+_METRICS = ("top1", "agreement", "cosine", "sqnr")
+
+
+def host_tier() -> TierProfile:
+    """The default tier: this machine as it is (its ISA flags, all its cores)."""
+    return TierProfile(
+        name="host",
+        arch=platform.machine() or "unknown",
+        cpu_threads=os.cpu_count() or 1,
+        memory_mb=max(1, psutil.virtual_memory().total // 2**20),
+        runtime_version=runtime_version(),
+        isa_features=host_isa_features(),
+    )
+
+
+class _Clock:
+    def __init__(self, budget_s: float) -> None:
+        self.start = time.perf_counter()
+        self.budget_s = budget_s
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed
+
+
+class _Run:
+    """State of one optimization: the float reference, sessions settings and the candidates' bytes."""
+
+    def __init__(
+        self,
+        prepared: PreparedModel,
+        calib: CallData,
+        eval_data: CallData,
+        metric: Metric,
+        baseline: MetricValues,
+        ref: np.ndarray,
+        output: str,
+        settings: RuntimeSettings,
+        max_drop: float,
+        max_slice_drop: float | None,
+    ) -> None:
+        self.prepared = prepared
+        self.calib = calib
+        self.eval = eval_data
+        self.metric = metric
+        self.baseline = baseline
+        self.ref = ref
+        self.output = output
+        self.settings = settings
+        self.max_drop = max_drop
+        self.max_slice_drop = max_slice_drop
+        self.bytes: dict[str, bytes] = {}
+
+    def evaluate(self, recipe: Recipe) -> CandidateReport:
+        """Build and score one recipe (no latency yet)."""
+        t0 = time.perf_counter()
+        name = recipe.name
+        try:
+            data = build_candidate(self.prepared, recipe, self.calib)
+        except QuantizeFailed as err:
+            return CandidateReport(name=name, recipe=recipe, status="failed", reason=str(err), time_s=_since(t0))
+        cov = op_coverage(onnx.load_from_string(data))
+        common = dict(
+            name=name,
+            recipe=recipe,
+            size_bytes=len(data),
+            op_coverage=OpCoverage(quantized=cov.quantized, float=cov.float),
+            nodes_excluded=list(recipe.nodes_to_exclude),
+        )
+        if recipe.kind in ("dynamic", "static") and not cov.quantized:
+            reason = "the quantizer quantized no compute op (a successful quantization proves nothing)"
+            return CandidateReport(status="no_op", reason=reason, time_s=_since(t0), **common)
+        try:
+            out = run_calls(OrtSession(data, self.settings), self.eval, self.output)
+        except EdgefleetError as err:
+            return CandidateReport(status="failed", reason=str(err), time_s=_since(t0), **common)
+        values = metric_values(self.metric, self.ref, out, self.eval)
+        ok, why = within_tolerance(self.baseline, values, self.max_drop, self.max_slice_drop)
+        if ok:
+            self.bytes[name] = data
+        return CandidateReport(
+            status="out_of_tolerance" if not ok else "qualified",  # provisional; classify() decides at the end
+            reason="" if ok else why,
+            metrics=values,
+            within_tolerance=ok,
+            time_s=_since(t0),
+            **common,
+        )
+
+
+def _since(t0: float) -> float:
+    return round(time.perf_counter() - t0, 3)
+
+
+def _resolve_tier(tier: TierProfile | str | None) -> TierProfile:
+    if tier is None:
+        return host_tier()
+    return tier if isinstance(tier, TierProfile) else get_tier(tier)
+
+
+def _load(model: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
+    if isinstance(model, bytes):
+        return model, "<bytes>"
+    p = Path(model)
+    if not p.is_file():
+        raise ModelError(f"model file {p} does not exist")
+    return p.read_bytes(), str(p)
+
+
+def model_input_names(path: str | os.PathLike[str]) -> list[str]:
+    """The graph inputs a caller must feed (initializers listed as inputs excluded), checking it is ONNX."""
+    from edgefleet.optimize.prepare import load_onnx
+
+    data, source = _load(path)
+    model = load_onnx(data, source)
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def _check_data(data: CallData, session: OrtSession, what: str) -> None:
+    if len(data) == 0:
+        raise DataError(f"the {what} data holds no calls")
+    names = {s.name for s in session.inputs}
+    extra = sorted(set(data.inputs) - names)
+    if extra:
+        raise DataError(f"the {what} data has array {extra[0]!r} that is not a model input; name it with --labels")
+    try:
+        validate_feeds(call_feed(data, 0, list(data.inputs)), session.inputs)
+    except EdgefleetError as err:
+        raise type(err)(f"{what} data: {err}")
+
+
+def _primary_output(session: OrtSession) -> str:
+    for spec in session.outputs:
+        if spec.dtype.startswith("float"):
+            return spec.name
+    raise ModelError("the model has no floating-point output to evaluate (metrics read the first float output)")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def optimize(
+    model: str | os.PathLike[str] | bytes,
+    calib: CallData,
+    eval: CallData,
+    out: str | os.PathLike[str],
+    *,
+    metric: Metric | None = None,
+    max_accuracy_drop: float = 0.01,
+    max_slice_drop: float | None = None,
+    tier: TierProfile | str | None = None,
+    time_budget_s: float = 120.0,
+    prune: bool = True,
+    recipes: Sequence[Recipe] | None = None,
+    report_path: str | os.PathLike[str] | None = None,
+    max_fallback_iterations: int = 12,
+    latency_budget_s: float = 5.0,
+    calib_limit: int = 128,
+    progress: Progress | None = None,
+) -> OptimizeReport:
+    """Write the fastest model within ``max_accuracy_drop`` of ``model`` on ``eval`` to ``out`` and report why.
+
+    ``metric`` defaults to ``top1`` when ``eval`` has labels, else ``agreement``. ``recipes`` replaces the recipe
+    space (the float candidate is always added); ``prune=False`` turns the instruction-set rules off so only
+    measurement refuses a candidate. Raises a :class:`~edgefleet.errors.UsageError` / ``ModelError`` (exit 2) for
+    bad input; a failing recipe is reported, never raised."""
+    clock = _Clock(time_budget_s)
+    note = progress or (lambda _what, _frac: None)
+    if max_accuracy_drop < 0:
+        raise DataError("--max-accuracy-drop must be >= 0")
+    if metric is None:
+        metric = "top1" if eval.labels is not None else "agreement"
+    if metric not in _METRICS:
+        raise DataError(f"unknown metric {metric!r}; use one of {', '.join(_METRICS)}")
+    if metric == "top1" and eval.labels is None:
+        raise DataError("metric top1 needs labels in the eval data: pass --labels KEY (or use a label-free metric)")
+    tier_profile = _resolve_tier(tier)
+    data, source = _load(model)
+    out_path = Path(out)
+
+    note("preparing the model", 0.0)
+    prepared = prepare(data, source)
+    settings = RuntimeSettings(intra_op_threads=tier_profile.cpu_threads)
+    original = OrtSession(data, settings)
+    _check_data(calib, original, "calibration")
+    _check_data(eval, original, "eval")
+    output = _primary_output(original)
+    calib_used = (
+        calib if len(calib) <= calib_limit else calib.subset(np.linspace(0, len(calib) - 1, calib_limit).astype(int))
+    )
+
+    note("running the float model", clock.elapsed / time_budget_s)
+    ref = run_calls(original, eval, output)
+    baseline = metric_values(metric, ref, ref, eval).model_copy(update={"fidelity": None})
+    run = _Run(prepared, calib_used, eval, metric, baseline, ref, output, settings, max_accuracy_drop, max_slice_drop)
+
+    float_cand = run.evaluate(Recipe(kind="float"))
+    if float_cand.within_tolerance:
+        float_bytes = run.bytes[float_cand.name]
+    else:  # graph optimization changed results beyond tolerance: ship the model exactly as given
+        float_bytes = data
+        prepared.notes.append(f"graph-optimized float left tolerance ({float_cand.reason}); float output = input")
+    float_session = OrtSession(float_bytes, settings)
+    feed = call_feed(eval, 0, [s.name for s in float_session.inputs])
+
+    space = list(recipes) if recipes is not None else recipe_space(prepared.op_types, tier_profile)
+    space = [r for r in space if r.kind != "float"]
+    kept, pruned = prune_recipes(space, tier_profile, prepared.op_types, rules=prune)
+    cands: list[CandidateReport] = [
+        CandidateReport(name=p.recipe.name, recipe=p.recipe, status="pruned", reason=p.reason) for p in pruned
+    ]
+
+    # Phase 1: accuracy of every recipe (cheap), using at most half the budget.
+    for i, r in enumerate(kept):
+        if clock.elapsed > time_budget_s * 0.5:
+            cands.append(CandidateReport(name=r.name, recipe=r, status="skipped", reason="time budget"))
+            continue
+        note(f"evaluating {r.name} ({i + 1}/{len(kept)})", clock.elapsed / time_budget_s)
+        cands.append(run.evaluate(r))
+
+    def measure(c: CandidateReport, share: int) -> None:
+        budget = max(0.5, min(latency_budget_s, (clock.left() - latency_budget_s) / max(share, 1)))
+        if clock.left() < 1.0:
+            c.reason = "time budget ran out before its latency was measured"
+            return
+        note(f"timing {c.name} against float", clock.elapsed / time_budget_s)
+        c.latency = _ab(float_session, OrtSession(run.bytes[c.name], settings), feed, budget)
+
+    # Phase 2: paired latency of every candidate within tolerance.
+    pending = [c for c in cands if c.within_tolerance]
+    for k, c in enumerate(pending):
+        measure(c, len(pending) - k)
+
+    def confirm_best() -> int | None:
+        """The fastest qualified candidate that a second, independent A/B also calls faster (one A/B alone can be
+        fooled by a burst of load on a shared machine); candidates that fail the second A/B stop qualifying."""
+        idx = select(cands)
+        while idx is not None:
+            c = cands[idx]
+            assert c.latency is not None
+            note(f"confirming {c.name}", clock.elapsed / time_budget_s)
+            again = _ab(float_session, OrtSession(run.bytes[c.name], settings), feed, latency_budget_s)
+            c.latency.confirmed = again.verdict == "faster"
+            if c.latency.confirmed:
+                return idx
+            c.latency.reason += f"; confirmation run: {again.reason}"
+            idx = select(cands)
+        return None
+
+    chosen_idx = confirm_best()
+
+    # Phase 3: accuracy-aware fallback, when nothing qualified and an out-of-tolerance candidate might be saved.
+    fallback_reason = ""
+    broken = [c for c in cands if c.within_tolerance is False]
+    if chosen_idx is None and broken:
+        if clock.left() <= latency_budget_s * 3:
+            fallback_reason = "no time left in the budget for the fallback search"
+        else:
+            start = broken[0]  # the most promising recipe in speed order
+            note(f"fallback: ranking nodes of {start.name}", clock.elapsed / time_budget_s)
+            fb = search(
+                prepared,
+                start,
+                build_candidate(prepared, start.recipe, calib_used),
+                run.evaluate,
+                eval.subset(range(min(len(eval), 32))),
+                max_iterations=max_fallback_iterations,
+                time_left=lambda: clock.left() - latency_budget_s * 3,
+            )
+            fallback_reason = fb.reason
+            start.reason += f"; fallback: {fb.reason}"
+            if fb.best is not None:
+                best = fb.best
+                best.sensitivity = fb.ranking
+                best.derived_from = start.name
+                if best.within_tolerance:
+                    measure(best, 1)
+                cands.append(best)
+                chosen_idx = confirm_best()
+
+    for c in cands:
+        c.status, why = classify(c)
+        if c.status != "out_of_tolerance" or not c.reason:
+            c.reason = why
+    if chosen_idx is not None:
+        chosen = cands[chosen_idx]
+        chosen.status = "chosen"
+        out_bytes = run.bytes[chosen.name]
+        ratio = chosen.latency.median_ratio if chosen.latency else None
+        reason = f"{chosen.name}: within tolerance and faster than float (median ratio {ratio:.3f}, confirmed)"
+        float_cand.status = "baseline"
+    else:
+        chosen = float_cand
+        chosen.status = "chosen"
+        out_bytes = float_bytes
+        reason = why_none(cands) + (f"; fallback: {fallback_reason}" if fallback_reason else "")
+    chosen.reason = reason
+    float_cand.size_bytes = len(float_bytes)
+
+    _write_atomic(out_path, out_bytes)
+    note("done", 1.0)
+    report = OptimizeReport(
+        model=source,
+        model_sha256=hashlib.sha256(data).hexdigest(),
+        output=str(out_path),
+        output_sha256=hashlib.sha256(out_bytes).hexdigest(),
+        tier=tier_profile.name,
+        metric=metric,
+        max_accuracy_drop=max_accuracy_drop,
+        max_slice_drop=max_slice_drop,
+        eval_calls=len(eval),
+        calib_calls=len(calib_used),
+        baseline_metrics=baseline,
+        float_size_bytes=len(float_bytes),
+        chosen=chosen,
+        candidates=[float_cand, *cands],
+        reason=reason,
+        preparation=prepared.notes,
+        runtime_version=runtime_version(),
+        time_budget_s=time_budget_s,
+        time_spent_s=round(clock.elapsed, 3),
+    )
+    if report_path is not None:
+        _write_atomic(Path(report_path), report.model_dump_json(indent=2).encode())
+    return report
+
+
+def _ab(float_session: OrtSession, cand: OrtSession, feed: dict[str, np.ndarray], budget_s: float) -> LatencyResult:
+    fs, cs = float_session.session, cand.session
+    paired = time_paired(
+        lambda: fs.run(None, feed),
+        lambda: cs.run(None, feed),
+        warmup=20,
+        min_pairs=300,
+        check_every=100,
+        time_budget_s=budget_s,
+    )
+    return LatencyResult.from_comparison(paired.comparison)

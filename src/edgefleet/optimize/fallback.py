@@ -1,0 +1,163 @@
+"""Accuracy-aware fallback (issue 3, step 4): keep the culprit nodes of an out-of-tolerance candidate in float.
+
+Sensitivity comes from two sources because either alone misleads: ``qdq_loss_debug``'s per-tensor SQNR is cheap but
+did not single out the layer that cost 1.8 accuracy points on a real model; leave-one-out exclusion (re-quantize
+with one node in float, re-evaluate) did (FIELD_NOTES). SQNR orders the leave-one-out trials, so the likeliest
+culprits are tried first when the iteration or time budget cannot cover every node; then nodes are excluded
+greedily by leave-one-out gain until the candidate is within tolerance. The best candidate so far is always kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgefleet.data import CallData
+from edgefleet.optimize.candidates import Recipe
+from edgefleet.optimize.prepare import COMPUTE_OPS, PreparedModel, compute_nodes
+from edgefleet.optimize.quantize import CallDataReader
+from edgefleet.optimize.report import CandidateReport, NodeSensitivity
+
+__all__ = ["FallbackResult", "search", "sqnr_by_node"]
+
+log = logging.getLogger(__name__)
+
+Evaluate = Callable[[Recipe], CandidateReport]
+
+
+@dataclass
+class FallbackResult:
+    best: CandidateReport | None
+    tried: list[CandidateReport] = field(default_factory=list)
+    ranking: list[NodeSensitivity] = field(default_factory=list)
+    reason: str = ""
+
+
+def sqnr_by_node(prepared: PreparedModel, qdq_bytes: bytes, data: CallData) -> dict[str, float]:
+    """Per compute node: SQNR (dB) of its output in the QDQ model against the float model on ``data``."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    names = [i.name for i in prepared.model.graph.input]
+    ops = sorted(COMPUTE_OPS)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-fb-") as tmp, contextlib.redirect_stdout(io.StringIO()):
+        fp, qp = Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx"
+        fp.write_bytes(prepared.data)
+        qp.write_bytes(qdq_bytes)
+        fa, qa = Path(tmp) / "float_aug.onnx", Path(tmp) / "qdq_aug.onnx"
+        modify_model_output_intermediate_tensors(fp, fa, op_types_for_saving=ops)
+        modify_model_output_intermediate_tensors(qp, qa, op_types_for_saving=ops)
+        float_acts = collect_activations(str(fa), CallDataReader(data, names))
+        qdq_acts = collect_activations(str(qa), CallDataReader(data, names))
+        errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
+    # The quantizer puts Q/DQ pairs after fused activations (Gemm → Relu → QDQ), so a matched tensor is attributed
+    # to the compute node upstream of it through single-input ops.
+    producer = {o: n for n in prepared.model.graph.node for o in n.output}
+    out: dict[str, float] = {}
+    for tensor, err in errors.items():
+        value = err.get("xmodel_err")
+        node = producer.get(tensor)
+        while node is not None and node.op_type not in COMPUTE_OPS and node.input:
+            node = producer.get(node.input[0])
+        if node is None or value is None or not math.isfinite(float(value)):
+            continue
+        out[node.name] = min(float(value), out.get(node.name, math.inf))
+    return out
+
+
+def _original_names(prepared: PreparedModel, names: list[str]) -> list[str]:
+    """Map a candidate's quantized node names back to the float model's (QOperator and dynamic quantizers add
+    suffixes such as ``_quant``); ``nodes_to_exclude`` matches the float model's names."""
+    originals = [n.name for n in compute_nodes(prepared.model)]
+    out: list[str] = []
+    for name in names:
+        match = name if name in originals else max((o for o in originals if name.startswith(o)), key=len, default="")
+        if match and match not in out:
+            out.append(match)
+    return out
+
+
+def _score(c: CandidateReport) -> float:
+    return c.metrics.overall if c.metrics is not None and math.isfinite(c.metrics.overall) else -math.inf
+
+
+def _better(a: CandidateReport | None, b: CandidateReport) -> bool:
+    """Is ``b`` a better 'best so far' than ``a``: within tolerance beats not; then fewer float nodes; then score."""
+    if a is None:
+        return True
+    if bool(b.within_tolerance) != bool(a.within_tolerance):
+        return bool(b.within_tolerance)
+    if b.within_tolerance:
+        return (len(b.nodes_excluded), -_score(b)) < (len(a.nodes_excluded), -_score(a))
+    return _score(b) > _score(a)
+
+
+def search(
+    prepared: PreparedModel,
+    start: CandidateReport,
+    candidate_bytes: bytes,
+    evaluate: Evaluate,
+    debug_data: CallData,
+    *,
+    max_iterations: int = 12,
+    time_left: Callable[[], float],
+) -> FallbackResult:
+    """Find nodes to keep in float so ``start`` (an out-of-tolerance candidate) comes within tolerance."""
+    quantized = _original_names(prepared, start.op_coverage.quantized if start.op_coverage else [])
+    if not quantized:
+        return FallbackResult(None, reason="the candidate quantized no named compute node")
+    sqnr: dict[str, float] = {}
+    if start.recipe.kind == "static" and start.recipe.format == "QDQ":
+        try:
+            sqnr = sqnr_by_node(prepared, candidate_bytes, debug_data)
+        except Exception as err:  # a debugging aid: the leave-one-out trials still run without it
+            log.debug("qdq_loss_debug failed: %s", err)
+    # Lowest SQNR first; nodes qdq_loss_debug could not score go last in graph order.
+    order = sorted(quantized, key=lambda n: (sqnr.get(n, math.inf), quantized.index(n)))
+    result = FallbackResult(None)
+    base_score = _score(start)
+    gains: dict[str, float] = {}
+    iterations = 0
+    for node in order:
+        if iterations >= max_iterations or time_left() <= 0:
+            break
+        trial = evaluate(start.recipe.excluding([node]))
+        iterations += 1
+        result.tried.append(trial)
+        gains[node] = _score(trial) - base_score
+        if _better(result.best, trial):
+            result.best = trial
+    # Greedy: keep the highest-gain nodes in float, one more at a time, until within tolerance.
+    ranked = sorted(gains, key=lambda n: (-gains[n], sqnr.get(n, math.inf)))
+    excluded: list[str] = []
+    for node in ranked:
+        if result.best is not None and result.best.within_tolerance:
+            break
+        if iterations >= max_iterations or time_left() <= 0:
+            break
+        excluded.append(node)
+        if len(excluded) == 1:
+            continue  # the single-node trial already ran in leave-one-out
+        trial = evaluate(start.recipe.excluding(excluded))
+        iterations += 1
+        result.tried.append(trial)
+        if _better(result.best, trial):
+            result.best = trial
+    result.ranking = [NodeSensitivity(node=n, sqnr_db=sqnr.get(n), loo_gain=gains.get(n)) for n in order]
+    if result.best is None:
+        result.reason = "no fallback trial fit in the time budget"
+    elif result.best.within_tolerance:
+        result.reason = f"keeping {', '.join(result.best.nodes_excluded)} in float restores tolerance"
+    else:
+        result.reason = f"no exclusion within {iterations} trial(s) restored tolerance"
+    return result

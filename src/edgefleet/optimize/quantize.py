@@ -1,0 +1,204 @@
+"""Turn the prepared float model into one candidate per recipe with onnxruntime's quantizers (issue 3, step 2).
+
+The pinned workarounds live here, each with the failure it avoids; everything that can go wrong in a quantizer
+becomes a :class:`QuantizeFailed` carrying one line, so one broken recipe never stops the search.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+
+from edgefleet.data import CallData
+from edgefleet.optimize.candidates import Recipe
+from edgefleet.optimize.evaluate import call_feed
+from edgefleet.optimize.prepare import COMPUTE_OPS, PreparedModel, compute_nodes
+
+__all__ = ["CallDataReader", "Coverage", "QuantizeFailed", "build_candidate", "op_coverage"]
+
+_QTYPE = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+_CALIB = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+# Ops that only exist in a quantized graph: a node of one of these types is quantized compute.
+_QUANT_OPS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeLSTM",
+        "QGemm",
+        "QAttention",
+        "QLinearConvTranspose",
+    }
+)
+
+
+class QuantizeFailed(Exception):
+    """A recipe the quantizer could not apply to this model (the candidate is reported as failed)."""
+
+
+class CallDataReader(CalibrationDataReader):
+    """Feeds calibration calls one by one: each call is exactly what the model receives (DESIGN §4a)."""
+
+    def __init__(self, data: CallData, input_names: list[str]) -> None:
+        self._data = data
+        self._names = input_names
+        self._i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._i >= len(self._data):
+            return None
+        feed = call_feed(self._data, self._i, self._names)
+        self._i += 1
+        return feed
+
+    def rewind(self) -> None:
+        self._i = 0
+
+
+@dataclass(frozen=True)
+class Coverage:
+    quantized: list[str]
+    float: list[str]
+
+
+def op_coverage(model: onnx.ModelProto) -> Coverage:
+    """Which compute nodes run quantized (a quantized op, or fed by ``DequantizeLinear`` in QDQ form) and which
+    stay float. Names are the candidate graph's node names (QDQ keeps the float model's names)."""
+    produced_by_dq: set[str] = set()
+    nodes = compute_nodes(model)
+    all_nodes = _walk(model.graph)
+    for n in all_nodes:
+        if n.op_type == "DequantizeLinear":
+            produced_by_dq.update(n.output)
+    quantized: list[str] = []
+    floating: list[str] = []
+    for n in all_nodes:
+        if n.op_type in _QUANT_OPS:
+            quantized.append(n.name or n.op_type)
+    for n in nodes:
+        if n.op_type in COMPUTE_OPS and any(i in produced_by_dq for i in n.input):
+            quantized.append(n.name)
+        else:
+            floating.append(n.name)
+    return Coverage(sorted(quantized), sorted(floating))
+
+
+def _walk(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    out: list[onnx.NodeProto] = []
+    for node in graph.node:
+        out.append(node)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                out.extend(_walk(attr.g))
+    return out
+
+
+def build_candidate(prepared: PreparedModel, recipe: Recipe, calib: CallData) -> bytes:
+    """The candidate model's bytes for ``recipe``; raises :class:`QuantizeFailed` with one line."""
+    if recipe.kind == "float":
+        return prepared.data
+    # The quantizers mutate a ModelProto they are given (weights moved to external data): give each a copy.
+    model = onnx.ModelProto()
+    model.CopyFrom(prepared.model)
+    try:
+        with _quiet(), tempfile.TemporaryDirectory(prefix="edgefleet-q-") as tmp:
+            if recipe.kind == "fp16":
+                return _fp16(model)
+            out = Path(tmp) / "candidate.onnx"
+            if recipe.kind == "dynamic":
+                _dynamic(model, recipe, out)
+            else:
+                _static(model, recipe, calib, out)
+            return out.read_bytes()
+    except QuantizeFailed:
+        raise
+    except Exception as err:  # onnxruntime's quantizers raise anything from KeyError to RuntimeError
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise QuantizeFailed(f"{type(err).__name__}: {first[:300]}")
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """The quantizers print progress and log warnings per node; the report says what matters."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _fp16(model: onnx.ModelProto) -> bytes:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # keep_io_types: callers keep feeding float32 (the raw input schema must not change with the recipe).
+    converted = convert_float_to_float16(model, keep_io_types=True)
+    return bytes(converted.SerializeToString())
+
+
+def _dynamic(model: onnx.ModelProto, r: Recipe, out: Path) -> None:
+    quantize_dynamic(
+        model,
+        out,
+        op_types_to_quantize=list(r.op_types) if r.op_types is not None else None,
+        per_channel=r.per_channel,
+        reduce_range=r.reduce_range,
+        weight_type=_QTYPE[r.weight_type],
+        nodes_to_exclude=list(r.nodes_to_exclude),
+        # Quantizing a MatMul between two activations would need a second dynamic range; not worth it on CPU.
+        extra_options={"MatMulConstBOnly": True},
+    )
+
+
+def _static(model: onnx.ModelProto, r: Recipe, calib: CallData, out: Path) -> None:
+    names = [i.name for i in model.graph.input]
+    extra: dict[str, Any] = {}
+    if r.per_channel:
+        # Per-channel Gemm crashes in _adjust_weight_scale_for_int32_bias (onnxruntime #24815).
+        extra["QDQDisableWeightAdjustForInt32Bias"] = True
+        if r.format == "QDQ" and _opset(model) < 13:
+            # Per-channel DequantizeLinear needs opset 13's axis attribute; on 12 the graph comes out invalid.
+            model = onnx.version_converter.convert_version(model, 13)
+    quantize_static(
+        model,
+        out,
+        CallDataReader(calib, names),
+        quant_format=QuantFormat.QDQ if r.format == "QDQ" else QuantFormat.QOperator,
+        op_types_to_quantize=list(r.op_types) if r.op_types is not None else None,
+        per_channel=r.per_channel,
+        reduce_range=r.reduce_range,
+        activation_type=_QTYPE[r.activation_type],
+        weight_type=_QTYPE[r.weight_type],
+        nodes_to_exclude=list(r.nodes_to_exclude),
+        calibrate_method=_CALIB[r.calibration],
+        extra_options=extra,
+    )
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)

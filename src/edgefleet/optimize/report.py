@@ -1,0 +1,148 @@
+"""The optimize report: a pydantic model the gate reads as JSON, and a rich table for people (issue 3, step 6).
+
+Field names the gate reads are a contract (docs/CONTRACTS.md): ``baseline_metrics`` {overall, per_slice, metric},
+``chosen`` {recipe, metrics, latency, size_bytes, op_coverage, nodes_excluded}, ``candidates``, ``reason``,
+``time_spent_s``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.table import Table
+
+from edgefleet.bench.stats import PairedComparison
+from edgefleet.optimize.candidates import Recipe
+from edgefleet.optimize.evaluate import MetricValues
+
+__all__ = ["CandidateReport", "LatencyResult", "NodeSensitivity", "OpCoverage", "OptimizeReport", "Status", "table"]
+
+Status = Literal[
+    "chosen",  # the output
+    "qualified",  # within tolerance and faster, but another qualified candidate is faster still
+    "out_of_tolerance",
+    "not_faster",  # within tolerance; the paired comparison found no practical speed-up
+    "slower",
+    "pruned",  # a rule for the tier's instruction set refused it before any evaluation
+    "failed",  # the quantizer or onnxruntime could not build / run it
+    "no_op",  # the quantizer ran but quantized no compute op
+    "skipped",  # the time budget ran out first
+    "baseline",  # the graph-optimized float model, when it is not the output
+]
+
+
+class LatencyResult(BaseModel):
+    """Paired, interleaved A/B against the graph-optimized float model: ratio = candidate / float time."""
+
+    median_ratio: float | None
+    ci_low: float | None
+    ci_high: float | None
+    verdict: str
+    n_pairs: int
+    reason: str
+    confirmed: bool | None = Field(None, description="a second, independent A/B agreed (chosen candidates only)")
+
+    @classmethod
+    def from_comparison(cls, c: PairedComparison) -> LatencyResult:
+        return cls(
+            median_ratio=c.median_ratio,
+            ci_low=c.ci_low,
+            ci_high=c.ci_high,
+            verdict=c.verdict,
+            n_pairs=c.n_pairs,
+            reason=c.reason,
+        )
+
+
+class OpCoverage(BaseModel):
+    quantized: list[str] = Field(default_factory=list)
+    float: list[str] = Field(default_factory=list)
+
+
+class NodeSensitivity(BaseModel):
+    """How much one node costs when quantized: SQNR of its output vs float (qdq_loss_debug; lower is worse) and the
+    metric gained by keeping it alone in float (leave-one-out; higher means more sensitive)."""
+
+    node: str
+    sqnr_db: float | None = None
+    loo_gain: float | None = None
+
+
+class CandidateReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    recipe: Recipe
+    status: Status
+    reason: str = ""
+    metrics: MetricValues | None = None
+    within_tolerance: bool | None = None
+    latency: LatencyResult | None = None
+    size_bytes: int | None = None
+    op_coverage: OpCoverage | None = None
+    nodes_excluded: list[str] = Field(default_factory=list)
+    sensitivity: list[NodeSensitivity] | None = Field(None, description="fallback ranking, for fallback candidates")
+    derived_from: str | None = Field(None, description="the out-of-tolerance candidate a fallback started from")
+    time_s: float = 0.0
+
+
+class OptimizeReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = 1
+    model: str
+    model_sha256: str
+    output: str
+    output_sha256: str
+    tier: str
+    metric: str
+    max_accuracy_drop: float
+    max_slice_drop: float | None
+    eval_calls: int
+    calib_calls: int
+    baseline_metrics: MetricValues
+    float_size_bytes: int
+    chosen: CandidateReport
+    candidates: list[CandidateReport]
+    reason: str
+    preparation: list[str] = Field(default_factory=list)
+    runtime_version: str
+    time_budget_s: float
+    time_spent_s: float
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def table(report: OptimizeReport) -> Table:
+    """One row per candidate: metric and drop, worst slice, latency ratio with CI, size, op coverage, status."""
+    t = Table(title=f"optimize · {report.metric} · tier {report.tier} · chosen: {report.chosen.name}")
+    for col in ("candidate", report.metric, "drop", "worst slice", "ratio (95% CI)", "size", "quantized", "status"):
+        t.add_column(col, justify="right" if col not in ("candidate", "status") else "left")
+    base = report.baseline_metrics.overall
+    for c in report.candidates:
+        m = c.metrics
+        worst = m.worst_slice if m else None
+        lat = c.latency
+        ratio = (
+            "–"
+            if lat is None or lat.median_ratio is None
+            else (f"{lat.median_ratio:.2f} ({_fmt(lat.ci_low, '.2f')}–{_fmt(lat.ci_high, '.2f')})")
+        )
+        cov = c.op_coverage
+        quant = "–" if cov is None else f"{len(cov.quantized)}/{len(cov.quantized) + len(cov.float)}"
+        style = "bold green" if c.status == "chosen" else ("dim" if c.status in ("pruned", "skipped") else "")
+        t.add_row(
+            c.name,
+            _fmt(m.overall if m else None, ".4f"),
+            _fmt(base - m.overall if m else None, "+.4f"),
+            "–" if worst is None else f"{worst[0]}: {worst[1]:.3f}",
+            ratio,
+            "–" if c.size_bytes is None else f"{c.size_bytes / report.float_size_bytes:.2f}x",
+            quant,
+            f"{c.status}" + (f": {c.reason}" if c.reason and c.status != "chosen" else ""),
+            style=style,
+        )
+    return t
