@@ -1,9 +1,215 @@
-"""Placeholder: this command group is being built."""
+"""``edgefleet package`` and ``edgefleet inspect``: build a ``.efpkg`` and show what is inside one."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import typer
+import yaml
+from pydantic import TypeAdapter, ValidationError
+from rich.table import Table
+
+from edgefleet.cli._output import console, print_json
+from edgefleet.data import CallData, load_calls
+from edgefleet.errors import UsageError
+from edgefleet.package import GoldenTolerance, Lineage, OpenedPackage, Requirements, build_package, open_package
+from edgefleet.package.manifest import validation_message
+from edgefleet.runtime import Step, TensorSpec
+
+
+class _IOFile:
+    """``--io io.yaml``: ``inputs``, ``outputs`` (tensor specs), ``preprocessing``, ``postprocessing`` (steps)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.inputs: list[TensorSpec] | None = None
+        self.outputs: list[TensorSpec] | None = None
+        self.preprocessing: list[Any] = []
+        self.postprocessing: list[Any] = []
+        if path is None:
+            return
+        if not path.is_file():
+            raise UsageError(f"--io file {path} does not exist")
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UsageError(f"--io file {path} is not valid YAML: {' '.join(str(err).split())}")
+        if not isinstance(doc, dict):
+            raise UsageError(f"--io file {path} must be a mapping with inputs/outputs/preprocessing/postprocessing")
+        unknown = set(doc) - {"inputs", "outputs", "preprocessing", "postprocessing"}
+        if unknown:
+            raise UsageError(f"--io file {path}: unknown key(s) {', '.join(sorted(unknown))}")
+        specs = TypeAdapter(list[TensorSpec])
+        steps = TypeAdapter(list[Step])
+        try:
+            if "inputs" in doc:
+                self.inputs = specs.validate_python(doc["inputs"])
+            if "outputs" in doc:
+                self.outputs = specs.validate_python(doc["outputs"])
+            self.preprocessing = steps.validate_python(doc.get("preprocessing") or [])
+            self.postprocessing = steps.validate_python(doc.get("postprocessing") or [])
+        except ValidationError as err:
+            raise UsageError(f"--io file {path} breaks the schema at {validation_message(err)}")
+
+
+def _json_file(path: Path | None, what: str) -> Any:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UsageError(f"{what} file {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise UsageError(f"{what} file {path} is not valid JSON: {err}")
+
+
+def _calls(path: Path | None, names: list[str]) -> CallData | None:
+    return None if path is None else load_calls(path, input_names=names)
+
+
+def _input_names(model: Path, io: _IOFile) -> list[str]:
+    if io.inputs is not None:
+        return [s.name for s in io.inputs]
+    from edgefleet.runtime import load_model
+
+    return load_model(model).input_names
+
+
+def package_command(
+    model: Path = typer.Argument(..., help="the ONNX model to package"),
+    out: Path = typer.Option(..., "--out", "-o", help="the .efpkg to write"),
+    name: str = typer.Option(..., "--name", help="package name (lower-case letters, digits, . _ -)"),
+    version: str = typer.Option(..., "--version", help="semantic version, e.g. 1.2.0"),
+    samples: Path | None = typer.Option(
+        None, "--samples", help="per-call .npz of raw inputs for the golden vectors (default: random inputs)"
+    ),
+    reference: Path | None = typer.Option(None, "--reference", help="per-call .npz of reference data for drift"),
+    io: Path | None = typer.Option(
+        None, "--io", help="YAML with inputs/outputs/pre-/postprocessing (default: derived from the graph)"
+    ),
+    tier: list[str] = typer.Option([], "--tier", help="allowed device tier; repeat (default: any)"),
+    min_memory_mb: int | None = typer.Option(None, "--min-memory-mb", min=1),
+    min_runtime_version: str | None = typer.Option(None, "--min-runtime-version", help="e.g. 1.17.0"),
+    provider: list[str] = typer.Option([], "--provider", help="execution provider; repeat (default: CPU)"),
+    encrypt_for: list[str] = typer.Option(
+        [], "--encrypt-for", help="X25519 public key (hex) or a .pub file to encrypt for; repeat"
+    ),
+    lineage_json: Path | None = typer.Option(None, "--lineage-json", help="JSON: parent_sha256, recipe, ..."),
+    metrics_json: Path | None = typer.Option(None, "--metrics-json", help="JSON object of metrics"),
+    rtol: float = typer.Option(1e-4, "--rtol", min=0.0, help="golden relative tolerance"),
+    atol: float = typer.Option(1e-5, "--atol", min=0.0, help="golden absolute tolerance"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
+) -> None:
+    """Build a model package: manifest, model (optionally encrypted), golden vectors, drift reference, ML-BOM."""
+    if not model.is_file():
+        raise UsageError(f"model file {model} does not exist")
+    iof = _IOFile(io)
+    names = _input_names(model, iof)
+    lineage_doc = _json_file(lineage_json, "--lineage-json")
+    metrics = _json_file(metrics_json, "--metrics-json")
+    if metrics is not None and not isinstance(metrics, dict):
+        raise UsageError(f"--metrics-json {metrics_json} must hold a JSON object")
+    try:
+        lineage = Lineage.model_validate(lineage_doc) if lineage_doc is not None else None
+        req_fields: dict[str, Any] = {"tiers": list(tier), "min_memory_mb": min_memory_mb}
+        if min_runtime_version:
+            req_fields["min_runtime_version"] = min_runtime_version
+        if provider:
+            req_fields["execution_providers"] = list(provider)
+        requirements = Requirements(**req_fields)
+    except ValidationError as err:
+        raise UsageError(f"invalid option: {validation_message(err)}")
+    path = build_package(
+        model,
+        out,
+        name=name,
+        version=version,
+        sample_inputs=_calls(samples, names),
+        reference_data=_calls(reference, names),
+        inputs=iof.inputs,
+        outputs=iof.outputs,
+        preprocessing=iof.preprocessing,
+        postprocessing=iof.postprocessing,
+        requirements=requirements,
+        lineage=lineage,
+        metrics=metrics,
+        golden=GoldenTolerance(rtol=rtol, atol=atol),
+        recipients=list(encrypt_for) or None,
+    )
+    opened = open_package(path)
+    if as_json:
+        print_json({"path": str(path), "package_sha256": opened.package_sha256, "manifest": opened.manifest})
+        return
+    console.print(_table(opened))
+    console.print(f"wrote [bold]{path}[/]")
+
+
+def _table(p: OpenedPackage) -> Table:
+    m = p.manifest
+    t = Table(title=f"{m.name} {m.version}", title_justify="left", show_header=False)
+    t.add_column("field", style="bold")
+    t.add_column("value")
+    t.add_row("package", str(p.path))
+    t.add_row("package sha256", p.package_sha256)
+    t.add_row("target name", m.target_name)
+    t.add_row("created", m.created.isoformat())
+    t.add_row("model sha256", m.model_sha256)
+    t.add_row("model size", f"{m.model_size:,} bytes")
+    t.add_row("inputs", "\n".join(s.signature() for s in m.io.inputs))
+    t.add_row("outputs", "\n".join(s.signature() for s in m.io.outputs))
+    if m.preprocessing:
+        t.add_row("preprocessing", ", ".join(s.op for s in m.preprocessing))
+    if m.postprocessing:
+        t.add_row("postprocessing", ", ".join(s.op for s in m.postprocessing))
+    r = m.requirements
+    req = [f"{r.runtime} >= {r.min_runtime_version}" if r.min_runtime_version else r.runtime]
+    if r.opset is not None:
+        req.append(f"opset {r.opset}")
+    req.append("providers " + ", ".join(r.execution_providers))
+    if r.min_memory_mb:
+        req.append(f"memory >= {r.min_memory_mb} MB")
+    req.append("tiers " + (", ".join(r.tiers) if r.tiers else "any"))
+    t.add_row("requirements", "\n".join(req))
+    t.add_row("golden", f"{len(p.golden_inputs)} calls, rtol {m.golden.rtol:g}, atol {m.golden.atol:g}")
+    t.add_row("drift reference", f"{len(p.reference.features)} features" if p.reference else "none")
+    enc = m.encryption
+    t.add_row("encryption", f"{enc.algorithm} for key(s) {', '.join(enc.key_ids)}" if enc else "none")
+    lin = m.lineage
+    if lin.parent_sha256 or lin.recipe or lin.calibration_sha256:
+        parts = []
+        if lin.parent_sha256:
+            parts.append(f"parent {lin.parent_sha256[:16]}…")
+        if lin.recipe:
+            parts.append(f"recipe {json.dumps(lin.recipe, sort_keys=True)}")
+        if lin.calibration_sha256:
+            parts.append(f"calibration {lin.calibration_sha256[:16]}…")
+        t.add_row("lineage", "\n".join(parts))
+    if m.metrics:
+        t.add_row("metrics", "\n".join(f"{k}: {json.dumps(v)}" for k, v in sorted(m.metrics.items())))
+    t.add_row("members", "\n".join(f"{k} ({v:,} bytes)" for k, v in p.members.items()))
+    return t
+
+
+def inspect_command(
+    package: Path = typer.Argument(..., help="the .efpkg to inspect"),
+    as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
+    device_key: Path | None = typer.Option(None, "--device-key", help="device private key (encrypted packages)"),
+    verify: bool = typer.Option(False, "--verify", help="also run the golden vectors"),
+) -> None:
+    """Show a package's manifest; ``--verify`` also checks that the model reproduces its golden vectors."""
+    opened = open_package(package, device_key=device_key)
+    if verify:
+        opened.verify_golden()
+    if as_json:
+        print_json(opened.manifest)
+        return
+    console.print(_table(opened))
+    if verify:
+        console.print(f"[green]golden vectors reproduce[/] ({len(opened.golden_inputs)} calls)")
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``app``."""
+    app.command("package")(package_command)
+    app.command("inspect")(inspect_command)

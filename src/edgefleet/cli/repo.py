@@ -1,9 +1,237 @@
-"""Placeholder: this command group is being built."""
+"""``edgefleet repo init|status|refresh|rotate-key|targets``, ``edgefleet publish`` and ``edgefleet fetch``."""
 
 from __future__ import annotations
 
+import re
+from datetime import timedelta
+from pathlib import Path
+
 import typer
+from rich.table import Table
+
+from edgefleet.cli._output import console, err_console, print_json
+from edgefleet.errors import UsageError
+from edgefleet.repository import ROLES, Repository, RepoStatus, fetch_package
+from edgefleet.repository.status import human_duration
+
+repo_app = typer.Typer(help="The TUF-signed model repository.", no_args_is_help=True)
+
+_PASSPHRASE_ENV = "EDGEFLEET_REPO_PASSPHRASE"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _passphrase(ask: bool, env: str | None, *, confirm: bool = False) -> str | None:
+    if ask:
+        return str(typer.prompt("key passphrase", hide_input=True, confirmation_prompt=confirm))
+    return env or None
+
+
+def _duration(text: str) -> timedelta:
+    m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if m is None:
+        raise UsageError(f"duration {text!r}: use a number and a unit (s, m, h, d, w), e.g. 90d or 12h")
+    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _expiry(values: list[str]) -> dict[str, timedelta]:
+    out: dict[str, timedelta] = {}
+    for v in values:
+        role, sep, dur = v.partition("=")
+        if not sep or role not in ROLES:
+            raise UsageError(
+                f"--expiry {v!r}: use ROLE=DURATION with ROLE one of {', '.join(ROLES)}, e.g. timestamp=1d"
+            )
+        period = _duration(dur)
+        if period <= timedelta(0):
+            raise UsageError(f"--expiry {v!r}: the period must be positive")
+        out[role] = period
+    return out
+
+
+def _status_table(st: RepoStatus) -> Table:
+    t = Table(title=f"repository {st.path}  ({st.targets} targets)", title_justify="left")
+    for col in ("role", "version", "expires (UTC)", "period", "keys", "threshold", "status"):
+        t.add_column(col)
+    for r in st.roles:
+        status = (
+            "[green]ok[/]"
+            if r.warning is None
+            else ("[red]expired[/]" if "EXPIRED" in r.warning else "[yellow]expires soon[/]")
+        )
+        t.add_row(
+            r.role,
+            str(r.version),
+            f"{r.expires:%Y-%m-%d %H:%M}",
+            human_duration(r.period),
+            f"{r.keys_available}/{r.keys} here",
+            str(r.threshold),
+            status,
+        )
+    return t
+
+
+def _show_status(st: RepoStatus, as_json: bool) -> None:
+    if as_json:
+        print_json(st.to_dict())
+        return
+    console.print(_status_table(st))
+    for w in st.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+
+
+_DIR = typer.Argument(..., help="repository folder")
+_ASK = typer.Option(False, "--ask-passphrase", help="prompt for the key passphrase")
+_PASS = typer.Option(None, envvar=_PASSPHRASE_ENV, hidden=True)
+_KEYS = typer.Option(None, "--keys", help="folder of private keys (default: <repo>/keys; root keys may be offline)")
+
+
+@repo_app.command("init")
+def init_command(
+    path: Path = _DIR,
+    root_keys: int = typer.Option(1, "--root-keys", min=1, help="number of root keys"),
+    root_threshold: int = typer.Option(1, "--root-threshold", min=1, help="root signatures required"),
+    expiry: list[str] = typer.Option([], "--expiry", help="ROLE=DURATION, e.g. timestamp=1d; repeat"),
+    ask_passphrase: bool = _ASK,
+    passphrase_env: str | None = _PASS,
+    keys_dir: Path | None = _KEYS,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Create a repository: root keys with a threshold, separate targets/snapshot/timestamp keys (files 0600)."""
+    repo = Repository.init(
+        path,
+        root_keys=root_keys,
+        root_threshold=root_threshold,
+        passphrase=_passphrase(ask_passphrase, passphrase_env, confirm=True),
+        expiry=_expiry(expiry),
+        keys_dir=keys_dir,
+    )
+    _show_status(repo.status(), as_json)
+    if not as_json:
+        console.print(f"clients trust [bold]{repo.metadata_dir / 'root.json'}[/]; keep {repo.keys_dir} private")
+
+
+@repo_app.command("status")
+def status_command(
+    path: Path = _DIR, keys_dir: Path | None = _KEYS, as_json: bool = typer.Option(False, "--json")
+) -> None:
+    """Versions and expiry dates of every role; warns when one is within 25 % of its period of expiring."""
+    _show_status(Repository(path, keys_dir=keys_dir).status(), as_json)
+
+
+@repo_app.command("refresh")
+def refresh_command(
+    path: Path = _DIR,
+    force: bool = typer.Option(False, "--force", help="re-sign even if nothing is close to expiring"),
+    ask_passphrase: bool = _ASK,
+    passphrase_env: str | None = _PASS,
+    keys_dir: Path | None = _KEYS,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Re-sign timestamp/snapshot (and targets, root when its keys are here) before they expire."""
+    repo = Repository(path, _passphrase(ask_passphrase, passphrase_env), keys_dir=keys_dir)
+    done = repo.refresh(force=force)
+    if as_json:
+        print_json({"resigned": done, "status": repo.status().to_dict()})
+        return
+    console.print(f"re-signed: {', '.join(done)}" if done else "nothing was close to expiring")
+
+
+@repo_app.command("rotate-key")
+def rotate_command(
+    path: Path = _DIR,
+    role: str = typer.Argument(..., help=f"one of {', '.join(ROLES)}"),
+    key: str | None = typer.Option(None, "--key", help="rotate only the key whose id starts with this"),
+    ask_passphrase: bool = _ASK,
+    passphrase_env: str | None = _PASS,
+    keys_dir: Path | None = _KEYS,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Replace a role's key(s); a new root version signed by the old root threshold carries the change."""
+    repo = Repository(path, _passphrase(ask_passphrase, passphrase_env), keys_dir=keys_dir)
+    new = repo.rotate_key(role, keyid=key)
+    if as_json:
+        print_json({"role": role, "new_keyids": new, "root_version": repo.status().roles[0].version})
+        return
+    console.print(
+        f"{role}: new key(s) {', '.join(k[:16] for k in new)}; root is now version {repo.status().roles[0].version}"
+    )
+
+
+@repo_app.command("targets")
+def targets_command(path: Path = _DIR, as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the signed targets with their manifest summaries."""
+    targets = Repository(path).targets()
+    if as_json:
+        print_json([t.__dict__ for t in targets])
+        return
+    t = Table(title=f"targets of {path}", title_justify="left")
+    for col in ("name", "bytes", "sha256", "tiers", "encrypted"):
+        t.add_column(col)
+    for x in targets:
+        req = x.custom.get("requirements", {})
+        t.add_row(
+            x.name,
+            f"{x.length:,}",
+            x.sha256[:16],
+            ", ".join(req.get("tiers") or []) or "any",
+            "yes" if x.custom.get("encrypted") else "no",
+        )
+    console.print(t)
+
+
+def publish_command(
+    package: Path = typer.Argument(..., help="the .efpkg to publish"),
+    repo: Path | None = typer.Option(None, "--repo", help="repository folder to sign it into"),
+    server: str | None = typer.Option(None, "--server", help="control plane URL (uploads instead)"),
+    api_token: str | None = typer.Option(None, "--api-token", envvar="EDGEFLEET_API_TOKEN", help="operator token"),
+    ask_passphrase: bool = _ASK,
+    passphrase_env: str | None = _PASS,
+    keys_dir: Path | None = _KEYS,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Add a package to the repository as a signed target (or upload it to a control plane with --server)."""
+    if (repo is None) == (server is None):
+        raise UsageError("give exactly one of --repo DIR (sign locally) or --server URL (upload to a control plane)")
+    if server is not None:
+        # The control plane signs with its own online keys; its client module owns the upload.
+        from edgefleet.controlplane.client import upload_package
+
+        result = upload_package(server, api_token, package)
+        if as_json:
+            print_json(result)
+        else:
+            console.print(f"uploaded {package} to {server}")
+        return
+    assert repo is not None
+    info = Repository(repo, _passphrase(ask_passphrase, passphrase_env), keys_dir=keys_dir).publish(package)
+    if as_json:
+        print_json(info.__dict__)
+        return
+    console.print(f"published [bold]{info.name}[/] ({info.length:,} bytes, sha256 {info.sha256[:16]}…) to {repo}")
+
+
+def fetch_command(
+    name: str = typer.Argument(..., help="package name"),
+    version: str = typer.Argument(..., help="package version"),
+    repo: str = typer.Option(..., "--repo", help="repository base URL or folder (e.g. a USB stick copy)"),
+    root: Path = typer.Option(..., "--root", help="the root.json you trust"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder to put the package in"),
+    metadata_dir: Path | None = typer.Option(
+        None, "--metadata-dir", help="client metadata cache (default: ~/.cache/edgefleet/tuf/<repo hash>)"
+    ),
+    device_key: Path | None = typer.Option(None, "--device-key", help="check the package decrypts with this key"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Download a package verified by TUF from the root you trust; nothing is written unless it verifies."""
+    path = fetch_package(name, version, repo, root, out, metadata_dir=metadata_dir, device_key=device_key)
+    if as_json:
+        print_json({"path": str(path)})
+        return
+    console.print(f"fetched and verified [bold]{path}[/]")
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``app``."""
+    app.add_typer(repo_app, name="repo")
+    app.command("publish")(publish_command)
+    app.command("fetch")(fetch_command)

@@ -1,0 +1,25 @@
+"""The TUF-signed model repository: the signing side (``repo.py``, ``tuf.api.metadata``) and the verified client
+(``client.py``, ``tuf.ngclient``)."""
+
+from edgefleet.repository.client import DirectoryFetcher, TufClient, default_metadata_dir, fetch_package
+from edgefleet.repository.repo import (
+    DEFAULT_EXPIRY,
+    ROLES,
+    Repository,
+    RepoStatus,
+    RoleStatus,
+    TargetInfo,
+)
+
+__all__ = [
+    "DEFAULT_EXPIRY",
+    "ROLES",
+    "DirectoryFetcher",
+    "RepoStatus",
+    "Repository",
+    "RoleStatus",
+    "TargetInfo",
+    "TufClient",
+    "default_metadata_dir",
+    "fetch_package",
+]

@@ -1,0 +1,451 @@
+"""The signing side of the TUF repository (``tuf.api.metadata``): init, publish, refresh, status, key rotation.
+
+Layout (CONTRACTS.md): ``metadata/`` (``root.json`` + ``N.root.json``, ``timestamp.json``, ``N.snapshot.json``,
+``N.targets.json``; consistent snapshots), ``targets/<sha256>.<name>``, ``keys/`` (private, 0600) and
+``repository.json`` (expiry periods). Serve only ``metadata/`` and ``targets/``.
+
+Every change is written leaves-first (target file, targets, snapshot, then timestamp), each file atomically, so a
+client that reads mid-publish sees the old consistent state or the new one. A lock file serializes writers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import CryptoSigner, SSlibKey
+from tuf.api.metadata import (
+    SPECIFICATION_VERSION,
+    Metadata,
+    MetaFile,
+    Root,
+    Signed,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization import DeserializationError
+from tuf.api.serialization.json import JSONSerializer
+
+from edgefleet.errors import RepositoryError, UsageError
+from edgefleet.repository import _keys
+from edgefleet.repository.status import (
+    WARN_FRACTION,
+    RepoStatus,
+    RoleStatus,
+    TargetInfo,
+    due,
+    expiry_warning,
+    human_duration,
+)
+
+__all__ = [
+    "DEFAULT_EXPIRY",
+    "ROLES",
+    "WARN_FRACTION",
+    "RepoStatus",
+    "Repository",
+    "RoleStatus",
+    "TargetInfo",
+    "human_duration",
+]
+
+ROLES = ("root", "targets", "snapshot", "timestamp")
+DEFAULT_EXPIRY = {
+    "root": timedelta(days=365),
+    "targets": timedelta(days=90),
+    "snapshot": timedelta(days=7),
+    "timestamp": timedelta(days=1),
+}
+_CONFIG = "repository.json"
+_SERIALIZER = JSONSerializer(compact=False)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Repository:
+    """A TUF repository in a local folder, with the online keys (and, unless kept offline, the root keys)."""
+
+    def __init__(self, path: Path | str, passphrase: str | None = None, *, keys_dir: Path | str | None = None) -> None:
+        self._attach(path, passphrase, keys_dir)
+        if not (self.metadata_dir / "root.json").is_file():
+            raise UsageError(f"{self.path} is not an edgefleet repository (create one with `edgefleet repo init`)")
+
+    def _attach(self, path: Path | str, passphrase: str | None, keys_dir: Path | str | None) -> None:
+        self.path = Path(path)
+        self.passphrase = passphrase
+        self.metadata_dir = self.path / "metadata"
+        self.targets_dir = self.path / "targets"
+        self.keys_dir = Path(keys_dir) if keys_dir else self.path / "keys"
+        if not (self.path / _CONFIG).is_file():
+            raise UsageError(f"{self.path} is not an edgefleet repository (create one with `edgefleet repo init`)")
+        try:
+            config = json.loads((self.path / _CONFIG).read_text())
+            self.expiry = {role: timedelta(seconds=float(config["expiry_s"][role])) for role in ROLES}
+        except (ValueError, KeyError, TypeError) as err:
+            raise RepositoryError(f"{self.path / _CONFIG} is damaged: {err}")
+
+    # -- creation ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        path: Path | str,
+        *,
+        root_keys: int = 1,
+        root_threshold: int = 1,
+        passphrase: str | None = None,
+        expiry: dict[str, timedelta] | None = None,
+        keys_dir: Path | str | None = None,
+    ) -> Repository:
+        """Create a repository: root (``root_threshold`` of ``root_keys``), one key each for the other roles."""
+        path = Path(path)
+        if not 1 <= root_threshold <= root_keys:
+            raise UsageError(f"root threshold {root_threshold} must be between 1 and the key count {root_keys}")
+        unknown = set(expiry or {}) - set(ROLES)
+        if unknown:
+            raise UsageError(f"unknown role(s) {', '.join(sorted(unknown))}; roles are {', '.join(ROLES)}")
+        periods = DEFAULT_EXPIRY | (expiry or {})
+        if (path / "metadata").exists() and any((path / "metadata").iterdir()):
+            raise UsageError(f"{path} already holds a repository; refusing to overwrite it")
+        for sub in ("metadata", "targets"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+        kdir = Path(keys_dir) if keys_dir else path / "keys"
+        kdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        config = {"expiry_s": {r: int(p.total_seconds()) for r, p in periods.items()}, "spec": SPECIFICATION_VERSION}
+        _atomic_write(path / _CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+        now = _now()
+        root = Root(expires=now + periods["root"], consistent_snapshot=True)
+        signers: dict[str, list[CryptoSigner]] = {}
+        for role in ROLES:
+            count = root_keys if role == "root" else 1
+            signers[role] = [_keys.generate() for _ in range(count)]
+            for s in signers[role]:
+                root.add_key(s.public_key, role)
+                _keys.save_signer(kdir, role, s, passphrase)
+        root.roles["root"].threshold = root_threshold
+
+        repo_md: dict[str, Metadata[Any]] = {
+            "root": Metadata(root),
+            "targets": Metadata(Targets(expires=now + periods["targets"])),
+            "snapshot": Metadata(Snapshot(expires=now + periods["snapshot"])),
+            "timestamp": Metadata(Timestamp(expires=now + periods["timestamp"])),
+        }
+        self = cls.__new__(cls)
+        self._attach(path, passphrase, kdir)
+        for role in ROLES:
+            md = repo_md[role]
+            if role == "snapshot":
+                md.signed.meta["targets.json"] = self._metafile(repo_md["targets"])
+            if role == "timestamp":
+                md.signed.snapshot_meta = self._metafile(repo_md["snapshot"])
+            self._sign(md, signers[role])
+            self._write(role, md)
+        return self
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    def _read(self, filename: str) -> Metadata[Any]:
+        p = self.metadata_dir / filename
+        try:
+            return Metadata.from_bytes(p.read_bytes())
+        except FileNotFoundError:
+            raise RepositoryError(f"{p} is missing; the repository is incomplete")
+        except DeserializationError as err:
+            raise RepositoryError(f"{p} is not valid TUF metadata: {err}")
+
+    def _root(self) -> Metadata[Root]:
+        return self._read("root.json")
+
+    def _timestamp(self) -> Metadata[Timestamp]:
+        return self._read("timestamp.json")
+
+    def _snapshot(self) -> Metadata[Snapshot]:
+        return self._read(f"{self._timestamp().signed.snapshot_meta.version}.snapshot.json")
+
+    def _targets(self) -> Metadata[Targets]:
+        return self._read(f"{self._snapshot().signed.meta['targets.json'].version}.targets.json")
+
+    def _current(self, role: str) -> Metadata[Any]:
+        if role == "root":
+            return self._root()
+        if role == "targets":
+            return self._targets()
+        if role == "snapshot":
+            return self._snapshot()
+        return self._timestamp()
+
+    def root_json(self) -> bytes:
+        """The current ``root.json``: what clients are given to trust (enrollment, ``edgefleet fetch --root``)."""
+        return (self.metadata_dir / "root.json").read_bytes()
+
+    def keys(self) -> list[dict[str, Any]]:
+        """Every signing key by role: id, type, the role's threshold, whether its private key is in ``keys_dir``."""
+        root = self._root().signed
+        rows = []
+        for role in ROLES:
+            r = root.roles[role]
+            for keyid in r.keyids:
+                rows.append(
+                    {
+                        "role": role,
+                        "keyid": keyid,
+                        "keytype": root.keys[keyid].keytype,
+                        "threshold": r.threshold,
+                        "private_key": _keys.key_path(self.keys_dir, role, keyid).is_file(),
+                    }
+                )
+        return rows
+
+    def targets(self) -> list[TargetInfo]:
+        return [TargetInfo.from_tuf(tf) for _, tf in sorted(self._targets().signed.targets.items())]
+
+    # -- signing plumbing -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _metafile(md: Metadata[Any]) -> MetaFile:
+        return MetaFile(version=md.signed.version)
+
+    @staticmethod
+    def _sign(md: Metadata[Any], signers: list[CryptoSigner]) -> None:
+        md.signatures.clear()
+        for s in signers:
+            md.sign(s, append=True)
+
+    def _write(self, role: str, md: Metadata[Any]) -> None:
+        data = md.to_bytes(_SERIALIZER)
+        if role == "timestamp":
+            _atomic_write(self.metadata_dir / "timestamp.json", data)
+        elif role == "root":
+            _atomic_write(self.metadata_dir / f"{md.signed.version}.root.json", data)
+            _atomic_write(self.metadata_dir / "root.json", data)
+        else:
+            _atomic_write(self.metadata_dir / f"{md.signed.version}.{role}.json", data)
+
+    def _signers(self, role: str, root: Root | None = None) -> list[CryptoSigner]:
+        """The role's signers found in ``keys_dir``; at least its threshold, else :class:`RepositoryError`."""
+        root = root or self._root().signed
+        r = root.roles[role]
+        found = []
+        for keyid in r.keyids:
+            key = root.keys[keyid]
+            assert isinstance(key, SSlibKey)
+            signer = _keys.load_signer(self.keys_dir, role, key, self.passphrase)
+            if signer is not None:
+                found.append(signer)
+        if len(found) < r.threshold:
+            raise RepositoryError(
+                f"only {len(found)} of the {r.threshold} {role} key(s) needed to sign are in {self.keys_dir}"
+                + (" (root keys kept offline? pass --keys DIR)" if role == "root" else "")
+            )
+        return found
+
+    def _bump(self, md: Metadata[Any], role: str, expires: datetime | None) -> None:
+        md.signed.version += 1
+        md.signed.expires = expires or (_now() + self.expiry[role])
+
+    def _commit(self, role: str, md: Metadata[Any] | None = None, *, expires: datetime | None = None) -> list[str]:
+        """New signed version of ``role`` and of every role above it (targets → snapshot → timestamp)."""
+        chain = ["targets", "snapshot", "timestamp"]
+        done: list[str] = []
+        previous: Metadata[Any] | None = None
+        for r in chain[chain.index(role) :]:
+            cur = md if r == role and md is not None else self._current(r)
+            if r == "snapshot" and previous is not None:
+                cur.signed.meta["targets.json"] = self._metafile(previous)
+            if r == "timestamp" and previous is not None:
+                cur.signed.snapshot_meta = self._metafile(previous)
+            self._bump(cur, r, expires if r == role else None)
+            self._sign(cur, self._signers(r))
+            self._write(r, cur)
+            done.append(r)
+            previous = cur
+        return done
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        with (self.path / ".lock").open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # -- operations -------------------------------------------------------------------------------------------
+
+    def add_target(self, name: str, data: bytes, custom: dict[str, Any]) -> TargetInfo:
+        """Sign ``data`` in as target ``name`` (no package checks: :meth:`publish` is the normal way in)."""
+        if "/" in name or name.startswith("."):
+            raise UsageError(f"target name {name!r} must be a plain file name")
+        with self._lock():
+            targets = self._targets()
+            tf = TargetFile.from_data(name, data, ["sha256"])
+            tf.unrecognized_fields["custom"] = _canonical_safe(custom)
+            old = targets.signed.targets.get(name)
+            if old is not None:
+                if old.hashes == tf.hashes:
+                    return TargetInfo.from_tuf(old)
+                raise RepositoryError(
+                    f"{name} is already published with different content; publish it under a new version"
+                )
+            info = TargetInfo.from_tuf(tf)
+            self.targets_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.targets_dir / info.path, data)
+            targets.signed.targets[name] = tf
+            self._commit("targets", targets)
+            return info
+
+    def publish(self, package: Path | str) -> TargetInfo:
+        """Add a checked ``.efpkg`` as target ``{name}-{version}.efpkg`` with its manifest summary as custom data."""
+        from edgefleet.package import open_package
+
+        opened = open_package(Path(package))
+        summary = opened.manifest.summary() | {"package_sha256": opened.package_sha256}
+        return self.add_target(opened.manifest.target_name, Path(package).read_bytes(), summary)
+
+    def resign(self, role: str, *, expires: datetime | None = None) -> list[str]:
+        """Sign a new version of ``role`` now (and of the roles that point at it). ``expires`` overrides the
+        configured period (tests sign metadata that is already expired)."""
+        if role not in ROLES:
+            raise UsageError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+        with self._lock():
+            if role == "root":
+                root = self._root()
+                self._bump(root, "root", expires)
+                self._sign(root, self._signers("root"))
+                self._write("root", root)
+                return ["root"]
+            return self._commit(role, expires=expires)
+
+    def refresh(self, force: bool = False) -> list[str]:
+        """Re-sign every online role that is within :data:`WARN_FRACTION` of its period of expiring (all of them
+        with ``force``); root only when its keys are here. Returns the roles re-signed."""
+        resigned: list[str] = []
+        root = self._root()
+        if force or self._due(root.signed, "root"):
+            with contextlib.suppress(RepositoryError):
+                self._signers("root")
+                resigned += self.resign("root")
+        for role in ("targets", "snapshot", "timestamp"):
+            if role in resigned:
+                continue
+            if force or self._due(self._current(role).signed, role):
+                resigned += self.resign(role)
+        return resigned
+
+    def _due(self, signed: Signed, role: str) -> bool:
+        return due(signed.expires, self.expiry[role], _now())
+
+    def status(self) -> RepoStatus:
+        root = self._root()
+        mds: dict[str, Metadata[Any]] = {
+            "root": root,
+            "targets": self._targets(),
+            "snapshot": self._snapshot(),
+            "timestamp": self._timestamp(),
+        }
+        roles: list[RoleStatus] = []
+        warnings: list[str] = []
+        now = _now()
+        for role in ROLES:
+            signed = mds[role].signed
+            r = root.signed.roles[role]
+            available = sum(_keys.key_path(self.keys_dir, role, k).is_file() for k in r.keyids)
+            warning = expiry_warning(role, signed.expires, self.expiry[role], now)
+            if warning:
+                warnings.append(warning)
+            if available < r.threshold and role != "root":
+                warnings.append(f"only {available} of {r.threshold} {role} key(s) are in {self.keys_dir}")
+            roles.append(
+                RoleStatus(
+                    role=role,
+                    version=signed.version,
+                    expires=signed.expires,
+                    period=self.expiry[role],
+                    keys=len(r.keyids),
+                    threshold=r.threshold,
+                    keys_available=available,
+                    warning=warning,
+                )
+            )
+        return RepoStatus(
+            path=self.path,
+            roles=roles,
+            targets=len(mds["targets"].signed.targets),
+            consistent_snapshot=bool(root.signed.consistent_snapshot),
+            warnings=warnings,
+        )
+
+    def rotate_key(self, role: str, *, keyid: str | None = None) -> list[str]:
+        """Replace ``role``'s keys (all of them, or the one whose id starts with ``keyid``) with new ones.
+
+        A new root version lists the new keys, signed by the old root threshold (and, for root, by the new keys
+        too), so clients holding any older root follow the chain. Then the role itself is re-signed with its new
+        key. Old private key files are deleted. Returns the ids of the new keys.
+        """
+        if role not in ROLES:
+            raise UsageError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+        with self._lock():
+            root_md = self._root()
+            root = root_md.signed
+            old_root_signers = self._signers("root", root)
+            current = list(root.roles[role].keyids)
+            replace = [k for k in current if keyid is None or k.startswith(keyid)]
+            if not replace:
+                raise UsageError(f"{role} has no key starting with {keyid!r} (it has {', '.join(current)})")
+            new_signers = [_keys.generate() for _ in replace]
+            for s in new_signers:
+                root.add_key(s.public_key, role)
+            for old in replace:
+                root.revoke_key(old, role)
+            self._bump(root_md, "root", None)
+            new_paths = [_keys.save_signer(self.keys_dir, role, s, self.passphrase) for s in new_signers]
+            try:
+                # The old root's threshold vouches for the new root; for a root rotation the new keys sign too.
+                self._sign(root_md, old_root_signers + (new_signers if role == "root" else []))
+                self._write("root", root_md)
+            except BaseException:
+                for p in new_paths:
+                    p.unlink(missing_ok=True)
+                raise
+            for old in replace:
+                _keys.key_path(self.keys_dir, role, old).unlink(missing_ok=True)
+            if role != "root":
+                self._commit(role)
+            return [s.public_key.keyid for s in new_signers]
+
+
+def _canonical_safe(value: Any) -> Any:
+    """TUF signs canonical JSON, which has no floats: keep them as their decimal strings."""
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, dict):
+        return {str(k): _canonical_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical_safe(v) for v in value]
+    return value
