@@ -1,9 +1,397 @@
-"""Placeholder: this command group is being built."""
+"""``edgefleet server`` and the operator commands that talk to it: devices, rollout, models, fleet, audit, tokens.
+
+Every client command takes ``--server URL`` and ``--api-token T`` (env ``EDGEFLEET_SERVER``,
+``EDGEFLEET_API_TOKEN``); against a server on this machine the admin token file ``./admin-token`` is read when no
+token is given."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+from typing import Any
+
 import typer
+from rich.table import Table
+
+from edgefleet.cli._output import console, print_json
+from edgefleet.errors import UsageError
+
+ServerOpt = typer.Option(None, "--server", envvar="EDGEFLEET_SERVER", help="Control plane URL [127.0.0.1:8700].")
+TokenOpt = typer.Option(None, "--api-token", envvar="EDGEFLEET_API_TOKEN", help="Operator API token.")
+JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
+
+devices_app = typer.Typer(help="Enroll, list, pin and revoke devices.", no_args_is_help=True)
+rollout_app = typer.Typer(help="Roll a version out in waves, gated on runtime metrics.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry: versions, channels, promotion.", no_args_is_help=True)
+fleet_app = typer.Typer(help="Fleet health: KPIs.", no_args_is_help=True)
+tokens_app = typer.Typer(help="Operator API tokens (admin only).", no_args_is_help=True)
+
+
+def _client(server: str | None, token: str | None) -> Any:
+    from edgefleet.controlplane.client import Client
+
+    return Client(server, token)
+
+
+def _duration(text: str) -> float:
+    """``90``, ``90s``, ``5m``, ``1h``, ``2d`` → seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m:
+        raise UsageError(f"cannot read duration {text!r}: use e.g. 90s, 5m, 1h, 2d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str], title: str | None = None) -> None:
+    t = Table(title=title)
+    for c in cols:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in cols])
+    console.print(t)
+
+
+# ------------------------------------------------------------------------------------------------ server
+
+
+def server(
+    db: str = typer.Option(None, "--db", help="SQLAlchemy URL [sqlite:///edgefleet.db]; postgresql://… for scale."),
+    repo: Path = typer.Option(None, "--repo", help="TUF repository folder the server signs and serves [tuf-repo]."),
+    host: str = typer.Option(None, "--host", help="Address to bind [127.0.0.1]."),
+    port: int = typer.Option(None, "--port", help="Port [8700]."),
+    reconcile_interval: float = typer.Option(None, "--reconcile-interval", help="Seconds between reconciles [5]."),
+) -> None:
+    """Run the control plane: registry, check-ins, rollouts, KPIs, TUF repository under /tuf/."""
+    import uvicorn
+
+    from edgefleet.config import ServerSettings
+    from edgefleet.controlplane.app import admin_token_path, create_app
+
+    given: dict[str, Any] = {
+        "db": db,
+        "repo": repo,
+        "host": host,
+        "port": port,
+        "reconcile_interval_s": reconcile_interval,
+    }
+    settings = ServerSettings(**{k: v for k, v in given.items() if v is not None})
+    app = create_app(settings)
+    console.print(
+        f"edgefleet control plane on http://{settings.host}:{settings.port}  db={app.state.store.db.url.split('@')[-1]}"
+        f"  repo={settings.repo}  admin token file: {admin_token_path(settings)}"
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+
+
+# ------------------------------------------------------------------------------------------------ devices
+
+
+@devices_app.command("token")
+def devices_token(
+    tier: str = typer.Option(..., "--tier", help="Device tier the enrolling device gets (fixed by the token)."),
+    expires: str = typer.Option("1h", "--expires", help="Lifetime, e.g. 30m, 1h, 7d."),
+    group: str = typer.Option(None, "--group", help="Device group to join."),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Make a one-time, expiring enrollment token."""
+    with _client(server_, token) as c:
+        out = c.post("/api/v1/enrollment-tokens", {"tier": tier, "group": group, "expires_s": _duration(expires)})
+    if json_:
+        print_json(out)
+    else:
+        console.print(out["token"], highlight=False, soft_wrap=True)
+
+
+@devices_app.command("list")
+def devices_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
+    """The inventory: tier, runtime, served version, last seen, overdue."""
+    with _client(server_, token) as c:
+        rows = c.get("/api/v1/devices")
+    if json_:
+        print_json(rows)
+        return
+    flat = [
+        {
+            **r,
+            "served": f"{r['served']['model'] or '-'} {r['served']['version'] or ''}",
+            "desired": f"{r['desired']['version'] or '-'}",
+            "pin": (r["pinned"] or {}).get("version"),
+        }
+        for r in rows
+    ]
+    _table(
+        flat,
+        [
+            "device_id",
+            "tier",
+            "runtime_version",
+            "state",
+            "served",
+            "desired",
+            "pin",
+            "last_seen",
+            "overdue",
+            "revoked",
+        ],
+    )
+
+
+@devices_app.command("show")
+def devices_show(device_id: str, server_: str = ServerOpt, token: str = TokenOpt) -> None:
+    """One device, with the desired state it is served."""
+    with _client(server_, token) as c:
+        print_json(c.get(f"/api/v1/devices/{device_id}"))
+
+
+@devices_app.command("pin")
+def devices_pin(
+    device_id: str,
+    version: str,
+    model: str = typer.Option(None, "--model", help="Model name [the served one]."),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+) -> None:
+    """Pin a device to a version: rollouts leave it alone."""
+    with _client(server_, token) as c:
+        c.post(f"/api/v1/devices/{device_id}/pin", {"version": version, "model": model})
+    console.print(f"pinned {device_id} to {version}")
+
+
+@devices_app.command("unpin")
+def devices_unpin(device_id: str, server_: str = ServerOpt, token: str = TokenOpt) -> None:
+    """Remove a device's pin."""
+    with _client(server_, token) as c:
+        c.post(f"/api/v1/devices/{device_id}/unpin")
+    console.print(f"unpinned {device_id}")
+
+
+@devices_app.command("revoke")
+def devices_revoke(device_id: str, server_: str = ServerOpt, token: str = TokenOpt) -> None:
+    """Revoke a device's credential: it stops working at once."""
+    with _client(server_, token) as c:
+        c.post(f"/api/v1/devices/{device_id}/revoke")
+    console.print(f"revoked {device_id}")
+
+
+# ------------------------------------------------------------------------------------------------ rollout
+
+
+@rollout_app.command("start")
+def rollout_start(
+    name: str,
+    version: str,
+    tier: str = typer.Option(None, "--tier", help="Only devices of this tier."),
+    channel: str = typer.Option(None, "--channel", help="Only devices whose group follows this channel."),
+    waves: str = typer.Option("1,10,50,100", "--waves", help="Cumulative wave percentages ending at 100."),
+    bake: str = typer.Option("5m", "--bake", help="Bake time per wave, e.g. 90s, 5m."),
+    min_devices: int = typer.Option(3, "--min-devices", help="Committed devices needed to judge a wave."),
+    min_requests: int = typer.Option(100, "--min-requests", help="Inference requests needed to judge a wave."),
+    max_failure: str = typer.Option("5%", "--max-failure", help="Update failures + rollbacks allowed."),
+    p95_budget_ms: float = typer.Option(None, "--p95-budget-ms", help="Absolute p95 budget (first rollout)."),
+    auto_rollback: bool = typer.Option(False, "--auto-rollback", help="On failure, return moved devices to A."),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Start a rollout of NAME VERSION."""
+    from edgefleet.controlplane.rollout import RolloutPolicy, parse_percent
+
+    try:
+        policy = RolloutPolicy(
+            waves=[float(w) for w in waves.split(",")],
+            bake_s=_duration(bake),
+            min_devices=min_devices,
+            min_requests=min_requests,
+            max_failure=parse_percent(max_failure),
+            auto_rollback=auto_rollback,
+            p95_budget_ms=p95_budget_ms,
+        )
+    except ValueError as exc:
+        raise UsageError(f"bad rollout policy: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
+    body = {
+        "model": name,
+        "version": version,
+        "tier": tier,
+        "channel": channel,
+        "policy": policy.model_dump(mode="json"),
+    }
+    with _client(server_, token) as c:
+        out = c.post("/api/v1/rollouts", body)
+    if json_:
+        print_json(out)
+    else:
+        console.print(f"rollout {out['rollout_id']} of {name} {version}: {out['state']}")
+
+
+@rollout_app.command("list")
+def rollout_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
+    """All rollouts, newest first."""
+    with _client(server_, token) as c:
+        rows = c.get("/api/v1/rollouts")
+    if json_:
+        print_json(rows)
+    else:
+        _table(rows, ["rollout_id", "model", "version", "state", "wave", "tier", "reason"])
+
+
+@rollout_app.command("status")
+def rollout_status(rollout_id: str, server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
+    """One rollout: wave, devices moved, every transition with its reason."""
+    with _client(server_, token) as c:
+        r = c.get(f"/api/v1/rollouts/{rollout_id}")
+    if json_:
+        print_json(r)
+        return
+    console.print(
+        f"{r['rollout_id']}  {r['model']} {r['version']}  [bold]{r['state']}[/]  wave {r['wave']} "
+        f"of {r['waves']}  devices moved: {len(r['devices'])}"
+    )
+    console.print(f"reason: {r['reason']}", highlight=False)
+    _table(r["transitions"], ["seq", "at", "from", "to", "wave", "actor", "reason"], title="transitions")
+
+
+def _rollout_action(action: str) -> Any:
+    def cmd(
+        rollout_id: str,
+        reason: str = typer.Option(None, "--reason", help="Why (goes to the audit log)."),
+        server_: str = ServerOpt,
+        token: str = TokenOpt,
+    ) -> None:
+        with _client(server_, token) as c:
+            out = c.post(f"/api/v1/rollouts/{rollout_id}/{action}", {"reason": reason})
+        console.print(f"{rollout_id}: {out['state']}")
+
+    cmd.__doc__ = {
+        "pause": "Halt a rollout (devices keep what they run).",
+        "resume": "Resume a paused rollout; the current wave bakes afresh.",
+        "abort": "End a rollout for good; devices keep what they run.",
+        "rollback": "End a rollout and return every moved device to its previous version.",
+    }[action]
+    return cmd
+
+
+for _a in ("pause", "resume", "abort", "rollback"):
+    rollout_app.command(_a)(_rollout_action(_a))
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+@models_app.command("list")
+def models_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
+    """Models and their versions with channel and gate verdict."""
+    with _client(server_, token) as c:
+        rows = c.get("/api/v1/models")
+    if json_:
+        print_json(rows)
+        return
+    _table([v for m in rows for v in m["versions"]], ["model", "version", "channel", "gate", "package_sha256"])
+
+
+@models_app.command("show")
+def models_show(
+    name: str, version: str = typer.Argument(None), server_: str = ServerOpt, token: str = TokenOpt
+) -> None:
+    """A model, or one version with lineage, gate verdict and bench results."""
+    with _client(server_, token) as c:
+        print_json(c.get(f"/api/v1/models/{name}" + (f"/versions/{version}" if version else "")))
+
+
+@models_app.command("promote")
+def models_promote(
+    name: str,
+    version: str,
+    to: str = typer.Option(None, "--to", help="dev, canary or stable [next one]."),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+) -> None:
+    """Promote a version along dev → canary → stable."""
+    with _client(server_, token) as c:
+        out = c.post(f"/api/v1/models/{name}/versions/{version}/promote", {"to": to})
+    console.print(f"{name} {version} is now in {out['channel']}")
+
+
+# ------------------------------------------------------------------------------------------------ fleet, audit, tokens
+
+
+@fleet_app.command("status")
+def fleet_status(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
+    """Fleet KPIs: p95 per version and tier, crash-free rate, update success, fragmentation, drift, overdue."""
+    with _client(server_, token) as c:
+        k = c.get("/api/v1/fleet")
+    if json_:
+        print_json(k)
+        return
+    d = k["devices"]
+    console.print(
+        f"devices: {d['active']} active, {d['overdue']} overdue, {d['revoked']} revoked   "
+        f"crash-free: {k['crash_free_rate']}   update success: {k['update_success_rate']}   "
+        f"fragmentation index: {k['fragmentation_index']}   drift alerts: {len(k['drift_alerts'])}"
+    )
+    _table(k["latency"], ["model", "version", "tier", "p95_ms", "requests", "error_rate"], title="latency")
+    if k["rollouts"]:
+        _table(
+            k["rollouts"],
+            ["rollout_id", "version", "state", "devices_moved", "time_to_halt_s", "time_to_rollback_s"],
+            title="rollouts",
+        )
+
+
+def audit(
+    limit: int = typer.Option(50, "--limit", help="Newest N entries."),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """The append-only audit log: every mutating call and every rollout transition."""
+    with _client(server_, token) as c:
+        rows = c.get("/api/v1/audit", params={"limit": limit})
+    if json_:
+        print_json(rows)
+        return
+    _table(
+        [{**r, "detail": r["detail"].get("reason") or r["detail"]} for r in rows],
+        ["id", "at", "actor", "action", "target", "detail"],
+    )
+
+
+@tokens_app.command("create")
+def tokens_create(
+    role: str = typer.Option(..., "--role", help="admin, operator or viewer."),
+    name: str = typer.Option("api", "--name", help="A label for the token."),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Create an operator API token (shown once)."""
+    if role not in ("admin", "operator", "viewer"):
+        raise UsageError(f"unknown role {role!r}: use admin, operator or viewer")
+    with _client(server_, token) as c:
+        out = c.post("/api/v1/tokens", {"role": role, "name": name})
+    if json_:
+        print_json(out)
+    else:
+        console.print(out["token"], highlight=False, soft_wrap=True)
+
+
+@tokens_app.command("list")
+def tokens_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
+    """API tokens (never their secrets)."""
+    with _client(server_, token) as c:
+        rows = c.get("/api/v1/tokens")
+    if json_:
+        print_json(rows)
+    else:
+        _table(rows, ["id", "name", "role", "created_at", "revoked"])
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``app``."""
+    app.command("server")(server)
+    app.command("audit")(audit)
+    app.add_typer(devices_app, name="devices")
+    app.add_typer(rollout_app, name="rollout")
+    app.add_typer(models_app, name="models")
+    app.add_typer(fleet_app, name="fleet")
+    app.add_typer(tokens_app, name="tokens")

@@ -1,0 +1,139 @@
+"""The FastAPI app factory of the control plane.
+
+``create_app(settings)`` migrates the database, makes sure an admin API token exists, opens the TUF repository
+and warms the check-in cache, so the app answers at once (also under ``httpx.ASGITransport``, which runs no
+lifespan). The lifespan starts the background loops: last-seen flush + cache sync, reconciler, TUF refresh.
+
+Other routers (the dashboard at ``/``) are added with ``create_app(settings, routers=[(router, access)])``: every
+route of such a router gets ``access`` in the authorization matrix unless the matrix already names it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from sqlalchemy import select
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
+
+from edgefleet import __version__
+from edgefleet.config import ServerSettings
+from edgefleet.controlplane import checkin, errors, reconciler, repo_service, routes
+from edgefleet.controlplane.auth import (
+    MATRIX,
+    Access,
+    app_route_keys,
+    authorize,
+    check_routes,
+    effective_routes,
+    hash_secret,
+    new_secret,
+)
+from edgefleet.controlplane.db import ApiToken, Database
+from edgefleet.controlplane.metrics import ServerMetrics
+from edgefleet.controlplane.repo_service import RepoService
+from edgefleet.controlplane.store import Store
+
+__all__ = ["admin_token_path", "create_app"]
+
+
+def admin_token_path(settings: ServerSettings) -> Path:
+    """``<repo>/../admin-token`` (docs/CONTRACTS.md)."""
+    return settings.repo.resolve().parent / "admin-token"
+
+
+def _bootstrap_admin(db: Database, settings: ServerSettings, log: object) -> Path | None:
+    """Make sure an admin can log in. Returns the token file written on first start, else None."""
+    with db.session() as s:
+        if settings.admin_token:
+            h = hash_secret(settings.admin_token)
+            if s.scalar(select(ApiToken).where(ApiToken.token_hash == h)) is None:
+                s.add(ApiToken(name="admin (settings)", role="admin", token_hash=h))
+            return None
+        if s.scalar(select(ApiToken.id).where(ApiToken.role == "admin", ApiToken.revoked_at.is_(None))) is not None:
+            return None
+        token = new_secret("efa")
+        s.add(ApiToken(name="admin (bootstrap)", role="admin", token_hash=hash_secret(token)))
+        path = admin_token_path(settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.chmod(path, 0o600)
+        return path
+
+
+def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, Access]] = ()) -> FastAPI:
+    settings.repo.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.db)
+    db.migrate()
+    store = Store(settings, db, RepoService(settings.repo))
+    written = _bootstrap_admin(db, settings, store.log)
+    if written is not None:
+        store.log(f"admin API token written to {written} (mode 0600)")
+    store.sync()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store.bind_loop()
+        tasks = [
+            asyncio.create_task(checkin.flush_loop(store)),
+            asyncio.create_task(reconciler.loop(store)),
+            asyncio.create_task(repo_service.refresh_loop(store.repo, settings.metadata_refresh_s, store.log)),
+        ]
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            store.flush_and_sync()
+            db.dispose()
+
+    app = FastAPI(
+        title="edgefleet control plane",
+        version=__version__,
+        description="Registry, devices, check-ins (DESIGN §6b), rollouts gated on runtime metrics, fleet KPIs.",
+        lifespan=lifespan,
+    )
+    app.state.store = store
+    app.state.settings = settings
+    app.state.metrics = ServerMetrics(store)
+    errors.install(app)
+
+    @app.get("/healthz", tags=["meta"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/metrics", tags=["meta"], dependencies=[Depends(authorize)], response_model=None)
+    def metrics(request: Request) -> object:
+        return routes.metrics_response(request)
+
+    app.include_router(checkin.router)
+    app.include_router(routes.router)
+    matrix = dict(MATRIX)
+    for r, access in routers:
+        for key in app_route_keys(r.routes):
+            # the router's own paths: include it without a prefix (or give its routes full paths)
+            matrix.setdefault(key, access)
+        app.include_router(r)
+    # Only the signed parts of the repository: keys/ must never be served.
+    app.router.routes.append(
+        Mount(
+            "/tuf",
+            routes=[
+                Mount("/metadata", StaticFiles(directory=settings.repo / "metadata", check_dir=False)),
+                Mount("/targets", StaticFiles(directory=settings.repo / "targets", check_dir=False)),
+            ],
+            name="tuf",
+        )
+    )
+    app.state.matrix = matrix
+    app.state.route_paths = {id(route): path for route, path, _ in effective_routes(app.routes)}
+    check_routes(app.routes, matrix)
+    return app

@@ -1,0 +1,328 @@
+"""Storage: SQLAlchemy 2 models and engine setup. SQLite (WAL) by default, PostgreSQL via psycopg 3, same code.
+
+The schema is created and upgraded by Alembic (``migrations/``) on startup; these classes are the one source of
+truth that the migrations were generated from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "ApiToken",
+    "AuditEntry",
+    "Base",
+    "CompatEntry",
+    "Database",
+    "Device",
+    "DeviceGroup",
+    "EnrollmentToken",
+    "ModelVersion",
+    "ReportBatch",
+    "Rollout",
+    "RolloutDevice",
+    "RolloutTransition",
+    "TelemetryRow",
+    "UpdateEventRow",
+    "utcnow",
+]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on both backends (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}  # noqa: RUF012
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model", "version", name="uq_model_version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(256))
+    package_sha256: Mapped[str] = mapped_column(String(64))
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    length: Mapped[int] = mapped_column(BigInteger, default=0)
+    channel: Mapped[str] = mapped_column(String(32), default="dev")
+    requirements: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    lineage: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    manifest: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    gate: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    bench: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeviceGroup(Base):
+    __tablename__ = "device_groups"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), default="stable")
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    pinned_model: Mapped[str | None] = mapped_column(String(128), default=None)
+    pinned_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EnrollmentToken(Base):
+    __tablename__ = "enrollment_tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    tier: Mapped[str] = mapped_column(String(64))
+    group: Mapped[str | None] = mapped_column(String(128), default=None)
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None] = mapped_column(default=None)
+    device_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(64), index=True)
+    group: Mapped[str | None] = mapped_column(String(128), default=None, index=True)
+    credential_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    hardware: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    memory_mb: Mapped[int | None] = mapped_column(Integer, default=None)
+    chipset: Mapped[str | None] = mapped_column(String(128), default=None)
+    runtime: Mapped[str] = mapped_column(String(64), default="onnxruntime")
+    runtime_version: Mapped[str] = mapped_column(String(64), default="")
+    agent_version: Mapped[str] = mapped_column(String(64), default="")
+    public_key: Mapped[str] = mapped_column(String(64), default="")
+    enrolled_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen: Mapped[datetime | None] = mapped_column(default=None)
+    state: Mapped[str | None] = mapped_column(String(32), default=None)
+    state_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    served_model: Mapped[str | None] = mapped_column(String(128), default=None)
+    served_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    served_model_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    desired_model: Mapped[str | None] = mapped_column(String(128), default=None)
+    desired_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    desired_rollout_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    pinned_model: Mapped[str | None] = mapped_column(String(128), default=None)
+    pinned_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    dropped_records: Mapped[int] = mapped_column(Integer, default=0)
+    # bumped whenever anything in the desired state or the credential changes: replicas sync their check-in
+    # caches incrementally from it
+    changed_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class ReportBatch(Base):
+    __tablename__ = "report_batches"
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id"), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UpdateEventRow(Base):
+    __tablename__ = "update_events"
+    __table_args__ = (UniqueConstraint("device_id", "event_id", name="uq_event"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id"), index=True)
+    event_id: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str | None] = mapped_column(String(128), default=None)
+    version: Mapped[str | None] = mapped_column(String(64), default=None)
+    rollout_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class TelemetryRow(Base):
+    __tablename__ = "telemetry"
+    __table_args__ = (UniqueConstraint("device_id", "window_id", name="uq_window"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id"), index=True)
+    window_id: Mapped[str] = mapped_column(String(64))
+    start: Mapped[datetime]
+    end: Mapped[datetime] = mapped_column(index=True)
+    model: Mapped[str | None] = mapped_column(String(128), default=None)
+    version: Mapped[str | None] = mapped_column(String(64), default=None)
+    tier: Mapped[str] = mapped_column(String(64), default="")
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+    worker_crashes: Mapped[int] = mapped_column(Integer, default=0)
+    worker_restarts: Mapped[int] = mapped_column(Integer, default=0)
+    latency: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    drift: Mapped[list[Any]] = mapped_column(default=list)
+    max_psi: Mapped[float | None] = mapped_column(Float, default=None)
+    cpu_percent: Mapped[float | None] = mapped_column(Float, default=None)
+    rss_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+class Rollout(Base):
+    __tablename__ = "rollouts"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str] = mapped_column(String(64))
+    tier: Mapped[str | None] = mapped_column(String(64), default=None)
+    channel: Mapped[str | None] = mapped_column(String(32), default=None)
+    policy: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    wave: Mapped[int] = mapped_column(Integer, default=0)
+    wave_started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    created_by: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    halted_at: Mapped[datetime | None] = mapped_column(default=None)
+    failed_wave_started_at: Mapped[datetime | None] = mapped_column(default=None)
+    rolled_back_at: Mapped[datetime | None] = mapped_column(default=None)
+    completed_at: Mapped[datetime | None] = mapped_column(default=None)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    lease_until: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class RolloutDevice(Base):
+    __tablename__ = "rollout_devices"
+    rollout_id: Mapped[str] = mapped_column(String(64), ForeignKey("rollouts.id"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id"), primary_key=True)
+    wave: Mapped[int] = mapped_column(Integer)
+    previous_model: Mapped[str | None] = mapped_column(String(128), default=None)
+    previous_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    moved_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reverted: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class RolloutTransition(Base):
+    """Every state change of a rollout, once: ``(rollout_id, seq)`` is unique, so two reconcilers cannot both
+    record the same transition even if a lease were lost."""
+
+    __tablename__ = "rollout_transitions"
+    __table_args__ = (UniqueConstraint("rollout_id", "seq", name="uq_transition"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[str] = mapped_column(String(64), ForeignKey("rollouts.id"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    from_state: Mapped[str] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    wave: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CompatEntry(Base):
+    __tablename__ = "compat"
+    tier: Mapped[str] = mapped_column(String(64), primary_key=True)
+    runtime_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    evidence: Mapped[list[Any]] = mapped_column(default=list)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    """Append-only: the migration adds triggers that refuse UPDATE and DELETE on both backends."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(256), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL lets readers proceed during the reconciler's writes; busy_timeout rides out short write locks.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def normalize_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 here (SQLAlchemy would otherwise pick psycopg2)."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+class Database:
+    """Engine + session factory. ``is_sqlite`` tells the reconciler it runs as the single writer."""
+
+    def __init__(self, url: str) -> None:
+        self.url = normalize_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        kwargs: dict[str, Any] = {}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = create_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One unit of work: committed on success, rolled back on any exception."""
+        with self.sessions() as s:
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+
+    def migrate(self) -> None:
+        from edgefleet.controlplane.migrations import upgrade
+
+        upgrade(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()

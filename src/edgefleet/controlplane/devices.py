@@ -1,0 +1,223 @@
+"""Devices: enrollment tokens (one-time, expiring; the tier is fixed by the token), enrollment, inventory, overdue
+detection, pinning per device or group, revocation, device groups with their configuration document (§6a), and
+the desired state each device is served."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from edgefleet.controlplane.auth import hash_secret, new_secret
+from edgefleet.controlplane.db import Device, DeviceGroup, EnrollmentToken, ModelVersion, utcnow
+from edgefleet.errors import AuthError, ConflictError, NotFoundError
+from edgefleet.protocol import DesiredState, DeviceConfig, EnrollRequest
+
+__all__ = [
+    "create_enrollment_token",
+    "desired_state",
+    "device_dict",
+    "enroll",
+    "etag_of",
+    "get_device",
+    "list_devices",
+    "pin",
+    "revoke",
+    "set_group",
+    "upsert_group",
+]
+
+
+def create_enrollment_token(
+    s: Session, *, tier: str, group: str | None = None, expires_s: float = 3600.0
+) -> tuple[str, EnrollmentToken]:
+    if group is not None and s.get(DeviceGroup, group) is None:
+        raise NotFoundError(f"no device group {group}: create it with PUT /api/v1/groups/{group}")
+    token = new_secret("eft")
+    row = EnrollmentToken(
+        token_hash=hash_secret(token), tier=tier, group=group, expires_at=utcnow() + timedelta(seconds=expires_s)
+    )
+    s.add(row)
+    s.flush()
+    return token, row
+
+
+def enroll(s: Session, req: EnrollRequest) -> tuple[Device, str]:
+    """Spend a one-time token; returns the new device and its credential (shown once, stored hashed)."""
+    # Lock the token row so two concurrent enrollments cannot both spend it (a no-op on SQLite, which
+    # serialises writers anyway).
+    tok = s.scalar(
+        select(EnrollmentToken).where(EnrollmentToken.token_hash == hash_secret(req.token)).with_for_update()
+    )
+    now = utcnow()
+    if tok is None:
+        raise AuthError("unknown enrollment token: ask an operator for `edgefleet devices token --tier T`")
+    if tok.used_at is not None:
+        raise AuthError("this enrollment token was already used: tokens are one-time")
+    if tok.expires_at <= now:
+        raise AuthError("this enrollment token has expired: ask an operator for a new one")
+    device_id = "dev-" + secrets.token_hex(8)
+    credential = new_secret("efd")
+    dev = Device(
+        id=device_id,
+        tier=tok.tier,
+        group=tok.group,
+        credential_hash=hash_secret(credential),
+        hardware=req.hardware.model_dump(mode="json"),
+        memory_mb=req.hardware.memory_mb,
+        chipset=req.hardware.chipset,
+        runtime=req.runtime,
+        runtime_version=req.runtime_version,
+        agent_version=req.agent_version,
+        public_key=req.public_key,
+        last_seen=now,
+        changed_at=now,
+    )
+    s.add(dev)
+    tok.used_at = now
+    tok.device_id = device_id
+    s.flush()
+    return dev, credential
+
+
+def get_device(s: Session, device_id: str) -> Device:
+    d = s.get(Device, device_id)
+    if d is None:
+        raise NotFoundError(f"no device {device_id}: `edgefleet devices list` shows the fleet")
+    return d
+
+
+def device_dict(d: Device, *, overdue_after_s: float, now: datetime | None = None) -> dict[str, Any]:
+    now = now or utcnow()
+    overdue = d.revoked_at is None and (d.last_seen is None or (now - d.last_seen).total_seconds() > overdue_after_s)
+    return {
+        "device_id": d.id,
+        "tier": d.tier,
+        "group": d.group,
+        "runtime": d.runtime,
+        "runtime_version": d.runtime_version,
+        "agent_version": d.agent_version,
+        "chipset": d.chipset,
+        "memory_mb": d.memory_mb,
+        "hardware": d.hardware,
+        "state": d.state,
+        "state_reason": d.state_reason,
+        "served": {"model": d.served_model, "version": d.served_version, "model_sha256": d.served_model_sha256},
+        "desired": {"model": d.desired_model, "version": d.desired_version, "rollout_id": d.desired_rollout_id},
+        "pinned": {"model": d.pinned_model, "version": d.pinned_version} if d.pinned_version else None,
+        "enrolled_at": d.enrolled_at.isoformat(),
+        "last_seen": d.last_seen.isoformat() if d.last_seen else None,
+        "overdue": overdue,
+        "revoked": d.revoked_at is not None,
+        "dropped_records": d.dropped_records,
+    }
+
+
+def list_devices(s: Session) -> list[Device]:
+    return list(s.scalars(select(Device).order_by(Device.enrolled_at)))
+
+
+def _check_version(s: Session, model: str, version: str) -> None:
+    if s.scalar(select(ModelVersion.id).where(ModelVersion.model == model, ModelVersion.version == version)) is None:
+        raise NotFoundError(f"no version {version} of model {model}")
+
+
+def pin(s: Session, device_id: str, model: str | None, version: str | None) -> Device:
+    """Pin (model and version given) or unpin (both None). A pin overrides every rollout."""
+    d = get_device(s, device_id)
+    if version is not None:
+        model = model or d.served_model or d.desired_model
+        if model is None:
+            raise ConflictError(f"device {device_id} runs no model yet: name the model to pin")
+        _check_version(s, model, version)
+    d.pinned_model, d.pinned_version = (model, version) if version is not None else (None, None)
+    d.changed_at = utcnow()
+    return d
+
+
+def revoke(s: Session, device_id: str) -> Device:
+    d = get_device(s, device_id)
+    if d.revoked_at is None:
+        d.revoked_at = utcnow()
+        d.changed_at = d.revoked_at
+    return d
+
+
+def upsert_group(
+    s: Session,
+    name: str,
+    *,
+    channel: str | None = None,
+    config: dict[str, Any] | None = None,
+    pinned_model: str | None = None,
+    pinned_version: str | None = None,
+    unpin: bool = False,
+) -> DeviceGroup:
+    g = s.get(DeviceGroup, name)
+    if g is None:
+        g = DeviceGroup(name=name, channel=channel or "stable", config={})
+        s.add(g)
+    elif channel is not None:
+        g.channel = channel
+    if config is not None:
+        # The document is versioned: every change bumps its version, which devices see in the desired state.
+        doc = DeviceConfig.model_validate({**config, "version": int(g.config.get("version", 0)) + 1})
+        g.config = doc.model_dump(mode="json")
+    if unpin:
+        g.pinned_model = g.pinned_version = None
+    elif pinned_version is not None:
+        if pinned_model is None:
+            raise ConflictError("name the model to pin the group to")
+        _check_version(s, pinned_model, pinned_version)
+        g.pinned_model, g.pinned_version = pinned_model, pinned_version
+    s.flush()
+    s.execute(update(Device).where(Device.group == name).values(changed_at=utcnow()))
+    return g
+
+
+def set_group(s: Session, device_id: str, group: str | None) -> Device:
+    d = get_device(s, device_id)
+    if group is not None and s.get(DeviceGroup, group) is None:
+        raise NotFoundError(f"no device group {group}")
+    d.group = group
+    d.changed_at = utcnow()
+    return d
+
+
+def desired_state(d: Device, group: DeviceGroup | None, versions: dict[tuple[str, str], ModelVersion]) -> DesiredState:
+    """What the device should run: a device pin, else a group pin, else what rollouts set."""
+    pinned = True
+    model: str | None
+    version: str | None
+    if d.pinned_version:
+        model, version = d.pinned_model, d.pinned_version
+    elif group is not None and group.pinned_version:
+        model, version = group.pinned_model, group.pinned_version
+    else:
+        pinned = False
+        model, version = d.desired_model, d.desired_version
+    mv = versions.get((model, version)) if model and version else None
+    config = DeviceConfig.model_validate(group.config) if group is not None and group.config else DeviceConfig()
+    return DesiredState(
+        device_id=d.id,
+        model=model,
+        version=version if mv is not None else None,
+        target=mv.target if mv is not None else None,
+        package_sha256=mv.package_sha256 if mv is not None else None,
+        rollout_id=None if pinned else d.desired_rollout_id,
+        pinned=pinned,
+        config=config,
+    )
+
+
+def etag_of(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def render(ds: DesiredState) -> bytes:
+    return json.dumps(ds.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()

@@ -1,0 +1,315 @@
+"""The rollout reconciler: a thin loop that gathers facts, calls the pure decisions of :mod:`rollout`, and writes
+what they decide — every transition with its reason into ``rollout_transitions`` and the audit log.
+
+Several replicas on PostgreSQL: each rollout row is taken with ``SELECT … FOR UPDATE SKIP LOCKED`` for the
+length of one step (the row lock is the lease), so a rollout is stepped by one replica at a time and the others
+move on; ``(rollout_id, seq)`` is unique as a second line of defence. On SQLite there is one writer process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from edgefleet.controlplane import audit, compat, registry
+from edgefleet.controlplane.db import (
+    Database,
+    Device,
+    DeviceGroup,
+    Rollout,
+    RolloutDevice,
+    RolloutTransition,
+    TelemetryRow,
+    UpdateEventRow,
+    utcnow,
+)
+from edgefleet.controlplane.rollout import (
+    Action,
+    DeviceFacts,
+    RolloutPolicy,
+    RolloutState,
+    WindowFacts,
+    cohort_stats,
+    decide,
+    eligibility,
+    judge,
+    plan_wave,
+    rollback_targets,
+)
+from edgefleet.errors import ConflictError, NotFoundError
+from edgefleet.telemetry.sketch import SketchData
+
+if TYPE_CHECKING:
+    from edgefleet.controlplane.store import Store
+
+__all__ = ["StepResult", "lock_rollout", "operator_action", "reconcile_once", "step", "transition"]
+
+FAILED_KINDS = ("rolled_back", "health_check_failed", "refused")
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class StepResult:
+    touched: set[str] = field(default_factory=set)
+    transitions: list[str] = field(default_factory=list)
+
+
+def transition(s: Session, r: Rollout, to: RolloutState, reason: str, actor: str, *, wave: int | None = None) -> str:
+    frm = r.state
+    r.seq += 1
+    s.add(
+        RolloutTransition(
+            rollout_id=r.id,
+            seq=r.seq,
+            from_state=frm,
+            to_state=to.value,
+            wave=r.wave if wave is None else wave,
+            reason=reason,
+            actor=actor,
+        )
+    )
+    r.state = to.value
+    r.reason = reason
+    r.updated_at = utcnow()
+    audit.record(s, actor, "rollout.transition", r.id, from_state=frm, to_state=to.value, wave=r.wave, reason=reason)
+    return f"{r.id}: {frm} -> {to.value} ({reason})"
+
+
+def lock_rollout(s: Session, db: Database, rollout_id: str, *, skip_locked: bool) -> Rollout | None:
+    q = select(Rollout).where(Rollout.id == rollout_id)
+    if not db.is_sqlite:
+        q = q.with_for_update(skip_locked=skip_locked)
+    return s.scalar(q)
+
+
+def _facts(s: Session, r: Rollout) -> tuple[list[DeviceFacts], dict[str, Device]]:
+    mv = registry.get_version(s, r.model, r.version)
+    manifest = registry.manifest_of(mv)
+    failed = compat.failed_cells(s, r.model, r.version)
+    groups = {g.name: g for g in s.scalars(select(DeviceGroup))}
+    devs = {d.id: d for d in s.scalars(select(Device))}
+    out = []
+    for d in devs.values():
+        g = groups.get(d.group) if d.group else None
+        problems = compat.device_problems(
+            manifest, failed, tier=d.tier, runtime_version=d.runtime_version, memory_mb=d.memory_mb
+        )
+        if d.desired_model not in (None, r.model):
+            problems.append(f"runs another model ({d.desired_model})")
+        out.append(
+            DeviceFacts(
+                device_id=d.id,
+                tier=d.tier,
+                runtime_version=d.runtime_version,
+                memory_mb=d.memory_mb,
+                channel=g.channel if g else "stable",
+                pinned=bool(d.pinned_version or (g is not None and g.pinned_version)),
+                revoked=d.revoked_at is not None,
+                model=d.desired_model,
+                version=d.desired_version,
+                compat_problems=tuple(problems),
+            )
+        )
+    return out, devs
+
+
+def _windows(s: Session, ids: set[str], since: datetime, version: str, *, same: bool) -> list[WindowFacts]:
+    if not ids:
+        return []
+    q = select(TelemetryRow).where(TelemetryRow.device_id.in_(ids), TelemetryRow.end >= since)
+    q = q.where(TelemetryRow.version == version) if same else q.where(TelemetryRow.version != version)
+    return [
+        WindowFacts(
+            device_id=w.device_id,
+            requests=w.requests,
+            errors=w.errors,
+            crashes=w.worker_crashes,
+            latency=SketchData.model_validate(w.latency) if w.latency else SketchData(),
+            max_psi=w.max_psi,
+        )
+        for w in s.scalars(q)
+    ]
+
+
+def _revert(s: Session, r: Rollout, now: datetime) -> set[str]:
+    rows = list(s.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == r.id)))
+    by_id = {x.device_id: x for x in rows}
+    touched = set()
+    for device_id in rollback_targets((x.device_id, x.reverted) for x in rows):
+        x = by_id[device_id]
+        d = s.get(Device, device_id)
+        if d is not None and d.desired_rollout_id == r.id:
+            d.desired_model, d.desired_version = x.previous_model, x.previous_version
+            d.desired_rollout_id = None
+            d.changed_at = now
+            touched.add(device_id)
+        x.reverted = True
+    r.rolled_back_at = now
+    return touched
+
+
+def step(s: Session, r: Rollout, actor: str, now: datetime | None = None) -> StepResult:
+    """One reconcile step of one running rollout (the caller holds the row lock)."""
+    now = now or utcnow()
+    res = StepResult()
+    if r.state != RolloutState.running.value:
+        return res
+    policy = RolloutPolicy.model_validate(r.policy)
+    facts, devs = _facts(s, r)
+    moved_rows = {x.device_id: x for x in s.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == r.id))}
+    to_move = plan_wave(
+        facts,
+        model=r.model,
+        version=r.version,
+        wave=r.wave,
+        waves=policy.waves,
+        tier=r.tier,
+        channel=r.channel,
+        moved=moved_rows,
+    )
+    for device_id in to_move:
+        d = devs[device_id]
+        s.add(
+            RolloutDevice(
+                rollout_id=r.id,
+                device_id=device_id,
+                wave=r.wave,
+                previous_model=d.desired_model,
+                previous_version=d.desired_version,
+                moved_at=now,
+            )
+        )
+        d.desired_model, d.desired_version, d.desired_rollout_id = r.model, r.version, r.id
+        d.changed_at = now
+        res.touched.add(device_id)
+    if to_move:
+        audit.record(s, actor, "rollout.move", r.id, wave=r.wave, devices=to_move)
+        # Devices just moved have had no chance to act: judge from the next step on.
+        r.reason = f"wave {r.wave}: moved {len(to_move)} device(s)"
+        return res
+    moved = set(moved_rows) | set(to_move)
+    eligible = {f.device_id for f in facts if eligibility(f, tier=r.tier, channel=r.channel) is None}
+    control_ids = eligible - moved
+
+    ev = s.execute(
+        select(UpdateEventRow.device_id, UpdateEventRow.kind).where(
+            UpdateEventRow.model == r.model, UpdateEventRow.version == r.version, UpdateEventRow.at >= r.created_at
+        )
+    ).all()
+    committed = {dev for dev, kind in ev if kind == "committed" and dev in moved}
+    # a device that already served the version when it was moved has nothing to install: it counts as committed
+    committed |= {i for i in moved if devs[i].served_model == r.model and devs[i].served_version == r.version}
+    failed = {dev for dev, kind in ev if kind in FAILED_KINDS and dev in moved}
+    committed -= failed
+    treatment = cohort_stats(
+        _windows(s, moved, r.created_at, r.version, same=True),
+        devices=len(moved),
+        committed=len(committed),
+        failed=len(failed),
+    )
+    control = cohort_stats(_windows(s, control_ids, r.created_at, r.version, same=False), devices=len(control_ids))
+    verdict = judge(treatment, control if control_ids else None, policy)
+    decision = decide(
+        state=RolloutState(r.state),
+        wave=r.wave,
+        waves=policy.waves,
+        judgement=verdict,
+        baked_s=(now - r.wave_started_at).total_seconds(),
+        policy=policy,
+    )
+    if decision.action is Action.wait:
+        r.reason = decision.reason
+    elif decision.action is Action.advance:
+        r.wave += 1
+        r.wave_started_at = now
+        res.transitions.append(transition(s, r, RolloutState.running, decision.reason, actor, wave=r.wave))
+    elif decision.action is Action.complete:
+        r.completed_at = now
+        res.transitions.append(transition(s, r, RolloutState.completed, decision.reason, actor))
+    elif decision.action is Action.pause:
+        r.halted_at, r.failed_wave_started_at = now, r.wave_started_at
+        res.transitions.append(transition(s, r, RolloutState.paused, decision.reason, actor))
+    elif decision.action is Action.rollback:
+        r.halted_at, r.failed_wave_started_at = now, r.wave_started_at
+        res.touched |= _revert(s, r, now)
+        res.transitions.append(
+            transition(s, r, RolloutState.rolled_back, f"automatic rollback: {decision.reason}", actor)
+        )
+    return res
+
+
+def reconcile_once(store: Store, actor: str | None = None) -> list[str]:
+    """Step every running rollout this process can lock. Returns the transitions it recorded."""
+    actor = actor or f"reconciler:{owner_id()}"
+    db = store.db
+    with db.session() as s:
+        ids = list(s.scalars(select(Rollout.id).where(Rollout.state == RolloutState.running.value)))
+    out: list[str] = []
+    for rid in ids:
+        with db.session() as s:
+            r = lock_rollout(s, db, rid, skip_locked=True)
+            if r is None or r.state != RolloutState.running.value:
+                continue  # another replica holds it, or it changed since we listed it
+            r.lease_owner, r.lease_until = actor, utcnow()
+            res = step(s, r, actor)
+        store.refresh(res.touched)
+        out.extend(res.transitions)
+    return out
+
+
+_ALLOWED: dict[str, tuple[set[str], RolloutState]] = {
+    "pause": ({"running"}, RolloutState.paused),
+    "resume": ({"paused"}, RolloutState.running),
+    "abort": ({"running", "paused"}, RolloutState.aborted),
+    "rollback": ({"running", "paused", "completed"}, RolloutState.rolled_back),
+}
+
+
+def operator_action(
+    store: Store, rollout_id: str, action: str, actor: str, reason: str | None = None
+) -> dict[str, Any]:
+    db = store.db
+    touched: set[str] = set()
+    with db.session() as s:
+        r = lock_rollout(s, db, rollout_id, skip_locked=False)
+        if r is None:
+            raise NotFoundError(f"no rollout {rollout_id}: `edgefleet rollout list` shows them")
+        allowed, to = _ALLOWED[action]
+        if r.state not in allowed:
+            raise ConflictError(f"cannot {action} rollout {rollout_id}: it is {r.state}")
+        now = utcnow()
+        why = reason or f"{action} by {actor}"
+        if action == "pause":
+            r.halted_at = now
+        elif action == "resume":
+            r.wave_started_at = now  # a resumed wave bakes afresh
+        elif action == "rollback":
+            r.halted_at = r.halted_at or now
+            touched = _revert(s, r, now)
+        transition(s, r, to, why, actor)
+        result = {"rollout_id": r.id, "state": r.state, "reason": r.reason}
+    store.refresh(touched)
+    return result
+
+
+async def loop(store: Store) -> None:
+    while True:
+        await store.wait_wake(store.settings.reconcile_interval_s)
+        try:
+            for t in await run_in_threadpool(reconcile_once, store):
+                store.log(t)
+            # reports wake the loop; this spacing keeps a burst of them from reconciling back to back
+            await asyncio.sleep(min(0.5, store.settings.reconcile_interval_s))
+        except Exception as exc:  # keep reconciling; the failure is logged and retried next round
+            store.log(f"reconcile failed: {exc}")

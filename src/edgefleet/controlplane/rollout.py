@@ -1,0 +1,370 @@
+"""Rollout decisions as pure functions over data (DESIGN §6). No I/O: the reconciler gathers the facts, calls
+these, and writes what they decide.
+
+A rollout moves eligible devices from the version they run (A) to a new one (B) in cumulative waves: a device
+belongs to the first wave whose percentage exceeds the stable hash bucket of its id. Each wave is judged on the
+telemetry of the devices moved so far (the *treatment*) against the eligible devices still on A (the *control*);
+with no control (a first rollout) the policy's absolute budgets apply. A judgement is ``pass``, ``fail`` or
+``inconclusive`` (below the minimum sample); :func:`decide` turns it plus the clock into an action.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edgefleet.telemetry.sketch import LatencySketch, SketchData
+
+__all__ = [
+    "Action",
+    "CohortStats",
+    "Decision",
+    "DeviceFacts",
+    "Judgement",
+    "Outcome",
+    "RolloutPolicy",
+    "RolloutState",
+    "cohort_stats",
+    "decide",
+    "eligibility",
+    "judge",
+    "plan_wave",
+    "rollback_targets",
+    "wave_bucket",
+    "wave_of",
+]
+
+
+class RolloutState(StrEnum):
+    draft = "draft"
+    running = "running"
+    paused = "paused"
+    completed = "completed"
+    aborted = "aborted"
+    rolled_back = "rolled_back"
+
+
+TERMINAL = frozenset({RolloutState.completed, RolloutState.aborted, RolloutState.rolled_back})
+
+
+class RolloutPolicy(BaseModel):
+    """Thresholds of one rollout. Relative limits compare treatment with control; absolute budgets apply when there
+    is no control group."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    waves: list[float] = Field(default_factory=lambda: [1.0, 10.0, 50.0, 100.0], min_length=1)
+    bake_s: float = Field(300.0, ge=0)
+    min_devices: int = Field(3, ge=1, description="committed devices needed before a wave can pass")
+    min_requests: int = Field(100, ge=0, description="inference requests needed before a wave can pass")
+    max_failure: float = Field(0.05, ge=0, le=1, description="update failures + on-device rollbacks / devices")
+    auto_rollback: bool = False
+    # relative SLOs (treatment vs control)
+    max_crash_free_drop: float = Field(0.02, ge=0, le=1)
+    max_p95_ratio: float = Field(1.25, gt=0)
+    max_error_rate_increase: float = Field(0.01, ge=0, le=1)
+    max_psi_increase: float = Field(0.1, ge=0)
+    # absolute budgets (first rollout) — also a floor that applies with a control group
+    min_crash_free: float = Field(0.95, ge=0, le=1)
+    p95_budget_ms: float | None = Field(None, gt=0)
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    max_psi: float = Field(0.25, ge=0)
+
+    @field_validator("waves")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if any(not 0 < w <= 100 for w in v):
+            raise ValueError("wave percentages must be in (0, 100]")
+        if any(b <= a for a, b in itertools.pairwise(v)):
+            raise ValueError("wave percentages must increase")
+        if v[-1] != 100:
+            raise ValueError("the last wave must be 100 (%)")
+        return v
+
+
+# --------------------------------------------------------------------------- membership and targeting
+
+
+def wave_bucket(device_id: str) -> float:
+    """A stable number in [0, 100) from the device id alone, so a device keeps its wave across restarts and
+    replicas (Python's ``hash`` is salted per process; SHA-256 is not)."""
+    h = int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:8], "big")
+    return (h / 2**64) * 100.0
+
+
+def wave_of(device_id: str, waves: Sequence[float]) -> int:
+    b = wave_bucket(device_id)
+    for i, pct in enumerate(waves):
+        if b < pct:
+            return i
+    return len(waves) - 1
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What targeting needs to know about one device."""
+
+    device_id: str
+    tier: str
+    runtime_version: str
+    memory_mb: int | None = None
+    channel: str = "stable"
+    pinned: bool = False
+    revoked: bool = False
+    model: str | None = None  # desired model/version now (A)
+    version: str | None = None
+    compat_problems: tuple[str, ...] = ()  # from the compatibility matrix and the package requirements
+
+
+def eligibility(device: DeviceFacts, *, tier: str | None, channel: str | None) -> str | None:
+    """None when the rollout may target the device, else the reason it may not."""
+    if device.revoked:
+        return "revoked"
+    if device.pinned:
+        return "pinned"
+    if tier is not None and device.tier != tier:
+        return f"tier {device.tier} is not {tier}"
+    if channel is not None and device.channel != channel:
+        return f"follows channel {device.channel}, not {channel}"
+    if device.compat_problems:
+        return "incompatible: " + "; ".join(device.compat_problems)
+    return None
+
+
+def plan_wave(
+    devices: Iterable[DeviceFacts],
+    *,
+    model: str,
+    version: str,
+    wave: int,
+    waves: Sequence[float],
+    tier: str | None,
+    channel: str | None,
+    moved: Iterable[str],
+) -> list[str]:
+    """Ids of the devices to move now: eligible, in waves ``0..wave``, not already moved or on the new version.
+
+    Never returns a pinned, revoked or incompatible device, whatever the wave."""
+    already = set(moved)
+    out = []
+    for d in devices:
+        if d.device_id in already or (d.model == model and d.version == version):
+            continue
+        if eligibility(d, tier=tier, channel=channel) is not None:
+            continue
+        if wave_of(d.device_id, waves) <= wave:
+            out.append(d.device_id)
+    return sorted(out)
+
+
+def rollback_targets(moved: Iterable[tuple[str, bool]]) -> list[str]:
+    """Devices whose desired state must go back to A: every moved device not reverted yet."""
+    return sorted(device_id for device_id, reverted in moved if not reverted)
+
+
+# --------------------------------------------------------------------------- judging a wave
+
+
+@dataclass(frozen=True)
+class CohortStats:
+    devices: int = 0  # devices in the cohort (targeted, for the treatment)
+    committed: int = 0  # devices that committed the new version
+    failed: int = 0  # update failures + on-device rollbacks
+    reporting: int = 0  # devices with telemetry in the judged period
+    crash_free: int = 0  # of those, devices with no worker crash
+    requests: int = 0
+    errors: int = 0
+    p95_ms: float | None = None
+    max_psi: float | None = None
+
+    @property
+    def crash_free_rate(self) -> float | None:
+        return self.crash_free / self.reporting if self.reporting else None
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+
+@dataclass(frozen=True)
+class WindowFacts:
+    device_id: str
+    requests: int
+    errors: int
+    crashes: int
+    latency: SketchData
+    max_psi: float | None
+
+
+def cohort_stats(windows: Iterable[WindowFacts], *, devices: int, committed: int = 0, failed: int = 0) -> CohortStats:
+    """Aggregate telemetry windows: p95 from merged sketches (never an average of per-device p95s)."""
+    sketch = LatencySketch()
+    crashed: set[str] = set()
+    seen: set[str] = set()
+    req = err = 0
+    psi: float | None = None
+    for w in windows:
+        seen.add(w.device_id)
+        if w.crashes:
+            crashed.add(w.device_id)
+        req += w.requests
+        err += w.errors
+        if w.latency.count:
+            sketch.merge(LatencySketch.from_data(w.latency))
+        if w.max_psi is not None:
+            psi = w.max_psi if psi is None else max(psi, w.max_psi)
+    q = sketch.quantile(0.95)
+    return CohortStats(
+        devices=devices,
+        committed=committed,
+        failed=failed,
+        reporting=len(seen),
+        crash_free=len(seen - crashed),
+        requests=req,
+        errors=err,
+        p95_ms=None if q is None else q * 1000.0,
+        max_psi=psi,
+    )
+
+
+class Outcome(StrEnum):
+    passed = "pass"
+    failed = "fail"
+    inconclusive = "inconclusive"
+
+
+@dataclass(frozen=True)
+class Judgement:
+    outcome: Outcome
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+
+def judge(treatment: CohortStats, control: CohortStats | None, policy: RolloutPolicy) -> Judgement:
+    """Pass, fail or inconclusive for the devices moved so far.
+
+    Update failures are judged as soon as they are seen (a rollback on a device is direct evidence), against a
+    denominator of at least ``min_devices`` so one failure in a one-device canary is not an automatic 100 %.
+    Telemetry SLOs need the minimum sample; the control group counts only when it has one too."""
+    if treatment.devices == 0:
+        # No eligible device has landed in the waves so far (small fleet, tier filter): nothing is at risk.
+        return Judgement(Outcome.passed, ("no eligible device in the waves so far",))
+    fails: list[str] = []
+    denom = max(treatment.devices, policy.min_devices)
+    if treatment.failed and treatment.failed / denom > policy.max_failure:
+        fails.append(f"update failures {treatment.failed}/{treatment.devices} devices exceed {policy.max_failure:.0%}")
+    enough = treatment.committed >= policy.min_devices and treatment.requests >= policy.min_requests
+    if fails:
+        return Judgement(Outcome.failed, tuple(fails))
+    if not enough:
+        return Judgement(
+            Outcome.inconclusive,
+            (
+                f"need {policy.min_devices} committed devices and {policy.min_requests} requests, "
+                f"have {treatment.committed} and {treatment.requests}",
+            ),
+        )
+    ctl = (
+        control if control is not None and control.reporting >= 1 and control.requests >= policy.min_requests else None
+    )
+    fails.extend(_slo_failures(treatment, ctl, policy))
+    if fails:
+        return Judgement(Outcome.failed, tuple(fails))
+    basis = "vs control group" if ctl is not None else "against absolute budgets (no control group)"
+    return Judgement(Outcome.passed, (f"SLOs hold {basis}",))
+
+
+def _slo_failures(t: CohortStats, c: CohortStats | None, p: RolloutPolicy) -> list[str]:
+    out: list[str] = []
+    cf = t.crash_free_rate
+    if cf is not None:
+        if cf < p.min_crash_free:
+            out.append(f"crash-free rate {cf:.1%} below {p.min_crash_free:.1%}")
+        elif c is not None and c.crash_free_rate is not None and cf < c.crash_free_rate - p.max_crash_free_drop:
+            out.append(f"crash-free rate {cf:.1%} vs control {c.crash_free_rate:.1%}")
+    er = t.error_rate
+    if er is not None:
+        if er > p.max_error_rate:
+            out.append(f"error rate {er:.2%} above {p.max_error_rate:.2%}")
+        elif c is not None and c.error_rate is not None and er > c.error_rate + p.max_error_rate_increase:
+            out.append(f"error rate {er:.2%} vs control {c.error_rate:.2%}")
+    if t.p95_ms is not None:
+        if p.p95_budget_ms is not None and t.p95_ms > p.p95_budget_ms:
+            out.append(f"p95 {t.p95_ms:.2f} ms above budget {p.p95_budget_ms:.2f} ms")
+        elif c is not None and c.p95_ms is not None and t.p95_ms > c.p95_ms * p.max_p95_ratio:
+            out.append(f"p95 {t.p95_ms:.2f} ms vs control {c.p95_ms:.2f} ms (> x{p.max_p95_ratio})")
+    if t.max_psi is not None:
+        if c is not None and c.max_psi is not None:
+            if t.max_psi > p.max_psi and t.max_psi > c.max_psi + p.max_psi_increase:
+                out.append(f"drift PSI {t.max_psi:.3f} vs control {c.max_psi:.3f}")
+        elif t.max_psi > p.max_psi:
+            out.append(f"drift PSI {t.max_psi:.3f} above {p.max_psi}")
+    return out
+
+
+# --------------------------------------------------------------------------- the state machine step
+
+
+class Action(StrEnum):
+    wait = "wait"  # keep baking / collecting
+    advance = "advance"  # move to the next wave
+    complete = "complete"  # last wave passed
+    pause = "pause"  # halt; an operator decides
+    rollback = "rollback"  # halt and return every moved device to A
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    judgement: Judgement | None = field(default=None, compare=False)
+
+
+def decide(
+    *,
+    state: RolloutState,
+    wave: int,
+    waves: Sequence[float],
+    judgement: Judgement,
+    baked_s: float,
+    policy: RolloutPolicy,
+) -> Decision:
+    """The one step of a running rollout. ``baked_s`` is how long the current wave has run.
+
+    * fail → rollback (auto_rollback) or pause, at once, whatever the bake time;
+    * pass → advance (or complete on the last wave) once the bake time is over, else wait;
+    * inconclusive → wait until the bake deadline, then pause.
+    A wave never advances on anything but ``pass``."""
+    if state is not RolloutState.running:
+        return Decision(Action.wait, f"rollout is {state.value}", judgement)
+    baked = baked_s >= policy.bake_s
+    if judgement.outcome is Outcome.failed:
+        act = Action.rollback if policy.auto_rollback else Action.pause
+        return Decision(act, f"wave {wave} failed: {judgement.reason}", judgement)
+    if judgement.outcome is Outcome.inconclusive:
+        if baked:
+            return Decision(Action.pause, f"wave {wave} inconclusive at bake deadline: {judgement.reason}", judgement)
+        return Decision(Action.wait, f"wave {wave} inconclusive: {judgement.reason}", judgement)
+    if not baked:
+        return Decision(Action.wait, f"wave {wave} baking ({baked_s:.0f}/{policy.bake_s:.0f} s)", judgement)
+    if wave >= len(waves) - 1:
+        return Decision(Action.complete, f"last wave passed: {judgement.reason}", judgement)
+    return Decision(Action.advance, f"wave {wave} passed: {judgement.reason}", judgement)
+
+
+def parse_percent(text: str) -> float:
+    """``5%`` or ``0.05`` → 0.05."""
+    t = text.strip()
+    v = float(t[:-1]) / 100.0 if t.endswith("%") else float(t)
+    if not 0 <= v <= 1 or math.isnan(v):
+        raise ValueError(f"{text!r} is not a fraction in [0, 1] or a percentage")
+    return v

@@ -1,0 +1,480 @@
+"""The operator API: registry, devices, groups, rollouts, compatibility, fleet KPIs, audit, tokens.
+
+Every route here depends on :func:`auth.authorize` (the matrix decides the role it needs) and every mutating one
+writes an audit entry in the same transaction as its change."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Body, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from edgefleet.controlplane import audit, compat, devices, kpi, reconciler, registry
+from edgefleet.controlplane.auth import Principal, authorize, hash_secret, new_secret
+from edgefleet.controlplane.db import ApiToken, DeviceGroup, Rollout, RolloutDevice, RolloutTransition, utcnow
+from edgefleet.controlplane.rollout import RolloutPolicy, RolloutState
+from edgefleet.errors import ConflictError, NotFoundError, UsageError
+from edgefleet.protocol import API_PREFIX, DeviceConfig
+
+if TYPE_CHECKING:
+    from edgefleet.controlplane.store import Store
+
+__all__ = ["router"]
+
+router = APIRouter(prefix=API_PREFIX, dependencies=[Depends(authorize)])
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TokenCreate(_In):
+    role: str = Field(pattern="^(admin|operator|viewer)$")
+    name: str = Field("api", min_length=1, max_length=128)
+
+
+class EnrollTokenCreate(_In):
+    tier: str = Field(min_length=1, max_length=64)
+    group: str | None = Field(None, max_length=128)
+    expires_s: float = Field(3600.0, gt=0, le=365 * 86400)
+
+
+class PinBody(_In):
+    version: str = Field(min_length=1, max_length=64)
+    model: str | None = Field(None, max_length=128)
+
+
+class GroupBody(_In):
+    channel: str | None = Field(None, pattern="^(dev|canary|stable)$")
+    config: DeviceConfig | None = None
+    pinned_model: str | None = Field(None, max_length=128)
+    pinned_version: str | None = Field(None, max_length=64)
+    unpin: bool = False
+
+
+class DeviceGroupBody(_In):
+    group: str | None = Field(None, max_length=128)
+
+
+class PromoteBody(_In):
+    to: str | None = Field(None, pattern="^(dev|canary|stable)$")
+
+
+class RolloutCreate(_In):
+    model: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=64)
+    tier: str | None = Field(None, max_length=64)
+    channel: str | None = Field(None, pattern="^(dev|canary|stable)$")
+    policy: RolloutPolicy = Field(default_factory=RolloutPolicy)
+
+
+class ActionBody(_In):
+    reason: str | None = Field(None, max_length=2000)
+
+
+def _store(request: Request) -> Store:
+    store: Store = request.app.state.store
+    return store
+
+
+def _who(request: Request) -> Principal:
+    p: Principal = request.state.principal
+    return p
+
+
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+# ------------------------------------------------------------------------------------------------ misc
+
+
+@router.get("/whoami")
+def whoami(request: Request) -> dict[str, Any]:
+    p = _who(request)
+    return {"name": p.name, "role": p.role}
+
+
+@router.get("/tokens")
+def list_tokens(request: Request) -> list[dict[str, Any]]:
+    with _store(request).db.session() as s:
+        return [
+            {
+                "id": t.id,
+                "name": t.name,
+                "role": t.role,
+                "created_at": t.created_at.isoformat(),
+                "revoked": t.revoked_at is not None,
+            }
+            for t in s.scalars(select(ApiToken).order_by(ApiToken.id))
+        ]
+
+
+@router.post("/tokens", status_code=201)
+def create_token(body: TokenCreate, request: Request) -> dict[str, Any]:
+    token = new_secret("efa")
+    with _store(request).db.session() as s:
+        row = ApiToken(name=body.name, role=body.role, token_hash=hash_secret(token))
+        s.add(row)
+        s.flush()
+        audit.record(s, _who(request).actor, "token.create", str(row.id), role=body.role, name=body.name)
+        return {"id": row.id, "name": body.name, "role": body.role, "token": token}
+
+
+@router.delete("/tokens/{token_id}")
+def revoke_token(token_id: int, request: Request) -> dict[str, Any]:
+    with _store(request).db.session() as s:
+        row = s.get(ApiToken, token_id)
+        if row is None:
+            raise NotFoundError(f"no API token {token_id}")
+        row.revoked_at = row.revoked_at or utcnow()
+        audit.record(s, _who(request).actor, "token.revoke", str(token_id))
+        return {"id": token_id, "revoked": True}
+
+
+@router.get("/audit")
+def get_audit(
+    request: Request, limit: int = 200, action: str | None = None, target: str | None = None
+) -> list[dict[str, Any]]:
+    with _store(request).db.session() as s:
+        return audit.list_entries(s, limit=max(1, min(limit, 10_000)), action=action, target=target)
+
+
+@router.get("/fleet")
+def fleet(request: Request) -> dict[str, Any]:
+    st = _store(request)
+    with st.db.session() as s:
+        return kpi.fleet_kpis(s, overdue_after_s=st.settings.overdue_after_s)
+
+
+@router.get("/compat")
+def get_compat(request: Request, model: str | None = None) -> list[dict[str, Any]]:
+    with _store(request).db.session() as s:
+        rows = compat.matrix(s)
+        return [r for r in rows if model is None or r["model"] == model]
+
+
+# ------------------------------------------------------------------------------------------------ devices
+
+
+@router.post("/enrollment-tokens", status_code=201)
+def create_enrollment_token(body: EnrollTokenCreate, request: Request) -> dict[str, Any]:
+    with _store(request).db.session() as s:
+        token, row = devices.create_enrollment_token(s, tier=body.tier, group=body.group, expires_s=body.expires_s)
+        audit.record(s, _who(request).actor, "enrollment_token.create", str(row.id), tier=body.tier, group=body.group)
+        return {"token": token, "tier": row.tier, "group": row.group, "expires_at": row.expires_at.isoformat()}
+
+
+@router.get("/devices")
+def list_devices(request: Request) -> list[dict[str, Any]]:
+    st = _store(request)
+    with st.db.session() as s:
+        now = utcnow()
+        return [
+            devices.device_dict(d, overdue_after_s=st.settings.overdue_after_s, now=now)
+            for d in devices.list_devices(s)
+        ]
+
+
+@router.get("/devices/{device_id}")
+def get_device(device_id: str, request: Request) -> dict[str, Any]:
+    st = _store(request)
+    with st.db.session() as s:
+        d = devices.get_device(s, device_id)
+        out = devices.device_dict(d, overdue_after_s=st.settings.overdue_after_s)
+    entry = st.cache.entries.get(device_id)
+    if entry is not None:
+        import json
+
+        out["desired_state"] = json.loads(entry.body)
+    return out
+
+
+def _device_change(request: Request, device_id: str, action: str, fn: Any, **detail: Any) -> dict[str, Any]:
+    st = _store(request)
+    with st.db.session() as s:
+        d = fn(s)
+        audit.record(s, _who(request).actor, action, device_id, **detail)
+        out = devices.device_dict(d, overdue_after_s=st.settings.overdue_after_s)
+    st.refresh([device_id])
+    return out
+
+
+@router.post("/devices/{device_id}/pin")
+def pin_device(device_id: str, body: PinBody, request: Request) -> dict[str, Any]:
+    return _device_change(
+        request,
+        device_id,
+        "device.pin",
+        lambda s: devices.pin(s, device_id, body.model, body.version),
+        model=body.model,
+        version=body.version,
+    )
+
+
+@router.post("/devices/{device_id}/unpin")
+def unpin_device(device_id: str, request: Request) -> dict[str, Any]:
+    return _device_change(request, device_id, "device.unpin", lambda s: devices.pin(s, device_id, None, None))
+
+
+@router.post("/devices/{device_id}/revoke")
+def revoke_device(device_id: str, request: Request) -> dict[str, Any]:
+    return _device_change(request, device_id, "device.revoke", lambda s: devices.revoke(s, device_id))
+
+
+@router.post("/devices/{device_id}/group")
+def set_device_group(device_id: str, body: DeviceGroupBody, request: Request) -> dict[str, Any]:
+    return _device_change(
+        request, device_id, "device.group", lambda s: devices.set_group(s, device_id, body.group), group=body.group
+    )
+
+
+@router.get("/groups")
+def list_groups(request: Request) -> list[dict[str, Any]]:
+    with _store(request).db.session() as s:
+        return [
+            {
+                "name": g.name,
+                "channel": g.channel,
+                "config": g.config,
+                "pinned": {"model": g.pinned_model, "version": g.pinned_version} if g.pinned_version else None,
+            }
+            for g in s.scalars(select(DeviceGroup).order_by(DeviceGroup.name))
+        ]
+
+
+@router.put("/groups/{name}")
+def put_group(name: str, body: GroupBody, request: Request) -> dict[str, Any]:
+    if not _ID.match(name):
+        raise UsageError("group names use letters, digits, '.', '_', ':' and '-' (at most 128)")
+    st = _store(request)
+    with st.db.session() as s:
+        g = devices.upsert_group(
+            s,
+            name,
+            channel=body.channel,
+            config=body.config.model_dump(mode="json", exclude={"version"}) if body.config else None,
+            pinned_model=body.pinned_model,
+            pinned_version=body.pinned_version,
+            unpin=body.unpin,
+        )
+        audit.record(s, _who(request).actor, "group.put", name, **body.model_dump(mode="json"))
+        out = {
+            "name": g.name,
+            "channel": g.channel,
+            "config": g.config,
+            "pinned": {"model": g.pinned_model, "version": g.pinned_version} if g.pinned_version else None,
+        }
+    st.sync()  # every device of the group has a new desired state (config or pin)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+@router.post(
+    "/packages",
+    status_code=201,
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "required": True,
+        }
+    },
+)
+async def upload_package(request: Request) -> dict[str, Any]:
+    st = _store(request)
+    limit = 2 * 1024**3
+    chunks: list[bytes] = []
+    size = 0
+    async for c in request.stream():
+        size += len(c)
+        if size > limit:
+            raise UsageError("package larger than 2 GiB")
+        chunks.append(c)
+    if not size:
+        raise UsageError("empty upload: send the .efpkg bytes as the request body")
+    who = _who(request)
+
+    def publish() -> dict[str, Any]:
+        opened, info = st.repo.receive(chunks)
+        with st.db.session() as s:
+            mv = registry.register_version(
+                s, opened.manifest, target=info.name, package_sha256=info.sha256, length=info.length
+            )
+            audit.record(
+                s, who.actor, "package.publish", f"{mv.model}:{mv.version}", target_name=info.name, sha256=info.sha256
+            )
+            return registry.version_dict(mv)
+
+    return await run_in_threadpool(publish)
+
+
+@router.get("/models")
+def list_models(request: Request) -> list[dict[str, Any]]:
+    with _store(request).db.session() as s:
+        return registry.list_models(s)
+
+
+@router.get("/models/{name}")
+def get_model(name: str, request: Request) -> dict[str, Any]:
+    with _store(request).db.session() as s:
+        return registry.list_models(s, name)[0]
+
+
+@router.get("/models/{name}/versions/{version}")
+def get_version(name: str, version: str, request: Request) -> dict[str, Any]:
+    with _store(request).db.session() as s:
+        return registry.version_dict(registry.get_version(s, name, version), full=True)
+
+
+@router.post("/models/{name}/versions/{version}/promote")
+def promote(name: str, version: str, request: Request, body: PromoteBody | None = None) -> dict[str, Any]:
+    with _store(request).db.session() as s:
+        mv = registry.get_version(s, name, version)
+        old, new = registry.promote(s, mv, body.to if body else None)
+        audit.record(s, _who(request).actor, "model.promote", f"{name}:{version}", from_channel=old, to_channel=new)
+        return registry.version_dict(mv)
+
+
+@router.put("/models/{name}/versions/{version}/gate")
+def put_gate(name: str, version: str, request: Request, verdict: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    with _store(request).db.session() as s:
+        mv = registry.get_version(s, name, version)
+        registry.attach_gate(s, mv, verdict)
+        audit.record(s, _who(request).actor, "model.gate", f"{name}:{version}", passed=verdict.get("passed"))
+        return registry.version_dict(mv, full=True)
+
+
+@router.put("/models/{name}/versions/{version}/bench")
+def put_bench(name: str, version: str, request: Request, bench: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    with _store(request).db.session() as s:
+        mv = registry.get_version(s, name, version)
+        n = registry.attach_bench(s, mv, bench)
+        audit.record(s, _who(request).actor, "model.bench", f"{name}:{version}", compat_entries=n)
+        return registry.version_dict(mv, full=True)
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+
+
+def rollout_dict(s: Any, r: Rollout, *, full: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "rollout_id": r.id,
+        "model": r.model,
+        "version": r.version,
+        "tier": r.tier,
+        "channel": r.channel,
+        "state": r.state,
+        "wave": r.wave,
+        "waves": r.policy.get("waves"),
+        "reason": r.reason,
+        "created_at": r.created_at.isoformat(),
+        "created_by": r.created_by,
+        "wave_started_at": r.wave_started_at.isoformat(),
+    }
+    if full:
+        out["policy"] = r.policy
+        out["devices"] = [
+            {"device_id": x.device_id, "wave": x.wave, "previous_version": x.previous_version, "reverted": x.reverted}
+            for x in s.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == r.id))
+        ]
+        out["transitions"] = [
+            {
+                "seq": t.seq,
+                "from": t.from_state,
+                "to": t.to_state,
+                "wave": t.wave,
+                "reason": t.reason,
+                "actor": t.actor,
+                "at": t.at.isoformat(),
+            }
+            for t in s.scalars(
+                select(RolloutTransition).where(RolloutTransition.rollout_id == r.id).order_by(RolloutTransition.seq)
+            )
+        ]
+    return out
+
+
+@router.post("/rollouts", status_code=201)
+def start_rollout(body: RolloutCreate, request: Request) -> dict[str, Any]:
+    st = _store(request)
+    who = _who(request)
+    with st.db.session() as s:
+        registry.get_version(s, body.model, body.version)
+        active = s.scalar(
+            select(Rollout.id).where(
+                Rollout.model == body.model, Rollout.state.in_([RolloutState.running.value, RolloutState.paused.value])
+            )
+        )
+        if active is not None:
+            raise ConflictError(f"rollout {active} of {body.model} is still active: finish, abort or roll it back")
+        now = utcnow()
+        r = Rollout(
+            id="ro-" + secrets.token_hex(6),
+            model=body.model,
+            version=body.version,
+            tier=body.tier,
+            channel=body.channel,
+            policy=body.policy.model_dump(mode="json"),
+            state=RolloutState.draft.value,
+            wave=0,
+            wave_started_at=now,
+            created_by=who.actor,
+            created_at=now,
+        )
+        s.add(r)
+        s.flush()
+        audit.record(
+            s,
+            who.actor,
+            "rollout.start",
+            r.id,
+            model=body.model,
+            version=body.version,
+            tier=body.tier,
+            channel=body.channel,
+            policy=r.policy,
+        )
+        reconciler.transition(s, r, RolloutState.running, f"started by {who.actor}", who.actor)
+        out = rollout_dict(s, r)
+    st.wake()
+    return out
+
+
+@router.get("/rollouts")
+def list_rollouts(request: Request) -> list[dict[str, Any]]:
+    with _store(request).db.session() as s:
+        return [rollout_dict(s, r) for r in s.scalars(select(Rollout).order_by(Rollout.created_at.desc()))]
+
+
+@router.get("/rollouts/{rollout_id}")
+def get_rollout(rollout_id: str, request: Request) -> dict[str, Any]:
+    with _store(request).db.session() as s:
+        r = s.get(Rollout, rollout_id)
+        if r is None:
+            raise NotFoundError(f"no rollout {rollout_id}: `edgefleet rollout list` shows them")
+        return rollout_dict(s, r, full=True)
+
+
+def _action(action: str) -> Any:
+    def handler(rollout_id: str, request: Request, body: ActionBody | None = None) -> dict[str, Any]:
+        st = _store(request)
+        out = reconciler.operator_action(st, rollout_id, action, _who(request).actor, body.reason if body else None)
+        st.wake()
+        return out
+
+    handler.__name__ = f"{action}_rollout"
+    return handler
+
+
+for _a in ("pause", "resume", "abort", "rollback"):
+    router.add_api_route(f"/rollouts/{{rollout_id}}/{_a}", _action(_a), methods=["POST"], name=f"{_a}_rollout")
+
+
+def metrics_response(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

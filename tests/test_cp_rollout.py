@@ -1,0 +1,304 @@
+"""Pure rollout decisions (controlplane/rollout.py): every transition, inconclusive and minimum-sample cases, and
+hypothesis properties: never target an incompatible / pinned / revoked device, never advance past a failing wave."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgefleet.controlplane.rollout import (
+    Action,
+    CohortStats,
+    DeviceFacts,
+    Judgement,
+    Outcome,
+    RolloutPolicy,
+    RolloutState,
+    WindowFacts,
+    cohort_stats,
+    decide,
+    eligibility,
+    judge,
+    parse_percent,
+    plan_wave,
+    rollback_targets,
+    wave_bucket,
+    wave_of,
+)
+from edgefleet.telemetry.sketch import LatencySketch
+
+P = RolloutPolicy(min_devices=3, min_requests=100, max_failure=0.05, bake_s=60)
+
+
+def good(**kw: object) -> CohortStats:
+    base: dict[str, object] = dict(
+        devices=10,
+        committed=10,
+        failed=0,
+        reporting=10,
+        crash_free=10,
+        requests=1000,
+        errors=5,
+        p95_ms=10.0,
+        max_psi=0.05,
+    )
+    base.update(kw)
+    return CohortStats(**base)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------- membership
+
+
+def test_wave_bucket_is_stable_and_spread() -> None:
+    assert wave_bucket("dev-1") == wave_bucket("dev-1")
+    buckets = [wave_bucket(f"dev-{i}") for i in range(2000)]
+    assert all(0 <= b < 100 for b in buckets)
+    # roughly uniform: about 10 % fall under 10
+    assert 120 < sum(b < 10 for b in buckets) < 280
+
+
+def test_wave_of_is_first_wave_covering_bucket() -> None:
+    waves = [1.0, 10.0, 50.0, 100.0]
+    for i in range(300):
+        d = f"d{i}"
+        w = wave_of(d, waves)
+        assert wave_bucket(d) < waves[w]
+        assert w == 0 or wave_bucket(d) >= waves[w - 1]
+
+
+def test_policy_rejects_bad_waves() -> None:
+    for bad in ([10.0, 5.0, 100.0], [10.0, 50.0], [0.0, 100.0], [50.0, 150.0]):
+        with pytest.raises(ValueError):
+            RolloutPolicy(waves=bad)
+
+
+def test_parse_percent() -> None:
+    assert parse_percent("5%") == pytest.approx(0.05)
+    assert parse_percent("0.2") == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        parse_percent("150%")
+
+
+def test_eligibility_reasons() -> None:
+    d = DeviceFacts("a", "rpi4", "1.32.0")
+    assert eligibility(d, tier=None, channel=None) is None
+    assert eligibility(DeviceFacts("a", "rpi4", "1", pinned=True), tier=None, channel=None) == "pinned"
+    assert eligibility(DeviceFacts("a", "rpi4", "1", revoked=True), tier=None, channel=None) == "revoked"
+    assert "tier" in str(eligibility(d, tier="jetson", channel=None))
+    assert "channel" in str(eligibility(d, tier=None, channel="canary"))
+    bad = DeviceFacts("a", "rpi4", "1", compat_problems=("tier rpi4 not allowed",))
+    assert str(eligibility(bad, tier=None, channel=None)).startswith("incompatible")
+
+
+def test_plan_wave_skips_moved_and_current() -> None:
+    devs = [DeviceFacts(f"d{i}", "t", "1") for i in range(50)]
+    all_ids = plan_wave(devs, model="m", version="2", wave=3, waves=[1, 10, 50, 100], tier=None, channel=None, moved=[])
+    assert all_ids == sorted(d.device_id for d in devs)
+    some = plan_wave(
+        devs, model="m", version="2", wave=3, waves=[1, 10, 50, 100], tier=None, channel=None, moved=["d1", "d2"]
+    )
+    assert "d1" not in some and "d2" not in some
+    on_new = [DeviceFacts("x", "t", "1", model="m", version="2")]
+    assert plan_wave(on_new, model="m", version="2", wave=3, waves=[100], tier=None, channel=None, moved=[]) == []
+
+
+def test_rollback_targets_only_unreverted() -> None:
+    assert rollback_targets([("a", False), ("b", True), ("c", False)]) == ["a", "c"]
+
+
+# ------------------------------------------------------------------------------------------- judging
+
+
+def test_pass_vs_control() -> None:
+    j = judge(good(), good(devices=50), P)
+    assert j.outcome is Outcome.passed and "control" in j.reason
+
+
+def test_pass_absolute_without_control() -> None:
+    j = judge(good(), None, P)
+    assert j.outcome is Outcome.passed and "absolute" in j.reason
+
+
+def test_inconclusive_below_min_devices() -> None:
+    j = judge(good(devices=2, committed=2, reporting=2, crash_free=2), None, P)
+    assert j.outcome is Outcome.inconclusive
+
+
+def test_empty_wave_passes() -> None:
+    assert judge(CohortStats(devices=0), None, P).outcome is Outcome.passed
+
+
+def test_inconclusive_below_min_requests() -> None:
+    assert judge(good(requests=99, errors=0), None, P).outcome is Outcome.inconclusive
+
+
+def test_update_failures_fail_even_below_min_sample() -> None:
+    # one rollback in a one-device canary is evidence enough: 1/max(1, 3) > 5 %
+    j = judge(good(devices=1, committed=0, failed=1, requests=0), None, P)
+    assert j.outcome is Outcome.failed and "update failures" in j.reason
+
+
+def test_update_failures_within_budget_pass() -> None:
+    lenient = P.model_copy(update={"max_failure": 0.2})
+    assert judge(good(failed=1, committed=9), None, lenient).outcome is Outcome.passed
+
+
+def test_crash_free_absolute_floor() -> None:
+    j = judge(good(crash_free=8), None, P)
+    assert j.outcome is Outcome.failed and "crash-free" in j.reason
+
+
+def test_crash_free_vs_control() -> None:
+    lax = P.model_copy(update={"min_crash_free": 0.5})
+    j = judge(good(reporting=10, crash_free=9), good(reporting=100, crash_free=100), lax)
+    assert j.outcome is Outcome.failed and "vs control" in j.reason
+
+
+def test_p95_regression_vs_control() -> None:
+    j = judge(good(p95_ms=20.0), good(p95_ms=10.0), P)
+    assert j.outcome is Outcome.failed and "p95" in j.reason
+    assert judge(good(p95_ms=11.0), good(p95_ms=10.0), P).outcome is Outcome.passed
+
+
+def test_p95_absolute_budget() -> None:
+    budget = P.model_copy(update={"p95_budget_ms": 5.0})
+    assert judge(good(p95_ms=6.0), None, budget).outcome is Outcome.failed
+    assert judge(good(p95_ms=4.0), None, budget).outcome is Outcome.passed
+
+
+def test_error_rate_absolute_and_vs_control() -> None:
+    assert judge(good(errors=100), None, P).outcome is Outcome.failed  # 10 % > 5 %
+    j = judge(good(errors=30), good(errors=1), P)  # 3 % vs 0.1 %: +2.9 points > 1 point
+    assert j.outcome is Outcome.failed and "vs control" in j.reason
+
+
+def test_drift_absolute_and_vs_control() -> None:
+    assert judge(good(max_psi=0.4), None, P).outcome is Outcome.failed
+    # the control drifts as much: the world changed, not the model
+    assert judge(good(max_psi=0.4), good(max_psi=0.38), P).outcome is Outcome.passed
+    assert judge(good(max_psi=0.6), good(max_psi=0.1), P).outcome is Outcome.failed
+
+
+def test_control_below_min_sample_is_ignored() -> None:
+    tiny_control = good(requests=5, p95_ms=1.0)
+    assert judge(good(p95_ms=20.0), tiny_control, P).outcome is Outcome.passed
+
+
+def test_cohort_stats_merges_sketches() -> None:
+    fast, slow = LatencySketch(), LatencySketch()
+    fast.extend([0.001] * 95)
+    slow.extend([0.1] * 5)
+    ws = [
+        WindowFacts("a", 95, 1, 0, fast.to_data(), 0.1),
+        WindowFacts("b", 5, 0, 2, slow.to_data(), 0.3),
+        WindowFacts("b", 0, 0, 0, LatencySketch().to_data(), None),
+    ]
+    c = cohort_stats(ws, devices=2, committed=2)
+    assert c.reporting == 2 and c.crash_free == 1 and c.requests == 100 and c.errors == 1
+    assert c.max_psi == pytest.approx(0.3)
+    assert c.p95_ms is not None and 0.9 < c.p95_ms < 1.1  # merged: the 95th of 100 is still fast
+    assert cohort_stats([], devices=0).p95_ms is None
+
+
+# ------------------------------------------------------------------------------------------- decide: every transition
+
+
+def dec(
+    outcome: Outcome,
+    *,
+    baked: float = 100.0,
+    wave: int = 0,
+    state: RolloutState = RolloutState.running,
+    policy: RolloutPolicy = P,
+) -> Action:
+    return decide(
+        state=state, wave=wave, waves=policy.waves, judgement=Judgement(outcome, ("x",)), baked_s=baked, policy=policy
+    ).action
+
+
+def test_decide_transitions() -> None:
+    auto = P.model_copy(update={"auto_rollback": True})
+    assert dec(Outcome.passed, baked=10) is Action.wait  # still baking
+    assert dec(Outcome.passed) is Action.advance
+    assert dec(Outcome.passed, wave=3) is Action.complete
+    assert dec(Outcome.inconclusive, baked=10) is Action.wait
+    assert dec(Outcome.inconclusive) is Action.pause  # still inconclusive at the bake deadline
+    assert dec(Outcome.failed, baked=0) is Action.pause  # fail halts at once
+    assert dec(Outcome.failed, baked=0, policy=auto) is Action.rollback
+    for st_ in (
+        RolloutState.paused,
+        RolloutState.completed,
+        RolloutState.aborted,
+        RolloutState.rolled_back,
+        RolloutState.draft,
+    ):
+        assert dec(Outcome.passed, state=st_) is Action.wait
+
+
+# ------------------------------------------------------------------------------------------- properties
+
+facts = st.builds(
+    DeviceFacts,
+    device_id=st.text("abcdef0123", min_size=1, max_size=8),
+    tier=st.sampled_from(["rpi4", "jetson", "x86"]),
+    runtime_version=st.sampled_from(["1.16.0", "1.32.0"]),
+    pinned=st.booleans(),
+    revoked=st.booleans(),
+    model=st.sampled_from([None, "m"]),
+    version=st.sampled_from([None, "1.0.0", "2.0.0"]),
+    compat_problems=st.sampled_from([(), ("tier not allowed",)]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    devices=st.lists(facts, max_size=40, unique_by=lambda d: d.device_id),
+    wave=st.integers(0, 3),
+    tier=st.sampled_from([None, "rpi4"]),
+    moved=st.lists(st.text("abcdef0123", min_size=1, max_size=8), max_size=5),
+)
+def test_never_targets_incompatible_pinned_or_revoked(
+    devices: list[DeviceFacts], wave: int, tier: str | None, moved: list[str]
+) -> None:
+    chosen = set(
+        plan_wave(
+            devices, model="m", version="2.0.0", wave=wave, waves=[1, 10, 50, 100], tier=tier, channel=None, moved=moved
+        )
+    )
+    by_id = {d.device_id: d for d in devices}
+    for i in chosen:
+        d = by_id[i]
+        assert not d.pinned and not d.revoked and not d.compat_problems
+        assert tier is None or d.tier == tier
+        assert i not in moved
+        assert wave_of(i, [1, 10, 50, 100]) <= wave
+
+
+cohorts = st.builds(
+    CohortStats,
+    devices=st.integers(0, 50),
+    committed=st.integers(0, 50),
+    failed=st.integers(0, 50),
+    reporting=st.integers(0, 50),
+    crash_free=st.integers(0, 50),
+    requests=st.integers(0, 5000),
+    errors=st.integers(0, 500),
+    p95_ms=st.one_of(st.none(), st.floats(0.1, 500)),
+    max_psi=st.one_of(st.none(), st.floats(0, 2)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(t=cohorts, c=st.one_of(st.none(), cohorts), baked=st.floats(0, 1000), wave=st.integers(0, 3), auto=st.booleans())
+def test_never_advances_past_a_failing_wave(
+    t: CohortStats, c: CohortStats | None, baked: float, wave: int, auto: bool
+) -> None:
+    policy = P.model_copy(update={"auto_rollback": auto})
+    j = judge(t, c, policy)
+    d = decide(state=RolloutState.running, wave=wave, waves=policy.waves, judgement=j, baked_s=baked, policy=policy)
+    if d.action in (Action.advance, Action.complete):
+        assert j.outcome is Outcome.passed
+        assert baked >= policy.bake_s
+    if j.outcome is Outcome.failed:
+        assert d.action is (Action.rollback if auto else Action.pause)
