@@ -23,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 
 from edgefleet import __version__
 from edgefleet.config import ServerSettings
-from edgefleet.controlplane import checkin, errors, reconciler, repo_service, routes
+from edgefleet.controlplane import checkin, dashboard, errors, reconciler, repo_service, routes
 from edgefleet.controlplane.auth import (
     MATRIX,
     Access,
@@ -116,6 +116,7 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
 
     app.include_router(checkin.router)
     app.include_router(routes.router)
+    app.include_router(dashboard.router)  # the browser dashboard at / (its routes are in auth.MATRIX)
     matrix = dict(MATRIX)
     for r, access in routers:
         for key in app_route_keys(r.routes):

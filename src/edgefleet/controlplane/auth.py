@@ -96,6 +96,22 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("GET", f"{A}/tokens"): Access.admin,
     ("POST", f"{A}/tokens"): Access.admin,
     ("DELETE", f"{A}/tokens/{{token_id}}"): Access.admin,
+    # the browser dashboard (controlplane/dashboard): a bearer token or the sign-in cookie, same roles
+    ("GET", "/"): Access.viewer,
+    ("GET", "/rollouts"): Access.viewer,
+    ("GET", "/rollouts/{rollout_id}"): Access.viewer,
+    ("GET", "/devices"): Access.viewer,
+    ("GET", "/devices/{device_id}"): Access.viewer,
+    ("GET", "/models"): Access.viewer,
+    ("GET", "/models/{name}"): Access.viewer,
+    ("POST", "/rollouts/{rollout_id}/pause"): Access.operator,
+    ("POST", "/rollouts/{rollout_id}/resume"): Access.operator,
+    ("POST", "/rollouts/{rollout_id}/abort"): Access.operator,
+    ("POST", "/rollouts/{rollout_id}/rollback"): Access.operator,
+    ("GET", "/login"): Access.public,
+    ("POST", "/login"): Access.public,
+    ("POST", "/logout"): Access.public,
+    ("GET", "/static/{name}"): Access.public,
 }
 
 
