@@ -1,9 +1,107 @@
-"""Placeholder: this command group is being built."""
+"""``edgefleet agent`` (the device daemon) and ``edgefleet serve`` (one model behind the OIP API, standalone)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
 import typer
+
+from edgefleet.errors import UsageError
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+async def _until_signal(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``app``."""
+
+    @app.command("agent")
+    def agent(
+        server: str = typer.Option(..., envvar="EDGEFLEET_AGENT_SERVER", help="Control plane base URL."),
+        token: str | None = typer.Option(
+            None,
+            envvar="EDGEFLEET_AGENT_TOKEN",
+            help="One-time enrollment token (needed on the first start only; the tier comes with it).",
+        ),
+        data_dir: Path = typer.Option(
+            Path("edgefleet-agent"),
+            envvar="EDGEFLEET_AGENT_DATA_DIR",
+            help="State, slots, keys and the telemetry buffer live here.",
+        ),
+        host: str = typer.Option("127.0.0.1", help="Address of the local inference API."),
+        port: int = typer.Option(8081, help="Port of the local inference API (OIP v2 + /metrics)."),
+        checkin_interval: float = typer.Option(
+            30.0, min=0.05, help="Seconds between check-ins (until the configuration document says otherwise)."
+        ),
+        telemetry_interval: float = typer.Option(60.0, min=0.05, help="Seconds per telemetry window."),
+        memory_mb: int | None = typer.Option(
+            None,
+            min=16,
+            help="Emulated device memory: the inference worker is killed (a real crash) when its RSS exceeds it.",
+        ),
+        chipset: str | None = typer.Option(None, help="Chipset reported at enrollment."),
+        buffer_max_records: int = typer.Option(10_000, min=1, help="Telemetry buffer cap (records)."),
+    ) -> None:
+        """Run the device agent: serve the committed model, apply updates, report telemetry."""
+        from edgefleet.agent import Agent
+        from edgefleet.config import AgentSettings
+
+        _logging()
+        settings = AgentSettings(
+            server=server,
+            token=token,
+            data_dir=data_dir,
+            host=host,
+            port=port,
+            checkin_interval_s=checkin_interval,
+            telemetry_interval_s=telemetry_interval,
+            memory_mb=memory_mb,
+            chipset=chipset,
+            buffer_max_records=buffer_max_records,
+        )
+
+        async def main() -> None:
+            a = Agent(settings)
+            stop = asyncio.Event()
+            await _until_signal(stop)
+            await a.start()
+            try:
+                await stop.wait()
+            finally:
+                await a.stop()
+
+        asyncio.run(main())
+
+    @app.command("serve")
+    def serve(
+        path: Path = typer.Argument(..., help="A package (.efpkg) or an ONNX model (.onnx)."),
+        host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+        port: int = typer.Option(8081, help="Port of the OIP v2 API."),
+        device_key: Path | None = typer.Option(None, help="Device private key, for an encrypted package."),
+        memory_mb: int | None = typer.Option(None, min=16, help="Kill the worker when its RSS exceeds this."),
+    ) -> None:
+        """Serve one model over the Open Inference Protocol v2, with no control plane."""
+        from edgefleet.agent import serve_standalone
+
+        if not path.is_file():
+            raise UsageError(f"{path} does not exist")
+        if path.suffix not in (".efpkg", ".onnx"):
+            raise UsageError(f"{path} is neither a .efpkg package nor an .onnx model")
+        _logging()
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            await _until_signal(stop)
+            await serve_standalone(path, host=host, port=port, device_key=device_key, memory_mb=memory_mb, stop=stop)
+
+        asyncio.run(main())

@@ -1,0 +1,623 @@
+"""The device agent: ties the state machine, slots, updater, worker supervisor, OIP server and telemetry together.
+
+One asyncio task per loop (check-in, telemetry, upload, probation), all thin: the decisions they act on are pure
+functions in ``state.py``, ``updater.py`` and ``probation.py``. :class:`Agent` runs in-process too, without the
+HTTP server and with another backend (``backend_factory``), which is how a fleet simulator hosts many agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from edgefleet import __version__
+from edgefleet.agent.backend import Backend, BackendFactory
+from edgefleet.agent.buffer import TelemetryBuffer
+from edgefleet.agent.durable import crashpoint
+from edgefleet.agent.healthcheck import run_health_check
+from edgefleet.agent.oip import OIPApp
+from edgefleet.agent.probation import ProbationStats, decide, latency_budget_ms
+from edgefleet.agent.service import InferenceService
+from edgefleet.agent.slots import SlotStore
+from edgefleet.agent.state import Pending, PersistedState, SlotInfo, StateStore, recover, refusal_key
+from edgefleet.agent.supervisor import Supervisor
+from edgefleet.agent.telemetry import utcnow
+from edgefleet.agent.updater import ControlPlaneClient, Offline, download_resumable, jittered, should_update
+from edgefleet.agent.worker import ModelInfo, WorkerSpec
+from edgefleet.config import AgentSettings
+from edgefleet.errors import AgentError, EdgefleetError, UsageError, WorkerUnavailable
+from edgefleet.protocol import (
+    AgentState,
+    DesiredState,
+    DeviceConfig,
+    EnrollRequest,
+    EventKind,
+    Hardware,
+    Report,
+    ServedModel,
+    TelemetryWindow,
+    UpdateEvent,
+)
+from edgefleet.runtime import runtime_version
+
+__all__ = ["Agent", "serve_http", "serve_standalone"]
+
+log = logging.getLogger("edgefleet.agent")
+
+
+def _process_backend(spec: WorkerSpec, on_crash: Any) -> Backend:
+    return Supervisor(spec, on_crash)
+
+
+async def serve_http(app: OIPApp, host: str, port: int) -> tuple[Any, asyncio.Task[None]]:
+    """Start uvicorn on ``host:port`` in this event loop; returns (server, task)."""
+    import uvicorn
+
+    cfg = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False)
+    server = uvicorn.Server(cfg)
+    setattr(server, "capture_signals", contextlib.nullcontext)  # noqa: B010  # the agent owns the signals
+    task = asyncio.get_running_loop().create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+            raise AgentError(f"the inference API could not listen on {host}:{port}")
+        await asyncio.sleep(0.01)
+    return server, task
+
+
+async def serve_standalone(
+    path: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8081,
+    device_key: Path | None = None,
+    memory_mb: int | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """``edgefleet serve``: one package or ONNX file behind the OIP API, no control plane."""
+    sup = Supervisor(WorkerSpec(path, device_key, memory_mb=memory_mb))
+    service = InferenceService()
+    info = await sup.start()
+    service.set_backend(sup, info)
+    server, task = await serve_http(OIPApp(service), host, port)
+    log.info("serving %s %s on http://%s:%d/v2", info.name, info.version, host, port)
+    try:
+        await (stop.wait() if stop else task)
+    finally:
+        server.should_exit = True
+        await task
+        await sup.stop()
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        backend_factory: BackendFactory | None = None,
+        serve_http: bool = True,
+        config: DeviceConfig | None = None,
+    ) -> None:
+        self.settings = settings
+        self.data_dir = Path(settings.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.backend_factory = backend_factory or _process_backend
+        self.with_http = serve_http
+        self.config = config or DeviceConfig(
+            checkin_interval_s=settings.checkin_interval_s, telemetry_interval_s=settings.telemetry_interval_s
+        )
+        self.store = StateStore(self.data_dir)
+        self.slots = SlotStore(self.data_dir)
+        self.buffer = TelemetryBuffer(self.data_dir / "telemetry.db", settings.buffer_max_records)
+        self.service = InferenceService(queue_size=settings.queue_size)
+        self.app = OIPApp(self.service)
+        self.state = PersistedState()
+        self.backend: Backend | None = None
+        self.cp: ControlPlaneClient | None = None
+        self.identity: dict[str, Any] = {}
+        self.desired: DesiredState | None = None
+        self._etag: str | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._update_task: asyncio.Task[None] | None = None
+        self._probation: ProbationStats | None = None
+        self._offline_since: float | None = None
+        self._upload_now = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._server: Any = None
+        self._counted = (0, 0)
+        self.port: int | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        loaded = self.store.load()
+        self.state = recover(loaded)
+        if self.state != loaded:
+            self.store.save(self.state)
+        if self.state.active is not None:
+            await self._serve_slot(self.state.active)
+        elif self.state.reason:
+            self.service.clear(self.state.reason)
+        if self.state.state is AgentState.probation:
+            self._probation = ProbationStats(time.monotonic())
+            self.service.listener = self._probation.observe
+        if self.with_http:
+            self._server, task = await serve_http(self.app, self.settings.host, self.settings.port)
+            self.port = self.settings.port
+            self._tasks.append(task)
+        loop = asyncio.get_running_loop()
+        self._tasks += [loop.create_task(self._telemetry_loop()), loop.create_task(self._probation_loop())]
+        if self.settings.server:
+            self._tasks += [loop.create_task(self._checkin_loop()), loop.create_task(self._upload_loop())]
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await self._stopped.wait()
+        finally:
+            await self.stop()
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        for t in [*self._tasks, *([self._update_task] if self._update_task else [])]:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        with contextlib.suppress(Exception):
+            self.close_window()  # the last, partial window is kept for the next upload
+        if self.backend is not None:
+            await self.backend.stop()
+        if self.cp is not None:
+            await self.cp.aclose()
+        self.buffer.close()
+
+    # ------------------------------------------------------------------ serving
+
+    def _spec(self, slot: SlotInfo) -> WorkerSpec:
+        return WorkerSpec(self.slots.path(slot.slot), self._key_path(), memory_mb=self.settings.memory_mb)
+
+    def _key_path(self) -> Path | None:
+        p = self.data_dir / "device.key"
+        return p if p.exists() else None
+
+    def _on_crash(self, reason: str) -> None:
+        self.service.metrics.crashes.inc()
+        if self._probation is not None:
+            self._probation.crash_times.append(time.monotonic())
+        a = self.state.active
+        self._event(EventKind.worker_crashed, reason, a.model if a else None, a.version if a else None)
+
+    async def _start_backend(self, spec: WorkerSpec) -> tuple[Backend, ModelInfo]:
+        backend = self.backend_factory(spec, self._on_crash)
+        try:
+            info = await backend.start()
+        except BaseException:
+            await backend.stop()
+            raise
+        return backend, info
+
+    async def _serve_slot(self, slot: SlotInfo) -> bool:
+        """Serve ``slot``; on failure answer 503 with the reason (the supervisor keeps retrying)."""
+        try:
+            backend, info = await self._start_backend(self._spec(slot))
+        except WorkerUnavailable as err:
+            self.service.clear(f"the model in slot {slot.slot} does not start: {err}")
+            return False
+        old, self.backend = self.backend, backend
+        self.service.set_backend(backend, info)
+        if old is not None:
+            await old.stop()
+        return True
+
+    # ------------------------------------------------------------------ events, reports
+
+    def _event(
+        self,
+        kind: EventKind,
+        reason: str | None = None,
+        model: str | None = None,
+        version: str | None = None,
+        rollout_id: str | None = None,
+    ) -> None:
+        ev = UpdateEvent(
+            event_id=uuid.uuid4().hex,
+            at=utcnow(),
+            kind=kind,
+            model=model,
+            version=version,
+            rollout_id=rollout_id,
+            reason=(reason or None) and reason[:2000],
+        )
+        self.buffer.add("event", ev.model_dump_json())
+        self.service.metrics.updates.labels(kind.value).inc()
+        self._upload_now.set()
+
+    def _save(self, s: PersistedState) -> None:
+        self.store.save(s)
+        self.state = s
+
+    def served(self) -> ServedModel:
+        a = self.state.active
+        info = self.service.info
+        return ServedModel(
+            model=a.model if a else None,
+            version=a.version if a else None,
+            model_sha256=info.model_sha256 if info else None,
+            package_sha256=a.package_sha256 if a else None,
+        )
+
+    def _report(self, batch_id: str, records: list[tuple[int, str, str]]) -> Report:
+        events = [UpdateEvent.model_validate_json(b) for _, k, b in records if k == "event"]
+        windows = [TelemetryWindow.model_validate_json(b) for _, k, b in records if k == "window"]
+        return Report(
+            batch_id=batch_id,
+            state=self.state.state,
+            state_reason=self.state.reason,
+            served=self.served(),
+            agent_version=__version__,
+            runtime_version=runtime_version(),
+            events=events,
+            telemetry=windows,
+            dropped_records=self.buffer.dropped,
+        )
+
+    async def _upload_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._upload_now.wait(), self.config.checkin_interval_s)
+            self._upload_now.clear()
+            if self.cp is None or self.cp.device_id is None:
+                continue
+            try:
+                while (batch := self.buffer.next_batch()) is not None:
+                    crashpoint("upload.before_send")
+                    answer = await self.cp.report(self._report(*batch))
+                    crashpoint("upload.before_ack")
+                    if batch[0] not in answer.accepted_batch_ids:
+                        log.warning("the control plane did not accept batch %s; will resend", batch[0])
+                        break
+                    self.buffer.ack(batch[0])
+                    crashpoint("upload.after_ack")
+                self._online()
+            except Offline as err:
+                self._offline(err)
+            except EdgefleetError as err:
+                log.warning("telemetry upload refused: %s", err)
+            self.service.metrics.buffered.set(len(self.buffer))
+            self.service.metrics.dropped.set(self.buffer.dropped)
+
+    async def _telemetry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.telemetry_interval_s)
+            self.close_window()
+            await asyncio.sleep(0)
+
+    def close_window(self, drift: list[Any] | None = None) -> TelemetryWindow:
+        b = self.backend
+        crashes, restarts = (b.crashes, b.restarts) if b else self._counted
+        d_crash, d_restart = max(0, crashes - self._counted[0]), max(0, restarts - self._counted[1])
+        self._counted = (crashes, restarts)
+        info = self.service.info
+        w = self.service.window.close(
+            model=info.name if info else None,
+            version=info.version if info else None,
+            model_sha256=info.model_sha256 if info else None,
+            restarts=d_restart,
+            crashes=d_crash,
+            worker_rss=b.rss_bytes() if b else None,
+            drift=drift or [],
+        )
+        self.buffer.add("window", w.model_dump_json())
+        return w
+
+    async def _drift_and_close(self) -> None:
+        drift = await self.backend.drift() if self.backend else []
+        self.close_window(drift)
+
+    # ------------------------------------------------------------------ control plane
+
+    def _offline(self, err: Exception) -> None:
+        if self._offline_since is None:
+            self._offline_since = time.monotonic()
+            log.warning("offline: %s; serving the committed model and buffering telemetry", err)
+
+    def _online(self) -> None:
+        if self._offline_since is not None:
+            log.info("back online after %.0f s", time.monotonic() - self._offline_since)
+            self._offline_since = None
+
+    def _hardware(self) -> Hardware:
+        mem = self.settings.memory_mb or int(psutil.virtual_memory().total // 2**20)
+        return Hardware(
+            arch=platform.machine() or "unknown",
+            cpu_count=os.cpu_count() or 1,
+            memory_mb=mem,
+            chipset=self.settings.chipset,
+        )
+
+    async def _enroll(self, cp: ControlPlaneClient) -> None:
+        ident_path = self.data_dir / "identity.json"
+        if ident_path.exists():
+            self.identity = json.loads(ident_path.read_text())
+        else:
+            from edgefleet.package import generate_device_keypair
+            from edgefleet.package.keys import write_private_file
+
+            if not self.settings.token:
+                raise UsageError("this device is not enrolled yet: give --token ENROLL_TOKEN")
+            key = self.data_dir / "device.key"
+            pub = (
+                generate_device_keypair(self.data_dir, name="device", overwrite=True).public_key_hex
+                if not key.exists()
+                else (self.data_dir / "device.pub").read_text().strip()
+            )
+            ans = await cp.enroll(
+                EnrollRequest(
+                    token=self.settings.token,
+                    hardware=self._hardware(),
+                    runtime_version=runtime_version(),
+                    agent_version=__version__,
+                    public_key=pub,
+                )
+            )
+            (self.data_dir / "tuf").mkdir(exist_ok=True, mode=0o700)
+            (self.data_dir / "tuf" / "trusted_root.json").write_text(ans.root_json)
+            self.identity = {
+                "device_id": ans.device_id,
+                "credential": ans.credential,
+                "tier": ans.tier,
+                "repository_url": ans.repository_url,
+            }
+            write_private_file(ident_path, json.dumps(self.identity).encode())
+            log.info("enrolled as %s (tier %s)", ans.device_id, ans.tier)
+        cp.device_id, cp.credential = self.identity["device_id"], self.identity["credential"]
+
+    async def _checkin_loop(self) -> None:
+        assert self.settings.server
+        self.cp = ControlPlaneClient(self.settings.server)
+        while True:
+            try:
+                if self.cp.device_id is None:
+                    await self._enroll(self.cp)
+                desired, self._etag = await self.cp.desired(self._etag)
+                self._online()
+                if desired is not None:
+                    self._apply(desired)
+                d = self.desired
+                if d is not None and should_update(self.state, d, self._update_task is not None):
+                    self._update_task = asyncio.get_running_loop().create_task(self._update(d))
+            except Offline as err:
+                self._offline(err)
+            except EdgefleetError as err:
+                log.warning("check-in failed: %s", err)
+            await asyncio.sleep(jittered(self.config.checkin_interval_s))
+
+    def _apply(self, desired: DesiredState) -> None:
+        self.desired = desired
+        self.config = desired.config
+
+    # ------------------------------------------------------------------ update
+
+    def _still_wanted(self, target: str) -> bool:
+        return self.desired is not None and self.desired.target == target
+
+    async def _update(self, d: DesiredState) -> None:
+        try:
+            await self._do_update(d)
+        except Offline as err:
+            self._offline(err)  # keep the partial download; the next check-in resumes it
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # an update must never take the agent down
+            log.exception("update to %s failed", d.target)
+            self._refuse(d, f"update failed: {type(err).__name__}: {err}", EventKind.refused)
+        finally:
+            self._update_task = None
+
+    def _refuse(self, d: DesiredState, reason: str, kind: EventKind) -> None:
+        assert d.target is not None
+        s = self.state
+        key = refusal_key(d.rollout_id, d.target)
+        self._save(
+            s.with_(
+                state=AgentState.rolled_back,
+                reason=reason,
+                pending=None,
+                active=s.committed,
+                refused=[*s.refused[-50:], key],
+            )
+        )
+        self._event(kind, reason, d.model, d.version, d.rollout_id)
+        if kind is not EventKind.rolled_back:
+            self._event(EventKind.rolled_back, reason, d.model, d.version, d.rollout_id)
+        if s.committed is None:
+            self.service.clear(reason)
+        self.slots.clear_downloads()
+        log.warning("update to %s refused: %s", d.target, reason)
+
+    async def _do_update(self, d: DesiredState) -> None:
+        assert d.target and d.model and d.version
+        from edgefleet.package import check_requirements, open_package
+        from edgefleet.repository import TufClient
+
+        loop = asyncio.get_running_loop()
+        s = self.state
+        pending = (
+            s.pending
+            if s.pending is not None and s.pending.target == d.target
+            else Pending(
+                model=d.model,
+                version=d.version,
+                target=d.target,
+                package_sha256=d.package_sha256,
+                rollout_id=d.rollout_id,
+            )
+        )
+        staged = pending.slot is not None and self.slots.path(pending.slot).exists()
+        self._save(s.with_(state=AgentState.downloading, reason=None, pending=pending))
+        self._event(EventKind.download_started, None, d.model, d.version, d.rollout_id)
+        tuf_dir = self.data_dir / "tuf"
+        root = tuf_dir / "trusted_root.json"
+        client = TufClient(
+            tuf_dir / "metadata",
+            self.identity["repository_url"],
+            root.read_bytes() if not (tuf_dir / "metadata" / "root.json").exists() else None,
+        )
+        await loop.run_in_executor(None, client.refresh)
+        try:
+            info = await loop.run_in_executor(None, client.target_info, d.target)
+        except EdgefleetError as err:
+            self._refuse(d, f"refused: {err}", EventKind.refused)
+            return
+        if staged:
+            assert pending.slot is not None
+            path = self.slots.path(pending.slot)
+        else:
+            url = await loop.run_in_executor(None, client.target_url, d.target)
+            assert self.cp is not None
+            path = await download_resumable(
+                self.cp.http,
+                url,
+                self.slots.partial(d.target),
+                length=info.length,
+                keep_going=lambda: self._still_wanted(d.target or ""),
+            )
+        self._save(self.state.with_(state=AgentState.verifying))
+        try:
+            await loop.run_in_executor(None, client.verify_file, d.target, path)
+        except EdgefleetError as err:
+            path.unlink(missing_ok=True)
+            self._refuse(d, f"refused: the download does not match the signed metadata: {err}", EventKind.refused)
+            return
+        try:
+            opened = await loop.run_in_executor(None, lambda: open_package(path, device_key=self._key_path()))
+        except EdgefleetError as err:
+            self._refuse(d, f"refused: {err}", EventKind.refused)
+            return
+        reasons = check_requirements(
+            opened.manifest,
+            tier=self.identity.get("tier"),
+            runtime_version=runtime_version(),
+            memory_mb=self.settings.memory_mb,
+        )
+        if reasons:
+            self._refuse(d, "refused: incompatible: " + "; ".join(reasons), EventKind.refused)
+            return
+        self._event(EventKind.verified, None, d.model, d.version, d.rollout_id)
+        if not staged:
+            slot = self.slots.idle_slot(self.state)
+            self.slots.stage(path, slot)
+            pending = pending.model_copy(
+                update={"slot": slot, "model_sha256": opened.model_sha256, "package_sha256": info.sha256}
+            )
+        self._save(self.state.with_(state=AgentState.staged, pending=pending))
+        self._event(EventKind.staged, None, d.model, d.version, d.rollout_id)
+        await self._health_and_switch(d, pending)
+
+    async def _health_and_switch(self, d: DesiredState, pending: Pending) -> None:
+        assert pending.slot is not None
+        self._save(self.state.with_(state=AgentState.health_check))
+        cand = SlotInfo(
+            slot=pending.slot,
+            model=pending.model,
+            version=pending.version,
+            target=pending.target,
+            model_sha256=pending.model_sha256,
+            package_sha256=pending.package_sha256,
+            rollout_id=pending.rollout_id,
+        )
+        spec = self._spec(cand)
+        tier = self.identity.get("tier")
+        cfg = self.config
+        result = await run_health_check(spec, lambda i: latency_budget_ms(i.metrics, tier, cfg.p95_budget_ms))
+        if not result.ok:
+            self._event(EventKind.health_check_failed, result.reason, d.model, d.version, d.rollout_id)
+            self._refuse(d, result.reason, EventKind.rolled_back)
+            return
+        self._event(EventKind.health_check_passed, result.reason, d.model, d.version, d.rollout_id)
+        try:
+            backend, info = await self._start_backend(spec)
+        except WorkerUnavailable as err:
+            self._refuse(d, f"the new model does not start: {err}", EventKind.rolled_back)
+            return
+        # The switch: one atomic rename of the state file makes the candidate the active slot.
+        self._save(self.state.with_(state=AgentState.probation, active=cand, probation_resumes=0))
+        old, self.backend = self.backend, backend
+        self._probation = ProbationStats(time.monotonic())
+        self.service.listener = self._probation.observe
+        self.service.set_backend(backend, info)
+        if old is not None:
+            await old.stop()
+        self._event(EventKind.switched, None, d.model, d.version, d.rollout_id)
+
+    # ------------------------------------------------------------------ probation
+
+    async def _probation_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            stats = self._probation
+            if stats is None or self.state.state is not AgentState.probation:
+                continue
+            info = self.service.info
+            budget = latency_budget_ms(
+                info.metrics if info else {}, self.identity.get("tier"), self.config.p95_budget_ms
+            )
+            decision = decide(self.config, stats, time.monotonic(), budget)
+            if decision.action == "commit":
+                await self._commit(decision.reason)
+            elif decision.action == "rollback":
+                await self._rollback(decision.reason)
+
+    async def _commit(self, reason: str) -> None:
+        s = self.state
+        a = s.active
+        self._probation = None
+        self.service.listener = None
+        self._save(s.with_(state=AgentState.committed, reason=None, committed=a, pending=None, probation_resumes=0))
+        self.slots.clear_downloads()
+        self._event(
+            EventKind.committed, reason, a.model if a else None, a.version if a else None, a.rollout_id if a else None
+        )
+        log.info("committed %s", a.target if a else None)
+
+    async def _rollback(self, reason: str) -> None:
+        s = self.state
+        a = s.active
+        self._probation = None
+        self.service.listener = None
+        key = refusal_key(a.rollout_id, a.target or "") if a else None
+        self._save(
+            s.with_(
+                state=AgentState.rolled_back,
+                reason=reason,
+                active=s.committed,
+                pending=None,
+                refused=[*s.refused[-50:], *([key] if key else [])],
+            )
+        )
+        self._event(
+            EventKind.rolled_back, reason, a.model if a else None, a.version if a else None, a.rollout_id if a else None
+        )
+        log.warning("rolled back %s: %s", a.target if a else None, reason)
+        if s.committed is not None:
+            await self._serve_slot(s.committed)
+        else:
+            old, self.backend = self.backend, None
+            self.service.clear(reason)
+            if old is not None:
+                await old.stop()

@@ -1,0 +1,112 @@
+"""The small interface between the serving side (OIP app, telemetry, probation) and whatever runs the model.
+
+:class:`~edgefleet.agent.supervisor.Supervisor` runs a real worker process; :class:`InProcessBackend` runs the
+model in the caller's process, so a fleet simulator can share one loaded model among many lightweight agents.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgefleet.agent.worker import ModelInfo, WorkerSpec
+from edgefleet.errors import InputValidationError, ModelError, WorkerUnavailable
+from edgefleet.telemetry.drift import DriftAccumulator, DriftSummary
+
+__all__ = ["Backend", "BackendFactory", "InProcessBackend", "InputError"]
+
+
+class InputError(WorkerUnavailable):
+    """Raised by ``infer`` for a request the model refuses (a 400, not a crash)."""
+
+
+class Backend(Protocol):
+    info: ModelInfo | None
+    crashes: int
+    restarts: int
+
+    async def start(self) -> ModelInfo: ...
+
+    async def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> tuple[dict[str, Any], float]:
+        """Outputs and compute seconds. Raises InputError (bad input), ModelError, WorkerUnavailable."""
+        ...
+
+    async def drift(self) -> list[DriftSummary]: ...
+
+    async def golden(self) -> dict[str, Any]: ...
+
+    def rss_bytes(self) -> int | None: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    async def stop(self) -> None: ...
+
+
+BackendFactory = Callable[[WorkerSpec, Callable[[str], None] | None], Backend]
+
+
+class InProcessBackend:
+    """Runs the model in this process (no isolation): for simulators and embedding, not for devices."""
+
+    def __init__(self, spec: WorkerSpec, on_crash: Callable[[str], None] | None = None, model: Any = None) -> None:
+        self.spec = spec
+        self.info: ModelInfo | None = None
+        self.crashes = 0
+        self.restarts = 0
+        self._model = model
+        self._opened: Any = None
+        self._drift: DriftAccumulator | None = None
+
+    async def start(self) -> ModelInfo:
+        from edgefleet.agent import worker
+
+        try:
+            model, info, opened, reference = worker._load(self.spec)
+        except Exception as err:
+            raise WorkerUnavailable(f"cannot load {self.spec.path.name}: {err}")
+        self._model = self._model or model
+        self._opened = opened
+        self._drift = DriftAccumulator(reference) if reference is not None else None
+        self.info = info
+        return info
+
+    async def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> tuple[dict[str, Any], float]:
+        if self._model is None:
+            raise WorkerUnavailable("no model is loaded")
+        t0 = time.perf_counter()
+        try:
+            result = self._model.run(feeds, outputs)
+        except InputValidationError as err:
+            raise InputError(str(err))
+        dt = time.perf_counter() - t0
+        if self._drift is not None:
+            self._drift.add(feeds, result)
+        return result, dt
+
+    async def drift(self) -> list[DriftSummary]:
+        if self._drift is None:
+            return []
+        out = self._drift.summaries()
+        self._drift.reset()
+        return out
+
+    async def golden(self) -> dict[str, Any]:
+        from edgefleet.agent import worker
+
+        if self._opened is None:
+            raise ModelError("no golden vectors (not a package)")
+        return worker._golden(self._model, self._opened)
+
+    def rss_bytes(self) -> int | None:
+        return None
+
+    @property
+    def in_flight(self) -> int:
+        return 0
+
+    async def stop(self) -> None:
+        self._model = None

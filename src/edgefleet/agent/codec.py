@@ -1,0 +1,205 @@
+"""Open Inference Protocol v2 tensors ↔ numpy, with strict checks, for JSON and the binary tensor extension.
+
+Binary extension: the JSON header is the first ``Inference-Header-Content-Length`` bytes of the body; each input
+with ``parameters.binary_data_size`` takes that many raw little-endian bytes from what follows, in input order,
+and together they must use up the body exactly. Outputs are binary when the output asks for
+``parameters.binary_data`` or the request sets ``parameters.binary_data_output`` (tritonclient's default).
+Every problem raises :class:`BadRequest` with a message naming the input and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DTYPE_TO_OIP", "OIP_TO_DTYPE", "BadRequest", "InferRequest", "encode_response", "parse_request"]
+
+OIP_TO_DTYPE = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
+DTYPE_TO_OIP = {v: k for k, v in OIP_TO_DTYPE.items()}
+_LE = {k: np.dtype(v).newbyteorder("<") for k, v in OIP_TO_DTYPE.items()}
+MAX_ELEMENTS = 1 << 26
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    feeds: dict[str, np.ndarray]
+    outputs: list[str] | None  # None = all
+    binary: dict[str, bool]  # per requested output; "*" = default for unnamed
+
+
+def _spec_shape_ok(shape: list[int], spec: dict[str, Any]) -> bool:
+    want = spec.get("shape") or []
+    if len(want) != len(shape):
+        return False
+    return all(not (isinstance(w, int) and w > 0) or w == g for w, g in zip(want, shape, strict=True))
+
+
+def _sig(spec: dict[str, Any]) -> str:
+    dims = ", ".join("?" if not isinstance(d, int) or d <= 0 else str(d) for d in spec.get("shape") or [])
+    return f"{spec['name']}: {DTYPE_TO_OIP.get(spec['dtype'], spec['dtype'])}[{dims}]"
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    if data and isinstance(data[0], list):
+        out: list[Any] = []
+        for d in data:
+            out.extend(_flatten(d))
+        return out
+    return data
+
+
+def parse_request(body: bytes, header_length: int | None, specs: list[dict[str, Any]]) -> InferRequest:
+    """Parse and check an infer request body against the model's raw input specs."""
+    if header_length is not None:
+        if header_length < 0 or header_length > len(body):
+            raise BadRequest(f"Inference-Header-Content-Length {header_length} exceeds the body of {len(body)} bytes")
+        head, rest = body[:header_length], memoryview(body)[header_length:]
+    else:
+        head, rest = body, memoryview(b"")
+    try:
+        doc = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadRequest(f"the request is not valid JSON: {err}")
+    if not isinstance(doc, dict):
+        raise BadRequest("the request must be a JSON object with an 'inputs' list")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest("the request needs a non-empty 'inputs' list")
+    by_name = {s["name"]: s for s in specs}
+    feeds: dict[str, np.ndarray] = {}
+    offset = 0
+    for item in inputs:
+        if not isinstance(item, dict):
+            raise BadRequest("each input must be an object with name, shape, datatype and data")
+        name, shape, dt = item.get("name"), item.get("shape"), item.get("datatype")
+        if not isinstance(name, str) or name not in by_name:
+            raise BadRequest(f"unknown input {name!r}; the model expects {'; '.join(_sig(s) for s in specs)}")
+        if name in feeds:
+            raise BadRequest(f"input {name!r} is given twice")
+        spec = by_name[name]
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise BadRequest(f"input {name!r}: shape must be a list of non-negative integers")
+        if dt not in OIP_TO_DTYPE:
+            raise BadRequest(f"input {name!r}: datatype {dt!r} is not supported; expected {_sig(spec)}")
+        if OIP_TO_DTYPE[dt] != spec["dtype"]:
+            raise BadRequest(f"input {name!r} has datatype {dt}, expected {_sig(spec)}")
+        if not _spec_shape_ok(shape, spec):
+            raise BadRequest(f"input {name!r} has shape {shape}, expected {_sig(spec)}")
+        count = math.prod(shape)
+        if count > MAX_ELEMENTS:
+            raise BadRequest(f"input {name!r} has {count} elements, more than the {MAX_ELEMENTS} allowed")
+        params = item.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadRequest(f"input {name!r}: parameters must be an object")
+        size = params.get("binary_data_size")
+        dtype = _LE[dt]
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise BadRequest(f"input {name!r}: binary_data_size must be a non-negative integer")
+            if size != count * dtype.itemsize:
+                raise BadRequest(
+                    f"input {name!r}: binary_data_size is {size} bytes, but shape {shape} of {dt} needs "
+                    f"{count * dtype.itemsize}"
+                )
+            if offset + size > len(rest):
+                raise BadRequest(f"input {name!r}: the body holds {len(rest) - offset} binary bytes, expected {size}")
+            arr = np.frombuffer(rest[offset : offset + size], dtype=dtype).reshape(shape)
+            offset += size
+        else:
+            if "data" not in item:
+                raise BadRequest(f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+            flat = _flatten(item["data"])
+            if len(flat) != count:
+                raise BadRequest(f"input {name!r}: {len(flat)} values do not fill shape {shape} ({count} values)")
+            if dt == "BOOL":
+                if not all(isinstance(v, bool) for v in flat):
+                    raise BadRequest(f"input {name!r}: BOOL data must be true/false")
+            elif not all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat):
+                raise BadRequest(f"input {name!r}: data must be numbers")
+            try:
+                arr = np.asarray(flat, dtype=np.dtype(spec["dtype"])).reshape(shape)
+            except (ValueError, OverflowError, TypeError) as err:
+                raise BadRequest(f"input {name!r}: data does not fit {dt}: {err}")
+        feeds[name] = arr.astype(np.dtype(spec["dtype"]), copy=False)
+    if offset != len(rest):
+        raise BadRequest(f"the body has {len(rest) - offset} binary bytes that no input's binary_data_size claims")
+    missing = [s["name"] for s in specs if s["name"] not in feeds]
+    if missing:
+        raise BadRequest(f"missing input {missing[0]!r}; the model expects {'; '.join(_sig(s) for s in specs)}")
+    req_params = doc.get("parameters") or {}
+    if not isinstance(req_params, dict):
+        raise BadRequest("parameters must be an object")
+    default_binary = bool(req_params.get("binary_data_output", False))
+    outputs: list[str] | None = None
+    binary: dict[str, bool] = {"*": default_binary}
+    if "outputs" in doc:
+        if not isinstance(doc["outputs"], list):
+            raise BadRequest("'outputs' must be a list")
+        outputs = []
+        for o in doc["outputs"]:
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise BadRequest("each requested output must be an object with a name")
+            p = o.get("parameters") or {}
+            outputs.append(o["name"])
+            binary[o["name"]] = bool(p.get("binary_data", default_binary)) if isinstance(p, dict) else default_binary
+        if not outputs:
+            outputs = None
+    rid = doc.get("id")
+    return InferRequest(id=rid if isinstance(rid, str) else None, feeds=feeds, outputs=outputs, binary=binary)
+
+
+def encode_response(
+    model: str, version: str, rid: str | None, results: dict[str, Any], binary: dict[str, bool]
+) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, the JSON header length (for the response header)."""
+    outs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, value in results.items():
+        arr = np.asarray(value)
+        dt = DTYPE_TO_OIP.get(arr.dtype.name)
+        if dt is None:
+            raise BadRequest(f"output {name!r} has dtype {arr.dtype}, which OIP cannot carry", status=500)
+        entry: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
+        if binary.get(name, binary.get("*", False)):
+            raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        outs.append(entry)
+    doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outs}
+    if rid is not None:
+        doc["id"] = rid
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)

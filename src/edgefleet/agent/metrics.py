@@ -1,0 +1,76 @@
+"""Prometheus ``/metrics`` for the agent: base units (seconds), ``_total`` counters, bounded labels.
+
+Labels are the served model and version (at most two at a time: the committed one and a candidate) and the
+outcome (a fixed set); nothing from a request's path or body becomes a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["OUTCOMES", "AgentMetrics"]
+
+OUTCOMES = ("ok", "bad_request", "not_found", "unavailable", "overloaded", "model_error")
+_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["model", "version"]
+        self.request = Histogram(
+            "edgefleet_agent_request_duration_seconds",
+            "Infer request time in the agent, parse to response",
+            labels,
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue = Histogram(
+            "edgefleet_agent_queue_duration_seconds",
+            "Time an infer request waited for the worker",
+            labels,
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.compute = Histogram(
+            "edgefleet_agent_compute_duration_seconds",
+            "Model run time inside the worker",
+            labels,
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "edgefleet_agent_requests", "Infer requests by outcome", [*labels, "outcome"], registry=self.registry
+        )
+        self.crashes = Counter("edgefleet_agent_worker_crashes", "Inference worker crashes", registry=self.registry)
+        self.restarts = Counter("edgefleet_agent_worker_restarts", "Inference worker restarts", registry=self.registry)
+        self.updates = Counter(
+            "edgefleet_agent_update_events", "Update events by kind", ["kind"], registry=self.registry
+        )
+        self.dropped = Gauge(
+            "edgefleet_agent_telemetry_dropped_records",
+            "Telemetry records dropped at the buffer cap",
+            registry=self.registry,
+        )
+        self.buffered = Gauge(
+            "edgefleet_agent_telemetry_buffered_records", "Telemetry records waiting for upload", registry=self.registry
+        )
+        self._children: dict[tuple[str, str], tuple[object, object, object]] = {}
+
+    def observe(self, model: str, version: str, total: float, queue: float, compute: float) -> None:
+        key = (model, version)
+        ch = self._children.get(key)
+        if ch is None:
+            if len(self._children) > 8:  # bounded: forget models long gone
+                self._children.clear()
+            ch = (self.request.labels(*key), self.queue.labels(*key), self.compute.labels(*key))
+            self._children[key] = ch
+        ch[0].observe(total)  # type: ignore[attr-defined]
+        ch[1].observe(queue)  # type: ignore[attr-defined]
+        ch[2].observe(compute)  # type: ignore[attr-defined]
+
+    def count(self, model: str, version: str, outcome: str) -> None:
+        self.requests.labels(model, version, outcome).inc()
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))

@@ -1,0 +1,72 @@
+"""The serving side shared by the OIP app and the agent: which backend serves, the bounded request queue,
+and the per-request bookkeeping (Prometheus, telemetry window, probation listener)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from edgefleet.agent.backend import Backend, InputError
+from edgefleet.agent.codec import BadRequest
+from edgefleet.agent.metrics import AgentMetrics
+from edgefleet.agent.telemetry import WindowAccumulator
+from edgefleet.agent.worker import ModelInfo
+from edgefleet.errors import ModelError, WorkerUnavailable
+
+__all__ = ["InferenceService"]
+
+Listener = Callable[[str, float | None], None]
+
+
+class InferenceService:
+    def __init__(self, *, queue_size: int = 64, metrics: AgentMetrics | None = None) -> None:
+        self.queue_size = queue_size
+        self.metrics = metrics or AgentMetrics()
+        self.window = WindowAccumulator()
+        self.backend: Backend | None = None
+        self.info: ModelInfo | None = None
+        self.unavailable_reason = "no model installed yet"
+        self.listener: Listener | None = None
+        self._in_flight = 0
+
+    def set_backend(self, backend: Backend, info: ModelInfo) -> None:
+        self.backend, self.info = backend, info
+
+    def clear(self, reason: str) -> None:
+        self.backend, self.info = None, None
+        self.unavailable_reason = reason
+
+    @property
+    def ready(self) -> bool:
+        return self.backend is not None
+
+    def record(self, outcome: str, total: float | None, compute: float = 0.0) -> None:
+        info = self.info
+        model, version = (info.name, info.version) if info else ("none", "none")
+        if total is not None and outcome == "ok":
+            self.metrics.observe(model, version, total, max(0.0, total - compute), compute)
+        self.metrics.count(model, version, outcome)
+        self.window.observe(outcome, total)
+        if self.listener is not None:
+            self.listener(outcome, total)
+
+    async def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> tuple[dict[str, Any], float]:
+        """Run one request. Raises BadRequest with the HTTP status to answer."""
+        backend = self.backend
+        if backend is None:
+            raise BadRequest(f"no model is serving: {self.unavailable_reason}", 503)
+        if self._in_flight >= self.queue_size:
+            raise BadRequest(f"overloaded: {self._in_flight} requests queued (limit {self.queue_size})", 503)
+        self._in_flight += 1
+        try:
+            return await backend.infer(feeds, outputs)
+        except InputError as err:
+            raise BadRequest(str(err), 400)
+        except ModelError as err:
+            raise BadRequest(str(err), 500)
+        except WorkerUnavailable as err:
+            raise BadRequest(str(err), 503)
+        finally:
+            self._in_flight -= 1

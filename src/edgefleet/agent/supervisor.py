@@ -1,0 +1,179 @@
+"""Supervises the inference worker: start, restart with backoff, count crashes, enforce emulated memory.
+
+A crash is any exit we did not ask for: a segfault, an abort, a failed load, or the RSS watchdog's SIGKILL when
+the worker exceeds ``--memory-mb``. The agent keeps answering (503) while no worker runs. Whether crashes amount
+to a crash loop is decided by probation (``probation.py``), from :attr:`Supervisor.crash_times`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import psutil
+
+from edgefleet.agent.backend import InputError
+from edgefleet.agent.worker import ModelInfo, WorkerProcess, WorkerSpec
+from edgefleet.errors import ModelError, WorkerUnavailable
+from edgefleet.telemetry.drift import DriftSummary
+
+__all__ = ["Supervisor", "backoff_delay"]
+
+log = logging.getLogger("edgefleet.agent")
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff: base, 2·base, 4·base … capped."""
+    return float(min(cap, base * (2 ** max(0, attempt))))
+
+
+class Supervisor:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        on_crash: Callable[[str], None] | None = None,
+        *,
+        backoff_base: float = 0.2,
+        backoff_max: float = 10.0,
+        stable_after_s: float = 30.0,
+        watchdog_interval_s: float = 0.05,
+    ) -> None:
+        self.spec = spec
+        self.on_crash = on_crash
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.stable_after_s = stable_after_s
+        self.watchdog_interval_s = watchdog_interval_s
+        self.info: ModelInfo | None = None
+        self.worker: WorkerProcess | None = None
+        self.crashes = 0
+        self.restarts = 0
+        self.crash_times: list[float] = []
+        self.last_crash_reason: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._first: asyncio.Future[ModelInfo] | None = None
+
+    async def start(self) -> ModelInfo:
+        """Start supervising; returns once the first worker is ready, raises if it fails to come up."""
+        self._first = asyncio.get_running_loop().create_future()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return await self._first
+
+    def _crash(self, reason: str) -> None:
+        self.crashes += 1
+        self.crash_times.append(time.monotonic())
+        del self.crash_times[:-100]
+        self.last_crash_reason = reason
+        log.warning("inference worker crashed: %s", reason)
+        if self.on_crash is not None:
+            self.on_crash(reason)
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            w = WorkerProcess(self.spec)
+            started = time.monotonic()
+            try:
+                self.info = await w.start()
+            except Exception as err:
+                if not isinstance(err, WorkerUnavailable):
+                    err = WorkerUnavailable(f"the inference worker failed to start: {err}")
+                self._crash(str(err))
+                if self._first is not None and not self._first.done():
+                    self._first.set_exception(err)
+            else:
+                self.worker = w
+                if self._first is not None and not self._first.done():
+                    self._first.set_result(self.info)
+                watchdog = asyncio.get_running_loop().create_task(self._watchdog(w)) if self.spec.memory_mb else None
+                await w.closed.wait()
+                if watchdog is not None:
+                    watchdog.cancel()
+                self.worker = None
+                if self._stopping:
+                    return
+                if w.proc is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, w.proc.wait)
+                code = w.proc.returncode if w.proc else None
+                why = w.close_reason or "worker exited"
+                self._crash(why if code is None or "(exit" in why else f"{why} (exit {code})")
+                if time.monotonic() - started > self.stable_after_s:
+                    attempt = 0
+            if self._stopping:
+                return
+            await asyncio.sleep(backoff_delay(attempt, self.backoff_base, self.backoff_max))
+            attempt += 1
+            self.restarts += 1
+
+    async def _watchdog(self, w: WorkerProcess) -> None:
+        """The emulated device memory: a worker whose RSS exceeds ``memory_mb`` is killed, as the OOM killer would."""
+        assert self.spec.memory_mb is not None and w.pid is not None
+        limit = self.spec.memory_mb * 1024 * 1024
+        try:
+            proc = psutil.Process(w.pid)
+            while True:
+                rss = proc.memory_info().rss
+                if rss > limit:
+                    w.close_reason = (
+                        f"killed: RSS {rss // 2**20} MB exceeds the device memory of {self.spec.memory_mb} MB"
+                    )
+                    w.kill()
+                    return
+                await asyncio.sleep(self.watchdog_interval_s)
+        except psutil.Error:
+            return
+
+    def rss_bytes(self) -> int | None:
+        w = self.worker
+        if w is None or w.pid is None:
+            return None
+        try:
+            return int(psutil.Process(w.pid).memory_info().rss)
+        except psutil.Error:
+            return None
+
+    @property
+    def in_flight(self) -> int:
+        return self.worker.in_flight if self.worker else 0
+
+    async def _call(self, msg: tuple[Any, ...]) -> Any:
+        w = self.worker
+        if w is None:
+            raise WorkerUnavailable(f"no inference worker is running ({self.last_crash_reason or 'starting'})")
+        return await w.call(msg)
+
+    async def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> tuple[dict[str, Any], float]:
+        reply = await self._call(("infer", feeds, outputs))
+        if reply[0] == "ok":
+            return reply[1], reply[2]
+        if reply[1] == "input":
+            raise InputError(reply[2])
+        raise ModelError(reply[2])
+
+    async def drift(self) -> list[DriftSummary]:
+        try:
+            reply = await self._call(("drift",))
+        except WorkerUnavailable:
+            return []
+        return [DriftSummary.model_validate(d) for d in reply[1]] if reply[0] == "ok" else []
+
+    async def golden(self) -> dict[str, Any]:
+        reply = await self._call(("golden",))
+        if reply[0] != "ok":
+            raise ModelError(reply[2])
+        return dict(reply[1])
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self.worker is not None:
+            await self.worker.stop()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

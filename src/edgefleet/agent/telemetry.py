@@ -1,0 +1,73 @@
+"""Per-interval telemetry windows (DESIGN §8): counts by outcome, a mergeable latency sketch, worker restarts and
+crashes, CPU and RSS, the active version and served ``model_sha256``, and drift summaries from the worker."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import psutil
+
+from edgefleet.protocol import TelemetryWindow
+from edgefleet.telemetry.drift import DriftSummary
+from edgefleet.telemetry.sketch import LatencySketch
+
+__all__ = ["WindowAccumulator", "utcnow"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class WindowAccumulator:
+    """Collects one window in memory; :meth:`close` returns it and starts the next."""
+
+    def __init__(self) -> None:
+        self.start = utcnow()
+        self.requests = 0
+        self.errors: dict[str, int] = {}
+        self.sketch = LatencySketch()
+        self._proc = psutil.Process()
+        self._proc.cpu_percent(None)  # primes the CPU counter: the first reading is relative to this call
+
+    def observe(self, outcome: str, seconds: float | None) -> None:
+        self.requests += 1
+        if outcome != "ok":
+            self.errors[outcome] = self.errors.get(outcome, 0) + 1
+        elif seconds is not None:
+            self.sketch.add(seconds)
+
+    def close(
+        self,
+        *,
+        model: str | None,
+        version: str | None,
+        model_sha256: str | None,
+        restarts: int,
+        crashes: int,
+        worker_rss: int | None,
+        drift: list[DriftSummary],
+    ) -> TelemetryWindow:
+        end = utcnow()
+        rss = int(self._proc.memory_info().rss) + (worker_rss or 0)
+        w = TelemetryWindow(
+            window_id=uuid.uuid4().hex,
+            start=self.start,
+            end=end,
+            model=model,
+            version=version,
+            model_sha256=model_sha256,
+            requests=self.requests,
+            errors=dict(self.errors),
+            latency=self.sketch.to_data(),
+            worker_restarts=restarts,
+            worker_crashes=crashes,
+            cpu_percent=float(self._proc.cpu_percent(None)),
+            rss_bytes=rss,
+            drift=drift,
+        )
+        self.start = end
+        self.requests = 0
+        self.errors = {}
+        self.sketch = LatencySketch()
+        return w
