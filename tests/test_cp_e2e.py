@@ -118,7 +118,7 @@ def test_rollouts_with_real_agents(server: tuple[str, str], tmp_path: Path, mlp_
     pk = tmp_path / "pkgs"
     v1 = build_pkg(mlp_path, pk, "1.0.0")
     v2 = build_pkg(mlp_path, pk, "2.0.0")
-    bad_model = big_initializer_model(tmp_path / "big.onnx", 300)
+    bad_model = big_initializer_model(tmp_path / "big.onnx", 150)
     v3 = build_pkg(bad_model, pk, "3.0.0")
     v4 = build_pkg(mlp_path, pk, "4.0.0", tiers=["big"])
     for v in (v1, v2, v3, v4):
@@ -129,10 +129,14 @@ def test_rollouts_with_real_agents(server: tuple[str, str], tmp_path: Path, mlp_
             == 201
         )
 
+    # The group's configuration document (DESIGN §6a) sets a short probation, so a wave's devices commit well
+    # within its bake time; the default (60 s) would leave every wave inconclusive at its deadline.
+    lab = {"checkin_interval_s": 0.5, "telemetry_interval_s": 1, "probation_seconds": 1.5, "probation_requests": 20}
+    assert api.put("/api/v1/groups/lab", json={"config": lab}).status_code == 200
     agents = []
-    specs = [("small", 200)] * 3 + [("big", 4096)] * 3
+    specs = [("small", 180)] * 3 + [("big", 4096)] * 3
     for i, (tier, mem) in enumerate(specs):
-        tok = api.post("/api/v1/enrollment-tokens", json={"tier": tier}).json()["token"]
+        tok = api.post("/api/v1/enrollment-tokens", json={"tier": tier, "group": "lab"}).json()["token"]
         agents.append(
             subprocess.Popen(
                 [
@@ -170,7 +174,7 @@ def test_rollouts_with_real_agents(server: tuple[str, str], tmp_path: Path, mlp_
             body = {
                 "model": "digits",
                 "version": version,
-                "policy": {"waves": [34, 100], "bake_s": 2, "min_devices": 1, "min_requests": 0, **policy},
+                "policy": {"waves": [34, 100], "bake_s": 10, "min_devices": 1, "min_requests": 0, **policy},
             }
             rid = api.post("/api/v1/rollouts", json=body).json()["rollout_id"]
             return dict(
@@ -195,7 +199,7 @@ def test_rollouts_with_real_agents(server: tuple[str, str], tmp_path: Path, mlp_
         assert r2["state"] == "completed", r2["reason"]
         served = {d["device_id"]: d["served"]["version"] for d in api.get("/api/v1/devices").json()}
         assert served[pinned] == "1.0.0"
-        # 3.0.0 holds a 300 MB initializer: the small tier's 200 MB limit kills its worker → rollback
+        # 3.0.0 holds a 150 MB initializer: the small tier's 180 MB limit kills its worker → rollback
         r3 = rollout("3.0.0", auto_rollback=True)
         assert r3["state"] == "rolled_back", r3["reason"]
         audit = api.get("/api/v1/audit", params={"target": r3["rollout_id"]}).json()

@@ -3,6 +3,9 @@ hypothesis properties: never target an incompatible / pinned / revoked device, n
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -267,12 +270,18 @@ def test_never_targets_incompatible_pinned_or_revoked(
         )
     )
     by_id = {d.device_id: d for d in devices}
+    eligible = sorted(
+        (d for d in devices if not d.pinned and not d.revoked and not d.compat_problems and tier in (None, d.tier)),
+        key=lambda d: (wave_bucket(d.device_id), d.device_id),
+    )
+    quota = math.ceil([1, 10, 50, 100][wave] / 100 * len(eligible) - 1e-9)
+    in_waves = {d.device_id for d in eligible[:quota]}
     for i in chosen:
         d = by_id[i]
         assert not d.pinned and not d.revoked and not d.compat_problems
         assert tier is None or d.tier == tier
         assert i not in moved
-        assert wave_of(i, [1, 10, 50, 100]) <= wave
+        assert i in in_waves  # never beyond the waves reached so far
 
 
 cohorts = st.builds(
@@ -302,3 +311,19 @@ def test_never_advances_past_a_failing_wave(
         assert baked >= policy.bake_s
     if j.outcome is Outcome.failed:
         assert d.action is (Action.rollback if auto else Action.pause)
+
+
+@pytest.mark.parametrize("fleet", [1, 2, 6, 37, 500])
+def test_canary_of_a_small_fleet_is_never_empty_and_waves_nest(fleet: int) -> None:
+    devs = [DeviceFacts(f"dev-{i}", "t", "1") for i in range(fleet)]
+    waves = [1, 10, 50, 100]
+    plans = [
+        set(plan_wave(devs, model="m", version="2", wave=w, waves=waves, tier=None, channel=None, moved=[]))
+        for w in range(len(waves))
+    ]
+    assert len(plans[0]) >= 1
+    assert all(a <= b for a, b in itertools.pairwise(plans))
+    assert len(plans[-1]) == fleet
+    # the hash order decides membership: the canary holds the devices with the lowest buckets
+    lowest = sorted(devs, key=lambda d: wave_bucket(d.device_id))[: len(plans[0])]
+    assert plans[0] == {d.device_id for d in lowest}

@@ -76,7 +76,9 @@ class EnrollResponse(_Wire):
 
 
 class DeviceConfig(_Wire):
-    """Configuration that ships apart from models (DESIGN §6a), versioned per device group."""
+    """Configuration that ships apart from models (DESIGN §6a), versioned per device group.
+
+    ``version`` 0 means no group has a document: the agent then keeps its own interval settings (CLI flags)."""
 
     version: int = Field(0, ge=0)
     checkin_interval_s: float = Field(30.0, gt=0)

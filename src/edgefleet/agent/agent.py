@@ -409,7 +409,16 @@ class Agent:
 
     def _apply(self, desired: DesiredState) -> None:
         self.desired = desired
-        self.config = desired.config
+        if desired.config.version > 0:
+            self.config = desired.config
+        else:
+            # Version 0: no group document exists, so the device's own flags keep their say over intervals.
+            self.config = desired.config.model_copy(
+                update={
+                    "checkin_interval_s": self.settings.checkin_interval_s,
+                    "telemetry_interval_s": self.settings.telemetry_interval_s,
+                }
+            )
 
     # ------------------------------------------------------------------ update
 

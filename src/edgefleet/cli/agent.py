@@ -14,6 +14,8 @@ from edgefleet.errors import UsageError
 
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: one line per check-in would bury what the agent itself says.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 async def _until_signal(stop: asyncio.Event) -> None:

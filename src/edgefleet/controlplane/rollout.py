@@ -150,16 +150,19 @@ def plan_wave(
 ) -> list[str]:
     """Ids of the devices to move now: eligible, in waves ``0..wave``, not already moved or on the new version.
 
-    Never returns a pinned, revoked or incompatible device, whatever the wave."""
+    Eligible devices are ordered by their stable hash bucket and wave ``i`` covers the first
+    ``ceil(waves[i]% × eligible)`` of them: the same order as :func:`wave_of`, but a small fleet's 1 % canary holds
+    one device instead of, by the luck of the hash, none — an empty canary would pass vacuously and send the
+    version straight to the next wave. Never returns a pinned, revoked or incompatible device, whatever the wave."""
     already = set(moved)
-    out = []
-    for d in devices:
-        if d.device_id in already or (d.model == model and d.version == version):
-            continue
-        if eligibility(d, tier=tier, channel=channel) is not None:
-            continue
-        if wave_of(d.device_id, waves) <= wave:
-            out.append(d.device_id)
+    eligible = [d for d in devices if eligibility(d, tier=tier, channel=channel) is None]
+    eligible.sort(key=lambda d: (wave_bucket(d.device_id), d.device_id))
+    quota = math.ceil(waves[min(wave, len(waves) - 1)] / 100.0 * len(eligible) - 1e-9)
+    out = [
+        d.device_id
+        for d in eligible[:quota]
+        if d.device_id not in already and not (d.model == model and d.version == version)
+    ]
     return sorted(out)
 
 
