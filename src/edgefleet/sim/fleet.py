@@ -1,0 +1,359 @@
+"""The simulated fleet against a real control plane: full agents (``edgefleet agent`` subprocesses, each with its
+own worker process, so crashes and kills are real process deaths) and lightweight agents (the same
+:class:`~edgefleet.agent.Agent` code, many in this process, sharing one model per package), inference traffic,
+and the faults of the plan (:mod:`edgefleet.sim.spec`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from edgefleet.agent.worker import FAULT_ENV
+from edgefleet.config import AgentSettings
+from edgefleet.protocol import AgentState, DeviceConfig
+from edgefleet.sim.link import LinkStats
+from edgefleet.sim.lite import SharedModels, SimAgent, install_shared_health_check
+from edgefleet.sim.server import edgefleet_command, free_port
+from edgefleet.sim.spec import DevicePlan
+
+__all__ = ["Fleet", "FleetOptions", "FullAgent"]
+
+GROUP = "sim"
+DISK_FULL_BYTES = 64 * 1024
+_UPDATING = {
+    AgentState.downloading.value,
+    AgentState.verifying.value,
+    AgentState.staged.value,
+    AgentState.health_check.value,
+}
+_OIP_DTYPE = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32, "UINT8": np.uint8}
+
+
+@dataclass
+class FleetOptions:
+    checkin_s: float = 1.0
+    telemetry_s: float = 2.0
+    requests_per_s: float = 2.0  # per device
+    probation_s: float = 3.0
+    probation_requests: int = 5
+    crash_loop_crashes: int = 2
+    crash_loop_window_s: float = 30.0
+    start_stagger_s: float = 0.01
+
+
+@dataclass
+class FullAgent:
+    plan: DevicePlan
+    data_dir: Path
+    port: int
+    cmd: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    kills: int = 0
+    log: Path | None = None
+
+    def state(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.data_dir / "state.json").read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def device_id(self) -> str | None:
+        try:
+            return str(json.loads((self.data_dir / "identity.json").read_text())["device_id"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+def _disk_full() -> None:
+    # A device whose disk is full: any file write past DISK_FULL_BYTES fails (EFBIG, SQLite "disk full"),
+    # instead of killing the process with SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_FULL_BYTES, DISK_FULL_BYTES))
+
+
+@dataclass
+class Fleet:
+    server: str
+    admin_token: str
+    plans: list[DevicePlan]
+    workdir: Path
+    options: FleetOptions = field(default_factory=FleetOptions)
+    stats: LinkStats = field(default_factory=LinkStats)
+    traffic_ok: int = 0
+    traffic_failed: int = 0
+    power_kills: int = 0
+
+    def __post_init__(self) -> None:
+        self.pool = SharedModels()
+        self.lite: list[SimAgent] = []
+        self.full: list[FullAgent] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._transport: httpx.AsyncHTTPTransport | None = None
+        self._api: httpx.AsyncClient | None = None
+        self._oip: httpx.AsyncClient | None = None
+        self._feeds: dict[str, dict[str, np.ndarray]] = {}
+        self.crash_reports: list[float] = []
+
+    # ------------------------------------------------------------------ setup
+
+    def device_config(self) -> DeviceConfig:
+        o = self.options
+        return DeviceConfig(
+            checkin_interval_s=o.checkin_s,
+            telemetry_interval_s=o.telemetry_s,
+            probation_seconds=o.probation_s,
+            probation_requests=o.probation_requests,
+            crash_loop_crashes=o.crash_loop_crashes,
+            crash_loop_window_s=o.crash_loop_window_s,
+        )
+
+    async def start(self, progress: Any = None) -> None:
+        """Configure the device group, enroll every device and start it. ``progress(done, total)``."""
+        self._api = httpx.AsyncClient(
+            base_url=self.server, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=60
+        )
+        self._oip = httpx.AsyncClient(timeout=10)
+        self._transport = httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        )
+        cfg = self.device_config()
+        r = await self._api.put(f"/api/v1/groups/{GROUP}", json={"config": cfg.model_dump(exclude={"version"})})
+        r.raise_for_status()
+        for p in self.plans:
+            for f in p.faults:
+                if f.kind == "crash" and f.value:
+                    self.pool.crash_versions.setdefault(p.index, set()).add(f.value)
+        if any(not p.full for p in self.plans):
+            install_shared_health_check(self.pool)
+        for done, p in enumerate(self.plans, 1):
+            tok = await self._api.post("/api/v1/enrollment-tokens", json={"tier": p.tier.name, "group": GROUP})
+            tok.raise_for_status()
+            token = tok.json()["token"]
+            if p.full:
+                self._start_full(p, token)
+            else:
+                await self._start_lite(p, token, cfg)
+            if progress is not None:
+                progress(done, len(self.plans))
+            await asyncio.sleep(self.options.start_stagger_s)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._traffic_loop()), loop.create_task(self._power_loss_loop())]
+
+    def _start_full(self, p: DevicePlan, token: str) -> None:
+        d = self.workdir / "agents" / p.name
+        d.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        cmd = [
+            *edgefleet_command(),
+            "agent",
+            "--server",
+            self.server,
+            "--token",
+            token,
+            "--data-dir",
+            str(d),
+            "--port",
+            str(port),
+            "--checkin-interval",
+            str(self.options.checkin_s),
+            "--telemetry-interval",
+            str(self.options.telemetry_s),
+            "--memory-mb",
+            str(p.memory_mb),
+        ]
+        if p.tier.chipset:
+            cmd += ["--chipset", p.tier.chipset]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+        crash = p.fault("crash")
+        if crash and crash.value:
+            env[FAULT_ENV] = f"{crash.value}:abort"
+        a = FullAgent(p, d, port, cmd, env, log=self.workdir / "agents" / f"{p.name}.log")
+        self._spawn(a)
+        self.full.append(a)
+
+    def _spawn(self, a: FullAgent) -> None:
+        assert a.log is not None
+        with a.log.open("ab") as log:
+            a.proc = subprocess.Popen(
+                a.cmd,
+                env=a.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_disk_full if a.plan.fault("disk-full") else None,
+                start_new_session=True,  # a kill -9 of the agent's group takes its worker with it, as power loss would
+            )
+        # the token is one-time: a restart after a power loss must come back from the identity on disk
+        a.cmd = [c for i, c in enumerate(a.cmd) if c != "--token" and (i == 0 or a.cmd[i - 1] != "--token")]
+
+    async def _start_lite(self, p: DevicePlan, token: str, cfg: DeviceConfig) -> None:
+        assert self._transport is not None
+        settings = AgentSettings(
+            server=self.server,
+            token=token,
+            data_dir=self.workdir / "lite" / p.name,
+            checkin_interval_s=self.options.checkin_s,
+            telemetry_interval_s=self.options.telemetry_s,
+            memory_mb=p.memory_mb,
+            chipset=p.tier.chipset,
+            buffer_max_records=2000,
+        )
+        a = SimAgent(p, settings, pool=self.pool, stats=self.stats, transport=self._transport, config=cfg)
+        await a.start()
+        self.lite.append(a)
+
+    # ------------------------------------------------------------------ traffic and faults
+
+    async def _feeds_for_full(self, a: FullAgent) -> tuple[str, dict[str, np.ndarray]] | None:
+        active = a.state().get("active") or {}
+        name = active.get("model")
+        if not name:
+            return None
+        if name not in self._feeds:
+            assert self._oip is not None
+            r = await self._oip.get(f"http://127.0.0.1:{a.port}/v2/models/{name}")
+            if r.status_code != 200:
+                return None
+            feeds = {}
+            for s in r.json()["inputs"]:
+                shape = [d if d > 0 else 1 for d in s["shape"]]
+                feeds[s["name"]] = (
+                    np.random.default_rng(0).random(shape).astype(_OIP_DTYPE.get(s["datatype"], np.float32))
+                )
+            self._feeds[name] = feeds
+        return name, self._feeds[name]
+
+    async def _infer_full(self, a: FullAgent) -> None:
+        assert self._oip is not None
+        try:
+            got = await self._feeds_for_full(a)
+            if got is None:
+                return
+            name, feeds = got
+            body = {
+                "inputs": [
+                    {"name": k, "shape": list(v.shape), "datatype": "FP32", "data": v.ravel().tolist()}
+                    for k, v in feeds.items()
+                ]
+            }
+            r = await self._oip.post(f"http://127.0.0.1:{a.port}/v2/models/{name}/infer", json=body)
+            if r.status_code == 200:
+                self.traffic_ok += 1
+            else:
+                self.traffic_failed += 1
+        except httpx.HTTPError:
+            self.traffic_failed += 1
+
+    async def _infer_lite(self, a: SimAgent) -> None:
+        svc = a.service
+        info = svc.info
+        if info is None:
+            return
+        feeds = self._feeds.get(info.name)
+        if feeds is None:
+            feeds = {
+                s["name"]: np.random.default_rng(0)
+                .random([d if isinstance(d, int) and d > 0 else 1 for d in s["shape"]])
+                .astype(s["dtype"])
+                for s in info.inputs
+            }
+            self._feeds[info.name] = feeds
+        t = time.perf_counter()
+        try:
+            _, compute = await svc.infer(feeds, None)
+        except Exception as err:  # BadRequest carries the status; any failure is a failed request here
+            status = getattr(err, "status", 500)
+            svc.record({400: "bad_request", 503: "unavailable"}.get(status, "model_error"), None)
+            self.traffic_failed += 1
+            return
+        svc.record("ok", time.perf_counter() - t, compute)
+        self.traffic_ok += 1
+
+    async def _traffic_loop(self) -> None:
+        rate = self.options.requests_per_s
+        if rate <= 0:
+            return
+        period = 1.0 / rate
+        while True:
+            t = time.monotonic()
+            for a in self.lite:
+                await self._infer_lite(a)
+            await asyncio.gather(*(self._infer_full(a) for a in self.full if a.proc and a.proc.poll() is None))
+            await asyncio.sleep(max(0.05, period - (time.monotonic() - t)))
+
+    async def _power_loss_loop(self) -> None:
+        """kill -9 an agent with the power-loss fault once, in the middle of an update; restart it 1 s later."""
+        victims = [a for a in self.full if a.plan.fault("power-loss")]
+        while victims:
+            await asyncio.sleep(0.05)
+            for a in list(victims):
+                if a.proc is not None and a.state().get("state") in _UPDATING:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(a.proc.pid, signal.SIGKILL)
+                    await asyncio.get_running_loop().run_in_executor(None, a.proc.wait)
+                    a.kills += 1
+                    self.power_kills += 1
+                    victims.remove(a)
+                    await asyncio.sleep(1.0)
+                    self._spawn(a)
+
+    # ------------------------------------------------------------------ views and teardown
+
+    async def api(self, method: str, path: str, **kw: Any) -> Any:
+        assert self._api is not None
+        r = await self._api.request(method, path, **kw)
+        r.raise_for_status()
+        return r.json()
+
+    def summary(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "devices": len(self.plans),
+            "full_agents": len(self.full),
+            "lightweight_agents": len(self.lite),
+            "full_agents_alive": sum(1 for a in self.full if a.proc and a.proc.poll() is None),
+            "checkins": s.checkins,
+            "checkins_ok": s.checkins_ok,
+            "reports": s.reports,
+            "reports_ok": s.reports_ok,
+            "injected_link_faults": s.injected,
+            "inference_ok": self.traffic_ok,
+            "inference_failed": self.traffic_failed,
+            "power_loss_kills": self.power_kills,
+        }
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for a in self.full:
+            if a.proc is not None and a.proc.poll() is None:
+                a.proc.terminate()
+        await asyncio.gather(*(a.stop() for a in self.lite), return_exceptions=True)
+        for a in self.full:
+            if a.proc is not None:
+                try:
+                    await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, a.proc.wait), 10)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(a.proc.pid, signal.SIGKILL)
+        for c in (self._api, self._oip):
+            if c is not None:
+                await c.aclose()
+        if self._transport is not None:
+            await self._transport.aclose()

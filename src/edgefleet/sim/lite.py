@@ -1,0 +1,230 @@
+"""Lightweight agents: the real :class:`edgefleet.agent.Agent` (state machine, slots, TUF updater, probation,
+telemetry buffer) hosted many to a process, with one shared in-process model per package instead of a worker
+process each, and the device's link (:mod:`edgefleet.sim.link`) as its HTTP transport.
+
+What a shared model cannot do, it emulates, and says so: a worker crash (the ``crash`` fault) is an exception
+on every call plus the agent's crash callback; a memory limit is an estimate (worker base + twice the model
+bytes) checked when the model is loaded. Real process deaths come from the full agents (``edgefleet agent``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+import edgefleet.agent.agent as agent_module
+from edgefleet.agent import Agent, ModelInfo, WorkerSpec
+from edgefleet.agent.backend import InputError
+from edgefleet.agent.healthcheck import HealthResult, check_latency
+from edgefleet.config import AgentSettings
+from edgefleet.errors import InputValidationError, ModelError, WorkerUnavailable
+from edgefleet.protocol import DeviceConfig, Hardware
+from edgefleet.sim.link import LinkStats, SimLink
+from edgefleet.sim.spec import DevicePlan
+from edgefleet.telemetry.drift import DriftAccumulator, DriftSummary
+
+__all__ = ["SharedModels", "SimAgent", "install_shared_health_check"]
+
+WORKER_BASE_MB = 100  # a worker process with numpy + onnxruntime loaded, measured on this kind of machine
+
+
+@dataclass
+class _Loaded:
+    model: Any
+    info: ModelInfo
+    opened: Any
+    model_mb: float
+
+
+class SharedModels:
+    """One loaded model per package content, shared by every lightweight agent of the process."""
+
+    def __init__(self) -> None:
+        self._by_hash: dict[str, _Loaded] = {}
+        self.crash_versions: dict[int, set[str]] = {}  # device index → versions that crash its "worker"
+
+    def load(self, path: Path) -> _Loaded:
+        h = hashlib.sha256(path.read_bytes()).hexdigest()
+        hit = self._by_hash.get(h)
+        if hit is None:
+            from edgefleet.package import open_package
+
+            t = time.perf_counter()
+            opened = open_package(path)
+            model = opened.load()
+            m = opened.manifest
+            info = ModelInfo(
+                name=m.name,
+                version=m.version,
+                model_sha256=opened.model_sha256,
+                inputs=[s.model_dump() for s in model.inputs],
+                outputs=[s.model_dump() for s in model.outputs],
+                metrics=dict(m.metrics or {}),
+                has_golden=True,
+                load_seconds=time.perf_counter() - t,
+            )
+            hit = _Loaded(model, info, opened, len(opened.model_bytes) / 2**20)
+            self._by_hash[h] = hit
+        return hit
+
+    def check_memory(self, loaded: _Loaded, memory_mb: int | None) -> None:
+        need = WORKER_BASE_MB + 2 * loaded.model_mb
+        if memory_mb is not None and need > memory_mb:
+            raise WorkerUnavailable(
+                f"the worker cannot load {loaded.info.name} {loaded.info.version}: needs about {need:.0f} MB, "
+                f"the device has {memory_mb} MB (simulated out-of-memory)"
+            )
+
+
+class SharedBackend:
+    """The agent's :class:`~edgefleet.agent.backend.Backend` over a shared model."""
+
+    def __init__(self, spec: WorkerSpec, on_crash: Any, pool: SharedModels, device: int) -> None:
+        self.spec, self.on_crash, self.pool, self.device = spec, on_crash, pool, device
+        self.info: ModelInfo | None = None
+        self.crashes = 0
+        self.restarts = 0
+        self._loaded: _Loaded | None = None
+        self._drift: DriftAccumulator | None = None
+
+    def _crash(self, reason: str) -> None:
+        self.crashes += 1
+        self.restarts += 1
+        if self.on_crash is not None:
+            self.on_crash(reason)
+
+    async def start(self) -> ModelInfo:
+        try:
+            loaded = self.pool.load(self.spec.path)
+        except Exception as err:
+            raise WorkerUnavailable(f"cannot load {self.spec.path.name}: {err}")
+        try:
+            self.pool.check_memory(loaded, self.spec.memory_mb)
+        except WorkerUnavailable as err:
+            self._crash(str(err))
+            raise
+        self._loaded, self.info = loaded, loaded.info
+        ref = loaded.opened.reference
+        self._drift = DriftAccumulator(ref) if ref is not None else None
+        return loaded.info
+
+    def _crashes_here(self) -> bool:
+        return self.info is not None and self.info.version in self.pool.crash_versions.get(self.device, set())
+
+    async def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> tuple[dict[str, Any], float]:
+        if self._loaded is None:
+            raise WorkerUnavailable("no model is loaded")
+        if self._crashes_here():
+            self._crash(f"simulated chipset fault: {self.info.version if self.info else '?'} aborts the worker")
+            raise WorkerUnavailable("the inference worker crashed (simulated)")
+        t = time.perf_counter()
+        try:
+            out = self._loaded.model.run(feeds, outputs)
+        except InputValidationError as err:
+            raise InputError(str(err))
+        except Exception as err:
+            raise ModelError(f"inference failed: {err}")
+        dt = time.perf_counter() - t
+        if self._drift is not None:
+            self._drift.add(feeds, out)
+        return out, dt
+
+    async def drift(self) -> list[DriftSummary]:
+        if self._drift is None:
+            return []
+        out = self._drift.summaries()
+        self._drift.reset()
+        return out
+
+    async def golden(self) -> dict[str, Any]:
+        if self._loaded is None:
+            raise ModelError("no model is loaded")
+        from edgefleet.agent import worker
+
+        return dict(worker._golden(self._loaded.model, self._loaded.opened))
+
+    def rss_bytes(self) -> int | None:
+        return None
+
+    @property
+    def in_flight(self) -> int:
+        return 0
+
+    async def stop(self) -> None:
+        self._loaded = None
+
+
+_POOL: SharedModels | None = None
+_real_health_check = agent_module.run_health_check
+
+
+async def _shared_health_check(spec: WorkerSpec, budget_ms_for: object, timeout_s: float = 120.0) -> HealthResult:
+    """The agent's health check (golden vectors + latency budget) on the shared model, not a fresh worker."""
+    assert _POOL is not None
+    try:
+        loaded = _POOL.load(spec.path)
+        _POOL.check_memory(loaded, spec.memory_mb)
+        from edgefleet.agent import worker
+
+        golden = worker._golden(loaded.model, loaded.opened)
+    except Exception as err:
+        return HealthResult(False, f"health check failed: {err}")
+    budget = budget_ms_for(loaded.info) if callable(budget_ms_for) else None
+    ok, p95, why = check_latency(golden["latencies_s"], budget)
+    return HealthResult(ok, why if ok else f"health check failed: {why}", p95, loaded.info)
+
+
+def install_shared_health_check(pool: SharedModels) -> None:
+    """In a process that hosts only lightweight agents, their pre-switch health check uses the shared model —
+    500 agents updating must not start 500 worker processes. Full agents run in their own processes and are not
+    affected."""
+    global _POOL
+    _POOL = pool
+    agent_module.run_health_check = _shared_health_check
+
+
+class SimAgent(Agent):
+    """A real agent whose link is simulated and whose hardware is its tier's."""
+
+    def __init__(
+        self,
+        plan: DevicePlan,
+        settings: AgentSettings,
+        *,
+        pool: SharedModels,
+        stats: LinkStats,
+        transport: httpx.AsyncBaseTransport,
+        config: DeviceConfig | None = None,
+    ) -> None:
+        self.plan = plan
+        self._link = SimLink(plan, stats, transport)
+        self._sim_cp: Any = None
+        super().__init__(
+            settings,
+            backend_factory=lambda spec, on_crash: SharedBackend(spec, on_crash, pool, plan.index),
+            serve_http=False,
+            config=config,
+        )
+
+    # The agent creates its control-plane client inside its check-in loop; intercepting the attribute gives the
+    # client this device's link without a hook in the agent.
+    @property
+    def cp(self) -> Any:
+        return self._sim_cp
+
+    @cp.setter
+    def cp(self, client: Any) -> None:
+        if client is not None:
+            old = client.http
+            client.http = httpx.AsyncClient(timeout=old.timeout, transport=self._link)
+        self._sim_cp = client
+
+    def _hardware(self) -> Hardware:
+        t = self.plan.tier
+        return Hardware(arch=t.arch, cpu_count=t.cpu_threads, memory_mb=self.plan.memory_mb, chipset=t.chipset)
