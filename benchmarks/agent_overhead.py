@@ -2,9 +2,13 @@
 
 tritonclient → ``edgefleet serve`` (the agent's OIP server + worker process) for a small digits MLP, at
 concurrency 1 and 8, JSON and binary tensors; next to raw ``session.run`` in process and a *null* OIP server
-(same uvicorn stack, a fixed answer, no parsing or inference) — the floor the client and HTTP stack allow.
-Plus cold start (process start → first inference answered) and idle RSS of the agent and its worker, next to a
-bare Python + onnxruntime process.
+— the floor the client and HTTP stack alone allow. The null server runs the agent's own HTTP stack
+(``edgefleet.agent.httpserver``: the same parser, connection handling and one write per response) with a
+handler that answers a fixed response at once, without parsing the body or running inference; so the
+difference between the two columns is exactly what the agent adds (OIP parsing, the worker hop, encoding,
+metrics). For reference, one row also measures a null ASGI app on uvicorn (the stack the agent used before
+ADR 0031; uvicorn picks httptools when it is installed). Plus cold start (``edgefleet serve`` process start →
+first inference answered) and idle RSS of the agent and its worker, next to a bare Python + onnxruntime process.
 
     .venv/bin/python benchmarks/agent_overhead.py [--requests 2000]
 """
@@ -34,6 +38,7 @@ NULL_BODY = json.dumps(
 
 
 async def null_app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+    """The reference: a null ASGI app, for uvicorn."""
     if scope["type"] != "http":
         return
     while True:
@@ -48,6 +53,22 @@ async def null_app(scope: dict, receive: object, send: object) -> None:  # type:
         }
     )
     await send({"type": "http.response.body", "body": NULL_BODY})  # type: ignore[operator]
+
+
+def serve_null(port: int) -> None:
+    """The floor: the agent's HTTP stack answering a fixed response, no parsing, no inference."""
+    import asyncio
+
+    from edgefleet.agent.httpserver import JSON_HEADERS, Respond, serve_http
+
+    def handle(method: str, path: str, headers: dict[bytes, bytes], body: bytes, respond: Respond) -> None:
+        respond(200, NULL_BODY, JSON_HEADERS)
+
+    async def main() -> None:
+        await serve_http(handle, "127.0.0.1", port)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
 
 
 def _free_port() -> int:
@@ -112,12 +133,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--null-server", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--uvicorn-null-server", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.null_server:
+        serve_null(a.null_server)
+        return
+    if a.uvicorn_null_server:
         import uvicorn
 
         uvicorn.run(
-            null_app, host="127.0.0.1", port=a.null_server, log_level="warning", lifespan="off", access_log=False
+            null_app,
+            host="127.0.0.1",
+            port=a.uvicorn_null_server,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
         )
         return
 
@@ -145,8 +175,9 @@ def main() -> None:
     rp50, rp99 = _pct(raw)
 
     exe = str(Path(sys.executable).with_name("edgefleet"))
-    null_port, agent_port = _free_port(), _free_port()
+    null_port, agent_port, uvi_port = _free_port(), _free_port(), _free_port()
     null = subprocess.Popen([sys.executable, __file__, "--null-server", str(null_port)])
+    uvi = subprocess.Popen([sys.executable, __file__, "--uvicorn-null-server", str(uvi_port)])
     t_start = time.perf_counter()
     agent = subprocess.Popen([exe, "serve", str(model), "--port", str(agent_port)])
     first = None
@@ -156,9 +187,12 @@ def main() -> None:
             r = httpx.post(f"http://127.0.0.1:{agent_port}/v2/models/mlp/infer", content=body, timeout=1)
             if r.status_code == 200:
                 first = time.perf_counter() - t_start
+            else:  # listening, the model still loading (503): poll as gently as while refused
+                time.sleep(0.005)
         except httpx.HTTPError:
             time.sleep(0.005)
     _wait_ready(f"127.0.0.1:{null_port}")
+    _wait_ready(f"127.0.0.1:{uvi_port}")
     try:
         rows = []
         for conc in (1, 8):
@@ -167,6 +201,7 @@ def main() -> None:
                 nul = run_client(f"127.0.0.1:{null_port}", "null", x, binary, conc, a.requests)
                 agt = run_client(f"127.0.0.1:{agent_port}", "mlp", x, binary, conc, a.requests)
                 rows.append((conc, mode, nul, agt))
+        uvi_rows = [(conc, run_client(f"127.0.0.1:{uvi_port}", "null", x, False, conc, a.requests)) for conc in (1, 8)]
         time.sleep(1.0)
         ap_ = psutil.Process(agent.pid)
         agent_rss = ap_.memory_info().rss / 2**20
@@ -176,10 +211,10 @@ def main() -> None:
         bare_rss = psutil.Process(bare.pid).memory_info().rss / 2**20
         bare.kill()
     finally:
-        agent.terminate()
-        null.terminate()
-        agent.wait()
-        null.wait()
+        for p in (agent, null, uvi):
+            p.terminate()
+        for p in (agent, null, uvi):
+            p.wait()
 
     print(
         f"host: {os.cpu_count()} CPUs; model: digits MLP 64 hidden, {model.stat().st_size / 1024:.1f} KiB; "
@@ -195,6 +230,11 @@ def main() -> None:
             f"{conc:>4} {mode:>6} | {nul['p50_ms']:9.3f} {nul['p99_ms']:7.3f} {nul['req_s']:7.0f} | "
             f"{agt['p50_ms']:9.3f} {agt['p99_ms']:7.3f} {agt['req_s']:7.0f} | "
             f"{agt['p50_ms'] - nul['p50_ms']:8.3f} {agt['req_s'] / nul['req_s']:11.2f}"
+        )
+    for conc, r in uvi_rows:
+        print(
+            f"reference: null ASGI app on uvicorn, conc {conc} json: p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
+            f"  {r['req_s']:.0f} req/s"
         )
     print(f"cold start to first inference: {first * 1000:.0f} ms" if first else "cold start: no answer in 60 s")
     print(

@@ -81,7 +81,9 @@ def test_clock_skew_moves_every_timestamp() -> None:
 def test_canary_holds_every_tier() -> None:
     ids = {f"dev-{i}": t for i, t in enumerate(["a", "b", "c", "d"] * 5)}
     pct = canary_percent(ids)
-    from edgefleet.controlplane.rollout import wave_of
+    from edgefleet.controlplane.rollout import DeviceFacts, plan_wave
 
-    in_canary = {t for d, t in ids.items() if wave_of(d, [pct, 100]) == 0}
-    assert in_canary == {"a", "b", "c", "d"} and 5 <= pct <= 99
+    # the control plane's own membership function decides who is in the canary
+    facts = [DeviceFacts(d, t, "1") for d, t in ids.items()]
+    canary = plan_wave(facts, model="m", version="2", wave=0, waves=[pct, 100], tier=None, channel=None, moved=[])
+    assert {ids[d] for d in canary} == {"a", "b", "c", "d"} and 5 <= pct <= 99

@@ -1,6 +1,303 @@
-"""``python -m edgefleet.agent._worker_main``: the worker process's entry point (a module of its own, so the
-worker's classes are pickled under their real module name, not ``__main__``)."""
+"""The inference worker process: its entry point, the frame protocol and the serving loop — deliberately lean.
 
-from edgefleet.agent.worker import main
+The supervisor starts it as ``python -P <this file>`` rather than ``python -m edgefleet.agent…``: running a module
+inside the package would first run ``edgefleet/__init__``, which imports the runtime layer, pydantic-settings and
+onnx (~20 MB of RSS and ~0.3 s of start-up here, for nothing the hot path uses). A bare ``.onnx`` model is served
+with the standard library, numpy and onnxruntime only; a package (decryption, manifest, golden vectors, drift
+reference, pre/post-processing) or a worker with ``EDGEFLEET_RUNTIME_*`` settings loads through the full
+package/runtime layers (:func:`edgefleet.agent.worker._load`), imported only then. ``-P`` keeps this file's
+folder off ``sys.path`` (its neighbours' names, such as ``metrics`` or ``telemetry``, must not shadow anything).
 
-main()
+Frames, both ways: a 4-byte little-endian length and a pickle (protocol 5). The peer is our own parent, connected
+by a socket pair it created, so nothing untrusted is unpickled. Requests are answered in order; the worker reads
+everything that has arrived in one ``recv`` and answers a burst of pipelined requests with one ``sendall``.
+
+Messages (agent → worker): ``("infer", feeds, outputs)``, ``("drift",)``, ``("golden",)``, ``("stop",)``.
+Answers: ``("ok", value, compute_seconds)`` or ``("err", kind, message)``; the first frame is
+``("hello", info_dict)`` with the model's metadata, or ``("err", "load", message)``.
+
+``EDGEFLEET_WORKER_FAULT=<version>:abort|alloc`` is a test hook: a serving worker for that model version aborts
+or allocates without bound after loading — a model that passes its golden vectors but crashes on live traffic.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import struct
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+try:  # CPython's own SHA-256: hashlib's would map OpenSSL into this process (~3.5 MB resident here)
+    from _sha256 import sha256
+except ImportError:  # pragma: no cover - other Pythons
+    from hashlib import sha256
+
+__all__ = ["FAULT_ENV", "LEN", "frame", "main", "serve_loop"]
+
+FAULT_ENV = "EDGEFLEET_WORKER_FAULT"
+LEN = struct.Struct("<I")
+_RECV = 1 << 20
+
+# onnxruntime type name -> numpy dtype name; the same table as edgefleet.runtime.schema.ORT_TO_NUMPY (a test
+# pins the two together), repeated here so that this process never imports the runtime layer.
+ORT_TO_NUMPY = {
+    "tensor(float)": "float32",
+    "tensor(uint8)": "uint8",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+}
+
+
+def frame(obj: Any) -> bytes:
+    data = pickle.dumps(obj, protocol=5)
+    return LEN.pack(len(data)) + data
+
+
+def _fault(version: str, role: str) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if role != "serve" or ":" not in spec:
+        return
+    want, action = spec.split(":", 1)
+    if want != version:
+        return
+    time.sleep(0.2)  # after the hello: the worker starts fine, then dies under "traffic"
+    if action == "abort":
+        os.abort()
+    if action == "alloc":
+        hog = []
+        while True:  # grows until the watchdog or RLIMIT_DATA ends the process
+            hog.append(bytearray(16 * 1024 * 1024))
+            time.sleep(0.01)
+
+
+def _limit_memory(memory_mb: int) -> None:
+    # RLIMIT_AS is useless for onnxruntime (it maps ~190 MB of address space at import); RLIMIT_DATA bounds the
+    # heap growth from here on. The precise emulation of device memory is the supervisor's RSS watchdog.
+    import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            vm_data = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    except (OSError, StopIteration):
+        vm_data = 0
+    limit = vm_data + memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+# ---------------------------------------------------------------- the lean path: a bare ONNX model
+
+
+class InputRefused(Exception):
+    """A request the model's input schema refuses (answered as ``("err", "input", …)``, a 400 upstream)."""
+
+
+def _signature(spec: dict[str, Any]) -> str:
+    dims = ", ".join("?" if d is None else str(d) for d in spec["shape"])
+    return f"{spec['name']}: {spec['dtype']}[{dims}]"
+
+
+class OnnxModel:
+    """An onnxruntime session with the same settings, specs and input checks as ``edgefleet.runtime.Model``
+    (RuntimeSettings defaults: inter-op 1 thread, all graph optimizations, the CPU provider), minus spinning."""
+
+    def __init__(self, path: str, intra_op_threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        # No spinning: after each run onnxruntime's pool would busy-wait for more work, stealing the core that the
+        # agent and the client need next (here: a worker round trip of ~65 µs spinning vs ~15 µs without).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        digest = sha256()
+        with open(path, "rb") as f:  # hashed in chunks: the model's bytes are never held twice
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        self.model_sha256 = digest.hexdigest()
+        try:
+            self.session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own untyped exceptions
+            raise RuntimeError(f"onnxruntime cannot load the model: {str(err).splitlines()[0]}") from None
+        self.inputs = [self._spec(a) for a in self.session.get_inputs()]
+        self.outputs = [self._spec(a) for a in self.session.get_outputs()]
+        self._output_names = [o["name"] for o in self.outputs]
+        import numpy as np
+
+        self._checks = [(s["name"], np.dtype(s["dtype"]), s["shape"], s) for s in self.inputs]
+        self._described = "; ".join(_signature(s) for s in self.inputs)
+
+    @staticmethod
+    def _spec(arg: Any) -> dict[str, Any]:
+        dims = [d if isinstance(d, int) else (d or None) for d in arg.shape or []]
+        return {"name": arg.name, "dtype": ORT_TO_NUMPY.get(arg.type, "float32"), "shape": dims, "value_range": None}
+
+    def _validate(self, feeds: dict[str, Any]) -> None:
+        if len(feeds) != len(self._checks):
+            known = {c[0] for c in self._checks}
+            extra = [n for n in feeds if n not in known]
+            if extra:
+                raise InputRefused(f"unknown input {extra[0]!r}; the model expects {self._described}")
+        for name, dtype, shape, spec in self._checks:
+            arr = feeds.get(name)
+            if arr is None:
+                raise InputRefused(f"missing input {name!r}; the model expects {self._described}")
+            if arr.dtype != dtype:
+                raise InputRefused(f"input {name!r} has dtype {arr.dtype}, expected {_signature(spec)}")
+            if arr.ndim != len(shape):
+                raise InputRefused(
+                    f"input {name!r} has rank {arr.ndim} (shape {list(arr.shape)}), expected {_signature(spec)}"
+                )
+            for got, want in zip(arr.shape, shape, strict=True):
+                if isinstance(want, int) and want > 0 and got != want:
+                    raise InputRefused(f"input {name!r} has shape {list(arr.shape)}, expected {_signature(spec)}")
+
+    def run(self, feeds: dict[str, Any], outputs: list[str] | None) -> dict[str, Any]:
+        self._validate(feeds)
+        names = outputs or self._output_names
+        return dict(zip(names, self.session.run(names, feeds), strict=True))
+
+
+def _lean_load(path: str, intra_op_threads: int) -> tuple[OnnxModel, dict[str, Any]]:
+    t0 = time.perf_counter()
+    model = OnnxModel(path, intra_op_threads)
+    info = {
+        "name": os.path.splitext(os.path.basename(path))[0],
+        "version": "1",
+        "model_sha256": model.model_sha256,
+        "inputs": model.inputs,
+        "outputs": model.outputs,
+        "load_seconds": time.perf_counter() - t0,
+    }
+    return model, info
+
+
+# ---------------------------------------------------------------- the loop
+
+
+Handler = Callable[[tuple[Any, ...]], tuple[Any, ...] | None]
+
+
+def serve_loop(
+    sock: socket.socket,
+    run: Callable[[dict[str, Any], list[str] | None], dict[str, Any]],
+    handle: Handler,
+    input_errors: tuple[type[BaseException], ...],
+    after: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+) -> None:
+    """Answer frames until EOF or ``("stop",)``. ``run`` serves ``infer``; ``handle`` the other ops (None: stop);
+    ``after(feeds, outputs)`` runs once the answers of a burst are sent (drift: it never delays a request)."""
+    buf = bytearray()
+    chunk = bytearray(_RECV)
+    view = memoryview(chunk)
+    perf = time.perf_counter
+    while True:
+        n = sock.recv_into(view)
+        if n == 0:
+            return
+        buf += view[:n]
+        replies: list[bytes] = []
+        done: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        pos = 0
+        stop = False
+        while len(buf) - pos >= 4:
+            (size,) = LEN.unpack_from(buf, pos)
+            if len(buf) - pos - 4 < size:
+                break
+            msg = pickle.loads(memoryview(buf)[pos + 4 : pos + 4 + size])
+            pos += 4 + size
+            if msg[0] == "infer":
+                t0 = perf()
+                try:
+                    result = run(msg[1], msg[2])
+                except input_errors as err:
+                    replies.append(frame(("err", "input", str(err))))
+                    continue
+                except MemoryError:
+                    os._exit(137)  # the emulated device ran out of memory: a crash, not an error answer
+                except Exception as err:
+                    replies.append(frame(("err", "model", f"{type(err).__name__}: {err}")))
+                    continue
+                replies.append(frame(("ok", result, perf() - t0)))
+                if after is not None:
+                    done.append((msg[1], result))
+                continue
+            answer = handle(msg)
+            if answer is None:
+                stop = True
+                break
+            replies.append(frame(answer))
+        del buf[:pos]
+        if replies:
+            sock.sendall(b"".join(replies) if len(replies) > 1 else replies[0])
+        if after is not None:
+            for feeds, result in done:  # raw inputs never leave this process
+                after(feeds, result)
+        if stop:
+            return
+
+
+def _serve_lean(sock: socket.socket, path: str, role: str, threads: int) -> None:
+    try:
+        model, info = _lean_load(path, threads)
+    except Exception as err:
+        sock.sendall(frame(("err", "load", f"{type(err).__name__}: {err}")))
+        return
+    sock.sendall(frame(("hello", info)))
+    _fault(info["version"], role)
+
+    def handle(msg: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        if msg[0] == "drift":
+            return ("ok", [], 0.0)
+        if msg[0] == "golden":
+            return ("err", "golden", "no golden vectors (a bare ONNX model, not a package)")
+        return None if msg[0] == "stop" else ("err", "model", f"unknown operation {msg[0]!r}")
+
+    serve_loop(sock, model.run, handle, (InputRefused,))
+
+
+def _args(argv: list[str]) -> dict[str, str]:
+    """``--name value`` pairs: the supervisor is the only caller (argparse alone costs start-up and memory)."""
+    if len(argv) % 2 or not all(k.startswith("--") for k in argv[::2]):
+        raise SystemExit(f"edgefleet-worker: bad arguments {argv!r}")
+    args = {k[2:]: v for k, v in zip(argv[::2], argv[1::2], strict=True)}
+    if "fd" not in args or "path" not in args:
+        raise SystemExit("edgefleet-worker: --fd and --path are required")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = _args(sys.argv[1:] if argv is None else argv)
+    sock = socket.socket(fileno=int(a["fd"]))
+    memory_mb = int(a["memory-mb"]) if a.get("memory-mb") else None
+    threads = int(a.get("threads", "1"))
+    role = a.get("role", "serve")
+    if memory_mb:
+        _limit_memory(memory_mb)
+    runtime_env = any(k.startswith("EDGEFLEET_RUNTIME_") for k in os.environ)
+    if a["path"].endswith(".onnx") and not runtime_env:
+        _serve_lean(sock, a["path"], role, threads)
+        return
+    from pathlib import Path
+
+    from edgefleet.agent.worker import WorkerSpec, serve
+
+    key = Path(a["device-key"]) if a.get("device-key") else None
+    serve(sock, WorkerSpec(Path(a["path"]), key, role, memory_mb, threads))
+
+
+if __name__ == "__main__":
+    main()

@@ -25,17 +25,19 @@ from edgefleet.agent.backend import Backend, BackendFactory
 from edgefleet.agent.buffer import TelemetryBuffer
 from edgefleet.agent.durable import crashpoint
 from edgefleet.agent.healthcheck import run_health_check
+from edgefleet.agent.httpserver import serve_http
 from edgefleet.agent.oip import OIPApp
 from edgefleet.agent.probation import ProbationStats, decide, latency_budget_ms
 from edgefleet.agent.service import InferenceService
 from edgefleet.agent.slots import SlotStore
+from edgefleet.agent.standalone import serve_standalone
 from edgefleet.agent.state import Pending, PersistedState, SlotInfo, StateStore, recover, refusal_key
 from edgefleet.agent.supervisor import Supervisor
 from edgefleet.agent.telemetry import utcnow
 from edgefleet.agent.updater import ControlPlaneClient, Offline, download_resumable, jittered, should_update
 from edgefleet.agent.worker import ModelInfo, WorkerSpec
 from edgefleet.config import AgentSettings
-from edgefleet.errors import AgentError, EdgefleetError, UsageError, WorkerUnavailable
+from edgefleet.errors import EdgefleetError, UsageError, WorkerUnavailable
 from edgefleet.protocol import (
     AgentState,
     DesiredState,
@@ -57,46 +59,6 @@ log = logging.getLogger("edgefleet.agent")
 
 def _process_backend(spec: WorkerSpec, on_crash: Any) -> Backend:
     return Supervisor(spec, on_crash)
-
-
-async def serve_http(app: OIPApp, host: str, port: int) -> tuple[Any, asyncio.Task[None]]:
-    """Start uvicorn on ``host:port`` in this event loop; returns (server, task)."""
-    import uvicorn
-
-    cfg = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off", access_log=False)
-    server = uvicorn.Server(cfg)
-    setattr(server, "capture_signals", contextlib.nullcontext)  # noqa: B010  # the agent owns the signals
-    task = asyncio.get_running_loop().create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-            raise AgentError(f"the inference API could not listen on {host}:{port}")
-        await asyncio.sleep(0.01)
-    return server, task
-
-
-async def serve_standalone(
-    path: Path,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8081,
-    device_key: Path | None = None,
-    memory_mb: int | None = None,
-    stop: asyncio.Event | None = None,
-) -> None:
-    """``edgefleet serve``: one package or ONNX file behind the OIP API, no control plane."""
-    sup = Supervisor(WorkerSpec(path, device_key, memory_mb=memory_mb))
-    service = InferenceService()
-    info = await sup.start()
-    service.set_backend(sup, info)
-    server, task = await serve_http(OIPApp(service), host, port)
-    log.info("serving %s %s on http://%s:%d/v2", info.name, info.version, host, port)
-    try:
-        await (stop.wait() if stop else task)
-    finally:
-        server.should_exit = True
-        await task
-        await sup.stop()
 
 
 class Agent:
@@ -152,9 +114,8 @@ class Agent:
             self._probation = ProbationStats(time.monotonic())
             self.service.listener = self._probation.observe
         if self.with_http:
-            self._server, task = await serve_http(self.app, self.settings.host, self.settings.port)
-            self.port = self.settings.port
-            self._tasks.append(task)
+            self._server = await serve_http(self.app, self.settings.host, self.settings.port)
+            self.port = self._server.port
         loop = asyncio.get_running_loop()
         self._tasks += [loop.create_task(self._telemetry_loop()), loop.create_task(self._probation_loop())]
         if self.settings.server:
@@ -172,7 +133,7 @@ class Agent:
 
     async def stop(self) -> None:
         if self._server is not None:
-            self._server.should_exit = True
+            self._server.close()
         for t in [*self._tasks, *([self._update_task] if self._update_task else [])]:
             t.cancel()
         for t in self._tasks:

@@ -1,32 +1,43 @@
-"""The Open Inference Protocol v2 REST surface (KServe v2) as a plain ASGI app.
+"""The Open Inference Protocol v2 REST surface (KServe v2).
 
 Routes: ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{m}[/versions/{v}]``,
 ``…/ready``, ``POST …/infer`` (JSON tensors and the binary tensor extension), ``GET /metrics``.
 No Content-Type is required. Every error is a 4xx/5xx with ``{"error": "..."}`` — tritonclient reports anything
 else as a decode failure. The infer path has its own strict parser (``codec.py``) instead of a validation
-framework; each response goes out as one ``http.response.body`` message.
+framework.
+
+:meth:`OIPApp.handle` is transport-agnostic and callback-based: the agent's HTTP server
+(``httpserver.py``) calls it from ``data_received``, and an infer request is answered from the worker
+connection's callback, with no task per request. ``OIPApp`` is also a plain ASGI app (``__call__``), for
+embedding it in another server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
 
 from edgefleet import __version__
 from edgefleet.agent.codec import DTYPE_TO_OIP, BadRequest, encode_response, parse_request
+from edgefleet.agent.httpserver import JSON_HEADERS, MAX_BODY, Respond, error_body
 from edgefleet.agent.service import InferenceService
 
 __all__ = ["MAX_BODY", "OIPApp"]
 
-MAX_BODY = 64 * 1024 * 1024
-_JSON = [(b"content-type", b"application/json")]
+_BINARY_HEAD = b"content-type: application/octet-stream\r\ninference-header-content-length: "
+_METRICS_HEADERS = b"content-type: text/plain; version=0.0.4\r\n"
 
 _OUTCOME = {400: "bad_request", 404: "not_found", 413: "bad_request", 503: "unavailable", 500: "model_error"}
 
 
 def _dims(shape: list[Any]) -> list[int]:
     return [d if isinstance(d, int) and d > 0 else -1 for d in shape]
+
+
+def _json(doc: Any) -> bytes:
+    return json.dumps(doc).encode()
 
 
 class OIPApp:
@@ -36,6 +47,26 @@ class OIPApp:
         self.server_meta = json.dumps(
             {"name": "edgefleet", "version": __version__, "extensions": ["binary_tensor_data"]}
         ).encode()
+        self._outputs_of: tuple[Any, frozenset[str]] | None = None
+
+    # ------------------------------------------------------------------ the callback interface
+
+    def handle(self, method: str, path: str, headers: dict[bytes, bytes], body: bytes, respond: Respond) -> None:
+        """Answer one request through ``respond(status, body, header_lines)``, now or from a later callback."""
+        try:
+            if path.endswith("/infer") and path.startswith("/v2/models/"):
+                if method != "POST":
+                    raise BadRequest("use POST for infer", 405)
+                self._infer(path, headers, body, respond)
+                return
+            if method not in ("GET", "HEAD"):
+                raise BadRequest(f"{method} is not allowed on {path}", 405)
+            status, payload, extra = self._get(path)
+            respond(status, payload, extra)
+        except BadRequest as err:
+            respond(err.status, error_body(err.message), JSON_HEADERS)
+
+    # ------------------------------------------------------------------ ASGI, for embedding
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -48,33 +79,45 @@ class OIPApp:
                     return
         if scope["type"] != "http":
             return
-        path: str = scope["path"]
-        method: str = scope["method"]
-        try:
-            if path.endswith("/infer") and path.startswith("/v2/models/"):
-                if method != "POST":
-                    raise BadRequest("use POST for infer", 405)
-                await self._infer(scope, receive, send, path)
-                return
-            if method not in ("GET", "HEAD"):
-                raise BadRequest(f"{method} is not allowed on {path}", 405)
-            await self._get(path, send)
-        except BadRequest as err:
-            await _reply(send, err.status, {"error": err.message})
+        answer: asyncio.Future[tuple[int, bytes, bytes]] = asyncio.get_running_loop().create_future()
 
-    async def _get(self, path: str, send: Any) -> None:
+        def respond(status: int, payload: bytes, extra: bytes) -> None:
+            if not answer.done():
+                answer.set_result((status, payload, extra))
+
+        try:
+            body = await _body(receive)
+        except BadRequest as err:
+            respond(err.status, error_body(err.message), JSON_HEADERS)
+        else:
+            headers = {k.lower(): v for k, v in scope["headers"]}
+            self.handle(scope["method"], scope["path"], headers, body, respond)
+        status, payload, extra = await answer
+        hdrs = [tuple(line.split(b": ", 1)) for line in extra.split(b"\r\n") if line]
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*hdrs, (b"content-length", str(len(payload)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+    # ------------------------------------------------------------------ routes
+
+    def _get(self, path: str) -> tuple[int, bytes, bytes]:
         svc = self.service
         if path == "/v2/health/live":
-            await _reply(send, 200 if self.live else 503, {"live": self.live})
-        elif path == "/v2/health/ready":
+            return 200 if self.live else 503, _json({"live": self.live}), JSON_HEADERS
+        if path == "/v2/health/ready":
             if svc.backend is None:
                 raise BadRequest(f"not ready: {svc.unavailable_reason}", 503)
-            await _reply(send, 200, {"ready": True})
-        elif path in ("/v2", "/v2/"):
-            await _send(send, 200, self.server_meta, _JSON)
-        elif path == "/metrics":
-            await _send(send, 200, svc.metrics.render(), [(b"content-type", b"text/plain; version=0.0.4")])
-        elif path.startswith("/v2/models/"):
+            return 200, _json({"ready": True}), JSON_HEADERS
+        if path in ("/v2", "/v2/"):
+            return 200, self.server_meta, JSON_HEADERS
+        if path == "/metrics":
+            return 200, svc.metrics.render(), _METRICS_HEADERS
+        if path.startswith("/v2/models/"):
             parts = path[len("/v2/models/") :].split("/")
             ready = parts[-1] == "ready"
             if ready:
@@ -83,32 +126,30 @@ class OIPApp:
             info = svc.info
             assert info is not None
             if ready:
-                await _reply(send, 200, {"name": info.name, "ready": True})
-            else:
-                meta = {
-                    "name": info.name,
-                    "versions": [info.version],
-                    "platform": info.platform,
-                    "inputs": [
-                        {
-                            "name": s["name"],
-                            "datatype": DTYPE_TO_OIP.get(s["dtype"], s["dtype"]),
-                            "shape": _dims(s["shape"]),
-                        }
-                        for s in info.inputs
-                    ],
-                    "outputs": [
-                        {
-                            "name": s["name"],
-                            "datatype": DTYPE_TO_OIP.get(s["dtype"], s["dtype"]),
-                            "shape": _dims(s["shape"]),
-                        }
-                        for s in info.outputs
-                    ],
-                }
-                await _reply(send, 200, meta)
-        else:
-            raise BadRequest(f"no route {path}", 404)
+                return 200, _json({"name": info.name, "ready": True}), JSON_HEADERS
+            meta = {
+                "name": info.name,
+                "versions": [info.version],
+                "platform": info.platform,
+                "inputs": [
+                    {
+                        "name": s["name"],
+                        "datatype": DTYPE_TO_OIP.get(s["dtype"], s["dtype"]),
+                        "shape": _dims(s["shape"]),
+                    }
+                    for s in info.inputs
+                ],
+                "outputs": [
+                    {
+                        "name": s["name"],
+                        "datatype": DTYPE_TO_OIP.get(s["dtype"], s["dtype"]),
+                        "shape": _dims(s["shape"]),
+                    }
+                    for s in info.outputs
+                ],
+            }
+            return 200, _json(meta), JSON_HEADERS
+        raise BadRequest(f"no route {path}", 404)
 
     def _model(self, parts: list[str]) -> None:
         """Check that ``parts`` ([m] or [m, 'versions', v]) names the served model, else 404/503."""
@@ -126,40 +167,56 @@ class OIPApp:
         if version is not None and version != info.version:
             raise BadRequest(f"unknown version {version!r} of {name!r}; this device serves {info.version!r}", 404)
 
-    async def _infer(self, scope: dict[str, Any], receive: Any, send: Any, path: str) -> None:
+    def _known_outputs(self, info: Any) -> frozenset[str]:
+        cached = self._outputs_of
+        if cached is None or cached[0] is not info:
+            cached = self._outputs_of = (info, frozenset(s["name"] for s in info.outputs))
+        return cached[1]
+
+    def _infer(self, path: str, headers: dict[bytes, bytes], body: bytes, respond: Respond) -> None:
         t0 = time.perf_counter()
         svc = self.service
         try:
             self._model(path[len("/v2/models/") : -len("/infer")].split("/"))
+            raw = headers.get(b"inference-header-content-length")
             header_length = None
-            for k, v in scope["headers"]:
-                if k == b"inference-header-content-length":
-                    try:
-                        header_length = int(v)
-                    except ValueError:
-                        raise BadRequest("Inference-Header-Content-Length must be an integer")
-            body = await _body(receive)
+            if raw is not None:
+                try:
+                    header_length = int(raw)
+                except ValueError:
+                    raise BadRequest("Inference-Header-Content-Length must be an integer")
             info = svc.info
             assert info is not None
             req = parse_request(body, header_length, info.inputs)
-            known = {s["name"] for s in info.outputs}
-            for o in req.outputs or ():
-                if o not in known:
-                    raise BadRequest(f"unknown output {o!r}; the model has {sorted(known)}")
-            results, compute = await svc.infer(req.feeds, req.outputs)
-            payload, json_len = encode_response(info.name, info.version, req.id, results, req.binary)
+            if req.outputs:
+                known = self._known_outputs(info)
+                for o in req.outputs:
+                    if o not in known:
+                        raise BadRequest(f"unknown output {o!r}; the model has {sorted(known)}")
         except BadRequest as err:
             svc.record(_OUTCOME.get(err.status, "bad_request"), None)
-            await _reply(send, err.status, {"error": err.message})
+            respond(err.status, error_body(err.message), JSON_HEADERS)
             return
-        headers = list(_JSON)
-        if json_len is not None:
-            headers = [
-                (b"content-type", b"application/octet-stream"),
-                (b"inference-header-content-length", str(json_len).encode()),
-            ]
-        await _send(send, 200, payload, headers)
-        svc.record("ok", time.perf_counter() - t0, compute)
+
+        def done(results: dict[str, Any] | None, compute: float, err: BadRequest | None) -> None:
+            if err is None:
+                assert results is not None
+                try:
+                    payload, json_len = encode_response(info.name, info.version, req.id, results, req.binary)
+                except BadRequest as bad:
+                    err = bad
+                else:
+                    if json_len is None:
+                        respond(200, payload, JSON_HEADERS)
+                    else:
+                        respond(200, payload, b"%s%d\r\n" % (_BINARY_HEAD, json_len))
+                    # After the answer is on its way: bookkeeping never delays the response.
+                    svc.record("ok", time.perf_counter() - t0, compute)
+                    return
+            svc.record(_OUTCOME.get(err.status, "bad_request"), None)
+            respond(err.status, error_body(err.message), JSON_HEADERS)
+
+        svc.submit(req.feeds, req.outputs, done)
 
 
 async def _body(receive: Any) -> bytes:
@@ -176,18 +233,3 @@ async def _body(receive: Any) -> bytes:
         chunks.append(chunk)
         if not msg.get("more_body"):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _reply(send: Any, status: int, doc: Any) -> None:
-    await _send(send, status, json.dumps(doc).encode(), _JSON)
-
-
-async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*headers, (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

@@ -3,6 +3,7 @@ and the per-request bookkeeping (Prometheus, telemetry window, probation listene
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,18 @@ from edgefleet.errors import ModelError, WorkerUnavailable
 __all__ = ["InferenceService"]
 
 Listener = Callable[[str, float | None], None]
+# done(outputs, compute_seconds, error): exactly one of outputs and error is None.
+Done = Callable[[dict[str, Any] | None, float, BadRequest | None], None]
+
+
+def _as_bad_request(err: Exception) -> BadRequest:
+    if isinstance(err, InputError):
+        return BadRequest(str(err), 400)
+    if isinstance(err, ModelError):
+        return BadRequest(str(err), 500)
+    if isinstance(err, WorkerUnavailable):
+        return BadRequest(str(err), 503)
+    return BadRequest(f"internal error: {type(err).__name__}: {err}", 500)
 
 
 class InferenceService:
@@ -30,6 +43,7 @@ class InferenceService:
         self.unavailable_reason = "no model installed yet"
         self.listener: Listener | None = None
         self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def set_backend(self, backend: Backend, info: ModelInfo) -> None:
         self.backend, self.info = backend, info
@@ -51,6 +65,49 @@ class InferenceService:
         self.window.observe(outcome, total)
         if self.listener is not None:
             self.listener(outcome, total)
+
+    def submit(self, feeds: dict[str, np.ndarray], outputs: list[str] | None, done: Done) -> None:
+        """Run one request and call ``done`` with the outcome (maybe before returning: a 503 answers at once).
+
+        The hot path: a backend with ``submit`` (the worker :class:`~edgefleet.agent.supervisor.Supervisor`)
+        calls back from the event-loop callback that read the worker's answer; any other :class:`Backend` runs
+        in a task.
+        """
+        backend = self.backend
+        if backend is None:
+            done(None, 0.0, BadRequest(f"no model is serving: {self.unavailable_reason}", 503))
+            return
+        if self._in_flight >= self.queue_size:
+            done(None, 0.0, BadRequest(f"overloaded: {self._in_flight} requests queued (limit {self.queue_size})", 503))
+            return
+        self._in_flight += 1
+        fast = getattr(backend, "submit", None)
+        if fast is None:
+            task = asyncio.get_running_loop().create_task(self._run_task(backend, feeds, outputs, done))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+
+        def finish(results: dict[str, Any] | None, compute: float, err: Exception | None) -> None:
+            self._in_flight -= 1
+            done(results, compute, None if err is None else _as_bad_request(err))
+
+        try:
+            fast(feeds, outputs, finish)
+        except Exception as err:  # no worker running right now
+            finish(None, 0.0, err)
+
+    async def _run_task(
+        self, backend: Backend, feeds: dict[str, np.ndarray], outputs: list[str] | None, done: Done
+    ) -> None:
+        try:
+            results, compute = await backend.infer(feeds, outputs)
+        except Exception as err:
+            self._in_flight -= 1
+            done(None, 0.0, _as_bad_request(err))
+            return
+        self._in_flight -= 1
+        done(results, compute, None)
 
     async def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> tuple[dict[str, Any], float]:
         """Run one request. Raises BadRequest with the HTTP status to answer."""

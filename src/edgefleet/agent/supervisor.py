@@ -148,6 +148,30 @@ class Supervisor:
             raise WorkerUnavailable(f"no inference worker is running ({self.last_crash_reason or 'starting'})")
         return await w.call(msg)
 
+    def submit(
+        self,
+        feeds: dict[str, np.ndarray],
+        outputs: list[str] | None,
+        done: Callable[[dict[str, Any] | None, float, Exception | None], None],
+    ) -> None:
+        """The serving hot path: ``done(outputs, compute_s, error)`` runs from the callback that reads the
+        worker's answer. Raises WorkerUnavailable while no worker runs."""
+        w = self.worker
+        if w is None:
+            raise WorkerUnavailable(f"no inference worker is running ({self.last_crash_reason or 'starting'})")
+
+        def answered(reply: Any, err: Exception | None) -> None:
+            if err is not None:
+                done(None, 0.0, err)
+            elif reply[0] == "ok":
+                done(reply[1], reply[2], None)
+            elif reply[1] == "input":
+                done(None, 0.0, InputError(reply[2]))
+            else:
+                done(None, 0.0, ModelError(reply[2]))
+
+        w.submit(("infer", feeds, outputs), answered)
+
     async def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> tuple[dict[str, Any], float]:
         reply = await self._call(("infer", feeds, outputs))
         if reply[0] == "ok":

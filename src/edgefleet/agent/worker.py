@@ -1,41 +1,39 @@
 """The inference worker: a separate process that loads one model and answers requests over a socket pair.
 
-A crash here (a segfault in the runtime, an abort, the memory watchdog's SIGKILL) cannot take the agent down;
-the supervisor restarts it. Frames are a 4-byte little-endian length and a pickle (the peer is our own process,
-started by us with a socket pair, so nothing untrusted is unpickled). Requests are answered in order, which lets
-the agent pipeline several requests on one connection.
+A crash there (a segfault in the runtime, an abort, the memory watchdog's SIGKILL) cannot take the agent down;
+the supervisor restarts it. The process's entry point, frame protocol and serving loop are in
+``_worker_main.py`` (kept free of edgefleet imports, so a bare ONNX model is served by a lean process); this
+module holds what both sides share (:class:`WorkerSpec`, :class:`ModelInfo`), the full package loading path the
+worker imports only for packages, and the agent side (:class:`WorkerProcess`).
 
-Messages (agent → worker): ``("infer", feeds, outputs)``, ``("drift",)``, ``("golden",)``, ``("stop",)``.
-Answers: ``("ok", value, compute_seconds)`` or ``("err", kind, message)``; the first frame is the hello with the
-model's metadata, or ``("err", "load", message)``.
-
-``EDGEFLEET_WORKER_FAULT=<version>:abort|alloc`` is a test hook: a serving worker for that model version aborts
-or allocates without bound after loading — a model that passes its golden vectors but crashes on live traffic.
+On the agent side the connection is a plain :class:`asyncio.Protocol`: answers come back in order, so each one
+completes the oldest waiter — a future for :meth:`WorkerProcess.call`, or a plain callback for the serving hot
+path (:meth:`WorkerProcess.submit`), which lets the HTTP response be written from the same event-loop callback
+that read the worker's answer, with no task or future in between.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
-import os
+import logging
 import pickle
-import resource
 import socket
-import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgefleet.agent._worker_main import FAULT_ENV, LEN, frame, serve_loop
 from edgefleet.errors import WorkerUnavailable
 
-__all__ = ["FAULT_ENV", "ModelInfo", "WorkerProcess", "WorkerSpec", "main"]
+__all__ = ["FAULT_ENV", "ModelInfo", "WorkerProcess", "WorkerSpec", "serve"]
 
-FAULT_ENV = "EDGEFLEET_WORKER_FAULT"
-_LEN = struct.Struct("<I")
+log = logging.getLogger("edgefleet.agent")
+_ENTRY = str(Path(__file__).with_name("_worker_main.py"))
 
 
 @dataclass(frozen=True)
@@ -62,53 +60,7 @@ class ModelInfo:
     has_golden: bool = False
 
 
-# ---------------------------------------------------------------- worker side (runs in the child process)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise EOFError
-        got += k
-    return bytes(buf)
-
-
-def _send(sock: socket.socket, obj: Any) -> None:
-    data = pickle.dumps(obj, protocol=5)
-    sock.sendall(_LEN.pack(len(data)) + data)
-
-
-def _limit_memory(memory_mb: int) -> None:
-    # RLIMIT_AS is useless for onnxruntime (it maps ~190 MB of address space at import); RLIMIT_DATA bounds the
-    # heap growth from here on. The precise emulation of device memory is the supervisor's RSS watchdog.
-    try:
-        with open("/proc/self/status") as f:
-            vm_data = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
-    except (OSError, StopIteration):
-        vm_data = 0
-    limit = vm_data + memory_mb * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-
-
-def _fault(version: str, role: str) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if role != "serve" or ":" not in spec:
-        return
-    want, action = spec.split(":", 1)
-    if want != version:
-        return
-    time.sleep(0.2)  # after the hello: the worker starts fine, then dies under "traffic"
-    if action == "abort":
-        os.abort()
-    if action == "alloc":
-        hog = []
-        while True:  # grows until the watchdog or RLIMIT_DATA ends the process
-            hog.append(bytearray(16 * 1024 * 1024))
-            time.sleep(0.01)
+# ---------------------------------------------------------------- worker side (the full path, for packages)
 
 
 def _load(spec: WorkerSpec) -> tuple[Any, ModelInfo, Any, Any]:
@@ -163,14 +115,15 @@ def _golden(model: Any, opened: Any) -> dict[str, Any]:
 
 
 def serve(sock: socket.socket, spec: WorkerSpec) -> None:
-    if spec.memory_mb:
-        _limit_memory(spec.memory_mb)
+    """The worker's loop for a package (or any model when ``EDGEFLEET_RUNTIME_*`` settings are given)."""
+    from edgefleet.agent._worker_main import _fault
+
     try:
         model, info, opened, reference = _load(spec)
     except Exception as err:
-        _send(sock, ("err", "load", f"{type(err).__name__}: {err}"))
+        sock.sendall(frame(("err", "load", f"{type(err).__name__}: {err}")))
         return
-    _send(sock, ("hello", info))
+    sock.sendall(frame(("hello", _info_dict(info))))
     _fault(info.version, spec.role)
     from edgefleet.errors import InputValidationError
 
@@ -179,58 +132,75 @@ def serve(sock: socket.socket, spec: WorkerSpec) -> None:
         from edgefleet.telemetry.drift import DriftAccumulator
 
         drift = DriftAccumulator(reference)
-    while True:
-        try:
-            (n,) = _LEN.unpack(_recv_exact(sock, 4))
-            msg = pickle.loads(_recv_exact(sock, n))
-        except EOFError:
-            return
+
+    def handle(msg: tuple[Any, ...]) -> tuple[Any, ...] | None:
         op = msg[0]
-        if op == "infer":
-            feeds, outputs = msg[1], msg[2]
-            t0 = time.perf_counter()
-            try:
-                result = model.run(feeds, outputs)
-            except InputValidationError as err:
-                _send(sock, ("err", "input", str(err)))
-                continue
-            except MemoryError:
-                os._exit(137)  # the emulated device ran out of memory: a crash, not an error answer
-            except Exception as err:
-                _send(sock, ("err", "model", f"{type(err).__name__}: {err}"))
-                continue
-            _send(sock, ("ok", result, time.perf_counter() - t0))
-            # After answering, so the request does not wait for it; raw inputs never leave this process.
-            if drift is not None:
-                drift.add(feeds, result)
-        elif op == "drift":
+        if op == "drift":
             out = drift.summaries() if drift is not None else []
             if drift is not None:
                 drift.reset()
-            _send(sock, ("ok", [d.model_dump() for d in out], 0.0))
-        elif op == "golden":
+            return ("ok", [d.model_dump() for d in out], 0.0)
+        if op == "golden":
+            if not opened:
+                return ("err", "golden", "no golden vectors")
             try:
-                _send(sock, ("ok", _golden(model, opened), 0.0) if opened else ("err", "golden", "no golden vectors"))
+                return ("ok", _golden(model, opened), 0.0)
             except Exception as err:
-                _send(sock, ("err", "golden", f"{type(err).__name__}: {err}"))
-        elif op == "stop":
-            return
+                return ("err", "golden", f"{type(err).__name__}: {err}")
+        return None if op == "stop" else ("err", "model", f"unknown operation {op!r}")
+
+    serve_loop(sock, model.run, handle, (InputValidationError,), drift.add if drift is not None else None)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="edgefleet-worker")
-    p.add_argument("--fd", type=int, required=True)
-    p.add_argument("--path", type=Path, required=True)
-    p.add_argument("--device-key", type=Path)
-    p.add_argument("--role", default="serve")
-    p.add_argument("--memory-mb", type=int)
-    p.add_argument("--threads", type=int, default=1)
-    a = p.parse_args(argv)
-    sock = socket.socket(fileno=a.fd)
-    serve(sock, WorkerSpec(a.path, a.device_key, a.role, a.memory_mb, a.threads))
+def _info_dict(info: ModelInfo) -> dict[str, Any]:
+    # A plain dict, not the dataclass: the lean worker sends the same shape without importing this module.
+    return dict(info.__dict__)
 
 
 # ---------------------------------------------------------------- agent side
+
+
+class _Conn(asyncio.Protocol):
+    """The agent's end of the socket pair: splits frames and hands each answer to the oldest waiter."""
+
+    def __init__(self, owner: WorkerProcess) -> None:
+        self.owner = owner
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos, end = 0, len(buf)
+        waiters = self.owner._waiters
+        while end - pos >= 4:
+            (size,) = LEN.unpack_from(buf, pos)
+            if end - pos - 4 < size:
+                break
+            msg = pickle.loads(memoryview(buf)[pos + 4 : pos + 4 + size])
+            pos += 4 + size
+            if not waiters:
+                continue  # the hello is taken by start(); anything unasked-for is a protocol slip, dropped
+            w = waiters.popleft()
+            if isinstance(w, asyncio.Future):
+                if not w.done():
+                    w.set_result(msg)
+            else:
+                try:
+                    w(msg, None)
+                except Exception:  # one answer's handler failing must not desynchronise the stream
+                    log.exception("an inference answer's callback failed")
+        del buf[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner._connection_lost()
+
+
+Waiter = asyncio.Future[Any] | Callable[[Any, Exception | None], None]
 
 
 class WorkerProcess:
@@ -240,9 +210,8 @@ class WorkerProcess:
         self.spec = spec
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: ModelInfo | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self._reader_task: asyncio.Task[None] | None = None
+        self._transport: asyncio.Transport | None = None
+        self._waiters: collections.deque[Waiter] = collections.deque()
         self.closed = asyncio.Event()
         self.close_reason: str | None = None
 
@@ -250,51 +219,38 @@ class WorkerProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    async def start(self, timeout: float = 60.0) -> ModelInfo:
-        parent, child = socket.socketpair()
-        args = [
-            sys.executable,
-            "-m",
-            "edgefleet.agent._worker_main",
-            "--fd",
-            str(child.fileno()),
-            "--path",
-            str(self.spec.path),
-        ]
+    def command(self, fd: int) -> list[str]:
+        # -P: the entry file's folder stays off sys.path; a file, not -m: no edgefleet/__init__ (see _worker_main).
+        args = [sys.executable, "-P", _ENTRY, "--fd", str(fd), "--path", str(self.spec.path)]
         args += ["--role", self.spec.role, "--threads", str(self.spec.intra_op_threads)]
         if self.spec.device_key:
             args += ["--device-key", str(self.spec.device_key)]
         if self.spec.memory_mb:
             args += ["--memory-mb", str(self.spec.memory_mb)]
-        self.proc = subprocess.Popen(args, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+        return args
+
+    async def start(self, timeout: float = 60.0) -> ModelInfo:
+        parent, child = socket.socketpair()
+        self.proc = subprocess.Popen(self.command(child.fileno()), pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
         child.close()
-        reader, self._writer = await asyncio.open_unix_connection(sock=parent)
+        loop = asyncio.get_running_loop()
+        hello_fut: asyncio.Future[Any] = loop.create_future()
+        self._waiters.append(hello_fut)
+        transport, _ = await loop.create_unix_connection(lambda: _Conn(self), sock=parent)
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
         try:
-            hello = await asyncio.wait_for(self._read(reader), timeout)
-        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, pickle.UnpicklingError, AttributeError):
+            hello = await asyncio.wait_for(hello_fut, timeout)
+        except (WorkerUnavailable, TimeoutError, pickle.UnpicklingError, AttributeError):
             self.kill()
             raise WorkerUnavailable(f"the worker exited while loading {self.spec.path.name} (exit {self._exit_code()})")
         if hello[0] != "hello":
             self.kill()
             raise WorkerUnavailable(f"the worker cannot load {self.spec.path.name}: {hello[2]}")
-        self.info = hello[1]
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop(reader))
-        return hello[1]
+        self.info = ModelInfo(**hello[1])
+        return self.info
 
-    @staticmethod
-    async def _read(reader: asyncio.StreamReader) -> Any:
-        (n,) = _LEN.unpack(await reader.readexactly(4))
-        return pickle.loads(await reader.readexactly(n))
-
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                msg = await self._read(reader)
-                fut = self._waiters.popleft()
-                if not fut.done():
-                    fut.set_result(msg)
-        except (asyncio.IncompleteReadError, ConnectionError, IndexError):
-            pass
+    def _connection_lost(self) -> None:
         code = self._exit_code()
         self._closed("worker exited" if code is None else f"worker exited (exit {code})")
 
@@ -307,19 +263,33 @@ class WorkerProcess:
         if self.close_reason is None:
             self.close_reason = reason
         while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_exception(WorkerUnavailable(f"the inference worker crashed: {reason}"))
+            w = self._waiters.popleft()
+            err = WorkerUnavailable(f"the inference worker crashed: {reason}")
+            if isinstance(w, asyncio.Future):
+                if not w.done():
+                    w.set_exception(err)
+            else:
+                try:
+                    w(None, err)
+                except Exception:
+                    log.exception("an inference answer's callback failed")
         self.closed.set()
+
+    def submit(self, msg: tuple[Any, ...], callback: Callable[[Any, Exception | None], None]) -> None:
+        """Send one request; ``callback(answer, None)`` or ``callback(None, WorkerUnavailable)`` runs in the loop
+        callback that reads the answer (the hot path: no task, no future)."""
+        if self._transport is None or self.closed.is_set():
+            raise WorkerUnavailable("the inference worker is not running")
+        self._waiters.append(callback)
+        self._transport.write(frame(msg))
 
     async def call(self, msg: tuple[Any, ...]) -> Any:
         """Send one request and wait for its answer (answers come back in order)."""
-        if self._writer is None or self.closed.is_set():
+        if self._transport is None or self.closed.is_set():
             raise WorkerUnavailable("the inference worker is not running")
-        data = pickle.dumps(msg, protocol=5)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
-        self._writer.write(_LEN.pack(len(data)) + data)
+        self._transport.write(frame(msg))
         return await fut
 
     @property
@@ -334,11 +304,9 @@ class WorkerProcess:
         """Graceful stop; kills if it does not exit promptly."""
         if self.proc is None:
             return
-        if self._writer is not None and not self.closed.is_set():
+        if self._transport is not None and not self.closed.is_set():
             try:
-                data = pickle.dumps(("stop",), protocol=5)
-                self._writer.write(_LEN.pack(len(data)) + data)
-                self._writer.close()
+                self._transport.write(frame(("stop",)))
             except (ConnectionError, RuntimeError):
                 pass
         loop = asyncio.get_running_loop()
@@ -347,6 +315,6 @@ class WorkerProcess:
         except TimeoutError:
             self.kill()
             await loop.run_in_executor(None, self.proc.wait)
-        if self._reader_task is not None:
-            self._reader_task.cancel()
+        if self._transport is not None:
+            self._transport.close()
         self._closed("stopped")

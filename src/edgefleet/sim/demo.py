@@ -98,11 +98,14 @@ def big_table_model(model: bytes, mb: int) -> bytes:
 
 def canary_percent(device_tiers: dict[str, str], floor: float = 5.0) -> float:
     """The smallest canary (percent) that holds at least one device of every tier: a canary that leaves a tier
-    out cannot catch what fails only there. Membership stays the control plane's stable hash of the device id."""
-    first: dict[str, float] = {}
-    for dev, tier in device_tiers.items():
-        first[tier] = min(first.get(tier, 100.0), wave_bucket(dev))
-    pct = max([floor, *(b + 0.5 for b in first.values())])
+    out cannot catch what fails only there. The control plane fills a wave with the first ``ceil(pct × N)``
+    devices in stable-hash order, so the canary must reach the rank of each tier's first device."""
+    order = sorted(device_tiers, key=lambda d: (wave_bucket(d), d))
+    n = len(order)
+    first_rank: dict[str, int] = {}
+    for rank, dev in enumerate(order):
+        first_rank.setdefault(device_tiers[dev], rank)
+    pct = max([floor, *((r + 1) / n * 100.0 for r in first_rank.values())]) if n else floor
     return float(min(99.0, np.ceil(pct)))
 
 
