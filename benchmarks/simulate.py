@@ -1,6 +1,6 @@
 """Hold a large simulated fleet against a real `edgefleet server` and measure it.
 
-    .venv/bin/python benchmarks/simulate.py [--devices 500] [--full 0] [--duration 10m] [--checkin-interval 5]
+    .venv/bin/python benchmarks/simulate.py [--devices 500] [--full 20] [--duration 10m] [--checkin-interval 5]
 
 Starts a server in a temp dir, enrolls the fleet (lightweight agents in this process sharing one model; --full of
 them as `edgefleet agent` processes), rolls the digits MLP out to every device, then holds the fleet for
@@ -112,7 +112,7 @@ async def main(a: argparse.Namespace) -> dict[str, object]:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=500)
-    p.add_argument("--full", type=int, default=0)
+    p.add_argument("--full", type=int, default=20)
     p.add_argument("--duration", default="10m")
     p.add_argument("--checkin-interval", type=float, default=5.0)
     p.add_argument("--telemetry-interval", type=float, default=30.0)
