@@ -236,8 +236,9 @@ class FakeControlPlane:
             "rollout_id": rollout,
             "target": f"{name}-{version}.efpkg" if name else None,
         }
-        # Fast loops for tests; the configuration document overrides the agent's command-line intervals.
-        d["config"] = {"checkin_interval_s": 0.2, "telemetry_interval_s": 0.5} | config
+        # Fast loops for tests. A document of version >= 1 overrides the agent's command-line intervals (version 0
+        # means "no document" and leaves the flags in charge).
+        d["config"] = {"version": 1, "checkin_interval_s": 0.2, "telemetry_interval_s": 0.5} | config
         self.configure(desired=d)
 
 

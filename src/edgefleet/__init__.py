@@ -7,17 +7,29 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.errors import EdgefleetError
-from edgefleet.runtime import Model
+
+if TYPE_CHECKING:
+    from edgefleet.runtime import Model
 
 __all__ = ["EdgefleetError", "Model", "__version__", "load"]
 __version__ = "0.1.0"
 
 
+def __getattr__(name: str) -> Any:
+    # Imported on first use: `import edgefleet` must not load onnxruntime into processes that never run a model
+    # (the agent's supervisor, the control plane, the CLI's --help).
+    if name == "Model":
+        from edgefleet.runtime import Model
+
+        return Model
+    raise AttributeError(f"module 'edgefleet' has no attribute {name!r}")
+
+
 def load(path: str | os.PathLike[str], *, device_key: Any = None, settings: Any = None) -> Model:
-    """Load a ``.efpkg`` package (verifying it, decrypting with ``device_key`` if encrypted) or a ``.onnx`` file."""
+    """Load a ``.efpkg`` package (verified; decrypted with ``device_key`` if encrypted) or a ``.onnx`` file."""
     p = Path(path)
     if p.suffix == ".efpkg":
         from edgefleet.package import open_package

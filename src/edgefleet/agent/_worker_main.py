@@ -42,8 +42,8 @@ FAULT_ENV = "EDGEFLEET_WORKER_FAULT"
 LEN = struct.Struct("<I")
 _RECV = 1 << 20
 
-# onnxruntime type name -> numpy dtype name; the same table as edgefleet.runtime.schema.ORT_TO_NUMPY (a test
-# pins the two together), repeated here so that this process never imports the runtime layer.
+# onnxruntime type name -> numpy dtype name: keep equal to edgefleet.runtime.schema.ORT_TO_NUMPY. Repeated here
+# so that this process never imports the runtime layer (whose package imports pydantic-settings).
 ORT_TO_NUMPY = {
     "tensor(float)": "float32",
     "tensor(uint8)": "uint8",
@@ -82,6 +82,7 @@ def _fault(version: str, role: str) -> None:
 
 
 def _limit_memory(memory_mb: int) -> None:
+    # Called once the model is loaded: the backstop bounds what serving allocates beyond that.
     # RLIMIT_AS is useless for onnxruntime (it maps ~190 MB of address space at import); RLIMIT_DATA bounds the
     # heap growth from here on. The precise emulation of device memory is the supervisor's RSS watchdog.
     import resource
@@ -250,12 +251,14 @@ def serve_loop(
             return
 
 
-def _serve_lean(sock: socket.socket, path: str, role: str, threads: int) -> None:
+def _serve_lean(sock: socket.socket, path: str, role: str, threads: int, memory_mb: int | None) -> None:
     try:
         model, info = _lean_load(path, threads)
     except Exception as err:
         sock.sendall(frame(("err", "load", f"{type(err).__name__}: {err}")))
         return
+    if memory_mb:
+        _limit_memory(memory_mb)
     sock.sendall(frame(("hello", info)))
     _fault(info["version"], role)
 
@@ -285,11 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     memory_mb = int(a["memory-mb"]) if a.get("memory-mb") else None
     threads = int(a.get("threads", "1"))
     role = a.get("role", "serve")
-    if memory_mb:
-        _limit_memory(memory_mb)
     runtime_env = any(k.startswith("EDGEFLEET_RUNTIME_") for k in os.environ)
     if a["path"].endswith(".onnx") and not runtime_env:
-        _serve_lean(sock, a["path"], role, threads)
+        _serve_lean(sock, a["path"], role, threads, memory_mb)
         return
     from pathlib import Path
 

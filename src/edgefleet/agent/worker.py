@@ -116,13 +116,15 @@ def _golden(model: Any, opened: Any) -> dict[str, Any]:
 
 def serve(sock: socket.socket, spec: WorkerSpec) -> None:
     """The worker's loop for a package (or any model when ``EDGEFLEET_RUNTIME_*`` settings are given)."""
-    from edgefleet.agent._worker_main import _fault
+    from edgefleet.agent._worker_main import _fault, _limit_memory
 
     try:
         model, info, opened, reference = _load(spec)
     except Exception as err:
         sock.sendall(frame(("err", "load", f"{type(err).__name__}: {err}")))
         return
+    if spec.memory_mb:
+        _limit_memory(spec.memory_mb)
     sock.sendall(frame(("hello", _info_dict(info))))
     _fault(info.version, spec.role)
     from edgefleet.errors import InputValidationError

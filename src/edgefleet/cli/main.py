@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Any
 
 import typer
 
@@ -11,7 +12,7 @@ from edgefleet import __version__
 from edgefleet.cli._output import error
 from edgefleet.errors import EdgefleetError
 
-app = typer.Typer(
+_app = typer.Typer(
     name="edgefleet",
     help="Take a trained model to a fleet of edge devices and keep it healthy there.",
     no_args_is_help=True,
@@ -20,18 +21,28 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Each module owns one command group and exposes ``register(app)``.
-_GROUPS = [
-    "package",  # package, inspect
-    "keys",  # keys device
-    "repo",  # repo init/status/refresh/rotate-key, publish, fetch
-    "bench",  # bench
-    "gate",  # gate
-    "optimize",  # optimize
-    "agent",  # agent, serve
-    "server",  # server, devices, rollout, fleet, audit, models
-    "sim",  # simulate, demo
-]
+# Each module owns one command group and exposes ``register(app)``; the commands each one adds. A run imports only
+# the module of the command it names: a device running `edgefleet agent` never pays for the optimizer, the control
+# plane or onnxruntime in its own process (RSS and start-up time are a device's budget).
+_GROUPS: dict[str, tuple[str, ...]] = {
+    "package": ("package", "inspect"),
+    "keys": ("keys",),
+    "repo": ("repo", "publish", "fetch"),
+    "bench": ("bench",),
+    "gate": ("gate",),
+    "optimize": ("optimize",),
+    "agent": ("agent", "serve"),
+    "server": ("server", "devices", "rollout", "fleet", "audit", "models", "tokens"),
+    "sim": ("simulate", "demo"),
+}
+
+
+def _groups_for(argv: list[str]) -> list[str]:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    for module, commands in _GROUPS.items():
+        if command in commands:
+            return [module]
+    return list(_GROUPS)  # --help, a typo, or no command: every group, so help and suggestions are complete
 
 
 def _version(value: bool) -> None:
@@ -40,20 +51,36 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+@_app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """edgefleet: optimize, benchmark, gate, package, sign, roll out, serve and observe edge models."""
 
 
-for _name in _GROUPS:
-    importlib.import_module(f"edgefleet.cli.{_name}").register(app)
+def register_groups(argv: list[str] | None = None) -> typer.Typer:
+    """Add the command groups ``argv`` needs (all of them when ``argv`` is None) to the app."""
+    for name in list(_GROUPS) if argv is None else _groups_for(argv):
+        if name not in _registered:
+            importlib.import_module(f"edgefleet.cli.{name}").register(_app)
+            _registered.add(name)
+    return _app
+
+
+_registered: set[str] = set()
+
+
+def __getattr__(name: str) -> Any:
+    # ``from edgefleet.cli.main import app`` (tests, embedding) gets the app with every command group.
+    if name == "app":
+        return register_groups(None)
+    raise AttributeError(name)
 
 
 def run() -> None:
     try:
-        app()
+        register_groups(sys.argv[1:])
+        _app()
     except EdgefleetError as err:
         error(str(err))
         sys.exit(err.exit_code)

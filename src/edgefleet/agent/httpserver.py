@@ -1,0 +1,294 @@
+"""A small HTTP/1.1 server for the local inference API: ``httptools`` (llhttp) parses, one asyncio protocol per
+connection answers, each response leaves in **one** write on a TCP_NODELAY socket (ADR 0031).
+
+Why not uvicorn: an ASGI server writes the status line and headers, then the body, in two writes, and runs
+a task per request; on the infer hot path those cost more than the agent's own work. Here a request is parsed
+in ``data_received`` and handed to a plain callback handler, which answers (now, or later from the worker
+connection's callback) through ``respond``. Keep-alive, pipelining (answers stay in request order), chunked
+request bodies, ``Expect: 100-continue``, a body size cap and back-pressure are handled; anything malformed is
+a 400 with ``{"error": ...}`` and the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any
+
+import httptools
+
+from edgefleet.errors import AgentError
+
+__all__ = ["MAX_BODY", "HTTPProtocol", "HTTPServer", "Handler", "Respond", "serve_http"]
+
+MAX_BODY = 64 * 1024 * 1024
+MAX_PIPELINED = 32  # unanswered requests per connection before it stops reading
+
+# respond(status, body, header_lines): header_lines is pre-encoded ``name: value\r\n`` text (content type etc.).
+Respond = Callable[[int, bytes, bytes], None]
+# handler(method, path, headers, body, respond); headers: lower-cased name -> value, only the last of repeats.
+Handler = Callable[[str, str, dict[bytes, bytes], bytes, Respond], None]
+
+JSON_HEADERS = b"content-type: application/json\r\n"
+_REASONS = {
+    100: "Continue",
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+_STATUS: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS.get(status)
+    if line is None:
+        line = _STATUS[status] = f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n".encode()
+    return line
+
+
+class _Clock:
+    """The Date header, formatted once a second rather than per response."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.header = b""
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            self.header = f"date: {formatdate(now, usegmt=True)}\r\n".encode()
+        return self.header
+
+
+_CLOCK = _Clock()
+
+
+def error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+class _Slot:
+    """One request's place in the connection's answer order."""
+
+    __slots__ = ("data", "keep_alive")
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+        self.data: bytes | None = None
+
+
+class HTTPProtocol(asyncio.Protocol):
+    def __init__(self, handler: Handler, connections: set[HTTPProtocol] | None = None) -> None:
+        self.handler = handler
+        self.connections = connections
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.slots: collections.deque[_Slot] = collections.deque()
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.body: list[bytes] = []
+        self.size = 0
+        self.refused = False  # the current request's body went over the cap: answered, connection closing
+        self.reading = True
+        self.writable = True
+
+    # ------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # asyncio sets it too; without it Nagle + delayed ACK add tens of milliseconds per request.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.connections is not None:
+            self.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.connections is not None:
+            self.connections.discard(self)
+        self.transport = None
+        self.slots.clear()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrades (h2c, websockets) are not offered: the request was answered; end the connection after it.
+            if self.slots:
+                self.slots[-1].keep_alive = False
+            else:
+                self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as err:
+            if not self.refused:
+                self._fail(400, f"malformed HTTP request: {err}")
+
+    def pause_writing(self) -> None:
+        self.writable = False
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        if len(self.slots) < MAX_PIPELINED:
+            self._resume_reading()
+
+    # ------------------------------------------------------------ parser callbacks
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = {}
+        self.body = []
+        self.size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_headers_complete(self) -> None:
+        length = self.headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            self._refuse_body()
+            return
+        if self.headers.get(b"expect", b"").lower() == b"100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self.refused:
+            return
+        self.size += len(body)
+        if self.size > MAX_BODY:
+            self._refuse_body()
+            return
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.refused:
+            return
+        slot = _Slot(self.parser.should_keep_alive())
+        self.slots.append(slot)
+        if len(self.slots) >= MAX_PIPELINED:
+            self._pause_reading()
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self.body = []
+        try:
+            path = httptools.parse_url(self.url).path.decode("utf-8", "replace")
+        except httptools.HttpParserInvalidURLError:
+            self._answer(slot, 400, error_body(f"malformed URL {self.url[:200]!r}"), JSON_HEADERS)
+            return
+        method = self.parser.get_method().decode("ascii", "replace")
+
+        def respond(status: int, payload: bytes, headers: bytes) -> None:
+            self._answer(slot, status, payload, headers)
+
+        try:
+            self.handler(method, path, self.headers, body, respond)
+        except Exception as err:  # a handler bug must cost one 500, not the connection
+            if slot.data is None:
+                self._answer(slot, 500, error_body(f"internal error: {type(err).__name__}: {err}"), JSON_HEADERS)
+
+    # ------------------------------------------------------------ answering
+
+    def _answer(self, slot: _Slot, status: int, body: bytes, headers: bytes) -> None:
+        if slot.data is not None:
+            return  # answered already (a late callback after an error answer)
+        close = b"" if slot.keep_alive else b"connection: close\r\n"
+        slot.data = b"".join(
+            (_status_line(status), headers, b"content-length: ", str(len(body)).encode(), b"\r\n", _CLOCK.date(),
+             close, b"\r\n", body)
+        )  # fmt: skip
+        self._flush()
+
+    def _flush(self) -> None:
+        transport = self.transport
+        slots = self.slots
+        if transport is None:
+            return
+        out: list[bytes] = []
+        close = False
+        while slots and slots[0].data is not None:
+            slot = slots.popleft()
+            out.append(slot.data)  # type: ignore[arg-type]
+            if not slot.keep_alive:
+                close = True
+                break
+        if not out:
+            return
+        if not transport.is_closing():
+            transport.write(out[0] if len(out) == 1 else b"".join(out))  # one write per response (or burst)
+        if close:
+            transport.close()
+            self.transport = None
+        elif len(slots) < MAX_PIPELINED and self.writable:
+            self._resume_reading()
+
+    def _fail(self, status: int, message: str) -> None:
+        """Answer a request the parser cannot go on with, then close the connection."""
+        slot = _Slot(keep_alive=False)
+        self.slots.append(slot)
+        self._answer(slot, status, error_body(message), JSON_HEADERS)
+
+    def _refuse_body(self) -> None:
+        self.refused = True
+        self.body = []
+        self._fail(413, f"request body over {MAX_BODY} bytes")
+
+    def _pause_reading(self) -> None:
+        if self.reading and self.transport is not None:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if not self.reading and self.transport is not None:
+            self.reading = True
+            self.transport.resume_reading()
+
+
+class HTTPServer:
+    """The listening socket and its open connections; :meth:`close` ends both."""
+
+    def __init__(self, server: asyncio.Server, connections: set[HTTPProtocol]) -> None:
+        self.server = server
+        self.connections = connections
+
+    @property
+    def port(self) -> int:
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.server.wait_closed(), 2.0)
+
+
+async def serve_http(handler: Handler | Any, host: str, port: int) -> HTTPServer:
+    """Listen on ``host:port`` in this event loop. ``handler`` is a :data:`Handler` or has a ``handle`` method
+    (an :class:`~edgefleet.agent.oip.OIPApp`)."""
+    fn: Handler = getattr(handler, "handle", handler)
+    connections: set[HTTPProtocol] = set()
+    loop = asyncio.get_running_loop()
+    try:
+        server = await loop.create_server(
+            lambda: HTTPProtocol(fn, connections), host, port, reuse_address=True, backlog=1024
+        )
+    except OSError as err:
+        raise AgentError(f"the inference API could not listen on {host}:{port}: {err.strerror or err}")
+    return HTTPServer(server, connections)
