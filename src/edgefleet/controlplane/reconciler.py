@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -124,10 +125,26 @@ def _facts(s: Session, r: Rollout) -> tuple[list[DeviceFacts], dict[str, Device]
     return out, devs
 
 
-def _windows(s: Session, ids: set[str], since: datetime, version: str, *, same: bool) -> list[WindowFacts]:
+def window_facts(
+    s: Session,
+    ids: Iterable[str],
+    since: datetime,
+    version: str,
+    *,
+    same: bool,
+    until: datetime | None = None,
+    model: str | None = None,
+) -> list[WindowFacts]:
+    """Telemetry windows of ``ids`` since ``since`` on ``version`` (``same``) or on any other version; the
+    reconciler judges waves on them and the dashboard shows the same figures."""
+    ids = list(ids)
     if not ids:
         return []
     q = select(TelemetryRow).where(TelemetryRow.device_id.in_(ids), TelemetryRow.end >= since)
+    if until is not None:
+        q = q.where(TelemetryRow.end <= until)
+    if model is not None:
+        q = q.where(TelemetryRow.model == model)
     q = q.where(TelemetryRow.version == version) if same else q.where(TelemetryRow.version != version)
     return [
         WindowFacts(
@@ -213,12 +230,12 @@ def step(s: Session, r: Rollout, actor: str, now: datetime | None = None) -> Ste
     failed = {dev for dev, kind in ev if kind in FAILED_KINDS and dev in moved}
     committed -= failed
     treatment = cohort_stats(
-        _windows(s, moved, r.created_at, r.version, same=True),
+        window_facts(s, moved, r.created_at, r.version, same=True),
         devices=len(moved),
         committed=len(committed),
         failed=len(failed),
     )
-    control = cohort_stats(_windows(s, control_ids, r.created_at, r.version, same=False), devices=len(control_ids))
+    control = cohort_stats(window_facts(s, control_ids, r.created_at, r.version, same=False), devices=len(control_ids))
     verdict = judge(treatment, control if control_ids else None, policy)
     decision = decide(
         state=RolloutState(r.state),

@@ -9,7 +9,7 @@ functions the reconciler uses (``rollout.cohort_stats``, ``rollout.judge``, merg
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,8 +29,8 @@ from edgefleet.controlplane.db import (
     UpdateEventRow,
     utcnow,
 )
-from edgefleet.controlplane.reconciler import FAILED_KINDS
-from edgefleet.controlplane.rollout import CohortStats, RolloutPolicy, WindowFacts, cohort_stats, judge
+from edgefleet.controlplane.reconciler import FAILED_KINDS, window_facts
+from edgefleet.controlplane.rollout import CohortStats, RolloutPolicy, cohort_stats, judge
 from edgefleet.errors import NotFoundError
 from edgefleet.telemetry.sketch import LatencySketch, SketchData
 
@@ -144,31 +144,6 @@ def overview_page(s: Session, *, overdue_after_s: float, window_s: float = 86_40
 # ------------------------------------------------------------------------------------------------ rollouts
 
 
-def _windows(
-    s: Session, ids: Sequence[str], *, since: datetime, until: datetime, model: str, version: str, same: bool
-) -> list[WindowFacts]:
-    if not ids:
-        return []
-    q = select(TelemetryRow).where(
-        TelemetryRow.device_id.in_(list(ids)),
-        TelemetryRow.end >= since,
-        TelemetryRow.end <= until,
-        TelemetryRow.model == model,
-    )
-    q = q.where(TelemetryRow.version == version) if same else q.where(TelemetryRow.version != version)
-    return [
-        WindowFacts(
-            device_id=w.device_id,
-            requests=w.requests,
-            errors=w.errors,
-            crashes=w.worker_crashes,
-            latency=SketchData.model_validate(w.latency) if w.latency else SketchData(),
-            max_psi=w.max_psi,
-        )
-        for w in s.scalars(q)
-    ]
-
-
 def _cohort_dict(c: CohortStats) -> dict[str, Any]:
     return {
         "devices": c.devices,
@@ -220,13 +195,13 @@ def wave_metrics(s: Session, r: Rollout, *, now: datetime | None = None) -> list
         failed = {dev for dev, kind in seen if kind in FAILED_KINDS}
         committed = {dev for dev, kind in seen if kind == "committed"} - failed
         canary = cohort_stats(
-            _windows(s, ids, since=r.created_at, until=until, model=r.model, version=r.version, same=True),
+            window_facts(s, ids, r.created_at, r.version, same=True, until=until, model=r.model),
             devices=len(ids),
             committed=len(committed),
             failed=len(failed),
         )
         control = cohort_stats(
-            _windows(s, control_ids, since=r.created_at, until=until, model=r.model, version=r.version, same=False),
+            window_facts(s, control_ids, r.created_at, r.version, same=False, until=until, model=r.model),
             devices=len(control_ids),
         )
         verdict = judge(canary, control if control_ids else None, policy)
