@@ -278,7 +278,7 @@ def serve_loop(
         if listen is not None:
             from edgefleet.agent.workerhttp import serve_http
 
-            serve_http(sock, listen, buf, answer, run, input_errors, after, info)  # type: ignore[arg-type]
+            serve_http(sock, listen, buf, view, answer, run, input_errors, after, info or {})
             return
 
 

@@ -21,7 +21,6 @@ import collections
 import contextlib
 import errno
 import json
-import logging
 import socket
 import time
 from collections.abc import Callable
@@ -33,8 +32,6 @@ from edgefleet.errors import AgentError
 
 if TYPE_CHECKING:
     import asyncio
-
-log = logging.getLogger("edgefleet.agent")
 
 __all__ = ["MAX_BODY", "HTTPProtocol", "HTTPServer", "Handler", "Respond", "serve_http"]
 
@@ -336,7 +333,9 @@ class HTTPServer:
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return  # another process (the worker) took it, or the peer gave up
             except OSError as err:  # EMFILE and the like: keep listening, log once per burst
-                log.warning("accept failed: %s", err)
+                import logging  # not at import: the worker imports this module and never logs (ADR 0032)
+
+                logging.getLogger("edgefleet.agent").warning("accept failed: %s", err)
                 return
             conn.setblocking(False)
             task = self.loop.create_task(

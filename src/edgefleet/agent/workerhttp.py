@@ -243,21 +243,21 @@ def serve_http(
     ctrl: socket.socket,
     listen: socket.socket,
     buf: bytearray,
+    view: memoryview,
     answer: Callable[[tuple[Any, ...]], tuple[bytes | None, tuple[dict[str, Any], dict[str, Any]] | None]],
     run: Callable[[dict[str, Any], list[str] | None], dict[str, Any]],
     input_errors: tuple[type[BaseException], ...],
     after: Callable[[dict[str, Any], dict[str, Any]], None] | None,
     info: dict[str, Any],
 ) -> None:
-    """Accept on ``listen`` and answer frames on ``ctrl`` (``buf``: frames already read) until EOF or stop."""
+    """Accept on ``listen`` and answer frames on ``ctrl`` (``buf``: frames already read; ``view``: the receive
+    buffer, reused) until EOF or stop."""
     loop = _Loop()
     svc = WorkerService(ctrl, info, run, input_errors, after)
     handle = OIPApp(svc).handle
     listen.setblocking(False)
     loop.sel.register(listen, _READ, "accept")
     loop.sel.register(ctrl, _READ, "ctrl")
-    chunk = bytearray(1 << 20)
-    view = memoryview(chunk)
 
     def accept() -> None:
         for _ in range(16):
