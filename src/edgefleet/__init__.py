@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgefleet.errors import EdgefleetError
@@ -30,6 +29,8 @@ def __getattr__(name: str) -> Any:
 
 def load(path: str | os.PathLike[str], *, device_key: Any = None, settings: Any = None) -> Model:
     """Load a ``.efpkg`` package (verified; decrypted with ``device_key`` if encrypted) or a ``.onnx`` file."""
+    from pathlib import Path  # here, not at import: the lean inference worker imports this package (ADR 0032)
+
     p = Path(path)
     if p.suffix == ".efpkg":
         from edgefleet.package import open_package

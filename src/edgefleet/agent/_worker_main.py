@@ -12,9 +12,13 @@ Frames, both ways: a 4-byte little-endian length and a pickle (protocol 5). The 
 by a socket pair it created, so nothing untrusted is unpickled. Requests are answered in order; the worker reads
 everything that has arrived in one ``recv`` and answers a burst of pipelined requests with one ``sendall``.
 
-Messages (agent → worker): ``("infer", feeds, outputs)``, ``("drift",)``, ``("golden",)``, ``("stop",)``.
+Messages (agent → worker): ``("infer", feeds, outputs)``, ``("drift",)``, ``("golden",)``, ``("stop",)``, and
+``("serve",)`` with the agent's listening socket attached (SCM_RIGHTS): from then on the worker answers the OIP
+HTTP port itself (``workerhttp.py``, ADR 0032), still answering these frames, plus ``("flush",)``.
 Answers: ``("ok", value, compute_seconds)`` or ``("err", kind, message)``; the first frame is
-``("hello", info_dict)`` with the model's metadata, or ``("err", "load", message)``.
+``("hello", info_dict)`` with the model's metadata, or ``("err", "load", message)``. While serving HTTP the
+worker also sends, unasked, ``("stats", observations)`` batches and ``("metrics",)`` requests (the agent answers
+``("metrics", body)``).
 
 ``EDGEFLEET_WORKER_FAULT=<version>:abort|alloc`` is a test hook: a serving worker for that model version aborts
 or allocates without bound after loading — a model that passes its golden vectors but crashes on live traffic.
@@ -22,6 +26,7 @@ or allocates without bound after loading — a model that passes its golden vect
 
 from __future__ import annotations
 
+import array
 import os
 import pickle
 import socket
@@ -192,21 +197,48 @@ def _lean_load(path: str, intra_op_threads: int) -> tuple[OnnxModel, dict[str, A
 Handler = Callable[[tuple[Any, ...]], tuple[Any, ...] | None]
 
 
+Answer = Callable[[tuple[Any, ...]], tuple[bytes | None, tuple[dict[str, Any], dict[str, Any]] | None]]
+
+
 def serve_loop(
     sock: socket.socket,
     run: Callable[[dict[str, Any], list[str] | None], dict[str, Any]],
     handle: Handler,
     input_errors: tuple[type[BaseException], ...],
     after: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+    info: dict[str, Any] | None = None,
 ) -> None:
     """Answer frames until EOF or ``("stop",)``. ``run`` serves ``infer``; ``handle`` the other ops (None: stop);
-    ``after(feeds, outputs)`` runs once the answers of a burst are sent (drift: it never delays a request)."""
+    ``after(feeds, outputs)`` runs once the answers of a burst are sent (drift: it never delays a request).
+    ``("serve",)`` (with a listening socket attached) turns to serving HTTP with the model ``info``."""
+    perf = time.perf_counter
+
+    def answer(msg: tuple[Any, ...]) -> tuple[bytes | None, tuple[dict[str, Any], dict[str, Any]] | None]:
+        """One frame's answer (None: stop) and, for a served infer, its (feeds, outputs) for ``after``."""
+        if msg[0] == "infer":
+            t0 = perf()
+            try:
+                result = run(msg[1], msg[2])
+            except input_errors as err:
+                return frame(("err", "input", str(err))), None
+            except MemoryError:
+                os._exit(137)  # the emulated device ran out of memory: a crash, not an error answer
+            except Exception as err:
+                return frame(("err", "model", f"{type(err).__name__}: {err}")), None
+            return frame(("ok", result, perf() - t0)), (msg[1], result)
+        reply = handle(msg)
+        return (None, None) if reply is None else (frame(reply), None)
+
     buf = bytearray()
     chunk = bytearray(_RECV)
     view = memoryview(chunk)
-    perf = time.perf_counter
+    fds: list[int] = []
+    anc = socket.CMSG_SPACE(4 * 4)
     while True:
-        n = sock.recv_into(view)
+        n, ancdata, _flags, _addr = sock.recvmsg_into([view], anc)
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
         if n == 0:
             return
         buf += view[:n]
@@ -214,33 +246,27 @@ def serve_loop(
         done: list[tuple[dict[str, Any], dict[str, Any]]] = []
         pos = 0
         stop = False
+        listen: socket.socket | None = None
         while len(buf) - pos >= 4:
             (size,) = LEN.unpack_from(buf, pos)
             if len(buf) - pos - 4 < size:
                 break
             msg = pickle.loads(memoryview(buf)[pos + 4 : pos + 4 + size])
             pos += 4 + size
-            if msg[0] == "infer":
-                t0 = perf()
-                try:
-                    result = run(msg[1], msg[2])
-                except input_errors as err:
-                    replies.append(frame(("err", "input", str(err))))
+            if msg[0] == "serve":
+                if not fds or info is None:
+                    replies.append(frame(("err", "model", "serve: no listening socket or no model info")))
                     continue
-                except MemoryError:
-                    os._exit(137)  # the emulated device ran out of memory: a crash, not an error answer
-                except Exception as err:
-                    replies.append(frame(("err", "model", f"{type(err).__name__}: {err}")))
-                    continue
-                replies.append(frame(("ok", result, perf() - t0)))
-                if after is not None:
-                    done.append((msg[1], result))
-                continue
-            answer = handle(msg)
-            if answer is None:
+                listen = socket.socket(fileno=fds.pop(0))
+                replies.append(frame(("ok", None, 0.0)))
+                break  # what follows in the buffer is for the HTTP loop
+            reply, served = answer(msg)
+            if reply is None:
                 stop = True
                 break
-            replies.append(frame(answer))
+            replies.append(reply)
+            if served is not None and after is not None:
+                done.append(served)
         del buf[:pos]
         if replies:
             sock.sendall(b"".join(replies) if len(replies) > 1 else replies[0])
@@ -248,6 +274,11 @@ def serve_loop(
             for feeds, result in done:  # raw inputs never leave this process
                 after(feeds, result)
         if stop:
+            return
+        if listen is not None:
+            from edgefleet.agent.workerhttp import serve_http
+
+            serve_http(sock, listen, buf, view, answer, run, input_errors, after, info or {})
             return
 
 
@@ -269,7 +300,7 @@ def _serve_lean(sock: socket.socket, path: str, role: str, threads: int, memory_
             return ("err", "golden", "no golden vectors (a bare ONNX model, not a package)")
         return None if msg[0] == "stop" else ("err", "model", f"unknown operation {msg[0]!r}")
 
-    serve_loop(sock, model.run, handle, (InputRefused,))
+    serve_loop(sock, model.run, handle, (InputRefused,), None, info)
 
 
 def _args(argv: list[str]) -> dict[str, str]:

@@ -116,6 +116,7 @@ class Agent:
         if self.with_http:
             self._server = await serve_http(self.app, self.settings.host, self.settings.port)
             self.port = self._server.port
+            self.service.attach_http(self._server)  # the worker serves the port itself (ADR 0032)
         loop = asyncio.get_running_loop()
         self._tasks += [loop.create_task(self._telemetry_loop()), loop.create_task(self._probation_loop())]
         if self.settings.server:
@@ -139,6 +140,8 @@ class Agent:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        with contextlib.suppress(Exception):
+            await self._flush_stats()
         with contextlib.suppress(Exception):
             self.close_window()  # the last, partial window is kept for the next upload
         if self.backend is not None:
@@ -265,6 +268,7 @@ class Agent:
     async def _telemetry_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.telemetry_interval_s)
+            await self._flush_stats()
             self.close_window()
             await asyncio.sleep(0)
 
@@ -286,7 +290,14 @@ class Agent:
         self.buffer.add("window", w.model_dump_json())
         return w
 
+    async def _flush_stats(self) -> None:
+        """Requests a worker answered itself are counted in batches (ADR 0032): take what it holds first."""
+        flush = getattr(self.backend, "flush", None)
+        if flush is not None:
+            await flush()
+
     async def _drift_and_close(self) -> None:
+        await self._flush_stats()
         drift = await self.backend.drift() if self.backend else []
         self.close_window(drift)
 

@@ -7,23 +7,31 @@ in ``data_received`` and handed to a plain callback handler, which answers (now,
 connection's callback) through ``respond``. Keep-alive, pipelining (answers stay in request order), chunked
 request bodies, ``Expect: 100-continue``, a body size cap and back-pressure are handled; anything malformed is
 a 400 with ``{"error": ...}`` and the connection closes.
+
+:class:`HTTPProtocol` needs only a transport's ``write``/``close``/``is_closing``/``pause_reading``/
+``resume_reading``/``get_extra_info``, so the inference worker runs it in its own small selectors loop
+(``workerhttp.py``) without importing asyncio (ADR 0032). :class:`HTTPServer` accepts by itself rather than
+through ``asyncio.Server`` so that it can stop and resume accepting on a listening socket it shares with the
+worker (:meth:`HTTPServer.delegated`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
+import errno
 import json
 import socket
 import time
 from collections.abc import Callable
-from email.utils import formatdate
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
 from edgefleet.errors import AgentError
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["MAX_BODY", "HTTPProtocol", "HTTPServer", "Handler", "Respond", "serve_http"]
 
@@ -67,8 +75,21 @@ class _Clock:
         now = int(time.time())
         if now != self.second:
             self.second = now
-            self.header = f"date: {formatdate(now, usegmt=True)}\r\n".encode()
+            self.header = b"date: %s\r\n" % _http_date(now)
         return self.header
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _http_date(now: float) -> bytes:
+    """RFC 9110 IMF-fixdate, as ``email.utils.formatdate(usegmt=True)`` (not imported: memory in the worker)."""
+    t = time.gmtime(now)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    ).encode()
 
 
 _CLOCK = _Clock()
@@ -88,12 +109,14 @@ class _Slot:
         self.data: bytes | None = None
 
 
-class HTTPProtocol(asyncio.Protocol):
+class HTTPProtocol:
+    """One connection (an asyncio protocol by duck typing: asyncio is not imported in the worker)."""
+
     def __init__(self, handler: Handler, connections: set[HTTPProtocol] | None = None) -> None:
         self.handler = handler
         self.connections = connections
         self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None  # an asyncio.Transport, or the worker's selectors transport
         self.slots: collections.deque[_Slot] = collections.deque()
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
@@ -105,8 +128,7 @@ class HTTPProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------ asyncio callbacks
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, transport: Any) -> None:
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -115,6 +137,9 @@ class HTTPProtocol(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.connections is not None:
             self.connections.add(self)
+
+    def eof_received(self) -> bool | None:
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.connections is not None:
@@ -258,37 +283,115 @@ class HTTPProtocol(asyncio.Protocol):
 
 
 class HTTPServer:
-    """The listening socket and its open connections; :meth:`close` ends both."""
+    """The listening socket and its open connections; :meth:`close` ends both.
 
-    def __init__(self, server: asyncio.Server, connections: set[HTTPProtocol]) -> None:
-        self.server = server
-        self.connections = connections
+    It accepts with its own reader on the socket, so that accepting can stop while an inference worker serves
+    the same socket (:meth:`delegated`, ADR 0032) and resume the moment no worker does.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, handler: Handler) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.handler = handler
+        self.connections: set[HTTPProtocol] = set()
+        self.accepting = False
+        self.closed = False
+        self._delegates: set[object] = set()
+        self._pending: set[asyncio.Task[Any]] = set()
+        self._resume()
 
     @property
     def port(self) -> int:
-        return int(self.server.sockets[0].getsockname()[1])
+        return int(self.sock.getsockname()[1])
+
+    def delegated(self, owner: object, serving: bool) -> None:
+        """``owner`` (a worker) serves this socket itself now (``serving``) or no longer: the agent accepts only
+        while no worker does."""
+        if serving:
+            self._delegates.add(owner)
+        else:
+            self._delegates.discard(owner)
+        if self._delegates:
+            self._pause()
+        else:
+            self._resume()
+
+    def _pause(self) -> None:
+        if self.accepting:
+            self.accepting = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    def _resume(self) -> None:
+        if not self.accepting and not self.closed:
+            self.accepting = True
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return  # another process (the worker) took it, or the peer gave up
+            except OSError as err:  # EMFILE and the like: keep listening, log once per burst
+                import logging  # not at import: the worker imports this module and never logs (ADR 0032)
+
+                logging.getLogger("edgefleet.agent").warning("accept failed: %s", err)
+                return
+            conn.setblocking(False)
+            task = self.loop.create_task(
+                self.loop.connect_accepted_socket(  # type: ignore[type-var]  # a protocol by duck typing
+                    lambda: HTTPProtocol(self.handler, self.connections), conn
+                )
+            )
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
 
     def close(self) -> None:
-        self.server.close()
+        self._pause()
+        self.closed = True
+        self.sock.close()
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()
 
     async def wait_closed(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.server.wait_closed(), 2.0)
+        import asyncio
+
+        for task in list(self._pending):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 2.0)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, addr = info[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def serve_http(handler: Handler | Any, host: str, port: int) -> HTTPServer:
     """Listen on ``host:port`` in this event loop. ``handler`` is a :data:`Handler` or has a ``handle`` method
     (an :class:`~edgefleet.agent.oip.OIPApp`)."""
+    import asyncio
+
     fn: Handler = getattr(handler, "handle", handler)
-    connections: set[HTTPProtocol] = set()
-    loop = asyncio.get_running_loop()
-    try:
-        server = await loop.create_server(
-            lambda: HTTPProtocol(fn, connections), host, port, reuse_address=True, backlog=1024
-        )
-    except OSError as err:
-        raise AgentError(f"the inference API could not listen on {host}:{port}: {err.strerror or err}")
-    return HTTPServer(server, connections)
+    deadline = time.monotonic() + 3.0
+    while True:
+        try:
+            sock = _listen(host, port)
+            break
+        except OSError as err:
+            # A worker of an agent that was just killed may hold the port for a few more milliseconds.
+            if err.errno == errno.EADDRINUSE and port and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                continue
+            raise AgentError(f"the inference API could not listen on {host}:{port}: {err.strerror or err}")
+    return HTTPServer(asyncio.get_running_loop(), sock, fn)

@@ -10,19 +10,24 @@ framework.
 (``httpserver.py``) calls it from ``data_received``, and an infer request is answered from the worker
 connection's callback, with no task per request. ``OIPApp`` is also a plain ASGI app (``__call__``), for
 embedding it in another server.
+
+The same app runs inside the inference worker when the worker serves the port itself (ADR 0032), over a
+service with the same interface (``workerhttp.WorkerService``); so this module imports neither asyncio nor the
+agent's service at import time.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgefleet import __version__
 from edgefleet.agent.codec import DTYPE_TO_OIP, BadRequest, encode_response, parse_request
 from edgefleet.agent.httpserver import JSON_HEADERS, MAX_BODY, Respond, error_body
-from edgefleet.agent.service import InferenceService
+
+if TYPE_CHECKING:
+    from edgefleet.agent.service import InferenceService
 
 __all__ = ["MAX_BODY", "OIPApp"]
 
@@ -41,7 +46,7 @@ def _json(doc: Any) -> bytes:
 
 
 class OIPApp:
-    def __init__(self, service: InferenceService, *, live: bool = True) -> None:
+    def __init__(self, service: InferenceService | Any, *, live: bool = True) -> None:
         self.service = service
         self.live = live
         self.server_meta = json.dumps(
@@ -61,6 +66,9 @@ class OIPApp:
                 return
             if method not in ("GET", "HEAD"):
                 raise BadRequest(f"{method} is not allowed on {path}", 405)
+            if path == "/metrics":  # maybe answered later: the worker asks the agent, which holds the registry
+                self.service.render_metrics(lambda payload: respond(200, payload, _METRICS_HEADERS))
+                return
             status, payload, extra = self._get(path)
             respond(status, payload, extra)
         except BadRequest as err:
@@ -79,6 +87,8 @@ class OIPApp:
                     return
         if scope["type"] != "http":
             return
+        import asyncio
+
         answer: asyncio.Future[tuple[int, bytes, bytes]] = asyncio.get_running_loop().create_future()
 
         def respond(status: int, payload: bytes, extra: bytes) -> None:
@@ -115,8 +125,6 @@ class OIPApp:
             return 200, _json({"ready": True}), JSON_HEADERS
         if path in ("/v2", "/v2/"):
             return 200, self.server_meta, JSON_HEADERS
-        if path == "/metrics":
-            return 200, svc.metrics.render(), _METRICS_HEADERS
         if path.startswith("/v2/models/"):
             parts = path[len("/v2/models/") :].split("/")
             ready = parts[-1] == "ready"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from edgefleet.agent.metrics import AgentMetrics
 from edgefleet.agent.telemetry import WindowAccumulator
 from edgefleet.agent.worker import ModelInfo
 from edgefleet.errors import ModelError, WorkerUnavailable
+
+if TYPE_CHECKING:
+    from edgefleet.agent.httpserver import HTTPServer
 
 __all__ = ["InferenceService"]
 
@@ -44,9 +47,24 @@ class InferenceService:
         self.listener: Listener | None = None
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self.http: HTTPServer | None = None
+
+    def attach_http(self, server: HTTPServer) -> None:
+        """The agent's HTTP server: a backend that can serve its listening socket itself (a worker
+        :class:`~edgefleet.agent.supervisor.Supervisor`) is handed it (ADR 0032)."""
+        self.http = server
+        if self.backend is not None:
+            self._delegate(self.backend)
+
+    def _delegate(self, backend: Backend) -> None:
+        hand = getattr(backend, "delegate_http", None)
+        if hand is not None and self.http is not None:
+            hand(self.http.sock, self.http.delegated, self.record_many, self.metrics.render)
 
     def set_backend(self, backend: Backend, info: ModelInfo) -> None:
         self.backend, self.info = backend, info
+        if self.http is not None:
+            self._delegate(backend)
 
     def clear(self, reason: str) -> None:
         self.backend, self.info = None, None
@@ -56,8 +74,16 @@ class InferenceService:
     def ready(self) -> bool:
         return self.backend is not None
 
-    def record(self, outcome: str, total: float | None, compute: float = 0.0) -> None:
-        info = self.info
+    def render_metrics(self, reply: Callable[[bytes], None]) -> None:
+        reply(self.metrics.render())
+
+    def record_many(self, observations: list[tuple[str, float | None, float]], info: ModelInfo | None) -> None:
+        """Requests a worker answered itself, shipped in a batch (ADR 0032): counted exactly as :meth:`record`."""
+        for outcome, total, compute in observations:
+            self.record(outcome, total, compute, info)
+
+    def record(self, outcome: str, total: float | None, compute: float = 0.0, info: ModelInfo | None = None) -> None:
+        info = info or self.info
         model, version = (info.name, info.version) if info else ("none", "none")
         if total is not None and outcome == "ok":
             self.metrics.observe(model, version, total, max(0.0, total - compute), compute)

@@ -48,6 +48,7 @@ async def serve_standalone(
             await sup.stop()
             raise
         service.set_backend(sup, info)
+        service.attach_http(server)  # the worker serves the port itself from now on (ADR 0032)
         log.info("serving %s %s on http://%s:%d/v2", info.name, info.version, host, port)
         await (stop.wait() if stop else asyncio.Event().wait())
     finally:

@@ -3,6 +3,10 @@
 A crash is any exit we did not ask for: a segfault, an abort, a failed load, or the RSS watchdog's SIGKILL when
 the worker exceeds ``--memory-mb``. The agent keeps answering (503) while no worker runs. Whether crashes amount
 to a crash loop is decided by probation (``probation.py``), from :attr:`Supervisor.crash_times`.
+
+Once the service makes it the active backend, the supervisor hands each worker it starts the agent's listening
+socket (:meth:`Supervisor.delegate_http`, ADR 0032): the worker answers HTTP itself and the agent stops
+accepting; when the worker's control socket closes, the agent accepts again at once.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +35,22 @@ log = logging.getLogger("edgefleet.agent")
 def backoff_delay(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff: base, 2·base, 4·base … capped."""
     return float(min(cap, base * (2 ** max(0, attempt))))
+
+
+class _Delegation:
+    __slots__ = ("listen", "on_serving", "on_stats", "render_metrics")
+
+    def __init__(
+        self,
+        listen: socket.socket,
+        on_serving: Callable[[object, bool], None],
+        on_stats: Callable[[list[Any], ModelInfo | None], None],
+        render_metrics: Callable[[], bytes],
+    ) -> None:
+        self.listen = listen
+        self.on_serving = on_serving
+        self.on_stats = on_stats
+        self.render_metrics = render_metrics
 
 
 class Supervisor:
@@ -58,6 +79,45 @@ class Supervisor:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._first: asyncio.Future[ModelInfo] | None = None
+        self._http: _Delegation | None = None
+        self._handovers: set[asyncio.Task[None]] = set()
+
+    def delegate_http(
+        self,
+        listen: socket.socket,
+        on_serving: Callable[[object, bool], None],
+        on_stats: Callable[[list[Any], ModelInfo | None], None],
+        render_metrics: Callable[[], bytes],
+    ) -> None:
+        """From now on every worker this supervisor runs serves ``listen`` itself once ready:
+        ``on_serving(worker, True/False)`` when it starts and stops doing so, ``on_stats(observations, info)`` for
+        its batched per-request facts, ``render_metrics()`` for its ``/metrics`` answers."""
+        self._http = _Delegation(listen, on_serving, on_stats, render_metrics)
+        if self.worker is not None:
+            self._hand_over(self.worker)
+
+    def _hand_over(self, w: WorkerProcess) -> None:
+        d = self._http
+        if d is None or self._stopping:
+            return
+        w.on_stats = d.on_stats
+        w.render_metrics = d.render_metrics
+
+        async def go() -> None:
+            if await w.serve_http(d.listen) and not w.closed.is_set() and not self._stopping:
+                d.on_serving(w, True)
+
+        task = asyncio.get_running_loop().create_task(go())
+        self._handovers.add(task)
+        task.add_done_callback(self._handovers.discard)
+
+    async def flush(self) -> None:
+        """Ship the per-request stats a worker serving HTTP still holds (before a telemetry window closes)."""
+        w = self.worker
+        if w is None or w.on_stats is None:
+            return
+        with contextlib.suppress(WorkerUnavailable):
+            await asyncio.wait_for(w.call(("flush",)), 2.0)
 
     async def start(self) -> ModelInfo:
         """Start supervising; returns once the first worker is ready, raises if it fails to come up."""
@@ -92,7 +152,10 @@ class Supervisor:
                 if self._first is not None and not self._first.done():
                     self._first.set_result(self.info)
                 watchdog = asyncio.get_running_loop().create_task(self._watchdog(w)) if self.spec.memory_mb else None
+                self._hand_over(w)
                 await w.closed.wait()
+                if self._http is not None:
+                    self._http.on_serving(w, False)  # the agent accepts again, now (503 until a worker is back)
                 if watchdog is not None:
                     watchdog.cancel()
                 self.worker = None
@@ -196,7 +259,10 @@ class Supervisor:
     async def stop(self) -> None:
         self._stopping = True
         if self.worker is not None:
-            await self.worker.stop()
+            w = self.worker
+            await w.stop()
+            if self._http is not None:
+                self._http.on_serving(w, False)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

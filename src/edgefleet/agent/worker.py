@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import pickle
 import socket
@@ -151,7 +152,9 @@ def serve(sock: socket.socket, spec: WorkerSpec) -> None:
                 return ("err", "golden", f"{type(err).__name__}: {err}")
         return None if op == "stop" else ("err", "model", f"unknown operation {op!r}")
 
-    serve_loop(sock, model.run, handle, (InputValidationError,), drift.add if drift is not None else None)
+    serve_loop(
+        sock, model.run, handle, (InputValidationError,), drift.add if drift is not None else None, _info_dict(info)
+    )
 
 
 def _info_dict(info: ModelInfo) -> dict[str, Any]:
@@ -185,6 +188,10 @@ class _Conn(asyncio.Protocol):
                 break
             msg = pickle.loads(memoryview(buf)[pos + 4 : pos + 4 + size])
             pos += 4 + size
+            op = msg[0]
+            if op == "stats" or op == "metrics":  # unasked-for, from a worker serving HTTP itself (ADR 0032)
+                self._unasked(msg)
+                continue
             if not waiters:
                 continue  # the hello is taken by start(); anything unasked-for is a protocol slip, dropped
             w = waiters.popleft()
@@ -197,6 +204,19 @@ class _Conn(asyncio.Protocol):
                 except Exception:  # one answer's handler failing must not desynchronise the stream
                     log.exception("an inference answer's callback failed")
         del buf[:pos]
+
+    def _unasked(self, msg: tuple[Any, ...]) -> None:
+        owner = self.owner
+        try:
+            if msg[0] == "stats":
+                if owner.on_stats is not None:
+                    owner.on_stats(msg[1], owner.info)
+            else:
+                body = owner.render_metrics() if owner.render_metrics is not None else b""
+                if self.transport is not None:
+                    self.transport.write(frame(("metrics", body)))
+        except Exception:
+            log.exception("a message from the worker could not be handled")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner._connection_lost()
@@ -216,6 +236,10 @@ class WorkerProcess:
         self._waiters: collections.deque[Waiter] = collections.deque()
         self.closed = asyncio.Event()
         self.close_reason: str | None = None
+        self._sock: socket.socket | None = None
+        # Set when the worker serves HTTP itself: where its per-request stats go, and who renders /metrics.
+        self.on_stats: Callable[[list[Any], ModelInfo | None], None] | None = None
+        self.render_metrics: Callable[[], bytes] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -235,6 +259,7 @@ class WorkerProcess:
         parent, child = socket.socketpair()
         self.proc = subprocess.Popen(self.command(child.fileno()), pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
         child.close()
+        self._sock = parent
         loop = asyncio.get_running_loop()
         hello_fut: asyncio.Future[Any] = loop.create_future()
         self._waiters.append(hello_fut)
@@ -294,6 +319,36 @@ class WorkerProcess:
         self._transport.write(frame(msg))
         return await fut
 
+    async def serve_http(self, listen: socket.socket) -> bool:
+        """Hand the worker the agent's listening socket: it accepts and answers HTTP itself from now on (ADR
+        0032). True once it said so; False if it cannot (it crashed, or refused)."""
+        if self._transport is None or self._sock is None or self.closed.is_set():
+            return False
+        while self._transport.get_write_buffer_size():  # the fd must travel in order with the frames
+            await asyncio.sleep(0.001)
+            if self.closed.is_set():
+                return False
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        data = frame(("serve",))
+        try:
+            n = socket.send_fds(self._sock, [data], [listen.fileno()])
+        except (BlockingIOError, InterruptedError):
+            n = 0  # the socket buffer is full: the fd must ride the first byte, so retry that way
+            while n == 0 and not self.closed.is_set():
+                await asyncio.sleep(0.001)
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    n = socket.send_fds(self._sock, [data], [listen.fileno()])
+        except OSError:
+            return False
+        if 0 < n < len(data):
+            self._transport.write(data[n:])
+        try:
+            reply = await fut
+        except WorkerUnavailable:
+            return False
+        return bool(reply[0] == "ok")
+
     @property
     def in_flight(self) -> int:
         return len(self._waiters)
@@ -317,6 +372,10 @@ class WorkerProcess:
         except TimeoutError:
             self.kill()
             await loop.run_in_executor(None, self.proc.wait)
+        # Read to the end first: a worker serving HTTP ships its last stats just before it exits.
+        if self._transport is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.closed.wait(), 1.0)
         if self._transport is not None:
             self._transport.close()
         self._closed("stopped")
