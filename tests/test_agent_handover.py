@@ -134,3 +134,21 @@ def test_counts_exact_across_handover(served: Any, digits: Any) -> None:
         text = c.get("/metrics").text
     assert _counter(text, "ok") == ok + 23 and _counter(text, "unavailable") == unavailable
     assert _histogram_count(text) == ok + 23
+
+
+def test_a_keep_alive_connection_opened_on_the_agent_moves_to_the_worker(served: Any, digits: Any) -> None:
+    """A client that connected while the agent answered (no worker yet, or after a crash) must not stay on the
+    agent's forwarding path for good: once a worker serves the port, its next answer closes the connection and the
+    client's next request lands on the worker."""
+    agent, base, port, name = served
+    body = _body(digits)
+    os.kill(_worker(agent).pid, signal.SIGKILL)
+    with httpx.Client(base_url=base) as c:
+        # connect while the agent holds the port (503s), then keep using the same client across the handover
+        _wait(lambda: c.post(f"/v2/models/{name}/infer", content=body).status_code == 503, "the agent's 503")
+        assert _serves(psutil.Process(agent.pid), port)
+        _wait(lambda: c.post(f"/v2/models/{name}/infer", content=body).status_code == 200, "the restarted worker")
+        for _ in range(3):
+            assert c.post(f"/v2/models/{name}/infer", content=body).status_code == 200
+        assert _serves(_worker(agent), port)
+        assert not _serves(psutil.Process(agent.pid), port)

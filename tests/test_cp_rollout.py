@@ -327,3 +327,43 @@ def test_canary_of_a_small_fleet_is_never_empty_and_waves_nest(fleet: int) -> No
     # the hash order decides membership: the canary holds the devices with the lowest buckets
     lowest = sorted(devs, key=lambda d: wave_bucket(d.device_id))[: len(plans[0])]
     assert plans[0] == {d.device_id for d in lowest}
+
+
+def test_p95_is_compared_tier_by_tier() -> None:
+    # The canary holds mostly slow-tier devices, the control mostly fast ones: overall p95s differ 3x, yet each
+    # tier is unchanged. Judged like for like, this passes; a real regression on one tier fails and names it.
+    canary = good(p95_ms=30.0, p95_ms_by_tier={"slow": 30.0, "fast": 2.0})
+    control = good(p95_ms=10.0, p95_ms_by_tier={"slow": 31.0, "fast": 2.1})
+    assert judge(canary, control, P).outcome is Outcome.passed
+    regressed = good(p95_ms=30.0, p95_ms_by_tier={"slow": 30.0, "fast": 5.0})
+    j = judge(regressed, control, P)
+    assert j.outcome is Outcome.failed and "on tier fast" in j.reason
+    # no tier in common: nothing comparable (the absolute budget still applies)
+    assert judge(good(p95_ms_by_tier={"a": 50.0}), good(p95_ms_by_tier={"b": 1.0}), P).outcome is Outcome.passed
+
+
+def test_cohort_stats_merge_sketches_per_tier() -> None:
+    def window(dev: str, tier: str, seconds: float) -> WindowFacts:
+        sk = LatencySketch()
+        sk.extend([seconds] * 100)
+        return WindowFacts(dev, 100, 0, 0, sk.to_data(), None, tier=tier)
+
+    st = cohort_stats([window("a", "slow", 0.03), window("b", "fast", 0.002), window("c", "fast", 0.002)], devices=3)
+    assert st.p95_ms_by_tier["slow"] == pytest.approx(30.0, rel=0.02)
+    assert st.p95_ms_by_tier["fast"] == pytest.approx(2.0, rel=0.02)
+
+
+def test_p95_regression_needs_an_absolute_increase_too() -> None:
+    # 0.33 → 0.52 ms is x1.6 but within the noise of a busy CPU; 10 → 20 ms is a regression.
+    assert judge(good(p95_ms=0.52), good(p95_ms=0.33), P).outcome is Outcome.passed
+    assert judge(good(p95_ms=20.0), good(p95_ms=10.0), P).outcome is Outcome.failed
+    strict = P.model_copy(update={"min_p95_increase_ms": 0.0})
+    assert judge(good(p95_ms=0.52), good(p95_ms=0.33), strict).outcome is Outcome.failed
+
+
+def test_a_tier_is_compared_only_with_enough_requests_on_both_sides() -> None:
+    control = good(p95_ms_by_tier={"t": 1.0}, requests_by_tier={"t": 500})
+    few = good(p95_ms_by_tier={"t": 10.0}, requests_by_tier={"t": 40})  # 40 calls: p95 ≈ their max
+    assert judge(few, control, P).outcome is Outcome.passed
+    many = good(p95_ms_by_tier={"t": 10.0}, requests_by_tier={"t": 400})
+    assert judge(many, control, P).outcome is Outcome.failed

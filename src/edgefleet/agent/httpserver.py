@@ -125,6 +125,9 @@ class HTTPProtocol:
         self.refused = False  # the current request's body went over the cap: answered, connection closing
         self.reading = True
         self.writable = True
+        # Set when a worker takes the port over: this connection's next answer says "connection: close", so a
+        # keep-alive client reconnects to the worker instead of staying on the agent's forwarding path for good.
+        self.draining = False
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -230,6 +233,8 @@ class HTTPProtocol:
     def _answer(self, slot: _Slot, status: int, body: bytes, headers: bytes) -> None:
         if slot.data is not None:
             return  # answered already (a late callback after an error answer)
+        if self.draining:
+            slot.keep_alive = False
         close = b"" if slot.keep_alive else b"connection: close\r\n"
         slot.data = b"".join(
             (_status_line(status), headers, b"content-length: ", str(len(body)).encode(), b"\r\n", _CLOCK.date(),
@@ -320,6 +325,8 @@ class HTTPServer:
         if self.accepting:
             self.accepting = False
             self.loop.remove_reader(self.sock.fileno())
+        for conn in self.connections:
+            conn.draining = True
 
     def _resume(self) -> None:
         if not self.accepting and not self.closed:

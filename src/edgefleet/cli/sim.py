@@ -109,7 +109,9 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the final summary as JSON (stages go to stderr)."),
         workdir: Path = typer.Option(None, "--workdir", help="Workspace (default: a new temp dir each run)."),
         devices: int = typer.Option(24, "--devices", min=8, help="Fleet size."),
-        full: int = typer.Option(8, "--full", min=4, help="Full agents (every arm-a53-small device is one)."),
+        full: int | None = typer.Option(
+            None, "--full", min=1, help="Full agents (default: every arm-a53-small device, and only those)."
+        ),
     ) -> None:
         """train → optimize → bench → gate → package → publish → roll out v1 and v2 in waves → v3 crashes the
         small tier's workers → automatic halt and rollback → KPIs, timeline and the dashboard URL."""

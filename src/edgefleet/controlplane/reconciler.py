@@ -154,6 +154,7 @@ def window_facts(
             crashes=w.worker_crashes,
             latency=SketchData.model_validate(w.latency) if w.latency else SketchData(),
             max_psi=w.max_psi,
+            tier=w.tier,
         )
         for w in s.scalars(q)
     ]

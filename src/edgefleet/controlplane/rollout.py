@@ -68,6 +68,12 @@ class RolloutPolicy(BaseModel):
     # relative SLOs (treatment vs control)
     max_crash_free_drop: float = Field(0.02, ge=0, le=1)
     max_p95_ratio: float = Field(1.25, gt=0)
+    # A p95 regression must also be this large in absolute terms: the same model's latency moves ±25 % between
+    # processes on a busy CPU, so sub-millisecond p95s differ by more than any ratio threshold without a cause.
+    min_p95_increase_ms: float = Field(0.5, ge=0)
+    # A tier's p95 is compared only once both cohorts served it this many requests: a p95 of a few dozen calls is
+    # their maximum, often a fresh worker's first call.
+    min_tier_requests: int = Field(100, ge=1)
     max_error_rate_increase: float = Field(0.01, ge=0, le=1)
     max_psi_increase: float = Field(0.1, ge=0)
     # absolute budgets (first rollout) — also a floor that applies with a control group
@@ -185,6 +191,9 @@ class CohortStats:
     errors: int = 0
     p95_ms: float | None = None
     max_psi: float | None = None
+    # p95 per device tier: tiers differ in hardware, so treatment and control are compared tier by tier
+    p95_ms_by_tier: dict[str, float] = field(default_factory=dict)
+    requests_by_tier: dict[str, int] = field(default_factory=dict)
 
     @property
     def crash_free_rate(self) -> float | None:
@@ -203,11 +212,14 @@ class WindowFacts:
     crashes: int
     latency: SketchData
     max_psi: float | None
+    tier: str | None = None
 
 
 def cohort_stats(windows: Iterable[WindowFacts], *, devices: int, committed: int = 0, failed: int = 0) -> CohortStats:
     """Aggregate telemetry windows: p95 from merged sketches (never an average of per-device p95s)."""
     sketch = LatencySketch()
+    by_tier: dict[str, LatencySketch] = {}
+    tier_requests: dict[str, int] = {}
     crashed: set[str] = set()
     seen: set[str] = set()
     req = err = 0
@@ -219,7 +231,12 @@ def cohort_stats(windows: Iterable[WindowFacts], *, devices: int, committed: int
         req += w.requests
         err += w.errors
         if w.latency.count:
-            sketch.merge(LatencySketch.from_data(w.latency))
+            one = LatencySketch.from_data(w.latency)
+            sketch.merge(one)
+            if w.tier is not None:
+                by_tier.setdefault(w.tier, LatencySketch()).merge(one)
+        if w.tier is not None:
+            tier_requests[w.tier] = tier_requests.get(w.tier, 0) + w.requests
         if w.max_psi is not None:
             psi = w.max_psi if psi is None else max(psi, w.max_psi)
     q = sketch.quantile(0.95)
@@ -233,6 +250,8 @@ def cohort_stats(windows: Iterable[WindowFacts], *, devices: int, committed: int
         errors=err,
         p95_ms=None if q is None else q * 1000.0,
         max_psi=psi,
+        p95_ms_by_tier={t: v * 1000.0 for t, sk in by_tier.items() if (v := sk.quantile(0.95)) is not None},
+        requests_by_tier=tier_requests,
     )
 
 
@@ -303,8 +322,8 @@ def _slo_failures(t: CohortStats, c: CohortStats | None, p: RolloutPolicy) -> li
     if t.p95_ms is not None:
         if p.p95_budget_ms is not None and t.p95_ms > p.p95_budget_ms:
             out.append(f"p95 {t.p95_ms:.2f} ms above budget {p.p95_budget_ms:.2f} ms")
-        elif c is not None and c.p95_ms is not None and t.p95_ms > c.p95_ms * p.max_p95_ratio:
-            out.append(f"p95 {t.p95_ms:.2f} ms vs control {c.p95_ms:.2f} ms (> x{p.max_p95_ratio})")
+        elif c is not None:
+            out.extend(_p95_vs_control(t, c, p))
     if t.max_psi is not None:
         if c is not None and c.max_psi is not None:
             if t.max_psi > p.max_psi and t.max_psi > c.max_psi + p.max_psi_increase:
@@ -312,6 +331,35 @@ def _slo_failures(t: CohortStats, c: CohortStats | None, p: RolloutPolicy) -> li
         elif t.max_psi > p.max_psi:
             out.append(f"drift PSI {t.max_psi:.3f} above {p.max_psi}")
     return out
+
+
+def _p95_vs_control(t: CohortStats, c: CohortStats, p: RolloutPolicy) -> list[str]:
+    """Latency against the control group, like for like: tier by tier where both cohorts have the tier (a canary
+    that happens to hold more slow-tier devices than the control is not a regression — Simpson's paradox) and
+    both served it ``min_tier_requests``; the cohorts as a whole only when neither carries tiers. A regression
+    exceeds both the ratio and the absolute floor."""
+    max_ratio = p.max_p95_ratio
+
+    def worse(tv: float, cv: float) -> bool:
+        return tv > cv * max_ratio and tv - cv > p.min_p95_increase_ms
+
+    def sampled(x: CohortStats, tier: str) -> bool:
+        # cohorts built without per-tier request counts (older callers) are taken at their word
+        return not x.requests_by_tier or x.requests_by_tier.get(tier, 0) >= p.min_tier_requests
+
+    if t.p95_ms_by_tier or c.p95_ms_by_tier:
+        common = sorted(
+            tier for tier in set(t.p95_ms_by_tier) & set(c.p95_ms_by_tier) if sampled(t, tier) and sampled(c, tier)
+        )
+        return [
+            f"p95 {t.p95_ms_by_tier[tier]:.2f} ms vs control {c.p95_ms_by_tier[tier]:.2f} ms on tier {tier} "
+            f"(> x{max_ratio})"
+            for tier in common
+            if worse(t.p95_ms_by_tier[tier], c.p95_ms_by_tier[tier])
+        ]  # no tier in common (or none sampled enough): nothing comparable; the absolute budget still applies
+    if t.p95_ms is not None and c.p95_ms is not None and worse(t.p95_ms, c.p95_ms):
+        return [f"p95 {t.p95_ms:.2f} ms vs control {c.p95_ms:.2f} ms (> x{max_ratio})"]
+    return []
 
 
 # --------------------------------------------------------------------------- the state machine step

@@ -2,9 +2,9 @@
 
 train (digits) → optimize → bench → gate → package → publish v1 → start ``edgefleet server`` → enroll a fleet of
 mixed tiers → roll out v1 → publish v2 and roll it out in waves → publish v3, whose manifest understates its
-memory (a 100 MB table the model holds), so the inference worker really dies on the 256 MB arm-a53-small devices
-(all full agents, real processes) → the reconciler halts the canary and rolls it back on its own → KPIs,
-timeline, dashboard URL. Each stage reports what it did and how long it took.
+memory (a 200 MB table the model reads on every call), so the inference worker really dies on the 256 MB
+arm-a53-small devices (all full agents, real processes) → the reconciler halts the canary and rolls it back on its
+own → KPIs, timeline, dashboard URL. Each stage reports what it did and how long it took.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ allow_inconclusive: true
 class DemoOptions:
     workdir: Path | None = None
     devices: int = 24
-    full: int = 8
-    table_mb: int = 100
+    full: int | None = None  # default: exactly the failing tier's devices
+    table_mb: int = 200
     keep_running: bool = False
     timeout_s: float = 600.0
 
@@ -70,13 +70,16 @@ class _Stages:
 
 
 def big_table_model(model: bytes, mb: int) -> bytes:
-    """``model`` plus an ``mb`` MiB initializer it really reads (a lookup table folded into the output as 0·sum),
-    so a worker must hold it in memory; the outputs do not change."""
+    """``model`` plus an ``mb`` MiB lookup table it really reads on every call (a ``Gather`` at an index computed
+    from the input, folded into the output as 0·value), so a serving worker holds the whole table in memory; the
+    outputs do not change. An input-independent use (say ``ReduceSum`` of the table) would be constant-folded by
+    onnxruntime at load and the table dropped, and the model would fit any device."""
     import onnx
     from onnx import helper, numpy_helper
 
     m = onnx.load_from_string(model)
     g = m.graph
+    x = g.input[0].name
     out = next(o for o in g.output if o.name == "probabilities")
     for n in g.node:
         n.output[:] = ["probabilities_raw" if o == out.name else o for o in n.output]
@@ -88,11 +91,14 @@ def big_table_model(model: bytes, mb: int) -> bytes:
     )
     g.node.extend(
         [
-            helper.make_node("ReduceSum", ["TABLE"], ["table_sum"], keepdims=0),
-            helper.make_node("Mul", ["table_sum", "ZERO"], ["table_zero"]),
-            helper.make_node("Add", ["probabilities_raw", "table_zero"], ["probabilities"]),
+            helper.make_node("ArgMax", [x], ["table_index"], axis=1, keepdims=0),
+            helper.make_node("Gather", ["TABLE", "table_index"], ["table_value"], axis=0),
+            helper.make_node("Mul", ["table_value", "ZERO"], ["table_zero"]),
+            helper.make_node("Unsqueeze", ["table_zero", "table_axes"], ["table_zero_col"]),
+            helper.make_node("Add", ["probabilities_raw", "table_zero_col"], ["probabilities"]),
         ]
     )
+    g.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "table_axes"))
     return bytes(m.SerializeToString())
 
 
@@ -186,8 +192,14 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
     counts = {"x86-avx2": 1, "arm-a72": 1, FAILING_TIER: 1, "x86-vnni": 1}
     from edgefleet.sim.spec import parse_tiers
 
-    plans = plan_fleet(parse_tiers(",".join(counts), o.devices), full=o.full, full_tiers=(FAILING_TIER,))
-    fleet = Fleet(server.url, server.admin_token, plans, work / "fleet", FleetOptions())
+    per_tier = parse_tiers(",".join(counts), o.devices)
+    # By default only the failing tier runs full agents, so every tier is homogeneous (all real processes or all
+    # lightweight) and latency compares like for like between a wave and its control group.
+    full = o.full if o.full is not None else per_tier[FAILING_TIER]
+    plans = plan_fleet(per_tier, full=full, full_tiers=(FAILING_TIER,))
+    # Enough traffic that a wave's per-tier p95 rests on hundreds of requests, not a dozen (a p95 of 12 calls is
+    # their maximum, i.e. a fresh worker's first call).
+    fleet = Fleet(server.url, server.admin_token, plans, work / "fleet", FleetOptions(requests_per_s=10.0))
     summary: dict[str, Any] = {"dashboard": server.url + "/", "workdir": str(work)}
     try:
         t = time.monotonic()
@@ -210,7 +222,17 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
             f"{len(plans) - n_full} lightweight); v1, v2, v3 uploaded  [dim]({st.times['enroll']:.1f} s)[/]"
         )
         canary = canary_percent(tiers)
-        base = {"bake_s": 6, "min_devices": 2, "min_requests": 10, "auto_rollback": True, "max_p95_ratio": 3.0}
+        # The simulated fleet shares two cores among 24 devices, the server and the traffic generator, so a device's
+        # sub-millisecond p95 reflects the host's contention as much as the model: the demo's latency SLO is
+        # looser than the product default (x1.25 and +0.5 ms). Crashes and update failures are judged as always.
+        base = {
+            "bake_s": 6,
+            "min_devices": 2,
+            "min_requests": 200,
+            "auto_rollback": True,
+            "max_p95_ratio": 2.0,
+            "min_p95_increase_ms": 1.0,
+        }
         rollouts: dict[str, dict[str, Any]] = {}
         for version, waves in (
             ("1.0.0", [50.0, 100.0]),
