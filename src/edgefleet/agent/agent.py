@@ -92,6 +92,7 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self._update_task: asyncio.Task[None] | None = None
         self._probation: ProbationStats | None = None
+        self._probation_crash: str | None = None  # the last worker crash seen during probation
         self._offline_since: float | None = None
         self._upload_now = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -163,6 +164,7 @@ class Agent:
         self.service.metrics.crashes.inc()
         if self._probation is not None:
             self._probation.crash_times.append(time.monotonic())
+            self._probation_crash = reason
         a = self.state.active
         self._event(EventKind.worker_crashed, reason, a.model if a else None, a.version if a else None)
 
@@ -531,6 +533,19 @@ class Agent:
             self._refuse(d, result.reason, EventKind.rolled_back)
             return
         self._event(EventKind.health_check_passed, result.reason, d.model, d.version, d.rollout_id)
+        if not self._still_wanted(d.target or ""):
+            # The desired state moved on while the health check ran (a halted rollout, say): switching now would
+            # serve a version nobody wants, and would have to be undone on the next check-in.
+            st = self.state
+            self._save(
+                st.with_(
+                    state=AgentState.committed if st.committed is not None else AgentState.idle,
+                    reason="superseded: the desired state changed during the health check",
+                    pending=None,
+                    active=st.committed,
+                )
+            )
+            return
         try:
             backend, info = await self._start_backend(spec)
         except WorkerUnavailable as err:
@@ -540,6 +555,7 @@ class Agent:
         self._save(self.state.with_(state=AgentState.probation, active=cand, probation_resumes=0))
         old, self.backend = self.backend, backend
         self._probation = ProbationStats(time.monotonic())
+        self._probation_crash = None
         self.service.listener = self._probation.observe
         self.service.set_backend(backend, info)
         if old is not None:
@@ -562,7 +578,11 @@ class Agent:
             if decision.action == "commit":
                 await self._commit(decision.reason)
             elif decision.action == "rollback":
-                await self._rollback(decision.reason)
+                reason = decision.reason
+                if stats.crash_times and self._probation_crash and "crash" not in reason:
+                    # The breach (say, errors while no worker ran) has a root cause the operator needs to see.
+                    reason = f"{reason}; the worker crashed: {self._probation_crash}"
+                await self._rollback(reason)
 
     async def _commit(self, reason: str) -> None:
         s = self.state

@@ -175,6 +175,21 @@ async def _wait_served(
     raise EdgefleetError(f"devices did not reach version {version or 'not ' + str(not_version)} in {timeout_s:.0f} s")
 
 
+_BUSY = {"downloading", "verifying", "staged", "health_check", "probation"}
+
+
+async def _wait_settled(fleet: Fleet, ids: set[str], timeout_s: float) -> None:
+    """Until none of ``ids`` is mid-update: a device still health-checking v3 when the rollback came finishes
+    that attempt (and rolls it back) before the summary describes it."""
+    t = time.monotonic()
+    while time.monotonic() - t < timeout_s:
+        devs = {d["device_id"]: d for d in await fleet.api("GET", "/api/v1/devices")}
+        if all(devs.get(i, {}).get("state") not in _BUSY for i in ids):
+            return
+        await asyncio.sleep(0.5)
+    raise EdgefleetError(f"devices still mid-update after {timeout_s:.0f} s")
+
+
 def _by_version_tier(devs: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for d in devs:
@@ -259,6 +274,8 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
         bad = rollouts["3.0.0"]
         received = {d["device_id"] for d in bad["devices"]}
         back_at = await _wait_served(fleet, received, "3.0.0", None, 120) if received else None
+        await _wait_settled(fleet, received, 120)
+        await _wait_served(fleet, received, "3.0.0", None, 120)
         summary.update(await _summarize(fleet, rollouts, received, back_at, tiers, canary))
         if o.keep_running:
             say(f"[bold]dashboard:[/] {server.url}/  (admin token in {work / 'server' / 'admin-token'}); Ctrl-C ends")
