@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -134,9 +134,11 @@ def window_facts(
     same: bool,
     until: datetime | None = None,
     model: str | None = None,
+    since_by_device: Mapping[str, datetime] | None = None,
 ) -> list[WindowFacts]:
     """Telemetry windows of ``ids`` since ``since`` on ``version`` (``same``) or on any other version; the
-    reconciler judges waves on them and the dashboard shows the same figures."""
+    reconciler judges waves on them and the dashboard shows the same figures. With ``since_by_device``, a device
+    counts only with windows ending at or after its own start time, and a device missing from it not at all."""
     ids = list(ids)
     if not ids:
         return []
@@ -157,7 +159,14 @@ def window_facts(
             tier=w.tier,
         )
         for w in s.scalars(q)
+        if since_by_device is None
+        or (w.device_id in since_by_device and _naive(w.end) >= _naive(since_by_device[w.device_id]))
     ]
+
+
+def _naive(t: datetime) -> datetime:
+    # SQLite hands datetimes back without a zone, PostgreSQL with one; all are stored in UTC.
+    return t.replace(tzinfo=None) if t.tzinfo is not None else t
 
 
 def _revert(s: Session, r: Rollout, now: datetime) -> set[str]:
@@ -221,17 +230,28 @@ def step(s: Session, r: Rollout, actor: str, now: datetime | None = None) -> Ste
     control_ids = eligible - moved
 
     ev = s.execute(
-        select(UpdateEventRow.device_id, UpdateEventRow.kind).where(
+        select(UpdateEventRow.device_id, UpdateEventRow.kind, UpdateEventRow.at).where(
             UpdateEventRow.model == r.model, UpdateEventRow.version == r.version, UpdateEventRow.at >= r.created_at
         )
     ).all()
-    committed = {dev for dev, kind in ev if kind == "committed" and dev in moved}
+    committed_at = {dev: at for dev, kind, at in ev if kind == "committed" and dev in moved}
     # a device that already served the version when it was moved has nothing to install: it counts as committed
-    committed |= {i for i in moved if devs[i].served_model == r.model and devs[i].served_version == r.version}
-    failed = {dev for dev, kind in ev if kind in FAILED_KINDS and dev in moved}
-    committed -= failed
+    for i in moved:
+        if i not in committed_at and devs[i].served_model == r.model and devs[i].served_version == r.version:
+            committed_at[i] = r.created_at
+    failed = {dev for dev, kind, _ in ev if kind in FAILED_KINDS and dev in moved}
+    committed = set(committed_at) - failed
+    # The wave is judged on devices in steady state: from each device's commit on. Probation (a fresh worker,
+    # the update's own CPU load) is judged on the device, and what fails there arrives as an update failure.
     treatment = cohort_stats(
-        window_facts(s, moved, r.created_at, r.version, same=True),
+        window_facts(
+            s,
+            moved,
+            r.created_at,
+            r.version,
+            same=True,
+            since_by_device={i: committed_at[i] for i in committed},
+        ),
         devices=len(moved),
         committed=len(committed),
         failed=len(failed),
