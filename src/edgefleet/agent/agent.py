@@ -37,7 +37,7 @@ from edgefleet.agent.telemetry import utcnow
 from edgefleet.agent.updater import ControlPlaneClient, Offline, download_resumable, jittered, should_update
 from edgefleet.agent.worker import ModelInfo, WorkerSpec
 from edgefleet.config import AgentSettings
-from edgefleet.errors import EdgefleetError, UsageError, WorkerUnavailable
+from edgefleet.errors import DownloadError, EdgefleetError, UsageError, WorkerUnavailable
 from edgefleet.protocol import (
     AgentState,
     DesiredState,
@@ -379,6 +379,10 @@ class Agent:
                 self._offline(err)
             except EdgefleetError as err:
                 log.warning("check-in failed: %s", err)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop that brings updates must outlive any one bad answer
+                log.exception("check-in failed unexpectedly; retrying")
             await asyncio.sleep(jittered(self.config.checkin_interval_s))
 
     def _apply(self, desired: DesiredState) -> None:
@@ -461,7 +465,11 @@ class Agent:
             self.identity["repository_url"],
             root.read_bytes() if not (tuf_dir / "metadata" / "root.json").exists() else None,
         )
-        await loop.run_in_executor(None, client.refresh)
+        try:
+            await loop.run_in_executor(None, client.refresh)
+        except DownloadError as err:
+            # the repository cannot be reached: transient, unlike a verification failure, so not a refusal
+            raise Offline(f"repository unreachable: {err}")
         try:
             info = await loop.run_in_executor(None, client.target_info, d.target)
         except EdgefleetError as err:
