@@ -231,3 +231,11 @@ def test_download_resumes_by_range(tmp_path: Path) -> None:
     resumed_at = int(_Flaky.ranges[1][6:-1])
     assert 200_000 - CHUNK <= resumed_at <= 200_000  # what arrived was kept, at most a chunk in flight was lost
     assert _Flaky.sent - len(_Flaky.data) <= CHUNK
+
+
+def test_lean_worker_dtype_table_matches_the_runtime_layer() -> None:
+    # The lean worker repeats the table so it never imports the runtime layer; the copies must not drift apart.
+    from edgefleet.agent._worker_main import ORT_TO_NUMPY as lean
+    from edgefleet.runtime.schema import ORT_TO_NUMPY as runtime
+
+    assert lean == runtime
