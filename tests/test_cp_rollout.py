@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -367,3 +368,80 @@ def test_a_tier_is_compared_only_with_enough_requests_on_both_sides() -> None:
     assert judge(few, control, P).outcome is Outcome.passed
     many = good(p95_ms_by_tier={"t": 10.0}, requests_by_tier={"t": 400})
     assert judge(many, control, P).outcome is Outcome.failed
+
+
+def _timed(dev: str, end: float, seconds: float, n: int = 100, tier: str | None = "t") -> WindowFacts:
+    sk = LatencySketch()
+    sk.extend([seconds] * n)
+    return WindowFacts(dev, n, 0, 0, sk.to_data(), None, tier=tier, end=end)
+
+
+def _control() -> CohortStats:
+    return cohort_stats([_timed(f"c{i}", float(k), 0.001) for i in range(3) for k in range(4)], devices=3)
+
+
+def test_cohort_stats_split_in_time_at_half_the_requests() -> None:
+    # out of order on purpose: halves follow the window end times, not the list order
+    ws = [_timed("a", 3.0, 0.004), _timed("a", 1.0, 0.001), _timed("b", 4.0, 0.004), _timed("b", 2.0, 0.001)]
+    st = cohort_stats(ws, devices=2)
+    assert st.halves is not None
+    early, late = st.halves
+    assert (early.requests, late.requests) == (200, 200)
+    assert early.p95_ms_by_tier["t"] == pytest.approx(1.0, rel=0.02)
+    assert late.p95_ms_by_tier["t"] == pytest.approx(4.0, rel=0.02)
+    # windows without times (older callers) carry no halves
+    assert cohort_stats([replace(_timed("a", 1.0, 0.001), end=None)], devices=1).halves is None
+
+
+def test_a_burst_in_one_half_of_the_bake_is_not_a_regression() -> None:
+    # 1 ms everywhere, except one stretch of host contention at 5 ms: the whole window's p95 is 5x the control,
+    # but the later half is back at 1 ms, so the version is not what was slow.
+    burst = [_timed("a", 1.0, 0.005), _timed("a", 2.0, 0.005), _timed("a", 3.0, 0.001), _timed("a", 4.0, 0.001)]
+    t = cohort_stats(burst, devices=1, committed=3)
+    j = judge(t, _control(), P)
+    assert j.outcome is Outcome.passed, j.reason
+
+
+def test_a_regression_in_both_halves_fails_the_wave() -> None:
+    slow = [_timed("a", float(k), 0.005) for k in range(1, 5)]
+    j = judge(cohort_stats(slow, devices=1, committed=3), _control(), P)
+    assert j.outcome is Outcome.failed and "on tier t" in j.reason
+
+
+def test_a_regression_waits_for_the_later_half_before_failing() -> None:
+    # 150 requests: the whole window is sampled (>= 100 per tier) but its later half is not yet (75)
+    slow = [_timed("a", 1.0, 0.005, n=75), _timed("a", 2.0, 0.005, n=75)]
+    j = judge(cohort_stats(slow, devices=1, committed=3), _control(), P)
+    assert j.outcome is Outcome.inconclusive and j.confirming and "confirming" in j.reason
+
+    # the suspicion extends the bake by up to max_confirm_s, and never advances the wave: then it pauses
+    def act(baked_s: float) -> Action:
+        return decide(
+            state=RolloutState.running, wave=0, waves=[10.0, 100.0], judgement=j, baked_s=baked_s, policy=P
+        ).action
+
+    assert act(P.bake_s + P.max_confirm_s - 1) is Action.wait
+    assert act(P.bake_s + P.max_confirm_s) is Action.pause
+    # an ordinary inconclusive wave (too few devices) is not extended
+    thin = judge(good(committed=1), None, P)
+    assert not thin.confirming
+    assert (
+        decide(
+            state=RolloutState.running, wave=0, waves=[10.0, 100.0], judgement=thin, baked_s=P.bake_s, policy=P
+        ).action
+        is Action.pause
+    )
+
+
+def test_a_regression_without_window_times_is_judged_on_the_whole_window() -> None:
+    slow = [WindowFacts("a", 200, 0, 0, _timed("a", 0, 0.005, n=200).latency, None, tier="t")]
+    j = judge(cohort_stats(slow, devices=1, committed=3), _control(), P)
+    assert j.outcome is Outcome.failed
+
+
+def test_crashes_and_errors_fail_at_once_without_waiting_for_halves() -> None:
+    sk = LatencySketch()
+    sk.extend([0.001] * 150)
+    crashing = [WindowFacts(d, 50, 40, 1, sk.to_data(), None, tier="t", end=1.0) for d in "abc"]
+    j = judge(cohort_stats(crashing, devices=3, committed=3), _control(), P)
+    assert j.outcome is Outcome.failed and "error rate" in j.reason

@@ -8,7 +8,8 @@ import json
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -133,14 +134,26 @@ def _fleet(cp: CP, pkgs: dict[str, Path], n_small: int = 6, n_big: int = 6) -> l
     return devs
 
 
-def _drive(cp: CP, devs: list, rollout_id: str, *, bad_tier: str | None = None, rounds: int = 30) -> str:
-    """Reconcile; every device fetches its desired state and reports what a real agent would have done."""
+def _drive(
+    cp: CP,
+    devs: list,
+    rollout_id: str,
+    *,
+    bad_tier: str | None = None,
+    rounds: int = 30,
+    latency: Callable[[str | None, int], float] = lambda version, nth: 0.002,
+    pause_s: float = 0.0,
+) -> str:
+    """Reconcile; every device fetches its desired state and reports what a real agent would have done.
+    ``latency(version, nth)`` is the latency of a device's ``nth`` report on ``version`` (0: the commit's)."""
     state = "running"
+    nth: dict[str, int] = {}
     for _ in range(rounds):
         reconcile_once(cp.store)
         state = cp.api("GET", f"/api/v1/rollouts/{rollout_id}")["state"]
         if state != "running":
             return state
+        time.sleep(pause_s)
         for d in devs:
             want = d.desired()
             v = want["version"]
@@ -155,10 +168,12 @@ def _drive(cp: CP, devs: list, rollout_id: str, *, bad_tier: str | None = None, 
                     events=[("worker_crashed", "killed"), ("rolled_back", "3 worker crashes within 60 s")],
                 )
             elif v is None or v == d.served:
-                d.report(model="digits", version=d.served)  # nothing new: keeps serving what it committed
+                # nothing new: keeps serving what it committed
+                nth[d.id] = nth.get(d.id, 0) + 1
+                d.report(model="digits", version=d.served, latency_s=latency(d.served, nth[d.id]))
             else:
-                d.served = v
-                d.report(model="digits", version=v, events=[("committed", None)])
+                d.served, nth[d.id] = v, 0
+                d.report(model="digits", version=v, events=[("committed", None)], latency_s=latency(v, 0))
     return state
 
 
@@ -226,6 +241,32 @@ def test_bad_version_pauses_and_rolls_back_with_reason(cp: CP, pkgs: dict[str, P
     assert cells[("small", "2.0.0")] == "failed"
     k = next(x for x in cp.api("GET", "/api/v1/fleet")["rollouts"] if x["rollout_id"] == rid)
     assert k["time_to_halt_s"] is not None and k["time_to_rollback_s"] is not None
+
+
+def test_latency_regression_on_the_new_version_rolls_back(cp: CP, pkgs: dict[str, Path]) -> None:
+    devs = _fleet(cp, pkgs)
+    _unpin_all(cp, devs)
+    # a failure halts whatever the bake; the long bake keeps the wave open while it is being confirmed
+    rid = _start(cp, "2.0.0", auto_rollback=True, waves=[50, 100], min_tier_requests=50, bake_s=3600)
+    state = _drive(cp, devs, rid, latency=lambda v, n: 0.02 if v == "2.0.0" else 0.002)
+    r = cp.api("GET", f"/api/v1/rollouts/{rid}")
+    assert state == "rolled_back" and "p95 20" in r["reason"] and r["wave"] == 0, r["reason"]
+    # it waited for the later half of the wave's telemetry before calling it
+    reasons = [a["detail"].get("reason", "") for a in cp.api("GET", "/api/v1/audit", params={"target": rid})]
+    assert any("p95" in x for x in reasons)
+
+
+def test_a_latency_burst_right_after_the_update_does_not_roll_back(cp: CP, pkgs: dict[str, Path]) -> None:
+    # Each moved device's first report after its commit is 10x slower (the host was busy), later ones are not:
+    # the whole window's p95 is 10x the control's, but the regression does not hold in its later half.
+    devs = _fleet(cp, pkgs)
+    _unpin_all(cp, devs)
+    # the bake outlasts the few rounds the suspicion takes to clear (an inconclusive wave pauses at its deadline)
+    rid = _start(cp, "2.0.0", auto_rollback=True, waves=[50, 100], min_tier_requests=50, bake_s=3)
+    state = _drive(
+        cp, devs, rid, rounds=200, pause_s=0.1, latency=lambda v, n: 0.02 if v == "2.0.0" and n == 0 else 0.002
+    )
+    assert state == "completed", cp.api("GET", f"/api/v1/rollouts/{rid}")["reason"]
 
 
 def test_inconclusive_at_bake_deadline_pauses_then_operator_actions(cp: CP, pkgs: dict[str, Path]) -> None:

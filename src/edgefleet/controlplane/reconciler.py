@@ -13,7 +13,7 @@ import os
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
@@ -157,6 +157,7 @@ def window_facts(
             latency=SketchData.model_validate(w.latency) if w.latency else SketchData(),
             max_psi=w.max_psi,
             tier=w.tier,
+            end=_naive(w.end).replace(tzinfo=UTC).timestamp(),
         )
         for w in s.scalars(q)
         if since_by_device is None
@@ -256,7 +257,10 @@ def step(s: Session, r: Rollout, actor: str, now: datetime | None = None) -> Ste
         committed=len(committed),
         failed=len(failed),
     )
-    control = cohort_stats(window_facts(s, control_ids, r.created_at, r.version, same=False), devices=len(control_ids))
+    # The control covers the same stretch of time as the treatment (from the first commit on): a host's or a
+    # network's load then weighs on both cohorts alike instead of on whichever was measured later.
+    control_since = min(committed_at.values(), key=_naive, default=r.created_at)
+    control = cohort_stats(window_facts(s, control_ids, control_since, r.version, same=False), devices=len(control_ids))
     verdict = judge(treatment, control if control_ids else None, policy)
     decision = decide(
         state=RolloutState(r.state),

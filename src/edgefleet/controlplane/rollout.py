@@ -6,6 +6,12 @@ belongs to the first wave whose percentage exceeds the stable hash bucket of its
 telemetry of the devices moved so far (the *treatment*) against the eligible devices still on A (the *control*);
 with no control (a first rollout) the policy's absolute budgets apply. A judgement is ``pass``, ``fail`` or
 ``inconclusive`` (below the minimum sample); :func:`decide` turns it plus the clock into an action.
+
+A latency regression is a claim about the version, not about a moment: it must show in the earlier *and* the
+later half of the treatment's telemetry (each half sampled on its own) before it fails a wave. A burst of host
+contention during one stretch of the bake (a neighbour's update, a backup job) then moves one half, not both; a
+slower model moves both. Until the later half has its sample the suspicion keeps the wave inconclusive, so a
+suspected regression never advances a wave either (ADR 0093).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import hashlib
 import itertools
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -74,6 +80,9 @@ class RolloutPolicy(BaseModel):
     # A tier's p95 is compared only once both cohorts served it this many requests: a p95 of a few dozen calls is
     # their maximum, often a fresh worker's first call.
     min_tier_requests: int = Field(100, ge=1)
+    # A suspected p95 regression waits for the later half of the treatment's telemetry; the bake is extended by
+    # up to this long for it (then the wave pauses like any inconclusive one).
+    max_confirm_s: float = Field(300.0, ge=0)
     max_error_rate_increase: float = Field(0.01, ge=0, le=1)
     max_psi_increase: float = Field(0.1, ge=0)
     # absolute budgets (first rollout) — also a floor that applies with a control group
@@ -194,6 +203,8 @@ class CohortStats:
     # p95 per device tier: tiers differ in hardware, so treatment and control are compared tier by tier
     p95_ms_by_tier: dict[str, float] = field(default_factory=dict)
     requests_by_tier: dict[str, int] = field(default_factory=dict)
+    # the same windows split in time at half of each device's requests (earlier, later); None without times
+    halves: tuple[CohortStats, CohortStats] | None = None
 
     @property
     def crash_free_rate(self) -> float | None:
@@ -213,10 +224,37 @@ class WindowFacts:
     latency: SketchData
     max_psi: float | None
     tier: str | None = None
+    end: float | None = None  # when the window closed (epoch seconds): orders windows in time
 
 
 def cohort_stats(windows: Iterable[WindowFacts], *, devices: int, committed: int = 0, failed: int = 0) -> CohortStats:
-    """Aggregate telemetry windows: p95 from merged sketches (never an average of per-device p95s)."""
+    """Aggregate telemetry windows: p95 from merged sketches (never an average of per-device p95s). When every
+    window carries its end time, ``halves`` holds the same statistics for the earlier and the later half of each
+    device's requests."""
+    ws = list(windows)
+    halves = None
+    if ws and all(w.end is not None for w in ws):
+        by_device: dict[str, list[WindowFacts]] = {}
+        for w in sorted(ws, key=lambda w: w.end or 0.0):
+            by_device.setdefault(w.device_id, []).append(w)
+        early: list[WindowFacts] = []
+        late: list[WindowFacts] = []
+        for own in by_device.values():
+            # each device's own windows split at half its requests: devices that committed at different times
+            # each contribute their own earlier and later stretch
+            total, acc, cut = sum(w.requests for w in own), 0, len(own)
+            for i, w in enumerate(own):
+                if acc >= total / 2:
+                    cut = i
+                    break
+                acc += w.requests
+            early += own[:cut]
+            late += own[cut:]
+        halves = (_aggregate(early, devices, committed, failed), _aggregate(late, devices, committed, failed))
+    return replace(_aggregate(ws, devices, committed, failed), halves=halves)
+
+
+def _aggregate(windows: Sequence[WindowFacts], devices: int, committed: int, failed: int) -> CohortStats:
     sketch = LatencySketch()
     by_tier: dict[str, LatencySketch] = {}
     tier_requests: dict[str, int] = {}
@@ -265,6 +303,7 @@ class Outcome(StrEnum):
 class Judgement:
     outcome: Outcome
     reasons: tuple[str, ...] = ()
+    confirming: bool = False  # inconclusive only because a suspected regression awaits its later half
 
     @property
     def reason(self) -> str:
@@ -298,15 +337,20 @@ def judge(treatment: CohortStats, control: CohortStats | None, policy: RolloutPo
     ctl = (
         control if control is not None and control.reporting >= 1 and control.requests >= policy.min_requests else None
     )
-    fails.extend(_slo_failures(treatment, ctl, policy))
+    slo_fails, pending = _slo_failures(treatment, ctl, policy)
+    fails.extend(slo_fails)
     if fails:
         return Judgement(Outcome.failed, tuple(fails))
+    if pending:
+        return Judgement(Outcome.inconclusive, tuple(pending), confirming=True)
     basis = "vs control group" if ctl is not None else "against absolute budgets (no control group)"
     return Judgement(Outcome.passed, (f"SLOs hold {basis}",))
 
 
-def _slo_failures(t: CohortStats, c: CohortStats | None, p: RolloutPolicy) -> list[str]:
+def _slo_failures(t: CohortStats, c: CohortStats | None, p: RolloutPolicy) -> tuple[list[str], list[str]]:
+    """SLO failures, and regressions seen but not yet confirmed (which hold the wave inconclusive)."""
     out: list[str] = []
+    pending: list[str] = []
     cf = t.crash_free_rate
     if cf is not None:
         if cf < p.min_crash_free:
@@ -323,21 +367,24 @@ def _slo_failures(t: CohortStats, c: CohortStats | None, p: RolloutPolicy) -> li
         if p.p95_budget_ms is not None and t.p95_ms > p.p95_budget_ms:
             out.append(f"p95 {t.p95_ms:.2f} ms above budget {p.p95_budget_ms:.2f} ms")
         elif c is not None:
-            out.extend(_p95_vs_control(t, c, p))
+            worse, unconfirmed = _p95_vs_control(t, c, p)
+            out.extend(worse)
+            pending.extend(unconfirmed)
     if t.max_psi is not None:
         if c is not None and c.max_psi is not None:
             if t.max_psi > p.max_psi and t.max_psi > c.max_psi + p.max_psi_increase:
                 out.append(f"drift PSI {t.max_psi:.3f} vs control {c.max_psi:.3f}")
         elif t.max_psi > p.max_psi:
             out.append(f"drift PSI {t.max_psi:.3f} above {p.max_psi}")
-    return out
+    return out, pending
 
 
-def _p95_vs_control(t: CohortStats, c: CohortStats, p: RolloutPolicy) -> list[str]:
+def _p95_vs_control(t: CohortStats, c: CohortStats, p: RolloutPolicy) -> tuple[list[str], list[str]]:
     """Latency against the control group, like for like: tier by tier where both cohorts have the tier (a canary
     that happens to hold more slow-tier devices than the control is not a regression — Simpson's paradox) and
     both served it ``min_tier_requests``; the cohorts as a whole only when neither carries tiers. A regression
-    exceeds both the ratio and the absolute floor."""
+    exceeds both the ratio and the absolute floor, over the whole treatment window and in each of its halves.
+    Returns (confirmed regressions, regressions still waiting for the later half's sample)."""
     max_ratio = p.max_p95_ratio
 
     def worse(tv: float, cv: float) -> bool:
@@ -347,19 +394,39 @@ def _p95_vs_control(t: CohortStats, c: CohortStats, p: RolloutPolicy) -> list[st
         # cohorts built without per-tier request counts (older callers) are taken at their word
         return not x.requests_by_tier or x.requests_by_tier.get(tier, 0) >= p.min_tier_requests
 
+    def replicated(tier: str | None, cv: float) -> bool | None:
+        """Worse in both halves (True), not worse in a sampled half (False), or not yet known (None)."""
+        if t.halves is None:
+            return True  # windows without times: the whole window is all the evidence there is
+        known = True
+        for h in t.halves:
+            hv = h.p95_ms if tier is None else h.p95_ms_by_tier.get(tier)
+            enough = h.requests >= p.min_tier_requests if tier is None else sampled(h, tier)
+            if hv is None or not enough:
+                known = False
+            elif not worse(hv, cv):
+                return False
+        return True if known else None
+
+    suspects: list[tuple[str | None, float, float, str]] = []
     if t.p95_ms_by_tier or c.p95_ms_by_tier:
-        common = sorted(
-            tier for tier in set(t.p95_ms_by_tier) & set(c.p95_ms_by_tier) if sampled(t, tier) and sampled(c, tier)
-        )
-        return [
-            f"p95 {t.p95_ms_by_tier[tier]:.2f} ms vs control {c.p95_ms_by_tier[tier]:.2f} ms on tier {tier} "
-            f"(> x{max_ratio})"
-            for tier in common
-            if worse(t.p95_ms_by_tier[tier], c.p95_ms_by_tier[tier])
-        ]  # no tier in common (or none sampled enough): nothing comparable; the absolute budget still applies
-    if t.p95_ms is not None and c.p95_ms is not None and worse(t.p95_ms, c.p95_ms):
-        return [f"p95 {t.p95_ms:.2f} ms vs control {c.p95_ms:.2f} ms (> x{max_ratio})"]
-    return []
+        for name in sorted(set(t.p95_ms_by_tier) & set(c.p95_ms_by_tier)):
+            tv, cv = t.p95_ms_by_tier[name], c.p95_ms_by_tier[name]
+            if sampled(t, name) and sampled(c, name) and worse(tv, cv):
+                suspects.append((name, tv, cv, f" on tier {name}"))
+        # no tier in common (or none sampled enough): nothing comparable; the absolute budget still applies
+    elif t.p95_ms is not None and c.p95_ms is not None and worse(t.p95_ms, c.p95_ms):
+        suspects.append((None, t.p95_ms, c.p95_ms, ""))
+    confirmed: list[str] = []
+    pending: list[str] = []
+    for tier, tv, cv, where in suspects:
+        claim = f"p95 {tv:.2f} ms vs control {cv:.2f} ms{where} (> x{max_ratio})"
+        r = replicated(tier, cv)
+        if r is True:
+            confirmed.append(claim)
+        elif r is None:
+            pending.append(f"{claim}, confirming in the later half of the wave's telemetry")
+    return confirmed, pending
 
 
 # --------------------------------------------------------------------------- the state machine step
@@ -393,7 +460,8 @@ def decide(
 
     * fail → rollback (auto_rollback) or pause, at once, whatever the bake time;
     * pass → advance (or complete on the last wave) once the bake time is over, else wait;
-    * inconclusive → wait until the bake deadline, then pause.
+    * inconclusive → wait until the bake deadline (extended by ``max_confirm_s`` while a suspected regression
+      is being confirmed), then pause.
     A wave never advances on anything but ``pass``."""
     if state is not RolloutState.running:
         return Decision(Action.wait, f"rollout is {state.value}", judgement)
@@ -402,6 +470,8 @@ def decide(
         act = Action.rollback if policy.auto_rollback else Action.pause
         return Decision(act, f"wave {wave} failed: {judgement.reason}", judgement)
     if judgement.outcome is Outcome.inconclusive:
+        if judgement.confirming and baked and baked_s < policy.bake_s + policy.max_confirm_s:
+            return Decision(Action.wait, f"wave {wave} bake extended: {judgement.reason}", judgement)
         if baked:
             return Decision(Action.pause, f"wave {wave} inconclusive at bake deadline: {judgement.reason}", judgement)
         return Decision(Action.wait, f"wave {wave} inconclusive: {judgement.reason}", judgement)

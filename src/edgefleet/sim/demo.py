@@ -241,7 +241,7 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
         # sub-millisecond p95 reflects the host's contention as much as the model: the demo's latency SLO is
         # looser than the product default (x1.25 and +0.5 ms). Crashes and update failures are judged as always.
         base = {
-            "bake_s": 6,
+            "bake_s": 10,
             "min_devices": 2,
             "min_requests": 200,
             "auto_rollback": True,
