@@ -41,7 +41,7 @@ try:  # CPython's own SHA-256: hashlib's would map OpenSSL into this process (~3
 except ImportError:  # pragma: no cover - other Pythons
     from hashlib import sha256
 
-__all__ = ["FAULT_ENV", "LEN", "frame", "main", "serve_loop"]
+__all__ = ["FAULT_ENV", "LEN", "answer_all", "frame", "main", "serve_loop", "take_frames"]
 
 FAULT_ENV = "EDGEFLEET_WORKER_FAULT"
 LEN = struct.Struct("<I")
@@ -200,6 +200,57 @@ Handler = Callable[[tuple[Any, ...]], tuple[Any, ...] | None]
 Answer = Callable[[tuple[Any, ...]], tuple[bytes | None, tuple[dict[str, Any], dict[str, Any]] | None]]
 
 
+def take_frames(buf: bytearray, until: Callable[[tuple[Any, ...]], bool] | None = None) -> list[tuple[Any, ...]]:
+    """The complete frames at the head of ``buf``, removed from it; stops after the first message ``until``
+    accepts (what follows it stays in ``buf`` for whoever reads on)."""
+    msgs: list[tuple[Any, ...]] = []
+    pos = 0
+    while len(buf) - pos >= 4:
+        (size,) = LEN.unpack_from(buf, pos)
+        if len(buf) - pos - 4 < size:
+            break
+        msgs.append(pickle.loads(memoryview(buf)[pos + 4 : pos + 4 + size]))
+        pos += 4 + size
+        if until is not None and until(msgs[-1]):
+            break
+    del buf[:pos]
+    return msgs
+
+
+def answer_all(
+    sock: socket.socket,
+    msgs: list[tuple[Any, ...]],
+    answer: Answer,
+    after: Callable[[dict[str, Any], dict[str, Any]], None] | None,
+    special: Callable[[tuple[Any, ...]], bytes | None] | None = None,
+) -> bool:
+    """Answer ``msgs`` in order with one ``sendall``, then run ``after`` on the requests served (raw inputs never
+    leave this process, and drift never delays an answer). ``special`` answers the ops it knows (a frame, or
+    b"" for no answer) before ``answer`` sees them. False: a stop came (what followed it is dropped)."""
+    replies: list[bytes] = []
+    done: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    running = True
+    for msg in msgs:
+        mine = special(msg) if special is not None else None
+        if mine is not None:
+            if mine:
+                replies.append(mine)
+            continue
+        reply, served = answer(msg)
+        if reply is None:
+            running = False
+            break
+        replies.append(reply)
+        if served is not None and after is not None:
+            done.append(served)
+    if replies:
+        sock.sendall(b"".join(replies) if len(replies) > 1 else replies[0])
+    if after is not None:
+        for feeds, result in done:
+            after(feeds, result)
+    return running
+
+
 def serve_loop(
     sock: socket.socket,
     run: Callable[[dict[str, Any], list[str] | None], dict[str, Any]],
@@ -242,43 +293,21 @@ def serve_loop(
         if n == 0:
             return
         buf += view[:n]
-        replies: list[bytes] = []
-        done: list[tuple[dict[str, Any], dict[str, Any]]] = []
-        pos = 0
-        stop = False
-        listen: socket.socket | None = None
-        while len(buf) - pos >= 4:
-            (size,) = LEN.unpack_from(buf, pos)
-            if len(buf) - pos - 4 < size:
+        while True:
+            msgs = take_frames(buf, until=lambda m: m[0] == "serve")  # what follows "serve" is for the HTTP loop
+            serve = msgs.pop() if msgs and msgs[-1][0] == "serve" else None
+            if not answer_all(sock, msgs, answer, after):
+                return
+            if serve is None:
                 break
-            msg = pickle.loads(memoryview(buf)[pos + 4 : pos + 4 + size])
-            pos += 4 + size
-            if msg[0] == "serve":
-                if not fds or info is None:
-                    replies.append(frame(("err", "model", "serve: no listening socket or no model info")))
-                    continue
-                listen = socket.socket(fileno=fds.pop(0))
-                replies.append(frame(("ok", None, 0.0)))
-                break  # what follows in the buffer is for the HTTP loop
-            reply, served = answer(msg)
-            if reply is None:
-                stop = True
-                break
-            replies.append(reply)
-            if served is not None and after is not None:
-                done.append(served)
-        del buf[:pos]
-        if replies:
-            sock.sendall(b"".join(replies) if len(replies) > 1 else replies[0])
-        if after is not None:
-            for feeds, result in done:  # raw inputs never leave this process
-                after(feeds, result)
-        if stop:
-            return
-        if listen is not None:
+            if not fds or info is None:
+                sock.sendall(frame(("err", "model", "serve: no listening socket or no model info")))
+                continue
+            listen = socket.socket(fileno=fds.pop(0))
+            sock.sendall(frame(("ok", None, 0.0)))
             from edgefleet.agent.workerhttp import serve_http
 
-            serve_http(sock, listen, buf, view, answer, run, input_errors, after, info or {})
+            serve_http(sock, listen, buf, view, answer, run, input_errors, after, info)
             return
 
 

@@ -82,6 +82,8 @@ class InProcessBackend:
             result = self._model.run(feeds, outputs)
         except InputValidationError as err:
             raise InputError(str(err))
+        except Exception as err:
+            raise ModelError(f"inference failed: {err}")
         dt = time.perf_counter() - t0
         if self._drift is not None:
             self._drift.add(feeds, result)

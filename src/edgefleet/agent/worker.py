@@ -64,6 +64,21 @@ class ModelInfo:
 # ---------------------------------------------------------------- worker side (the full path, for packages)
 
 
+def package_info(opened: Any, model: Any, load_seconds: float = 0.0) -> ModelInfo:
+    """What the agent reports of a package's model once loaded (``opened``: an opened package)."""
+    m = opened.manifest
+    return ModelInfo(
+        name=m.name,
+        version=m.version,
+        model_sha256=opened.model_sha256,
+        inputs=[s.model_dump() for s in model.inputs],
+        outputs=[s.model_dump() for s in model.outputs],
+        metrics=dict(m.metrics or {}),
+        has_golden=True,
+        load_seconds=load_seconds,
+    )
+
+
 def _load(spec: WorkerSpec) -> tuple[Any, ModelInfo, Any, Any]:
     from edgefleet.config import RuntimeSettings
 
@@ -74,16 +89,7 @@ def _load(spec: WorkerSpec) -> tuple[Any, ModelInfo, Any, Any]:
 
         opened = open_package(spec.path, device_key=spec.device_key)
         model = opened.load(settings)
-        m = opened.manifest
-        info = ModelInfo(
-            name=m.name,
-            version=m.version,
-            model_sha256=opened.model_sha256,
-            inputs=[s.model_dump() for s in model.inputs],
-            outputs=[s.model_dump() for s in model.outputs],
-            metrics=dict(m.metrics or {}),
-            has_golden=True,
-        )
+        info = package_info(opened, model)
         reference = opened.reference
     else:
         from edgefleet.runtime import load_model

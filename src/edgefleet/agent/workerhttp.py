@@ -30,6 +30,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+from edgefleet.agent._worker_main import answer_all, take_frames
 from edgefleet.agent.codec import BadRequest
 from edgefleet.agent.httpserver import HTTPProtocol
 from edgefleet.agent.oip import OIPApp
@@ -270,41 +271,19 @@ def serve_http(
             conn.setblocking(False)
             _Transport(loop, conn, HTTPProtocol(handle))
 
+    def special(msg: tuple[Any, ...]) -> bytes | None:
+        if msg[0] == "metrics":
+            if svc.metrics_waiting:
+                svc.metrics_waiting.popleft()(msg[1])
+            return b""
+        if msg[0] == "flush":
+            svc.flush()  # the stats frame goes before this answer: the agent counts them first
+            return _frame(("ok", None, 0.0))
+        return None
+
     def control() -> bool:
         """Answer the complete frames in ``buf``; False: stop serving."""
-        pos = 0
-        replies: list[bytes] = []
-        done: list[tuple[dict[str, Any], dict[str, Any]]] = []
-        stop = False
-        while len(buf) - pos >= 4:
-            (size,) = _LEN.unpack_from(buf, pos)
-            if len(buf) - pos - 4 < size:
-                break
-            msg = pickle.loads(memoryview(buf)[pos + 4 : pos + 4 + size])
-            pos += 4 + size
-            op = msg[0]
-            if op == "metrics":
-                if svc.metrics_waiting:
-                    svc.metrics_waiting.popleft()(msg[1])
-                continue
-            if op == "flush":
-                svc.flush()  # the stats frame goes before this answer: the agent counts them first
-                replies.append(_frame(("ok", None, 0.0)))
-                continue
-            reply, served = answer(msg)
-            if reply is None:
-                stop = True
-                break
-            replies.append(reply)
-            if served is not None and after is not None:
-                done.append(served)
-        del buf[:pos]
-        if replies:
-            ctrl.sendall(b"".join(replies) if len(replies) > 1 else replies[0])
-        if after is not None:
-            for feeds, result in done:
-                after(feeds, result)
-        return not stop
+        return answer_all(ctrl, take_frames(buf), answer, after, special)
 
     try:
         running = control()

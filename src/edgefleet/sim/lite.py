@@ -20,14 +20,15 @@ import numpy as np
 
 import edgefleet.agent.agent as agent_module
 from edgefleet.agent import Agent, ModelInfo, WorkerSpec
-from edgefleet.agent.backend import InputError
+from edgefleet.agent.backend import InProcessBackend
 from edgefleet.agent.healthcheck import HealthResult, check_latency
+from edgefleet.agent.worker import package_info
 from edgefleet.config import AgentSettings
-from edgefleet.errors import InputValidationError, ModelError, WorkerUnavailable
+from edgefleet.errors import WorkerUnavailable
 from edgefleet.protocol import DeviceConfig, Hardware
 from edgefleet.sim.link import LinkStats, SimLink
 from edgefleet.sim.spec import DevicePlan
-from edgefleet.telemetry.drift import DriftAccumulator, DriftSummary
+from edgefleet.telemetry.drift import DriftAccumulator
 
 __all__ = ["SharedModels", "SimAgent", "install_shared_health_check"]
 
@@ -58,17 +59,7 @@ class SharedModels:
             t = time.perf_counter()
             opened = open_package(path)
             model = opened.load()
-            m = opened.manifest
-            info = ModelInfo(
-                name=m.name,
-                version=m.version,
-                model_sha256=opened.model_sha256,
-                inputs=[s.model_dump() for s in model.inputs],
-                outputs=[s.model_dump() for s in model.outputs],
-                metrics=dict(m.metrics or {}),
-                has_golden=True,
-                load_seconds=time.perf_counter() - t,
-            )
+            info = package_info(opened, model, time.perf_counter() - t)
             hit = _Loaded(model, info, opened, len(opened.model_bytes) / 2**20)
             self._by_hash[h] = hit
         return hit
@@ -82,16 +73,12 @@ class SharedModels:
             )
 
 
-class SharedBackend:
-    """The agent's :class:`~edgefleet.agent.backend.Backend` over a shared model."""
+class SharedBackend(InProcessBackend):
+    """The agent's :class:`~edgefleet.agent.backend.Backend` over a shared model, with the simulated faults."""
 
     def __init__(self, spec: WorkerSpec, on_crash: Any, pool: SharedModels, device: int) -> None:
-        self.spec, self.on_crash, self.pool, self.device = spec, on_crash, pool, device
-        self.info: ModelInfo | None = None
-        self.crashes = 0
-        self.restarts = 0
-        self._loaded: _Loaded | None = None
-        self._drift: DriftAccumulator | None = None
+        super().__init__(spec, on_crash)
+        self.on_crash, self.pool, self.device = on_crash, pool, device
 
     def _crash(self, reason: str) -> None:
         self.crashes += 1
@@ -109,55 +96,16 @@ class SharedBackend:
         except WorkerUnavailable as err:
             self._crash(str(err))
             raise
-        self._loaded, self.info = loaded, loaded.info
+        self._model, self._opened, self.info = loaded.model, loaded.opened, loaded.info
         ref = loaded.opened.reference
         self._drift = DriftAccumulator(ref) if ref is not None else None
         return loaded.info
 
-    def _crashes_here(self) -> bool:
-        return self.info is not None and self.info.version in self.pool.crash_versions.get(self.device, set())
-
     async def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> tuple[dict[str, Any], float]:
-        if self._loaded is None:
-            raise WorkerUnavailable("no model is loaded")
-        if self._crashes_here():
-            self._crash(f"simulated chipset fault: {self.info.version if self.info else '?'} aborts the worker")
+        if self.info is not None and self.info.version in self.pool.crash_versions.get(self.device, set()):
+            self._crash(f"simulated chipset fault: {self.info.version} aborts the worker")
             raise WorkerUnavailable("the inference worker crashed (simulated)")
-        t = time.perf_counter()
-        try:
-            out = self._loaded.model.run(feeds, outputs)
-        except InputValidationError as err:
-            raise InputError(str(err))
-        except Exception as err:
-            raise ModelError(f"inference failed: {err}")
-        dt = time.perf_counter() - t
-        if self._drift is not None:
-            self._drift.add(feeds, out)
-        return out, dt
-
-    async def drift(self) -> list[DriftSummary]:
-        if self._drift is None:
-            return []
-        out = self._drift.summaries()
-        self._drift.reset()
-        return out
-
-    async def golden(self) -> dict[str, Any]:
-        if self._loaded is None:
-            raise ModelError("no model is loaded")
-        from edgefleet.agent import worker
-
-        return dict(worker._golden(self._loaded.model, self._loaded.opened))
-
-    def rss_bytes(self) -> int | None:
-        return None
-
-    @property
-    def in_flight(self) -> int:
-        return 0
-
-    async def stop(self) -> None:
-        self._loaded = None
+        return await super().infer(feeds, outputs)
 
 
 _POOL: SharedModels | None = None
