@@ -131,13 +131,7 @@ def store_report(s: Session, d: Device, r: Report) -> bool:
         d.runtime_version = r.runtime_version
     d.dropped_records = max(d.dropped_records, r.dropped_records)
     if r.events:
-        have = set(
-            s.scalars(
-                select(UpdateEventRow.event_id).where(
-                    UpdateEventRow.device_id == d.id, UpdateEventRow.event_id.in_([e.event_id for e in r.events])
-                )
-            )
-        )
+        have = _stored(s, UpdateEventRow.event_id, UpdateEventRow.device_id, d.id, [e.event_id for e in r.events])
         for e in r.events:
             if e.event_id in have:
                 continue
@@ -173,13 +167,7 @@ def store_report(s: Session, d: Device, r: Report) -> bool:
                     },
                 )
     if r.telemetry:
-        have = set(
-            s.scalars(
-                select(TelemetryRow.window_id).where(
-                    TelemetryRow.device_id == d.id, TelemetryRow.window_id.in_([w.window_id for w in r.telemetry])
-                )
-            )
-        )
+        have = _stored(s, TelemetryRow.window_id, TelemetryRow.device_id, d.id, [w.window_id for w in r.telemetry])
         for w in r.telemetry:
             if w.window_id in have:
                 continue
@@ -322,3 +310,8 @@ async def flush_loop(store: Store) -> None:
             await run_in_threadpool(store.flush_and_sync)
         except Exception as exc:  # a database hiccup must not end the loop; the next round retries
             store.log(f"check-in cache flush/sync failed: {exc}")
+
+
+def _stored(s: Session, id_col: Any, device_col: Any, device_id: str, ids: list[str]) -> set[str]:
+    """Which of a device's record ids are already stored: a report the device retries is applied once."""
+    return set(s.scalars(select(id_col).where(device_col == device_id, id_col.in_(ids))))
