@@ -228,7 +228,7 @@ def optimize(
 
     note("preparing the model", 0.0)
     prepared = prepare(data, source)
-    settings = RuntimeSettings(intra_op_threads=tier_profile.cpu_threads)
+    settings = RuntimeSettings(intra_op_threads=tier_profile.intra_op_threads)
     original = OrtSession(data, settings)
     _check_data(calib, original, "calibration")
     _check_data(eval, original, "eval")

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from edgefleet.errors import ModelError
 
-__all__ = ["COMPUTE_OPS", "PreparedModel", "compute_nodes", "load_onnx", "prepare"]
+__all__ = ["COMPUTE_OPS", "PreparedModel", "compute_nodes", "load_onnx", "prepare", "simplify_outputs"]
 
 # Ops that carry the arithmetic a quantizer can speed up; op coverage is reported over these.
 COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "Attention", "Einsum"})
@@ -156,6 +156,128 @@ def _pre_process(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
         return model
 
 
+def _has_subgraphs(model: onnx.ModelProto) -> bool:
+    return any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute
+    )
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _fold_output_identities(graph: onnx.GraphProto) -> int:
+    """``producer -> t -> Identity -> output`` becomes ``producer -> output``: the producer writes the graph output
+    itself (every reader of ``t`` reads ``output`` instead), so one kernel launch less per call."""
+    outputs = {o.name for o in graph.output}
+    inputs = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    produced = {o for n in graph.node for o in n.output}
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "Identity" or node.domain or len(node.input) != 1 or len(node.output) != 1:
+            continue
+        src, dst = node.input[0], node.output[0]
+        if dst not in outputs or src in outputs or src in inputs or src not in produced:
+            continue
+        graph.node.remove(node)
+        for n in graph.node:
+            n.output[:] = [dst if o == src else o for o in n.output]
+            n.input[:] = [dst if i == src else i for i in n.input]
+        kept = [v for v in graph.value_info if v.name != src]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+        folded += 1
+    return folded
+
+
+def _rank(graph: onnx.GraphProto, name: str) -> int | None:
+    for v in (*graph.value_info, *graph.input, *graph.output):
+        if v.name == name and v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+            return len(v.type.tensor_type.shape.dim)
+    return None
+
+
+def _fold_label_lookup(graph: onnx.GraphProto) -> int:
+    """scikit-learn classifiers exported by skl2onnx compute their label as
+    ``ArgMax(keepdims=1) -> ArrayFeatureExtractor(classes) -> Reshape([-1]) [-> Cast(int64)]``. When ``classes`` is
+    the integer range ``0..C-1``, the label comes out int64 and the ArgMax input has rank 2, that chain is exactly
+    ``ArgMax(keepdims=0)``: four
+    kernel launches become one, which matters at batch 1 where each launch costs about a microsecond here."""
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    cons = _consumers(graph)
+
+    def only(t: str, op: str) -> onnx.NodeProto | None:
+        users = cons.get(t, [])
+        if t in outputs or len(users) != 1 or users[0].op_type != op:
+            return None
+        return users[0]
+
+    def const(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    folded = 0
+    for am in [n for n in graph.node if n.op_type == "ArgMax" and not n.domain]:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in am.attribute}
+        axis, keep, last = attrs.get("axis", 0), attrs.get("keepdims", 1), attrs.get("select_last_index", 0)
+        if keep != 1 or last != 0 or _rank(graph, am.input[0]) != 2 or axis not in (1, -1):
+            continue
+        afe = only(am.output[0], "ArrayFeatureExtractor")
+        if afe is None or afe.domain != "ai.onnx.ml" or list(afe.input)[1:] != [am.output[0]]:
+            continue
+        classes = const(afe.input[0])
+        if classes is None or classes.dtype not in (np.int32, np.int64):
+            continue
+        if classes.ndim != 1 or not np.array_equal(classes, np.arange(classes.size)):
+            continue
+        reshape = only(afe.output[0], "Reshape")
+        if reshape is None or reshape.input[0] != afe.output[0]:
+            continue
+        shape = const(reshape.input[1])
+        if shape is None or shape.tolist() != [-1]:
+            continue
+        last_node, final = reshape, reshape.output[0]
+        cast = only(final, "Cast")
+        if cast is not None:
+            to = {a.name: onnx.helper.get_attribute_value(a) for a in cast.attribute}.get("to")
+            if to != onnx.TensorProto.INT64:
+                continue
+            last_node, final = cast, cast.output[0]
+        elif classes.dtype != np.int64:  # ArgMax yields int64; without a Cast the label's type would change
+            continue
+        at = list(graph.node).index(am)
+        for n in {id(x): x for x in (am, afe, reshape, last_node)}.values():
+            graph.node.remove(n)
+        graph.node.insert(at, onnx.helper.make_node("ArgMax", [am.input[0]], [final], name=am.name, axis=1, keepdims=0))
+        folded += 1
+        cons = _consumers(graph)
+    if folded:
+        used = {i for n in graph.node for i in n.input}
+        kept = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return folded
+
+
+def simplify_outputs(model: onnx.ModelProto) -> list[str]:
+    """Exact rewrites of bookkeeping around the outputs, applied to the float model and therefore to every
+    candidate (the float baseline included, so the A/B stays like for like). Returns notes for the report."""
+    if _has_subgraphs(model):
+        return []
+    notes: list[str] = []
+    ids = _fold_output_identities(model.graph)
+    if ids:
+        notes.append(f"folded {ids} Identity node(s) in front of graph outputs")
+    labels = _fold_label_lookup(model.graph)
+    if labels:
+        notes.append(f"folded {labels} ArgMax→ArrayFeatureExtractor→Reshape→Cast label chain(s) into one ArgMax")
+    return notes
+
+
 def prepare(data: bytes, source: str = "model") -> PreparedModel:
     """Parse, name, fold Constants, optimize and shape-infer a float model."""
     model = load_onnx(data, source)
@@ -168,6 +290,7 @@ def prepare(data: bytes, source: str = "model") -> PreparedModel:
     if moved:
         notes.append(f"moved {moved} Constant node(s) into initializers")
     model = _pre_process(model, notes)
+    notes.extend(simplify_outputs(model))
     named = name_nodes(model)
     if named:
         notes.append(f"named {named} unnamed node(s)")

@@ -30,7 +30,15 @@ from edgefleet.optimize.candidates import Recipe
 from edgefleet.optimize.evaluate import call_feed
 from edgefleet.optimize.prepare import COMPUTE_OPS, PreparedModel, compute_nodes
 
-__all__ = ["CallDataReader", "Coverage", "QuantizeFailed", "build_candidate", "op_coverage"]
+__all__ = [
+    "CallDataReader",
+    "Coverage",
+    "QuantizeFailed",
+    "build_candidate",
+    "float_outputs_for_float_readers",
+    "op_coverage",
+    "qgemm_float_outputs",
+]
 
 _QTYPE = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 _CALIB = {
@@ -130,9 +138,14 @@ def build_candidate(prepared: PreparedModel, recipe: Recipe, calib: CallData) ->
             out = Path(tmp) / "candidate.onnx"
             if recipe.kind == "dynamic":
                 _dynamic(model, recipe, out)
+                return out.read_bytes()
+            _static(model, recipe, calib, out)
+            quantized = onnx.load(str(out))
+            if recipe.format == "QDQ":
+                float_outputs_for_float_readers(quantized, prepared.model)
             else:
-                _static(model, recipe, calib, out)
-            return out.read_bytes()
+                qgemm_float_outputs(quantized, prepared.model)
+            return bytes(quantized.SerializeToString())
     except QuantizeFailed:
         raise
     except Exception as err:  # onnxruntime's quantizers raise anything from KeyError to RuntimeError
@@ -198,6 +211,104 @@ def _static(model: onnx.ModelProto, r: Recipe, calib: CallData, out: Path) -> No
         calibrate_method=_CALIB[r.calibration],
         extra_options=extra,
     )
+
+
+# Compute ops whose QDQ group onnxruntime's CPU provider fuses with a *float* output (no QuantizeLinear after it):
+# DQ → Gemm → float becomes QGemm with a float output (checked with onnxruntime 1.32's optimized graph).
+_FLOAT_OUT_FUSABLE = frozenset({"Gemm"})
+
+
+def float_outputs_for_float_readers(model: onnx.ModelProto, float_model: onnx.ModelProto) -> int:
+    """Drop the QuantizeLinear → DequantizeLinear pair on a quantized Gemm's output when only float ops read it
+    (a classifier's last layer feeding Softmax, say): the pair only adds rounding and two kernels, and without it
+    onnxruntime fuses the Gemm into a QGemm that writes float. Returns how many pairs were dropped.
+
+    A pair is kept when the Gemm's output is not the tensor the float model's node of that name produced: the QDQ
+    quantizer folds a following Relu/Clip into that QuantizeLinear (renaming the tensor), and the pair then *is*
+    the activation."""
+    graph = model.graph
+    float_out = {(n.name, o) for n in float_model.graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def fed_by_dq(n: onnx.NodeProto) -> bool:
+        return any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input)
+
+    def float_reader(n: onnx.NodeProto) -> bool:
+        # A reader whose own outputs are quantized belongs to a QDQ group: it expects the DQ and is left alone.
+        return n.op_type not in ("QuantizeLinear", "DequantizeLinear") and not any(
+            r.op_type == "QuantizeLinear" for o in n.output for r in readers.get(o, [])
+        )
+
+    drop: list[onnx.NodeProto] = []
+    pairs = 0
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear" or q.output[0] in outputs:
+            continue
+        src = q.input[0]
+        gemm = producer.get(src)
+        if gemm is None or gemm.op_type not in _FLOAT_OUT_FUSABLE or not fed_by_dq(gemm):
+            continue
+        if (gemm.name, src) not in float_out or len(readers.get(src, [])) != 1:
+            continue
+        dqs = readers.get(q.output[0], [])
+        if not dqs or any(d.op_type != "DequantizeLinear" or d.output[0] in outputs for d in dqs):
+            continue
+        users = [u for d in dqs for u in readers.get(d.output[0], [])]
+        if not users or not all(float_reader(u) for u in users):
+            continue
+        dq_out = {d.output[0] for d in dqs}
+        for u in users:
+            u.input[:] = [src if i in dq_out else i for i in u.input]
+        drop.extend([q, *dqs])
+        pairs += 1
+    if drop:
+        ids = {id(n) for n in drop}
+        kept = [n for n in graph.node if id(n) not in ids]
+        del graph.node[:]
+        graph.node.extend(kept)
+        used = {i for n in graph.node for i in n.input}
+        inits = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
+    return pairs
+
+
+def qgemm_float_outputs(model: onnx.ModelProto, float_model: onnx.ModelProto) -> int:
+    """The QOperator twin of :func:`float_outputs_for_float_readers`: a ``QGemm`` whose only reader is a
+    ``DequantizeLinear`` with the same scale and zero point writes float itself (its ``y_scale``/``y_zero_point`` are
+    optional inputs), one kernel and one rounding less. Kept when the dequantized tensor is not a Gemm output of the
+    float model (a Relu folded into the QGemm's output range would be lost). Returns how many were rewritten."""
+    graph = model.graph
+    gemm_out = {o for n in float_model.graph.node if n.op_type == "Gemm" for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    drop: list[onnx.NodeProto] = []
+    for g in graph.node:
+        if g.op_type != "QGemm" or g.domain != "com.microsoft" or len(g.input) != 9 or g.output[0] in outputs:
+            continue
+        users = readers.get(g.output[0], [])
+        if len(users) != 1 or users[0].op_type != "DequantizeLinear":
+            continue
+        dq = users[0]
+        if list(dq.input[1:]) != list(g.input[7:9]) or dq.output[0] not in gemm_out:
+            continue
+        del g.input[7:]
+        g.output[0] = dq.output[0]
+        drop.append(dq)
+    if drop:
+        ids = {id(n) for n in drop}
+        kept = [n for n in graph.node if id(n) not in ids]
+        del graph.node[:]
+        graph.node.extend(kept)
+    return len(drop)
 
 
 def _opset(model: onnx.ModelProto) -> int:
