@@ -3,6 +3,7 @@ size ratio and wall time, at the default 120 s budget.
 
 Targets on the 2-core reference machine: an INT8 recipe for the 512-unit MLP at ≥ 1.3x faster (median ratio
 ≤ 0.77) within 0.5 % accuracy; every model within tolerance and none slower; each optimized within 120 s.
+Latency is measured as the agent serves: the host tier's ``intra_op_threads`` (1) per call (ADR 0070).
 
     .venv/bin/python benchmarks/optimize.py [--budget 120]
 """

@@ -52,4 +52,7 @@ class AgentSettings(BaseSettings):
     tier: str | None = None
     chipset: str | None = None
     memory_mb: int | None = None
+    # One thread per call by default: at batch 1 a second onnxruntime thread mostly adds wake-ups or busy-waiting
+    # on a device whose other core runs the application; tier profiles state the same number for bench/optimize.
+    intra_op_threads: int = Field(1, ge=1)
     queue_size: int = Field(64, gt=0)

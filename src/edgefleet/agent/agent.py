@@ -154,7 +154,12 @@ class Agent:
     # ------------------------------------------------------------------ serving
 
     def _spec(self, slot: SlotInfo) -> WorkerSpec:
-        return WorkerSpec(self.slots.path(slot.slot), self._key_path(), memory_mb=self.settings.memory_mb)
+        return WorkerSpec(
+            self.slots.path(slot.slot),
+            self._key_path(),
+            memory_mb=self.settings.memory_mb,
+            intra_op_threads=self.settings.intra_op_threads,
+        )
 
     def _key_path(self) -> Path | None:
         p = self.data_dir / "device.key"

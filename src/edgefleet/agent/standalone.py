@@ -28,10 +28,11 @@ async def serve_standalone(
     port: int = 8081,
     device_key: Path | None = None,
     memory_mb: int | None = None,
+    intra_op_threads: int = 1,
     stop: asyncio.Event | None = None,
 ) -> None:
     """``edgefleet serve``: one package or ONNX file behind the OIP API, no control plane."""
-    sup = Supervisor(WorkerSpec(path, device_key, memory_mb=memory_mb))
+    sup = Supervisor(WorkerSpec(path, device_key, memory_mb=memory_mb, intra_op_threads=intra_op_threads))
     service = InferenceService()
     # The worker loads while the listener comes up (cold start); until it is ready the API answers 503.
     starting = asyncio.get_running_loop().create_task(sup.start())

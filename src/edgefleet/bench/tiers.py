@@ -20,6 +20,10 @@ class TierProfile(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     arch: str
     cpu_threads: int = Field(ge=1)
+    # Threads per inference call, as the device's agent serves the model (``edgefleet agent
+    # --intra-op-threads``, default 1): what bench and optimize measure, so their figures are what ships.
+    # cpu_threads is the cores the tier has (the benchmark pins itself to that many).
+    intra_op_threads: int = Field(1, ge=1)
     memory_mb: int = Field(ge=1)
     runtime: str = "onnxruntime"
     runtime_version: str

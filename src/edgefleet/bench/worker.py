@@ -243,7 +243,7 @@ def run_job(job: WorkerJob) -> dict[str, Any]:
         "error": None,
         "baseline_rss_mb": baseline_rss,
         "emulation": {
-            "intra_op_threads": job.tier.cpu_threads,
+            "intra_op_threads": job.tier.intra_op_threads,
             "affinity": affinity,
             "memory_limit_mb": job.tier.memory_mb,
             "rlimit_data_applied": limited,
@@ -253,7 +253,7 @@ def run_job(job: WorkerJob) -> dict[str, Any]:
     try:
         from edgefleet.config import RuntimeSettings
 
-        settings = RuntimeSettings(intra_op_threads=job.tier.cpu_threads, providers=job.tier.execution_providers)
+        settings = RuntimeSettings(intra_op_threads=job.tier.intra_op_threads, providers=job.tier.execution_providers)
         result.update(_measure(job, settings) if job.mode == "measure" else _paired(job, settings))
     except MemoryError:
         result["status"] = "failed"

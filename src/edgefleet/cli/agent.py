@@ -52,6 +52,9 @@ def register(app: typer.Typer) -> None:
             help="Emulated device memory: the inference worker is killed (a real crash) when its RSS exceeds it.",
         ),
         chipset: str | None = typer.Option(None, help="Chipset reported at enrollment."),
+        intra_op_threads: int = typer.Option(
+            1, min=1, help="onnxruntime threads per inference call (keep equal to the tier profile's)."
+        ),
         buffer_max_records: int = typer.Option(10_000, min=1, help="Telemetry buffer cap (records)."),
     ) -> None:
         """Run the device agent: serve the committed model, apply updates, report telemetry."""
@@ -69,6 +72,7 @@ def register(app: typer.Typer) -> None:
             telemetry_interval_s=telemetry_interval,
             memory_mb=memory_mb,
             chipset=chipset,
+            intra_op_threads=intra_op_threads,
             buffer_max_records=buffer_max_records,
         )
 
@@ -91,6 +95,7 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(8081, help="Port of the OIP v2 API."),
         device_key: Path | None = typer.Option(None, help="Device private key, for an encrypted package."),
         memory_mb: int | None = typer.Option(None, min=16, help="Kill the worker when its RSS exceeds this."),
+        intra_op_threads: int = typer.Option(1, min=1, help="onnxruntime threads per inference call."),
     ) -> None:
         """Serve one model over the Open Inference Protocol v2, with no control plane."""
         from edgefleet.agent import serve_standalone
@@ -104,6 +109,14 @@ def register(app: typer.Typer) -> None:
         async def main() -> None:
             stop = asyncio.Event()
             await _until_signal(stop)
-            await serve_standalone(path, host=host, port=port, device_key=device_key, memory_mb=memory_mb, stop=stop)
+            await serve_standalone(
+                path,
+                host=host,
+                port=port,
+                device_key=device_key,
+                memory_mb=memory_mb,
+                intra_op_threads=intra_op_threads,
+                stop=stop,
+            )
 
         asyncio.run(main())
