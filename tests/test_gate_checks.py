@@ -243,3 +243,13 @@ def test_package_checks() -> None:
     other = PackageFacts(path="p.efpkg", size_bytes=10, model_sha256="b" * 64, bom={})
     v = _verdict({"memory": {}}, _result(), pkg=other)
     assert v.checks[0].name == "bench.package_model" and v.checks[0].status == "fail"
+
+
+def test_opset_table_matches_the_installed_onnxruntime() -> None:
+    # The highest default-domain opset among the installed onnxruntime's CPU kernels is what it implements; the
+    # table's row for that release must say the same (bumping the pin without the table fails here).
+    import onnxruntime as ort
+    from onnxruntime.capi import _pybind_state as C
+
+    top = max(k.version_range[0] for k in C.get_all_opkernel_def() if k.domain in ("", "ai.onnx"))
+    assert max_opset(ort.__version__) == top
