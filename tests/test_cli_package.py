@@ -299,3 +299,25 @@ def test_status_warns_before_expiry(tmp_path: Path, capsys: Capsys) -> None:
     assert code == 0
     assert "expires soon" in out
     assert "warning: timestamp expires on" in err and "under 25 % of its 24 h period" in err
+
+
+def test_an_unexpected_error_is_one_line_and_the_traceback_is_on_request(
+    monkeypatch: pytest.MonkeyPatch, capsys: Capsys
+) -> None:
+    import edgefleet.cli.main as cli_main
+
+    def broken() -> None:
+        raise ValueError("something internal\nsecond line")
+
+    monkeypatch.setattr(cli_main, "_app", broken)
+    monkeypatch.setattr(cli_main, "register_groups", lambda argv=None: None)
+    monkeypatch.delenv("EDGEFLEET_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main.run()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    assert "internal error: ValueError: something internal" in err and "Traceback" not in err
+    assert "second line" not in err
+    monkeypatch.setenv("EDGEFLEET_DEBUG", "1")
+    with pytest.raises(ValueError):
+        cli_main.run()

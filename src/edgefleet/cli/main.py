@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -87,3 +88,9 @@ def run() -> None:
     except KeyboardInterrupt:
         error("interrupted")
         sys.exit(130)
+    except Exception as err:  # a bug, not a user mistake: one line, the traceback on request
+        if os.environ.get("EDGEFLEET_DEBUG"):
+            raise
+        first = str(err).splitlines()[0] if str(err) else ""
+        error(f"internal error: {type(err).__name__}: {first} (EDGEFLEET_DEBUG=1 shows the traceback)")
+        sys.exit(1)

@@ -283,8 +283,13 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
                 await asyncio.Event().wait()
         return summary
     finally:
-        await fleet.stop()
-        server.stop()
+        try:
+            # bounded: whatever an agent is in the middle of, the demo ends and its children with it
+            await asyncio.wait_for(fleet.stop(), 60)
+        except TimeoutError:
+            say("[yellow]the simulated fleet did not stop within 60 s; its processes are terminated with the demo[/]")
+        finally:
+            server.stop()
 
 
 async def _summarize(

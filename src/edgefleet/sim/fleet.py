@@ -22,10 +22,11 @@ import numpy as np
 
 from edgefleet.agent.worker import FAULT_ENV
 from edgefleet.config import AgentSettings
+from edgefleet.errors import EdgefleetError
 from edgefleet.protocol import AgentState, DeviceConfig
 from edgefleet.sim.link import LinkStats
 from edgefleet.sim.lite import SharedModels, SimAgent, install_shared_health_check
-from edgefleet.sim.server import edgefleet_command, free_port
+from edgefleet.sim.server import die_with_parent, edgefleet_command, free_port
 from edgefleet.sim.spec import DevicePlan
 
 __all__ = ["Fleet", "FleetOptions", "FullAgent"]
@@ -80,6 +81,7 @@ class FullAgent:
 def _disk_full() -> None:
     # A device whose disk is full: any file write past DISK_FULL_BYTES fails (EFBIG, SQLite "disk full"),
     # instead of killing the process with SIGXFSZ.
+    die_with_parent()
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (DISK_FULL_BYTES, DISK_FULL_BYTES))
 
@@ -193,7 +195,7 @@ class Fleet:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_disk_full if a.plan.fault("disk-full") else None,
+                preexec_fn=_disk_full if a.plan.fault("disk-full") else die_with_parent,
                 start_new_session=True,  # a kill -9 of the agent's group takes its worker with it, as power loss would
             )
         # the token is one-time: a restart after a power loss must come back from the identity on disk
@@ -313,9 +315,18 @@ class Fleet:
     # ------------------------------------------------------------------ views and teardown
 
     async def api(self, method: str, path: str, **kw: Any) -> Any:
+        """One admin API call. A GET is retried once on a dropped connection (a keep-alive connection the server
+        closed just as it was reused); every failure is an :class:`EdgefleetError` with one line."""
         assert self._api is not None
-        r = await self._api.request(method, path, **kw)
-        r.raise_for_status()
+        for attempt in (0, 1):
+            try:
+                r = await self._api.request(method, path, **kw)
+                break
+            except httpx.TransportError as err:
+                if method != "GET" or attempt:
+                    raise EdgefleetError(f"{method} {path}: the server did not answer ({err or type(err).__name__})")
+        if r.status_code >= 400:
+            raise EdgefleetError(f"{method} {path}: HTTP {r.status_code} {r.text[:200]}")
         return r.json()
 
     def summary(self) -> dict[str, Any]:

@@ -9,7 +9,9 @@ bytes) checked when the model is loaded. Real process deaths come from the full 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +50,29 @@ class SharedModels:
 
     def __init__(self) -> None:
         self._by_hash: dict[str, _Loaded] = {}
+        self._hash_of: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) → content hash
+        self._lock = threading.Lock()
         self.crash_versions: dict[int, set[str]] = {}  # device index → versions that crash its "worker"
 
+    async def aload(self, path: Path) -> _Loaded:
+        """:meth:`load` off the event loop: hashing and loading a large package takes seconds, and the loop
+        serves every other agent of the process (and their keep-alive connections) meanwhile."""
+        return await asyncio.to_thread(self.load, path)
+
     def load(self, path: Path) -> _Loaded:
-        h = hashlib.sha256(path.read_bytes()).hexdigest()
+        with self._lock:
+            return self._load(path)
+
+    def _load(self, path: Path) -> _Loaded:
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        h = self._hash_of.get(key)
+        if h is None:
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            h = self._hash_of[key] = digest.hexdigest()
         hit = self._by_hash.get(h)
         if hit is None:
             from edgefleet.package import open_package
@@ -88,7 +109,7 @@ class SharedBackend(InProcessBackend):
 
     async def start(self) -> ModelInfo:
         try:
-            loaded = self.pool.load(self.spec.path)
+            loaded = await self.pool.aload(self.spec.path)
         except Exception as err:
             raise WorkerUnavailable(f"cannot load {self.spec.path.name}: {err}")
         try:
@@ -116,7 +137,7 @@ async def _shared_health_check(spec: WorkerSpec, budget_ms_for: object, timeout_
     """The agent's health check (golden vectors + latency budget) on the shared model, not a fresh worker."""
     assert _POOL is not None
     try:
-        loaded = _POOL.load(spec.path)
+        loaded = await _POOL.aload(spec.path)
         _POOL.check_memory(loaded, spec.memory_mb)
         from edgefleet.agent import worker
 
