@@ -5,8 +5,10 @@ reconciler — not an operator — halts its canary and rolls it back on every d
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,12 +18,22 @@ EDGEFLEET = Path(sys.executable).parent / "edgefleet"
 
 @pytest.mark.timeout(420)
 def test_demo_end_to_end(tmp_path: Path) -> None:
-    r = subprocess.run(
+    proc = subprocess.Popen(
         [str(EDGEFLEET), "demo", "--json", "--workdir", str(tmp_path / "w")],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=400,
     )
+    try:
+        out, err = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        # a hang: every thread's stack (SIGUSR1, see cli/main.py) goes into the failure before the kill
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"edgefleet demo hung; its stacks:\n{err[-12000:]}")
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads(r.stdout)
     assert s["rollouts"]["1.0.0"]["state"] == "completed"
