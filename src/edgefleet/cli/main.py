@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import importlib
+import io
 import os
 import signal
 import sys
@@ -83,7 +85,8 @@ def __getattr__(name: str) -> Any:
 def run() -> None:
     if hasattr(signal, "SIGUSR1"):
         # `kill -USR1 <pid>` prints every thread's stack to stderr: how a hung agent or demo is diagnosed
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        with contextlib.suppress(io.UnsupportedOperation, ValueError, AttributeError):  # stderr without a file
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         register_groups(sys.argv[1:])
         _app()
