@@ -129,6 +129,8 @@ def test_304_path_issues_no_sql(cp: CP) -> None:
     finally:
         event.remove(engine, "before_cursor_execute", count)
     assert statements == []
+    metrics = cp.http.get("/metrics", headers=cp.h()).text
+    assert 'edgefleet_checkins_total{answer="304"} 20.0' in metrics, metrics
     assert d.id in cp.store.cache.seen  # last-seen waits in memory for the batch flush
     cp.store.flush_and_sync()
     after = cp.api("GET", f"/api/v1/devices/{d.id}")["last_seen"]

@@ -276,9 +276,9 @@ async def desired(device_id: str, request: Request) -> Response:
     store.cache.seen[device_id] = utcnow()
     inm = request.headers.get("if-none-match")
     if inm is not None and (inm == entry.etag or entry.etag in {t.strip() for t in inm.split(",")}):
-        request.app.state.metrics.checkins.labels("304").inc()
+        request.app.state.metrics.checkins_304.inc()
         return Response(status_code=304, headers={"ETag": entry.etag})
-    request.app.state.metrics.checkins.labels("200").inc()
+    request.app.state.metrics.checkins_200.inc()
     return Response(entry.body, media_type="application/json", headers={"ETag": entry.etag})
 
 

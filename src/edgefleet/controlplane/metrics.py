@@ -66,6 +66,9 @@ class ServerMetrics:
         self.checkins = Counter(
             "edgefleet_checkins", "Desired-state check-ins by answer", ["answer"], registry=self.registry
         )
+        # the hot path's two series, bound once (a labels() lookup takes a lock per check-in)
+        self.checkins_304 = self.checkins.labels("304")
+        self.checkins_200 = self.checkins.labels("200")
         self.reports = Counter("edgefleet_reports", "Report batches received", registry=self.registry)
         self.transitions = Counter(
             "edgefleet_rollout_transitions", "Rollout transitions recorded by this process", registry=self.registry
