@@ -361,4 +361,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # workerhttp imports this module by its package name: let it find this copy instead of loading a second one
+    sys.modules.setdefault("edgefleet.agent._worker_main", sys.modules[__name__])
     main()

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,8 +43,9 @@ class BadRequest(Exception):
         self.status = status
 
 
-@dataclass
-class InferRequest:
+class InferRequest(NamedTuple):
+    # a NamedTuple, not a dataclass: the inference worker imports this module, and dataclasses (with copy and
+    # inspect behind it) is half a megabyte of resident memory there
     id: str | None
     feeds: dict[str, np.ndarray]
     outputs: list[str] | None  # None = all
