@@ -267,6 +267,14 @@ def test_a_latency_burst_right_after_the_update_does_not_roll_back(cp: CP, pkgs:
         cp, devs, rid, rounds=200, pause_s=0.1, latency=lambda v, n: 0.02 if v == "2.0.0" and n == 0 else 0.002
     )
     assert state == "completed", cp.api("GET", f"/api/v1/rollouts/{rid}")["reason"]
+    # the dashboard judges each past wave the way the reconciler did (same cohorts, same time), so it shows no
+    # regression the reconciler cleared
+    from edgefleet.controlplane.dashboard.views import wave_metrics
+    from edgefleet.controlplane.db import Rollout
+
+    with cp.store.db.session() as s:
+        waves = wave_metrics(s, s.get(Rollout, rid))
+    assert [w["judgement"] for w in waves] == ["pass", "pass"], [w["judgement_reason"] for w in waves]
 
 
 def test_inconclusive_at_bake_deadline_pauses_then_operator_actions(cp: CP, pkgs: dict[str, Path]) -> None:

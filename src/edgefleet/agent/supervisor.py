@@ -17,7 +17,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import psutil
@@ -37,20 +37,11 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
     return float(min(cap, base * (2 ** max(0, attempt))))
 
 
-class _Delegation:
-    __slots__ = ("listen", "on_serving", "on_stats", "render_metrics")
-
-    def __init__(
-        self,
-        listen: socket.socket,
-        on_serving: Callable[[object, bool], None],
-        on_stats: Callable[[list[Any], ModelInfo | None], None],
-        render_metrics: Callable[[], bytes],
-    ) -> None:
-        self.listen = listen
-        self.on_serving = on_serving
-        self.on_stats = on_stats
-        self.render_metrics = render_metrics
+class _Delegation(NamedTuple):
+    listen: socket.socket
+    on_serving: Callable[[object, bool], None]
+    on_stats: Callable[[list[Any], ModelInfo | None], None]
+    render_metrics: Callable[[], bytes]
 
 
 class Supervisor:

@@ -20,7 +20,7 @@ from edgefleet.errors import (
     UsageError,
 )
 
-__all__ = ["DEFAULT_SERVER", "Client", "resolve_token", "upload_package"]
+__all__ = ["DEFAULT_SERVER", "Client", "answer_of", "resolve_token", "upload_package"]
 
 DEFAULT_SERVER = "http://127.0.0.1:8700"
 _BY_STATUS: dict[int, type[EdgefleetError]] = {
@@ -49,6 +49,27 @@ def resolve_token(server: str, token: str | None, token_file: Path | None = None
     return None
 
 
+def answer_of(r: httpx.Response) -> Any:
+    """A control-plane response's body (JSON or text), or its error as the matching :class:`EdgefleetError` with
+    the server's one-line detail — for this client and for async callers with their own ``httpx.AsyncClient``."""
+    if r.status_code >= 400:
+        body: Any = None
+        try:
+            body = r.json()
+            detail = body.get("detail") if isinstance(body, dict) else body
+        except ValueError:
+            detail = r.text
+        if isinstance(detail, list):  # FastAPI validation errors
+            detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
+        cls = _BY_STATUS.get(r.status_code, EdgefleetError)
+        if r.status_code == 422 and isinstance(body, dict) and body.get("error", "").endswith("Error"):
+            cls = PackageError
+        raise cls(f"{detail} (HTTP {r.status_code})")
+    if r.headers.get("content-type", "").startswith("application/json"):
+        return r.json()
+    return r.text
+
+
 class Client:
     def __init__(self, server: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
         self.server = (server or os.environ.get("EDGEFLEET_SERVER") or DEFAULT_SERVER).rstrip("/")
@@ -70,21 +91,7 @@ class Client:
             r = self._http.request(method, path, **kw)
         except httpx.HTTPError as exc:
             raise DownloadError(f"cannot reach the control plane at {self.server}: {exc}") from exc
-        if r.status_code >= 400:
-            try:
-                body = r.json()
-                detail = body.get("detail") if isinstance(body, dict) else body
-            except ValueError:
-                detail = r.text
-            if isinstance(detail, list):  # FastAPI validation errors
-                detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
-            cls = _BY_STATUS.get(r.status_code, EdgefleetError)
-            if r.status_code == 422 and isinstance(body, dict) and body.get("error", "").endswith("Error"):
-                cls = PackageError
-            raise cls(f"{detail} (HTTP {r.status_code})")
-        if r.headers.get("content-type", "").startswith("application/json"):
-            return r.json()
-        return r.text
+        return answer_of(r)
 
     def get(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw)

@@ -34,6 +34,7 @@ from edgefleet.controlplane.db import (
 )
 from edgefleet.controlplane.rollout import (
     Action,
+    CohortStats,
     DeviceFacts,
     RolloutPolicy,
     RolloutState,
@@ -187,6 +188,58 @@ def _revert(s: Session, r: Rollout, now: datetime) -> set[str]:
     return touched
 
 
+def wave_cohorts(
+    s: Session,
+    r: Rollout,
+    moved: Iterable[str],
+    control_ids: Iterable[str],
+    *,
+    already_serving: Iterable[str] = (),
+    until: datetime | None = None,
+) -> tuple[CohortStats, CohortStats | None]:
+    """The treatment (``moved``) and the control (``control_ids``; None when empty) of a rollout as the reconciler
+    judges them — the dashboard shows the same, with ``until`` for a past wave.
+
+    The treatment counts in steady state, from each device's commit on: probation (a fresh worker, the update's own
+    CPU load) is judged on the device, and what fails there arrives as an update failure. The control covers the
+    same stretch of time (from the first commit on), so a host's or a network's load weighs on both cohorts alike
+    instead of on whichever was measured later. ``already_serving`` devices had nothing to install and count as
+    committed from the start."""
+    moved, control_ids = set(moved), set(control_ids)
+    q = select(UpdateEventRow.device_id, UpdateEventRow.kind, UpdateEventRow.at).where(
+        UpdateEventRow.model == r.model, UpdateEventRow.version == r.version, UpdateEventRow.at >= r.created_at
+    )
+    if until is not None:
+        q = q.where(UpdateEventRow.at <= until)
+    ev = [(dev, kind, at) for dev, kind, at in s.execute(q).all() if dev in moved]
+    committed_at = {dev: at for dev, kind, at in ev if kind == "committed"}
+    for i in already_serving:
+        committed_at.setdefault(i, r.created_at)
+    failed = {dev for dev, kind, _ in ev if kind in FAILED_KINDS}
+    committed = set(committed_at) - failed
+    treatment = cohort_stats(
+        window_facts(
+            s,
+            moved,
+            r.created_at,
+            r.version,
+            same=True,
+            until=until,
+            model=r.model,
+            since_by_device={i: committed_at[i] for i in committed},
+        ),
+        devices=len(moved),
+        committed=len(committed),
+        failed=len(failed),
+    )
+    control_since = min(committed_at.values(), key=_naive, default=r.created_at)
+    control = cohort_stats(
+        window_facts(s, control_ids, control_since, r.version, same=False, until=until, model=r.model),
+        devices=len(control_ids),
+    )
+    return treatment, control if control_ids else None
+
+
 def step(s: Session, r: Rollout, actor: str, now: datetime | None = None) -> StepResult:
     """One reconcile step of one running rollout (the caller holds the row lock)."""
     now = now or utcnow()
@@ -230,38 +283,10 @@ def step(s: Session, r: Rollout, actor: str, now: datetime | None = None) -> Ste
     eligible = {f.device_id for f in facts if eligibility(f, tier=r.tier, channel=r.channel) is None}
     control_ids = eligible - moved
 
-    ev = s.execute(
-        select(UpdateEventRow.device_id, UpdateEventRow.kind, UpdateEventRow.at).where(
-            UpdateEventRow.model == r.model, UpdateEventRow.version == r.version, UpdateEventRow.at >= r.created_at
-        )
-    ).all()
-    committed_at = {dev: at for dev, kind, at in ev if kind == "committed" and dev in moved}
     # a device that already served the version when it was moved has nothing to install: it counts as committed
-    for i in moved:
-        if i not in committed_at and devs[i].served_model == r.model and devs[i].served_version == r.version:
-            committed_at[i] = r.created_at
-    failed = {dev for dev, kind, _ in ev if kind in FAILED_KINDS and dev in moved}
-    committed = set(committed_at) - failed
-    # The wave is judged on devices in steady state: from each device's commit on. Probation (a fresh worker,
-    # the update's own CPU load) is judged on the device, and what fails there arrives as an update failure.
-    treatment = cohort_stats(
-        window_facts(
-            s,
-            moved,
-            r.created_at,
-            r.version,
-            same=True,
-            since_by_device={i: committed_at[i] for i in committed},
-        ),
-        devices=len(moved),
-        committed=len(committed),
-        failed=len(failed),
-    )
-    # The control covers the same stretch of time as the treatment (from the first commit on): a host's or a
-    # network's load then weighs on both cohorts alike instead of on whichever was measured later.
-    control_since = min(committed_at.values(), key=_naive, default=r.created_at)
-    control = cohort_stats(window_facts(s, control_ids, control_since, r.version, same=False), devices=len(control_ids))
-    verdict = judge(treatment, control if control_ids else None, policy)
+    already = {i for i in moved if devs[i].served_model == r.model and devs[i].served_version == r.version}
+    treatment, control = wave_cohorts(s, r, moved, control_ids, already_serving=already)
+    verdict = judge(treatment, control, policy)
     decision = decide(
         state=RolloutState(r.state),
         wave=r.wave,

@@ -22,6 +22,7 @@ import numpy as np
 
 from edgefleet.agent.worker import FAULT_ENV
 from edgefleet.config import AgentSettings
+from edgefleet.controlplane.client import answer_of
 from edgefleet.errors import EdgefleetError
 from edgefleet.protocol import AgentState, DeviceConfig
 from edgefleet.sim.link import LinkStats
@@ -325,9 +326,7 @@ class Fleet:
             except httpx.TransportError as err:
                 if method != "GET" or attempt:
                     raise EdgefleetError(f"{method} {path}: the server did not answer ({err or type(err).__name__})")
-        if r.status_code >= 400:
-            raise EdgefleetError(f"{method} {path}: HTTP {r.status_code} {r.text[:200]}")
-        return r.json()
+        return answer_of(r)
 
     def summary(self) -> dict[str, Any]:
         s = self.stats

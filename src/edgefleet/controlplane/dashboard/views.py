@@ -29,8 +29,8 @@ from edgefleet.controlplane.db import (
     UpdateEventRow,
     utcnow,
 )
-from edgefleet.controlplane.reconciler import FAILED_KINDS, window_facts
-from edgefleet.controlplane.rollout import CohortStats, RolloutPolicy, cohort_stats, judge
+from edgefleet.controlplane.reconciler import wave_cohorts
+from edgefleet.controlplane.rollout import CohortStats, RolloutPolicy, judge
 from edgefleet.errors import NotFoundError
 from edgefleet.telemetry.sketch import LatencySketch, SketchData
 
@@ -176,11 +176,6 @@ def wave_metrics(s: Session, r: Rollout, *, now: datetime | None = None) -> list
     if r.tier:
         q = q.where(Device.tier == r.tier)
     control_ids = sorted(set(s.scalars(q)) - moved_ids)
-    events = s.execute(
-        select(UpdateEventRow.device_id, UpdateEventRow.kind, UpdateEventRow.at).where(
-            UpdateEventRow.model == r.model, UpdateEventRow.version == r.version, UpdateEventRow.at >= r.created_at
-        )
-    ).all()
     end_of_rollout = r.completed_at or r.rolled_back_at or (r.halted_at if r.state != "running" else None) or now
     out: list[dict[str, Any]] = []
     for i, pct in enumerate(policy.waves):
@@ -190,21 +185,9 @@ def wave_metrics(s: Session, r: Rollout, *, now: datetime | None = None) -> list
             continue
         until = starts.get(i + 1) or end_of_rollout
         ids = sorted(x.device_id for x in moved if x.wave <= i)
-        idset = set(ids)
-        seen = [(dev, kind) for dev, kind, at in events if dev in idset and at <= until]
-        failed = {dev for dev, kind in seen if kind in FAILED_KINDS}
-        committed = {dev for dev, kind in seen if kind == "committed"} - failed
-        canary = cohort_stats(
-            window_facts(s, ids, r.created_at, r.version, same=True, until=until, model=r.model),
-            devices=len(ids),
-            committed=len(committed),
-            failed=len(failed),
-        )
-        control = cohort_stats(
-            window_facts(s, control_ids, r.created_at, r.version, same=False, until=until, model=r.model),
-            devices=len(control_ids),
-        )
-        verdict = judge(canary, control if control_ids else None, policy)
+        already = {x.device_id for x in moved if x.wave <= i and x.previous_version == r.version}
+        canary, control = wave_cohorts(s, r, ids, control_ids, already_serving=already, until=until)
+        verdict = judge(canary, control, policy)
         out.append(
             {
                 "wave": i,
@@ -212,7 +195,7 @@ def wave_metrics(s: Session, r: Rollout, *, now: datetime | None = None) -> list
                 "started_at": start.isoformat(),
                 "moved_in_wave": sum(1 for x in moved if x.wave == i),
                 "canary": _cohort_dict(canary),
-                "control": _cohort_dict(control) if control_ids else None,
+                "control": _cohort_dict(control) if control is not None else None,
                 "judgement": verdict.outcome.value,
                 "judgement_reason": verdict.reason,
                 "current": i == r.wave and r.state in ("running", "paused"),
