@@ -54,6 +54,7 @@ async def main(a: argparse.Namespace) -> dict[str, object]:
     try:
         t = time.monotonic()
         await fleet.start()
+        await fleet.wait_enrolled(max(120.0, len(plans) * 0.5))
         print(f"enrolled {len(plans)} agents in {time.monotonic() - t:.1f} s", flush=True)
         await fleet.api(
             "POST", "/api/v1/packages", content=pkg.read_bytes(), headers={"Content-Type": "application/octet-stream"}

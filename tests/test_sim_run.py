@@ -49,6 +49,8 @@ def test_every_fault_kind_with_full_and_lightweight_agents(tmp_path: Path, mlp_p
         fleet = Fleet(server.url, server.admin_token, plans, tmp_path / "fleet", FleetOptions(probation_s=2))
         try:
             await fleet.start()
+            # a wave covers the devices enrolled when it starts: a device whose link is cut or flaky enrolls late
+            await fleet.wait_enrolled(120)
             await fleet.api(
                 "POST",
                 "/api/v1/packages",

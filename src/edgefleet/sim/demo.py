@@ -220,15 +220,12 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
         t = time.monotonic()
         with Progress(transient=True) as bar:
             task = bar.add_task("enrolling", total=len(plans))
-            await fleet.start(lambda d, n: bar.update(task, completed=d))
+            await fleet.start(lambda d, n: bar.update(task, completed=d / 2))
+            devs = await fleet.wait_enrolled(120, lambda d, n: bar.update(task, completed=(n + d) / 2))
         for p in pkgs.values():
             await fleet.api(
                 "POST", "/api/v1/packages", content=p.read_bytes(), headers={"Content-Type": "application/octet-stream"}
             )
-        devs: list[dict[str, Any]] = []
-        while len(devs) < len(plans) and time.monotonic() - t < 120:
-            devs = await fleet.api("GET", "/api/v1/devices")
-            await asyncio.sleep(0.5)
         st.times["enroll"] = round(time.monotonic() - t, 2)
         tiers = {d["device_id"]: d["tier"] for d in devs}
         n_full = sum(p.full for p in plans)

@@ -313,6 +313,25 @@ class Fleet:
                     await asyncio.sleep(1.0)
                     self._spawn(a)
 
+    async def wait_enrolled(self, timeout_s: float = 120.0, progress: Any = None) -> list[dict[str, Any]]:
+        """Wait until every planned device is enrolled with the control plane and return the device list.
+
+        :meth:`start` starts the agents; each enrolls from its own check-in loop, over its own (maybe faulty)
+        link. A rollout covers the devices enrolled when each of its waves starts, so whoever rolls out to the
+        whole simulated fleet must wait for this first. ``progress(enrolled, total)``."""
+        end = time.monotonic() + timeout_s
+        while True:
+            devs = [d for d in await self.api("GET", "/api/v1/devices") if d.get("group") == GROUP]
+            if progress is not None:
+                progress(len(devs), len(self.plans))
+            if len(devs) >= len(self.plans):
+                return list(devs)
+            if time.monotonic() >= end:
+                raise EdgefleetError(
+                    f"only {len(devs)} of {len(self.plans)} simulated devices enrolled within {timeout_s:.0f} s"
+                )
+            await asyncio.sleep(0.25)
+
     # ------------------------------------------------------------------ views and teardown
 
     async def api(self, method: str, path: str, **kw: Any) -> Any:
