@@ -1,7 +1,7 @@
 """A FAKE control plane for the agent tests, run as a real process on 127.0.0.1.
 
 It is a fake because the real control plane (``edgefleet.controlplane``) is being built in parallel; it speaks
-exactly the ``edgefleet.protocol`` endpoints (DESIGN §6b) and serves a real TUF repository folder at ``/tuf/``
+exactly the ``edgefleet.protocol`` endpoints and serves a real TUF repository folder at ``/tuf/``
 (``/tuf/metadata/…``, ``/tuf/targets/…`` with HTTP Range). Everything it stores lives in a JSON file, so a test
 can kill it (``kill -9``: a server that dies) and start it again on the same port.
 

@@ -26,7 +26,7 @@ def mlp_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_calls(digits: examples.Digits) -> dict[str, np.ndarray]:
-    """Per-call arrays (DESIGN §4a): 200 calls of ``X`` [1, 64]."""
+    """Per-call arrays: 200 calls of ``X`` [1, 64]."""
     return {"X": digits.x_test[:200, None, :]}
 
 

@@ -129,7 +129,7 @@ def test_rollouts_with_real_agents(server: tuple[str, str], tmp_path: Path, mlp_
             == 201
         )
 
-    # The group's configuration document (DESIGN §6a) sets a short probation, so a wave's devices commit well
+    # The group's configuration document sets a short probation, so a wave's devices commit well
     # within its bake time; the default (60 s) would leave every wave inconclusive at its deadline.
     lab = {"checkin_interval_s": 0.5, "telemetry_interval_s": 1, "probation_seconds": 1.5, "probation_requests": 20}
     assert api.put("/api/v1/groups/lab", json={"config": lab}).status_code == 200

@@ -1,4 +1,4 @@
-"""The per-call ``.npz`` data format shared by optimize, bench, gate and golden vectors (DESIGN §4a).
+"""The per-call ``.npz`` data format shared by optimize, bench, gate and golden vectors.
 
 One array per model input name; the first axis indexes calls, and ``arr[name][i]`` is exactly what call ``i``
 feeds, batch axis included (digits ``X`` is stored ``[N, 1, 64]``). So models whose batch axis is not the first,

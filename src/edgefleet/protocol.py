@@ -1,4 +1,4 @@
-"""The check-in wire format (DESIGN §6b): the only seam between the device agent and the control plane.
+"""The check-in wire format: the only seam between the device agent and the control plane.
 
 * ``POST /api/v1/enroll`` — :class:`EnrollRequest` → :class:`EnrollResponse`.
 * ``GET /api/v1/devices/{id}/desired`` — ``Authorization: Bearer <credential>``, ``If-None-Match``;
@@ -41,7 +41,7 @@ API_PREFIX = "/api/v1"
 
 
 def target_name(name: str, version: str) -> str:
-    """The TUF target name of a package (DESIGN §4a)."""
+    """The TUF target name of a package."""
     return f"{name}-{version}.efpkg"
 
 
@@ -76,7 +76,7 @@ class EnrollResponse(_Wire):
 
 
 class DeviceConfig(_Wire):
-    """Configuration that ships apart from models (DESIGN §6a), versioned per device group.
+    """Configuration that ships apart from models, versioned per device group.
 
     ``version`` 0 means no group has a document: the agent then keeps its own interval settings (CLI flags)."""
 

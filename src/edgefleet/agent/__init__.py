@@ -1,4 +1,4 @@
-"""The device agent (DESIGN §7): OIP v2 serving from a supervised worker, A/B slots, trusted resumable updates,
+"""The device agent: OIP v2 serving from a supervised worker, A/B slots, trusted resumable updates,
 health check, probation and self-rollback, offline-first telemetry with drift.
 
 Names are imported on first use (PEP 562): ``edgefleet serve`` needs the HTTP server, the service and the

@@ -1,4 +1,4 @@
-"""The bounded on-disk telemetry buffer (SQLite) with idempotent batch upload (DESIGN §6b).
+"""The bounded on-disk telemetry buffer (SQLite) with idempotent batch upload.
 
 Records wait here until the server confirms their batch. A batch is fixed (its id and members written) *before*
 it is sent, so after a lost answer or an agent restart the same ``batch_id`` goes out again with the same records

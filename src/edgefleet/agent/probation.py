@@ -1,4 +1,4 @@
-"""Probation after a switch (DESIGN §7): pure decisions over what was observed, no I/O.
+"""Probation after a switch: pure decisions over what was observed, no I/O.
 
 Probation ends after ``probation_requests`` inferences or ``probation_seconds``, whichever comes first. At any
 time, K worker crashes within W seconds roll back (a crash loop). At the end, an error rate above the limit or a

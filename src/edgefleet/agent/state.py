@@ -1,4 +1,4 @@
-"""The agent's persisted state machine (DESIGN §7).
+"""The agent's persisted state machine.
 
 ``idle → downloading → verifying → staged → health_check → probation → committed``, or ``→ rolled_back(reason)``.
 The whole state is one small JSON document rewritten atomically after every step (``durable.atomic_write``), so

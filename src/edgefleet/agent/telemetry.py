@@ -1,4 +1,4 @@
-"""Per-interval telemetry windows (DESIGN §8): counts by outcome, a mergeable latency sketch, worker restarts and
+"""Per-interval telemetry windows: counts by outcome, a mergeable latency sketch, worker restarts and
 crashes, CPU and RSS, the active version and served ``model_sha256``, and drift summaries from the worker."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The network edge of the agent: the check-in client (DESIGN §6b) and the resumable package download.
+"""The network edge of the agent: the check-in client and the resumable package download.
 
 Every transport failure becomes :class:`Offline`, which the agent treats as "keep serving, keep buffering, log
 once per outage". A 4xx is not retried in a loop: it is a fact about the request, not about the link.

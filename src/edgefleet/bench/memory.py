@@ -1,8 +1,8 @@
-"""Memory budget and peak RSS of the measurement subprocess (tier emulation, DESIGN §5).
+"""Memory budget and peak RSS of the measurement subprocess (tier emulation).
 
 ``RLIMIT_DATA`` bounds the heap and private anonymous mappings (Linux ≥ 4.7), which is where onnxruntime puts
 weights and arenas; ``RLIMIT_AS`` is useless here because importing onnxruntime alone maps ~190 MB of address
-space (FIELD_NOTES). The limit is a backstop: the authoritative figure is the peak RSS, compared with the tier's
+space (measured). The limit is a backstop: the authoritative figure is the peak RSS, compared with the tier's
 memory after the run, so a model that slips past the limit through file-backed pages still fails the budget.
 """
 

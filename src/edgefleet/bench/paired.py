@@ -1,4 +1,4 @@
-"""Interleaved A/B timing in one process (DESIGN §4a): the measuring side of ``stats.paired_compare``."""
+"""Interleaved A/B timing in one process: the measuring side of ``stats.paired_compare``."""
 
 from __future__ import annotations
 

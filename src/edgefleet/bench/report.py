@@ -1,7 +1,7 @@
 """The bench result file (``BENCH.json``): a pydantic schema published to ``docs/bench.schema.json``.
 
 One :class:`ModelResult` per (model, tier). Absolute figures come from a fresh subprocess per model; the paired
-comparison against ``--baseline`` comes from a subprocess running both models interleaved (DESIGN §4a).
+comparison against ``--baseline`` comes from a subprocess running both models interleaved.
 """
 
 from __future__ import annotations

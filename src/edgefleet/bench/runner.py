@@ -44,7 +44,7 @@ class ModelInfo:
 
 
 def model_info(path: Path) -> ModelInfo:
-    """Identity of a model or package (DESIGN §4a hashes), checked before any subprocess starts."""
+    """Identity of a model or package, checked before any subprocess starts."""
     if not path.is_file():
         raise UsageError(f"model file {path} does not exist")
     package_sha = None

@@ -1,4 +1,4 @@
-"""Statistics for latency measurements (DESIGN §4a). Pure functions, no I/O, no clocks.
+"""Statistics for latency measurements. Pure functions, no I/O, no clocks.
 
 The same model's median moves ±25 % between processes on a busy host and an A/A test with thousands of pairs
 comes out "significant" ~1 % of the time, so comparisons here are *paired* (baseline and candidate interleaved in

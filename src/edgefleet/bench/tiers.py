@@ -1,4 +1,4 @@
-"""Device tier profiles (DESIGN §5): a class of device a model is benchmarked for and rolled out to."""
+"""Device tier profiles: a class of device a model is benchmarked for and rolled out to."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ the tier's emulation (threads, CPU affinity, ``RLIMIT_DATA``) cannot leak into t
 are JSON files so the command can also be run by hand, e.g. under ``/usr/bin/time -v``.
 
 Modes: ``measure`` (cold start, SingleStream latency with adaptive sample size, Offline throughput, CPU-seconds and
-RAPL joules per inference, peak RSS) and ``paired`` (baseline and candidate interleaved, DESIGN §4a).
+RAPL joules per inference, peak RSS) and ``paired`` (baseline and candidate interleaved).
 """
 
 from __future__ import annotations

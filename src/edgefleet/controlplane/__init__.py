@@ -1,4 +1,4 @@
-"""The control plane (DESIGN §6, §9): registry, devices, check-ins, rollouts gated on runtime metrics,
+"""The control plane: registry, devices, check-ins, rollouts gated on runtime metrics,
 compatibility matrix, fleet KPIs, audit log, and the server's own TUF repository under ``/tuf/``.
 
 ``create_app(settings)`` builds the FastAPI app; ``edgefleet server`` runs it in uvicorn."""

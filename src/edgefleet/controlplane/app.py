@@ -98,7 +98,7 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
     app = FastAPI(
         title="edgefleet control plane",
         version=__version__,
-        description="Registry, devices, check-ins (DESIGN §6b), rollouts gated on runtime metrics, fleet KPIs.",
+        description="Registry, devices, check-ins, rollouts gated on runtime metrics, fleet KPIs.",
         lifespan=lifespan,
     )
     app.state.store = store

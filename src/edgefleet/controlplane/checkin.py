@@ -1,4 +1,4 @@
-"""The check-in API of DESIGN §6b: enrollment, desired state with ETag, idempotent reports.
+"""The check-in API (docs/api.md): enrollment, desired state with ETag, idempotent reports.
 
 ``GET …/desired`` is the hot path: tens of thousands of devices poll it. It is an ``async`` handler answered from
 :class:`CheckinCache` — credential hashes and rendered desired states with their ETags — so neither a 304 nor an

@@ -1,4 +1,4 @@
-"""Fleet KPIs (DESIGN §8): p95 per version and tier from merged sketches, crash-free rate, update success rate,
+"""Fleet KPIs: p95 per version and tier from merged sketches, crash-free rate, update success rate,
 time to halt and to roll back each rollout, fragmentation index, drift alerts, overdue devices."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The server's own TUF repository (DESIGN §4): upload → validate → publish, served statically under ``/tuf/``,
+"""The server's own TUF repository: upload → validate → publish, served statically under ``/tuf/``,
 timestamp and snapshot re-signed before they expire by a background task."""
 
 from __future__ import annotations

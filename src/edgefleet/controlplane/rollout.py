@@ -1,4 +1,4 @@
-"""Rollout decisions as pure functions over data (DESIGN §6). No I/O: the reconciler gathers the facts, calls
+"""Rollout decisions as pure functions over data. No I/O: the reconciler gathers the facts, calls
 these, and writes what they decide.
 
 A rollout moves eligible devices from the version they run (A) to a new one (B) in cumulative waves: a device

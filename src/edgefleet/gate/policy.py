@@ -51,7 +51,7 @@ class LatencyPolicy(_Section):
 
 
 class RegressionPolicy(_Section):
-    """The paired comparison against the baseline (DESIGN §4a): fails on a *practical* slowdown only."""
+    """The paired comparison against the baseline: fails on a *practical* slowdown only."""
 
     max_slowdown: float = Field(0.05, gt=0, description="fail when the median-ratio CI lies above 1 + this")
 

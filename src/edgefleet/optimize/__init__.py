@@ -1,4 +1,4 @@
-"""Accuracy- and latency-aware model optimization that never ships a worse model (issue 3, DESIGN §3).
+"""Accuracy- and latency-aware model optimization that never ships a worse model.
 
 ``optimize(model, calib, eval, out, ...)`` prepares the float model, builds a candidate per recipe (FP16, dynamic
 and static INT8 in their variants), scores each on the eval calls (task metric overall and per slice, fidelity to

@@ -1,4 +1,4 @@
-"""``optimize(...)``: the loop that prepares, builds, evaluates, times, falls back and selects (issue 3).
+"""``optimize(...)``: the loop that prepares, builds, evaluates, times, falls back and selects.
 
 Decisions live in pure modules (``candidates.prune``, ``evaluate.within_tolerance``, ``select``); this module does
 the I/O around them and keeps the time budget. The output is never slower nor out of tolerance: a quantized model

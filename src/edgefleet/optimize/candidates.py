@@ -1,6 +1,6 @@
-"""The recipe space and the rules that prune known-slow combinations per instruction set (issue 3, step 2).
+"""The recipe space and the rules that prune known-slow combinations per instruction set.
 
-Pure: no ONNX, no sessions. Rules prune only combinations *measured* slow on a class of CPU (FIELD_NOTES); anything
+Pure: no ONNX, no sessions. Rules prune only combinations *measured* slow on a class of CPU (measured); anything
 else is left to the paired latency measurement, because CPU flags alone do not predict onnxruntime's kernels.
 """
 

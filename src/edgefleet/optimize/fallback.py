@@ -1,8 +1,8 @@
-"""Accuracy-aware fallback (issue 3, step 4): keep the culprit nodes of an out-of-tolerance candidate in float.
+"""Accuracy-aware fallback: keep the culprit nodes of an out-of-tolerance candidate in float.
 
 Sensitivity comes from two sources because either alone misleads: ``qdq_loss_debug``'s per-tensor SQNR is cheap but
 did not single out the layer that cost 1.8 accuracy points on a real model; leave-one-out exclusion (re-quantize
-with one node in float, re-evaluate) did (FIELD_NOTES). SQNR orders the leave-one-out trials, so the likeliest
+with one node in float, re-evaluate) did (measured). SQNR orders the leave-one-out trials, so the likeliest
 culprits are tried first when the iteration or time budget cannot cover every node; then nodes are excluded
 greedily by leave-one-out gain until the candidate is within tolerance. The best candidate so far is always kept.
 """

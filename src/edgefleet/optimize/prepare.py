@@ -1,7 +1,7 @@
-"""Preparation real models need before any quantizer touches them (issue 3, step 1).
+"""Preparation real models need before any quantizer touches them.
 
-Each step here exists because a quantizer failed without it on a real model (FIELD_NOTES "onnxruntime 1.32
-quantization"): weights held as ``Constant`` nodes make ``quantize_*`` raise or silently quantize nothing;
+Each step here exists because a quantizer failed without it on a real model with onnxruntime 1.32:
+ weights held as ``Constant`` nodes make ``quantize_*`` raise or silently quantize nothing;
 ``quant_pre_process`` needs sympy and its symbolic shape inference fails on some real models; unnamed nodes cannot be
 kept in float (``nodes_to_exclude`` matches names).
 """

@@ -1,4 +1,4 @@
-"""Turn the prepared float model into one candidate per recipe with onnxruntime's quantizers (issue 3, step 2).
+"""Turn the prepared float model into one candidate per recipe with onnxruntime's quantizers.
 
 The pinned workarounds live here, each with the failure it avoids; everything that can go wrong in a quantizer
 becomes a :class:`QuantizeFailed` carrying one line, so one broken recipe never stops the search.
@@ -68,7 +68,7 @@ class QuantizeFailed(Exception):
 
 
 class CallDataReader(CalibrationDataReader):
-    """Feeds calibration calls one by one: each call is exactly what the model receives (DESIGN §4a)."""
+    """Feeds calibration calls one by one: each call is exactly what the model receives."""
 
     def __init__(self, data: CallData, input_names: list[str]) -> None:
         self._data = data

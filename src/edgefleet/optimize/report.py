@@ -1,4 +1,4 @@
-"""The optimize report: a pydantic model the gate reads as JSON, and a rich table for people (issue 3, step 6).
+"""The optimize report: a pydantic model the gate reads as JSON, and a rich table for people.
 
 Field names the gate reads are a contract (docs/CONTRACTS.md): ``baseline_metrics`` {overall, per_slice, metric},
 ``chosen`` {recipe, metrics, latency, size_bytes, op_coverage, nodes_excluded}, ``candidates``, ``reason``,

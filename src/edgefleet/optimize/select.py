@@ -1,6 +1,6 @@
-"""Selection (issue 3, step 5): pure decisions over evaluated candidates, no I/O.
+"""Selection: pure decisions over evaluated candidates, no I/O.
 
-A candidate *qualifies* when it is within tolerance and the paired comparison calls it *faster* (DESIGN §4a);
+A candidate *qualifies* when it is within tolerance and the paired comparison calls it *faster*;
 the output is the qualified candidate with the lowest median latency ratio, else the graph-optimized float model,
 with a reason that says why nothing qualified.
 """

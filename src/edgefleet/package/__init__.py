@@ -1,4 +1,4 @@
-"""The model package ``.efpkg`` (DESIGN §4): manifest, model (optionally encrypted), golden vectors, drift
+"""The model package ``.efpkg``: manifest, model (optionally encrypted), golden vectors, drift
 reference and ML-BOM in one reproducible tar, content-addressed by its SHA-256."""
 
 from edgefleet.package.build import build_package, source_date_epoch

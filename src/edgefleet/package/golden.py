@@ -1,6 +1,6 @@
 """Golden vectors: raw sample inputs and what the model answered; a device reproduces them before it serves.
 
-``golden.npz`` holds ``in.<input>`` and ``out.<output>`` arrays, first axis = call (DESIGN §4a). It is written
+``golden.npz`` holds ``in.<input>`` and ``out.<output>`` arrays, first axis = call. It is written
 with a fixed zip timestamp so packages rebuild byte-identically (``numpy.savez`` stamps the local time).
 """
 

@@ -1,7 +1,7 @@
-"""The package manifest (DESIGN §4): one pydantic model per section; its JSON Schema is ``docs/manifest.schema.json``.
+"""The package manifest: one pydantic model per section; its JSON Schema is ``docs/manifest.schema.json``.
 
 The manifest is plain data: what the model is, how to feed it, what it needs and how to check it. It says nothing
-about authenticity; TUF signs the whole package (DESIGN §4).
+about authenticity; TUF signs the whole package.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class Manifest(_Base):
 
     @property
     def target_name(self) -> str:
-        """The TUF target name of this package (DESIGN §4a)."""
+        """The TUF target name of this package."""
         return f"{self.name}-{self.version}.efpkg"
 
     @property

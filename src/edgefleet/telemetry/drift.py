@@ -1,4 +1,4 @@
-"""Drift statistics (DESIGN §8): a reference of per-feature histograms, on-device accumulation, PSI.
+"""Drift statistics: a reference of per-feature histograms, on-device accumulation, PSI.
 
 Features of one call, from raw inputs and outputs (no raw input ever leaves the device, only histograms):
 
