@@ -100,6 +100,9 @@ class ModelVersion(Base):
     manifest: Mapped[dict[str, Any]] = mapped_column(default=dict)
     gate: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     bench: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # the package's drift reference (per-feature bin edges and reference counts), kept so the fleet's merged
+    # histograms can be scored against it on the server
+    drift_reference: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -152,6 +155,12 @@ class Device(Base):
     pinned_model: Mapped[str | None] = mapped_column(String(128), default=None)
     pinned_version: Mapped[str | None] = mapped_column(String(64), default=None)
     dropped_records: Mapped[int] = mapped_column(Integer, default=0)
+    # device clock minus server clock at its last report (seconds): verdicts run on server time, this is shown
+    clock_offset_s: Mapped[float | None] = mapped_column(Float, default=None)
+    # reports refused as invalid (422/413): counted, the last reason kept for the device page
+    invalid_reports: Mapped[int] = mapped_column(Integer, default=0)
+    last_invalid_report: Mapped[str | None] = mapped_column(Text, default=None)
+    last_invalid_at: Mapped[datetime | None] = mapped_column(default=None)
     # bumped whenever anything in the desired state or the credential changes: replicas sync their check-in
     # caches incrementally from it
     changed_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
@@ -176,6 +185,8 @@ class UpdateEventRow(Base):
     version: Mapped[str | None] = mapped_column(String(64), default=None)
     rollout_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
     reason: Mapped[str | None] = mapped_column(Text, default=None)
+    # the server's clock when the event arrived: waves and KPIs are judged on it, never on the device's ``at``
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class TelemetryRow(Base):
@@ -198,6 +209,7 @@ class TelemetryRow(Base):
     max_psi: Mapped[float | None] = mapped_column(Float, default=None)
     cpu_percent: Mapped[float | None] = mapped_column(Float, default=None)
     rss_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class Rollout(Base):
@@ -222,6 +234,8 @@ class Rollout(Base):
     completed_at: Mapped[datetime | None] = mapped_column(default=None)
     lease_owner: Mapped[str | None] = mapped_column(String(64), default=None)
     lease_until: Mapped[datetime | None] = mapped_column(default=None)
+    # the last error of this rollout's own step (each rollout steps on its own; one failing never stalls others)
+    step_error: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class RolloutDevice(Base):

@@ -16,9 +16,10 @@ from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "MIN_DRIFT_SAMPLE",
     "PSI_ALERT",
     "DriftAccumulator",
     "DriftReference",
@@ -26,12 +27,20 @@ __all__ = [
     "FeatureReference",
     "build_reference",
     "call_features",
+    "fleet_psi",
+    "merge_counts",
     "psi",
 ]
 
 MAX_ELEMENTS = 64
 BINS = 10
 PSI_ALERT = 0.25
+# Below this many calls a feature's PSI is sampling noise (its expected value alone is about
+# (bins - 1) * (1/n_ref + 1/n_live)): the fleet shows "not enough data", never 0.
+MIN_DRIFT_SAMPLE = 200
+# Wire bounds: a categorical feature has one bin per known class plus "other"; no reference has more.
+MAX_BINS = 1024
+MAX_FEATURE_NAME = 256
 _EPS = 1e-4
 
 
@@ -55,14 +64,28 @@ class DriftReference(BaseModel):
 
 
 class DriftSummary(BaseModel):
-    """What a device reports per feature and interval: the PSI against the reference and the counts behind it."""
+    """What a device reports per feature and interval: the counts per reference bin (what the fleet merges) and the
+    device's own PSI over them (informative only: fleet figures are computed on the merged counts)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    feature: str
-    psi: float
-    n: int
-    counts: list[float] = Field(default_factory=list)
+    feature: str = Field(min_length=1, max_length=MAX_FEATURE_NAME)
+    psi: float = Field(ge=0, le=1e6)
+    n: int = Field(ge=0, le=2**53)
+    counts: list[float] = Field(default_factory=list, max_length=MAX_BINS)
+
+    @field_validator("counts")
+    @classmethod
+    def _counts(cls, v: list[float]) -> list[float]:
+        if any(not 0 <= c <= 2**53 for c in v):
+            raise ValueError("bin counts must be finite and non-negative")
+        return v
+
+    @model_validator(mode="after")
+    def _n_matches(self) -> DriftSummary:
+        if self.counts and abs(sum(self.counts) - self.n) > 0.5:
+            raise ValueError(f"n ({self.n}) is not the sum of the bin counts ({sum(self.counts):g})")
+        return self
 
 
 def call_features(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -167,3 +190,31 @@ class DriftAccumulator:
     def reset(self) -> None:
         for c in self.counts.values():
             c[:] = 0
+
+
+def merge_counts(summaries: Iterable[DriftSummary], reference: DriftReference) -> dict[str, list[float]]:
+    """Sum per-feature bin counts across windows and devices. Counts whose length does not fit the reference's
+    bins (an agent on another package, a feature the reference lacks) are left out, never guessed into place."""
+    bins = {f.name: len(f.counts) for f in reference.features}
+    out: dict[str, np.ndarray] = {}
+    for s in summaries:
+        size = bins.get(s.feature)
+        if size is None or len(s.counts) != size:
+            continue
+        acc = out.get(s.feature)
+        if acc is None:
+            out[s.feature] = acc = np.zeros(size)
+        acc += np.asarray(s.counts, dtype=np.float64)
+    return {k: v.tolist() for k, v in out.items()}
+
+
+def fleet_psi(
+    reference: DriftReference, counts: Mapping[str, Iterable[float]], *, min_sample: int = MIN_DRIFT_SAMPLE
+) -> dict[str, float | None]:
+    """PSI per reference feature of merged live counts; None where the feature has fewer than ``min_sample``
+    calls ("not enough data" — a PSI of a few calls is noise, and 0 would claim stability nobody measured)."""
+    out: dict[str, float | None] = {}
+    for f in reference.features:
+        live = list(counts.get(f.name, ()))
+        out[f.name] = psi(f.counts, live) if len(live) == len(f.counts) and sum(live) >= min_sample else None
+    return out
