@@ -1,8 +1,9 @@
 """The optimizer end to end on real models and real onnxruntime sessions: digits MLP and CNN, Silero VAD, a model
-whose naive INT8 breaks accuracy, and one where INT8 (ConvInteger) is several times slower.
+whose naive INT8 breaks accuracy, one where INT8 (ConvInteger) is several times slower, and an embedding model.
 
 No timing thresholds here: speed figures belong in benchmarks/optimize.py. Where a test asserts a paired verdict,
-it is because selection itself is defined by that verdict."""
+it is because selection itself is defined by that verdict; where a test needs a given verdict, it injects it
+(``compare_latency``) rather than hoping the machine's load produces it."""
 
 from __future__ import annotations
 
@@ -16,21 +17,29 @@ import pytest
 
 from edgefleet import examples
 from edgefleet.data import CallData
-from edgefleet.optimize import OptimizeReport, Recipe, optimize
-from edgefleet.optimize._models import conv_stack, digits_cnn, outlier_mlp, silero_calls, with_outlier
+from edgefleet.errors import UsageError
+from edgefleet.optimize import CompareLatency, LatencyResult, OptimizeReport, Recipe, optimize
+from edgefleet.optimize._models import conv_stack, digits_cnn, outlier_mlp, silero_calls, tiny_encoder, with_outlier
+from edgefleet.optimize.prepare import prepare
+from edgefleet.runtime.onnxruntime import OrtSession
 
 
 def _check_invariants(report: OptimizeReport, out: Path) -> None:
-    """What selection means, whatever the machine's load: the output is within tolerance and, when quantized,
-    both paired A/Bs called it faster; the file on disk is the chosen model."""
+    """What selection means, whatever the machine's load: the output is within tolerance and, unless it is the input
+    itself (byte for byte), both paired A/Bs against the input called it faster; the file on disk is the chosen
+    model."""
     chosen = report.chosen
     assert out.is_file()
+    assert hashlib_of(out) == report.output_sha256
     assert chosen.status == "chosen" and chosen.within_tolerance
     assert report.baseline_metrics.overall - chosen.metrics.overall <= report.max_accuracy_drop + 1e-12  # type: ignore[union-attr]
-    if chosen.recipe.kind != "float":
-        assert chosen.latency is not None and chosen.latency.verdict == "faster" and chosen.latency.confirmed
+    assert report.baseline == "input" and report.candidates[0].recipe.kind == "input"
+    if report.kept_input:
+        assert chosen.recipe.kind == "input" and report.output_sha256 == report.model_sha256
+        assert report.reason.startswith("kept the input: no candidate was measured faster")
     else:
-        assert report.reason.startswith("no candidate")
+        assert chosen.latency is not None and chosen.latency.verdict == "faster" and chosen.latency.confirmed
+        assert "faster than your input model" in report.reason
     assert sum(c.status == "chosen" for c in report.candidates) == 1
     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # the written model loads
 
@@ -133,7 +142,7 @@ def test_dynamic_conv_refused_by_measurement(tmp_path: Path) -> None:
         raw, CallData({"X": x[:10]}), CallData({"X": x[10:]}), out, time_budget_s=30, prune=False, recipes=[recipe]
     )
     _check_invariants(report, out)
-    assert report.chosen.recipe.kind == "float"
+    assert report.chosen.recipe.kind in ("input", "float")
     dyn = next(c for c in report.candidates if c.recipe == recipe)
     assert dyn.status == "slower" and dyn.latency is not None and dyn.latency.verdict == "slower"
     assert "ConvInteger" in " ".join(n.op_type for n in onnx.load_from_string(_rebuild(raw, recipe)).graph.node)
@@ -143,10 +152,86 @@ def test_dynamic_conv_refused_by_measurement(tmp_path: Path) -> None:
 
 
 def _rebuild(raw: bytes, recipe: Recipe) -> bytes:
-    from edgefleet.optimize.prepare import prepare
     from edgefleet.optimize.quantize import build_candidate
 
     return build_candidate(prepare(raw), recipe, CallData({"X": np.zeros((1, 1, 16, 24, 24), np.float32)}))
+
+
+def _injected(ratio: float) -> tuple[list[OrtSession], CompareLatency]:
+    """A ``compare_latency`` that calls every candidate ``ratio`` times the input's latency (the verdict follows
+    the paired rule: faster below 0.97, slower above 1.05), recording the baseline session of each call."""
+    baselines: list[OrtSession] = []
+
+    def compare(base: OrtSession, cand: OrtSession, feed: dict[str, np.ndarray], budget_s: float) -> LatencyResult:
+        baselines.append(base)
+        assert cand is not base
+        verdict = "faster" if ratio < 0.97 else ("slower" if ratio > 1.05 else "same")
+        return LatencyResult(
+            median_ratio=ratio, ci_low=ratio - 0.01, ci_high=ratio + 0.01, verdict=verdict, n_pairs=300, reason="set"
+        )
+
+    return baselines, compare
+
+
+def test_input_kept_byte_for_byte_when_candidates_are_refused(
+    tmp_path: Path, mlp_path: Path, digits: examples.Digits
+) -> None:
+    """Quantized candidates refused on fidelity (no cosine drop allowed), the prepared float model not faster:
+    the output is the input file, byte for byte, and the report says why."""
+    calib = CallData({"X": digits.x_train[:32, None, :]})
+    ev = CallData({"X": digits.x_test[:60, None, :]})
+    out = tmp_path / "out.onnx"
+    baselines, compare = _injected(1.0)
+    recipes = [Recipe(kind="dynamic", op_types=("MatMul", "Gemm")), Recipe(kind="static", op_types=("Gemm", "Relu"))]
+    report = optimize(
+        mlp_path, calib, ev, out, metric="cosine", max_accuracy_drop=0.0, recipes=recipes, time_budget_s=60,
+        max_fallback_iterations=2, compare_latency=compare,
+    )  # fmt: skip
+    _check_invariants(report, out)
+    assert out.read_bytes() == mlp_path.read_bytes()
+    assert report.kept_input and report.chosen.name == "input"
+    by_kind = {c.recipe.kind: c for c in report.candidates if c.derived_from is None}
+    assert by_kind["dynamic"].status == by_kind["static"].status == "out_of_tolerance"
+    assert by_kind["float"].status in ("not_faster", "out_of_tolerance")
+    # Every A/B ran against one session: the input's, not the prepared float model's.
+    assert baselines and all(b is baselines[0] for b in baselines)
+
+
+@pytest.mark.parametrize(("ratio", "kind"), [(0.8, "float"), (1.0, "input"), (1.2, "input")])
+def test_prepared_float_written_only_when_faster(
+    tmp_path: Path, mlp_path: Path, digits: examples.Digits, ratio: float, kind: str
+) -> None:
+    raw = mlp_path.read_bytes()
+    calib = CallData({"X": digits.x_train[:16, None, :]})
+    ev = CallData({"X": digits.x_test[:40, None, :]}, labels=digits.y_test[:40])
+    out = tmp_path / "out.onnx"
+    _, compare = _injected(ratio)
+    report = optimize(raw, calib, ev, out, recipes=[], time_budget_s=30, compare_latency=compare)
+    _check_invariants(report, out)
+    assert report.metric == "top1" and report.chosen.recipe.kind == kind
+    float_cand = next(c for c in report.candidates if c.recipe.kind == "float")
+    if kind == "float":
+        assert out.read_bytes() == prepare(raw).data != raw
+        assert float_cand.latency is not None and float_cand.latency.confirmed
+    else:
+        assert out.read_bytes() == raw
+        assert float_cand.status == ("not_faster" if ratio == 1.0 else "slower")
+
+
+def test_embedding_output_needs_a_metric(tmp_path: Path) -> None:
+    raw = tiny_encoder()
+    x = np.random.default_rng(0).standard_normal((24, 1, 8, 32)).astype(np.float32)
+    calib, ev = CallData({"X": x[:8]}), CallData({"X": x[8:]})
+    with pytest.raises(UsageError, match=r"'last_hidden_state' \[1, 8, 32\] has no class axis.*--metric"):
+        optimize(raw, calib, ev, tmp_path / "out.onnx", time_budget_s=10)
+    assert not (tmp_path / "out.onnx").exists()
+    _, compare = _injected(1.0)
+    recipes = [Recipe(kind="dynamic", op_types=("MatMul",))]
+    out = tmp_path / "out.onnx"
+    report = optimize(raw, calib, ev, out, metric="cosine", recipes=recipes, time_budget_s=20, compare_latency=compare)
+    _check_invariants(report, out)
+    dyn = next(c for c in report.candidates if c.recipe.kind == "dynamic")
+    assert report.metric == "cosine" and dyn.within_tolerance  # dynamic INT8 keeps a 32-wide layer's cosine > 0.99
 
 
 @pytest.mark.slow

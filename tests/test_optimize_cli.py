@@ -1,4 +1,5 @@
-"""``edgefleet optimize`` through the real typer app: bad input gives one clear line and exit code 2."""
+"""``edgefleet optimize`` through the real typer app: bad input gives one clear line and exit code 2; the output
+says what it was measured against."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 from edgefleet import examples
 from edgefleet.cli.main import app
 from edgefleet.data import save_calls
+from edgefleet.optimize._models import tiny_encoder
 
 runner = CliRunner()
 
@@ -37,7 +39,8 @@ def test_json_report(files: dict[str, Path]) -> None:
     )
     assert code == 0, out
     doc = json.loads(out[out.index("{") :])
-    assert doc["metric"] == "top1" and doc["chosen"]["status"] == "chosen"
+    assert doc["metric"] == "top1" and doc["chosen"]["status"] == "chosen" and doc["baseline"] == "input"
+    assert doc["candidates"][0]["name"] == "input" and doc["kept_input"] == (doc["chosen"]["name"] == "input")
     assert json.loads((files["dir"] / "r.json").read_text())["output_sha256"] == doc["output_sha256"]
     assert (files["dir"] / "out.onnx").is_file()
 
@@ -74,3 +77,20 @@ def test_top1_without_labels(files: dict[str, Path]) -> None:
 
 def test_unknown_tier(files: dict[str, Path]) -> None:
     _one_line_error(*_run(files, "--tier", "nope"), "unknown tier")
+
+
+def test_embedding_output_needs_metric_then_works(tmp_path: Path) -> None:
+    model = tmp_path / "encoder.onnx"
+    model.write_bytes(tiny_encoder())
+    x = np.random.default_rng(0).standard_normal((24, 1, 8, 32)).astype(np.float32)
+    f = {
+        "model": model,
+        "calib": save_calls(tmp_path / "calib.npz", {"X": x[:8]}),
+        "eval": save_calls(tmp_path / "eval.npz", {"X": x[8:]}),
+        "dir": tmp_path,
+    }
+    _one_line_error(*_run(f), "--metric top1|agreement|cosine|sqnr")
+    code, out = _run(f, "--metric", "cosine", "--time-budget", "10")
+    assert code == 0, out
+    assert "vs your input model" in out
+    assert "faster than your input model" in out or "kept the input: no candidate was measured faster" in out

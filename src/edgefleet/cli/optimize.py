@@ -1,4 +1,4 @@
-"""``edgefleet optimize``: quantize a model only as far as accuracy and measured latency allow."""
+"""``edgefleet optimize``: quantize a model only as far as accuracy and latency measured against it allow."""
 
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ def optimize_cmd(
     labels: str | None = typer.Option(None, "--labels", help="Key of the labels array in the eval .npz."),
     slices: str | None = typer.Option(None, "--slices", help="Key of a slice-id array in the eval .npz."),
     metric: str | None = typer.Option(
-        None, "--metric", help="top1 | agreement | cosine | sqnr (default: top1 with labels, else agreement)."
+        None,
+        "--metric",
+        help="top1 | agreement | cosine | sqnr (default: top1 with labels, else agreement, when the output has a "
+        "class axis; required for embeddings and other feature outputs).",
     ),
     max_accuracy_drop: float = typer.Option(0.01, "--max-accuracy-drop", help="Largest allowed metric drop."),
     max_slice_drop: float | None = typer.Option(
@@ -37,9 +40,9 @@ def optimize_cmd(
     no_prune: bool = typer.Option(False, "--no-prune", help="Measure even recipes known to be slow on the tier."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Write the fastest candidate (FP16, dynamic or static INT8, with sensitive nodes kept in float) that stays
-    within --max-accuracy-drop on EVAL and that a paired A/B calls faster than the float model; else the
-    graph-optimized float model. The .npz files hold one array per model input whose first axis indexes calls."""
+    """Write the fastest candidate (graph-optimized float, FP16, dynamic or static INT8, with sensitive nodes kept
+    in float) that stays within --max-accuracy-drop on EVAL and that a paired A/B calls faster than MODEL as given;
+    else MODEL itself, byte for byte. The .npz files hold one array per model input whose first axis indexes calls."""
     try:
         _run(
             model, calib, eval_path, out, report, labels, slices, metric, max_accuracy_drop, max_slice_drop, tier,
@@ -99,4 +102,8 @@ def _run(
         print_json(result)
         return
     console.print(table(result))
-    console.print(f"[bold]{result.chosen.name}[/] → {result.output}  ({result.reason}; {result.time_spent_s:.1f} s)")
+    took = f"{result.time_spent_s:.1f} s"
+    if result.kept_input:
+        console.print(f"[bold]input[/] → {result.output}, byte for byte  ({result.reason}; {took})")
+    else:
+        console.print(f"[bold]{result.chosen.name}[/] → {result.output}  ({result.reason}; {took})")

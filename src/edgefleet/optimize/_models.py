@@ -142,3 +142,60 @@ def silero_calls(path: str, n: int = 120, seed: int = 0) -> dict[str, np.ndarray
         states.append(state)
         _, state = sess.run(None, {"input": c, "state": state, "sr": np.array(16000, np.int64)})
     return {"input": np.stack(chunks), "state": np.stack(states), "sr": np.full(n, 16000, np.int64)}
+
+
+def tiny_encoder(seq: int = 8, hidden: int = 32, ffn: int = 64, seed: int = 0) -> bytes:
+    """One transformer encoder layer (single-head self-attention, residuals, LayerNormalization, a Relu
+    feed-forward) over ``X`` float32[N, seq, hidden] (token embeddings), writing ``last_hidden_state``
+    float32[N, seq, hidden]: an output with no class axis, as a sentence-embedding model has. Random weights: its
+    task is the shape of a real embedding model, not accuracy."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+
+    inits = {
+        "Wq": w(hidden, hidden),
+        "Wk": w(hidden, hidden),
+        "Wv": w(hidden, hidden),
+        "Wo": w(hidden, hidden),
+        "W1": w(hidden, ffn),
+        "B1": np.zeros(ffn, np.float32),
+        "W2": w(ffn, hidden),
+        "B2": np.zeros(hidden, np.float32),
+        "scale": np.array(1 / np.sqrt(hidden), np.float32),
+        "g0": np.ones(hidden, np.float32),
+        "b0": np.zeros(hidden, np.float32),
+        "g1": np.ones(hidden, np.float32),
+        "b1": np.zeros(hidden, np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["X", "Wq"], ["q"], name="q"),
+        helper.make_node("MatMul", ["X", "Wk"], ["k"], name="k"),
+        helper.make_node("MatMul", ["X", "Wv"], ["v"], name="v"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+        helper.make_node("Mul", ["s", "scale"], ["ss"], name="scale"),
+        helper.make_node("Softmax", ["ss"], ["a"], name="attn", axis=-1),
+        helper.make_node("MatMul", ["a", "v"], ["ctx"], name="ctx"),
+        helper.make_node("MatMul", ["ctx", "Wo"], ["o"], name="o"),
+        helper.make_node("Add", ["o", "X"], ["r0"], name="res0"),
+        helper.make_node("LayerNormalization", ["r0", "g0", "b0"], ["h"], name="ln0", axis=-1),
+        helper.make_node("MatMul", ["h", "W1"], ["f0"], name="ffn0"),
+        helper.make_node("Add", ["f0", "B1"], ["f1"], name="ffn0_bias"),
+        helper.make_node("Relu", ["f1"], ["f2"], name="ffn_relu"),
+        helper.make_node("MatMul", ["f2", "W2"], ["f3"], name="ffn1"),
+        helper.make_node("Add", ["f3", "B2"], ["f4"], name="ffn1_bias"),
+        helper.make_node("Add", ["f4", "h"], ["r1"], name="res1"),
+        helper.make_node("LayerNormalization", ["r1", "g1", "b1"], ["last_hidden_state"], name="ln1", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "encoder",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", seq, hidden])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["N", seq, hidden])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())

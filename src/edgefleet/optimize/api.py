@@ -1,9 +1,11 @@
 """``optimize(...)``: the loop that prepares, builds, evaluates, times, falls back and selects.
 
-Decisions live in pure modules (``candidates.prune``, ``evaluate.within_tolerance``, ``select``); this module does
-the I/O around them and keeps the time budget. The output is never slower nor out of tolerance: a quantized model
-is written only when it is within tolerance and two independent paired A/Bs against the graph-optimized float
-model both call it faster; otherwise the graph-optimized float model is written.
+Decisions live in pure modules (``candidates.prune``, ``evaluate.within_tolerance``, ``default_metric``,
+``select``); this module does the I/O around them and keeps the time budget. The baseline of every comparison is the
+user's model as given, loaded as the agent loads it: preparation (graph optimization, rewrites) can make a model
+slower, so the prepared float model is one more candidate. The output is never slower nor out of tolerance: a
+candidate is written only when it is within tolerance and two independent paired A/Bs against the input both call
+it faster; otherwise the input is written unchanged, byte for byte.
 """
 
 from __future__ import annotations
@@ -26,18 +28,21 @@ from edgefleet.data import CallData
 from edgefleet.errors import DataError, EdgefleetError, ModelError
 from edgefleet.optimize.candidates import Recipe, recipe_space
 from edgefleet.optimize.candidates import prune as prune_recipes
+from edgefleet.optimize.default_metric import default_metric, output_facts
 from edgefleet.optimize.evaluate import Metric, MetricValues, call_feed, metric_values, run_calls, within_tolerance
 from edgefleet.optimize.fallback import search
-from edgefleet.optimize.prepare import PreparedModel, prepare
+from edgefleet.optimize.prepare import PreparedModel, load_onnx, prepare
 from edgefleet.optimize.quantize import QuantizeFailed, build_candidate, op_coverage
 from edgefleet.optimize.report import CandidateReport, LatencyResult, OpCoverage, OptimizeReport
 from edgefleet.optimize.select import classify, select, why_none
 from edgefleet.runtime.onnxruntime import OrtSession, runtime_version
 from edgefleet.runtime.schema import validate_feeds
 
-__all__ = ["Progress", "host_tier", "model_input_names", "optimize"]
+__all__ = ["CompareLatency", "Progress", "host_tier", "model_input_names", "optimize", "paired_ab"]
 
 Progress = Callable[[str, float], None]  # (what is happening, fraction of the time budget spent)
+# (input session, candidate session, one call's feed, seconds it may take) -> candidate vs input verdict.
+CompareLatency = Callable[[OrtSession, OrtSession, dict[str, np.ndarray], float], LatencyResult]
 _METRICS = ("top1", "agreement", "cosine", "sqnr")
 
 
@@ -67,7 +72,7 @@ class _Clock:
 
 
 class _Run:
-    """State of one optimization: the float reference, sessions settings and the candidates' bytes."""
+    """State of one optimization: the input's reference outputs, session settings and the candidates' bytes."""
 
     def __init__(
         self,
@@ -205,58 +210,70 @@ def optimize(
     latency_budget_s: float = 5.0,
     calib_limit: int = 128,
     progress: Progress | None = None,
+    compare_latency: CompareLatency | None = None,
 ) -> OptimizeReport:
     """Write the fastest model within ``max_accuracy_drop`` of ``model`` on ``eval`` to ``out`` and report why.
 
-    ``metric`` defaults to ``top1`` when ``eval`` has labels, else ``agreement``. ``recipes`` replaces the recipe
-    space (the float candidate is always added); ``prune=False`` turns the instruction-set rules off so only
-    measurement refuses a candidate. Raises a :class:`~edgefleet.errors.UsageError` / ``ModelError`` (exit 2) for
-    bad input; a failing recipe is reported, never raised."""
+    Every candidate — the prepared float model included — is measured against ``model`` as given; when none is
+    within tolerance *and* measured faster, ``out`` receives ``model``'s bytes unchanged. ``metric`` defaults to
+    ``top1`` with labels, else ``agreement``, when the primary output has a class axis
+    (:mod:`edgefleet.optimize.default_metric`); otherwise it must be given. ``recipes`` replaces the recipe space
+    (the prepared float candidate is always added); ``prune=False`` turns the instruction-set rules off so only
+    measurement refuses a candidate. ``compare_latency`` replaces the paired A/B (:func:`paired_ab`), e.g. to
+    inject verdicts in tests. Raises a :class:`~edgefleet.errors.UsageError` / ``ModelError`` (exit 2) for bad
+    input; a failing recipe is reported, never raised."""
     clock = _Clock(time_budget_s)
     note = progress or (lambda _what, _frac: None)
+    ab = compare_latency or paired_ab
     if max_accuracy_drop < 0:
         raise DataError("--max-accuracy-drop must be >= 0")
-    if metric is None:
-        metric = "top1" if eval.labels is not None else "agreement"
-    if metric not in _METRICS:
+    if metric is not None and metric not in _METRICS:
         raise DataError(f"unknown metric {metric!r}; use one of {', '.join(_METRICS)}")
     if metric == "top1" and eval.labels is None:
         raise DataError("metric top1 needs labels in the eval data: pass --labels KEY (or use a label-free metric)")
     tier_profile = _resolve_tier(tier)
     data, source = _load(model)
+    graph = load_onnx(data, source)  # "not ONNX" is one clear line, before onnxruntime's own message
     out_path = Path(out)
 
-    note("preparing the model", 0.0)
-    prepared = prepare(data, source)
+    # The baseline: the model exactly as given, in a session set up as the agent's (the tier's intra-op threads).
     settings = RuntimeSettings(intra_op_threads=tier_profile.intra_op_threads)
     original = OrtSession(data, settings)
     _check_data(calib, original, "calibration")
     _check_data(eval, original, "eval")
     output = _primary_output(original)
+    note("running the input model", clock.elapsed / time_budget_s)
+    ref = run_calls(original, eval, output)
+    if metric is None:
+        facts = output_facts(graph, output, tuple(int(d) for d in ref.shape[1:]))
+        metric = default_metric(facts, eval.labels is not None)
+    del graph  # the run keeps the prepared copy; a second proto of a large model would only hold memory
+
+    note("preparing the model", clock.elapsed / time_budget_s)
+    prepared = prepare(data, source)
     calib_used = (
         calib if len(calib) <= calib_limit else calib.subset(np.linspace(0, len(calib) - 1, calib_limit).astype(int))
     )
-
-    note("running the float model", clock.elapsed / time_budget_s)
-    ref = run_calls(original, eval, output)
-    baseline = metric_values(metric, ref, ref, eval).model_copy(update={"fidelity": None})
+    baseline = metric_values(metric, ref, ref, eval)
     run = _Run(prepared, calib_used, eval, metric, baseline, ref, output, settings, max_accuracy_drop, max_slice_drop)
+    input_cand = CandidateReport(
+        name="input",
+        recipe=Recipe(kind="input"),
+        status="baseline",
+        reason="your model as given: every ratio and drop is measured against it",
+        metrics=baseline,
+        within_tolerance=True,
+        size_bytes=len(data),
+    )
+    feed = call_feed(eval, 0, [s.name for s in original.inputs])
 
+    # The prepared float model is a candidate like the others: preparation alone can make a model slower.
     float_cand = run.evaluate(Recipe(kind="float"))
-    if float_cand.within_tolerance:
-        float_bytes = run.bytes[float_cand.name]
-    else:  # graph optimization changed results beyond tolerance: ship the model exactly as given
-        float_bytes = data
-        prepared.notes.append(f"graph-optimized float left tolerance ({float_cand.reason}); float output = input")
-    float_session = OrtSession(float_bytes, settings)
-    feed = call_feed(eval, 0, [s.name for s in float_session.inputs])
-
     space = list(recipes) if recipes is not None else recipe_space(prepared.op_types, tier_profile)
-    space = [r for r in space if r.kind != "float"]
+    space = [r for r in space if r.kind not in ("input", "float")]
     kept, pruned = prune_recipes(space, tier_profile, prepared.op_types, rules=prune)
-    cands: list[CandidateReport] = [
-        CandidateReport(name=p.recipe.name, recipe=p.recipe, status="pruned", reason=p.reason) for p in pruned
-    ]
+    cands: list[CandidateReport] = [float_cand]
+    cands += [CandidateReport(name=p.recipe.name, recipe=p.recipe, status="pruned", reason=p.reason) for p in pruned]
 
     # Phase 1: accuracy of every recipe (cheap), using at most half the budget.
     for i, r in enumerate(kept):
@@ -271,8 +288,8 @@ def optimize(
         if clock.left() < 1.0:
             c.reason = "time budget ran out before its latency was measured"
             return
-        note(f"timing {c.name} against float", clock.elapsed / time_budget_s)
-        c.latency = _ab(float_session, OrtSession(run.bytes[c.name], settings), feed, budget)
+        note(f"timing {c.name} against your input model", clock.elapsed / time_budget_s)
+        c.latency = ab(original, OrtSession(run.bytes[c.name], settings), feed, budget)
 
     # Phase 2: paired latency of every candidate within tolerance.
     pending = [c for c in cands if c.within_tolerance]
@@ -287,7 +304,7 @@ def optimize(
             c = cands[idx]
             assert c.latency is not None
             note(f"confirming {c.name}", clock.elapsed / time_budget_s)
-            again = _ab(float_session, OrtSession(run.bytes[c.name], settings), feed, latency_budget_s)
+            again = ab(original, OrtSession(run.bytes[c.name], settings), feed, latency_budget_s)
             c.latency.confirmed = again.verdict == "faster"
             if c.latency.confirmed:
                 return idx
@@ -297,9 +314,10 @@ def optimize(
 
     chosen_idx = confirm_best()
 
-    # Phase 3: accuracy-aware fallback, when nothing qualified and an out-of-tolerance candidate might be saved.
+    # Phase 3: accuracy-aware fallback, when nothing qualified and an out-of-tolerance candidate might be saved
+    # (not the prepared float model: it has no quantized node to keep in float).
     fallback_reason = ""
-    broken = [c for c in cands if c.within_tolerance is False]
+    broken = [c for c in cands if c.within_tolerance is False and c.recipe.kind != "float"]
     if chosen_idx is None and broken:
         if clock.left() <= latency_budget_s * 3:
             fallback_reason = "no time left in the budget for the fallback search"
@@ -332,18 +350,19 @@ def optimize(
             c.reason = why
     if chosen_idx is not None:
         chosen = cands[chosen_idx]
-        chosen.status = "chosen"
         out_bytes = run.bytes[chosen.name]
-        ratio = chosen.latency.median_ratio if chosen.latency else None
-        reason = f"{chosen.name}: within tolerance and faster than float (median ratio {ratio:.3f}, confirmed)"
-        float_cand.status = "baseline"
+        lat = chosen.latency
+        assert lat is not None and lat.median_ratio is not None
+        reason = (
+            f"{chosen.name}: within tolerance and faster than your input model "
+            f"(median ratio {lat.median_ratio:.3f}, CI {_fmt(lat.ci_low)}–{_fmt(lat.ci_high)}, confirmed)"
+        )
     else:
-        chosen = float_cand
-        chosen.status = "chosen"
-        out_bytes = float_bytes
+        chosen = input_cand
+        out_bytes = data  # byte for byte: nothing measured faster, so nothing of ours touches the model
         reason = why_none(cands) + (f"; fallback: {fallback_reason}" if fallback_reason else "")
+    chosen.status = "chosen"
     chosen.reason = reason
-    float_cand.size_bytes = len(float_bytes)
 
     _write_atomic(out_path, out_bytes)
     note("done", 1.0)
@@ -358,10 +377,12 @@ def optimize(
         max_slice_drop=max_slice_drop,
         eval_calls=len(eval),
         calib_calls=len(calib_used),
-        baseline_metrics=baseline,
-        float_size_bytes=len(float_bytes),
+        baseline_metrics=baseline.model_copy(update={"fidelity": None}),
+        input_size_bytes=len(data),
+        float_size_bytes=len(prepared.data),
+        kept_input=chosen is input_cand,
         chosen=chosen,
-        candidates=[float_cand, *cands],
+        candidates=[input_cand, *cands],
         reason=reason,
         preparation=prepared.notes,
         runtime_version=runtime_version(),
@@ -373,10 +394,16 @@ def optimize(
     return report
 
 
-def _ab(float_session: OrtSession, cand: OrtSession, feed: dict[str, np.ndarray], budget_s: float) -> LatencyResult:
-    fs, cs = float_session.session, cand.session
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def paired_ab(baseline: OrtSession, cand: OrtSession, feed: dict[str, np.ndarray], budget_s: float) -> LatencyResult:
+    """The default :data:`CompareLatency`: per-call interleaved A/B of ``cand`` against ``baseline`` (the input),
+    judged by :func:`edgefleet.bench.stats.paired_compare`."""
+    bs, cs = baseline.session, cand.session
     paired = time_paired(
-        lambda: fs.run(None, feed),
+        lambda: bs.run(None, feed),
         lambda: cs.run(None, feed),
         warmup=20,
         min_pairs=300,

@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgefleet.bench.tiers import TierProfile
 
-__all__ = ["Pruned", "Recipe", "prune", "recipe_space"]
+__all__ = ["Kind", "Pruned", "Recipe", "prune", "recipe_space"]
 
-Kind = Literal["float", "fp16", "dynamic", "static"]
+# ``input`` is the user's model as given: the baseline of every comparison and the output when nothing beats it.
+# It names a report entry, never a recipe to build.
+Kind = Literal["input", "float", "fp16", "dynamic", "static"]
 QType = Literal["uint8", "int8"]
 Calibration = Literal["minmax", "entropy", "percentile"]
 
@@ -63,7 +65,7 @@ class Recipe(BaseModel):
 
     @property
     def name(self) -> str:
-        if self.kind in ("float", "fp16"):
+        if self.kind in ("input", "float", "fp16"):
             return self.kind
         sign = {"uint8": "U8", "int8": "S8"}
         if self.kind == "dynamic":

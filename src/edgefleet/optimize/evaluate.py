@@ -1,4 +1,5 @@
-"""Accuracy of a candidate: the task metric overall and per slice, and label-free fidelity to the float model.
+"""Accuracy of a candidate: the task metric overall and per slice, and label-free fidelity to the input model
+(the user's model as given, which every candidate is measured against).
 
 Pure functions over output arrays (no sessions) except :func:`run_calls`, the one place that runs a model on
 per-call data. Per slice, because quantization often costs accuracy on one subset while the average barely moves.
@@ -7,11 +8,12 @@ Conventions (docs/optimize.md):
 
 * the *primary output* is the model's first floating-point output; metrics read it;
 * a call's *decision* is the argmax over the last axis, or ``value > 0.5`` when the last axis has size 1
-  (a probability, e.g. voice activity);
-* ``cosine``, ``sqnr_db`` and ``max_abs_error`` compare the candidate's primary output with the float model's over
+  (a probability, e.g. voice activity) — meaningful only over a class axis, which is why the default metric is
+  chosen by :mod:`edgefleet.optimize.default_metric`;
+* ``cosine``, ``sqnr_db`` and ``max_abs_error`` compare the candidate's primary output with the input model's over
   all calls (flattened); SQNR is capped at 200 dB (identical outputs) so the report stays valid JSON;
-* every metric is a score where higher is better and the float model scores ``baseline``: ``top1`` is accuracy
-  against labels, ``agreement`` the share of decisions equal to the float model's, ``cosine`` the cosine
+* every metric is a score where higher is better and the input model scores ``baseline``: ``top1`` is accuracy
+  against labels, ``agreement`` the share of decisions equal to the input model's, ``cosine`` the cosine
   similarity, ``sqnr`` is ``1 - noise/signal`` power (so a 0.01 drop means SQNR ≥ 20 dB).
 """
 
@@ -45,9 +47,9 @@ SQNR_CAP_DB = 200.0
 
 
 class Fidelity(BaseModel):
-    """Label-free agreement of a candidate with the float model on the evaluation calls."""
+    """Label-free agreement of a candidate with the input model on the evaluation calls."""
 
-    agreement: float = Field(description="share of calls whose decision equals the float model's")
+    agreement: float = Field(description="share of calls whose decision equals the input model's")
     flip_rate: float
     cosine: float
     sqnr_db: float
@@ -136,7 +138,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def metric_values(metric: Metric, ref: np.ndarray, out: np.ndarray, data: CallData) -> MetricValues:
-    """Score ``out`` (a candidate's primary output) against labels or the float ``ref``, overall and per slice."""
+    """Score ``out`` (a candidate's primary output) against labels or the input's ``ref``, overall and per slice."""
     labels = _labels(data, decisions(out)) if metric == "top1" else None
     overall = _score(metric, ref, out, labels, np.arange(len(out)))
     per_slice = {k: _score(metric, ref, out, labels, idx) for k, idx in slice_index(data).items()}

@@ -128,6 +128,8 @@ def build_candidate(prepared: PreparedModel, recipe: Recipe, calib: CallData) ->
     """The candidate model's bytes for ``recipe``; raises :class:`QuantizeFailed` with one line."""
     if recipe.kind == "float":
         return prepared.data
+    if recipe.kind == "input":
+        raise QuantizeFailed("the input model is the baseline, not a recipe to build")
     # The quantizers mutate a ModelProto they are given (weights moved to external data): give each a copy.
     model = onnx.ModelProto()
     model.CopyFrom(prepared.model)

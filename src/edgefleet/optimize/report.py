@@ -1,5 +1,8 @@
 """The optimize report: a pydantic model the gate reads as JSON, and a rich table for people.
 
+Every latency ratio and metric drop in it is measured against ``baseline`` (``"input"``): the user's model as
+given, loaded as the agent loads it. It is the first entry of ``candidates`` and the output when nothing beats it.
+
 Field names the gate reads are a contract (docs/CONTRACTS.md): ``baseline_metrics`` {overall, per_slice, metric},
 ``chosen`` {recipe, metrics, latency, size_bytes, op_coverage, nodes_excluded}, ``candidates``, ``reason``,
 ``time_spent_s``.
@@ -19,21 +22,21 @@ from edgefleet.optimize.evaluate import MetricValues
 __all__ = ["CandidateReport", "LatencyResult", "NodeSensitivity", "OpCoverage", "OptimizeReport", "Status", "table"]
 
 Status = Literal[
-    "chosen",  # the output
-    "qualified",  # within tolerance and faster, but another qualified candidate is faster still
+    "chosen",  # the output (the input itself when nothing qualified)
+    "qualified",  # within tolerance and faster than the input, but another qualified candidate is faster still
     "out_of_tolerance",
-    "not_faster",  # within tolerance; the paired comparison found no practical speed-up
+    "not_faster",  # within tolerance; the paired comparison with the input found no practical speed-up
     "slower",
     "pruned",  # a rule for the tier's instruction set refused it before any evaluation
     "failed",  # the quantizer or onnxruntime could not build / run it
     "no_op",  # the quantizer ran but quantized no compute op
     "skipped",  # the time budget ran out first
-    "baseline",  # the graph-optimized float model, when it is not the output
+    "baseline",  # the input model, which every candidate is measured against, when it is not the output
 ]
 
 
 class LatencyResult(BaseModel):
-    """Paired, interleaved A/B against the graph-optimized float model: ratio = candidate / float time."""
+    """Paired, interleaved A/B against the input model as given: ratio = candidate time / input time."""
 
     median_ratio: float | None
     ci_low: float | None
@@ -90,7 +93,11 @@ class CandidateReport(BaseModel):
 class OptimizeReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: int = 1
+    # 2: ratios and drops are measured against the input model (1: against the graph-optimized float model).
+    schema_version: int = 2
+    baseline: Literal["input"] = Field(
+        "input", description="what every ratio and drop is measured against: the model as given, loaded as the agent"
+    )
     model: str
     model_sha256: str
     output: str
@@ -102,7 +109,9 @@ class OptimizeReport(BaseModel):
     eval_calls: int
     calib_calls: int
     baseline_metrics: MetricValues
-    float_size_bytes: int
+    input_size_bytes: int
+    float_size_bytes: int = Field(description="the prepared (graph-optimized) float model")
+    kept_input: bool = Field(description="no candidate was measured faster: the output is the input, byte for byte")
     chosen: CandidateReport
     candidates: list[CandidateReport]
     reason: str
@@ -117,20 +126,25 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 def table(report: OptimizeReport) -> Table:
-    """One row per candidate: metric and drop, worst slice, latency ratio with CI, size, op coverage, status."""
-    t = Table(title=f"optimize · {report.metric} · tier {report.tier} · chosen: {report.chosen.name}")
-    for col in ("candidate", report.metric, "drop", "worst slice", "ratio (95% CI)", "size", "quantized", "status"):
+    """One row per candidate: metric and drop, worst slice, latency ratio with CI, size, op coverage, status — each
+    relative to the input model, whose row comes first."""
+    t = Table(
+        title=f"optimize · {report.metric} · tier {report.tier} · chosen: {report.chosen.name} · vs your input model"
+    )
+    cols = ("candidate", report.metric, "drop", "worst slice", "ratio vs input (95% CI)", "size", "quantized", "status")
+    for col in cols:
         t.add_column(col, justify="right" if col not in ("candidate", "status") else "left")
     base = report.baseline_metrics.overall
     for c in report.candidates:
         m = c.metrics
         worst = m.worst_slice if m else None
         lat = c.latency
-        ratio = (
-            "–"
-            if lat is None or lat.median_ratio is None
-            else (f"{lat.median_ratio:.2f} ({_fmt(lat.ci_low, '.2f')}–{_fmt(lat.ci_high, '.2f')})")
-        )
+        if c.recipe.kind == "input":
+            ratio = "1 (baseline)"
+        elif lat is None or lat.median_ratio is None:
+            ratio = "–"
+        else:
+            ratio = f"{lat.median_ratio:.2f} ({_fmt(lat.ci_low, '.2f')}–{_fmt(lat.ci_high, '.2f')})"
         cov = c.op_coverage
         quant = "–" if cov is None else f"{len(cov.quantized)}/{len(cov.quantized) + len(cov.float)}"
         style = "bold green" if c.status == "chosen" else ("dim" if c.status in ("pruned", "skipped") else "")
@@ -140,7 +154,7 @@ def table(report: OptimizeReport) -> Table:
             _fmt(base - m.overall if m else None, "+.4f"),
             "–" if worst is None else f"{worst[0]}: {worst[1]:.3f}",
             ratio,
-            "–" if c.size_bytes is None else f"{c.size_bytes / report.float_size_bytes:.2f}x",
+            "–" if c.size_bytes is None else f"{c.size_bytes / report.input_size_bytes:.2f}x",
             quant,
             f"{c.status}" + (f": {c.reason}" if c.reason and c.status != "chosen" else ""),
             style=style,

@@ -1,8 +1,9 @@
 """Selection: pure decisions over evaluated candidates, no I/O.
 
-A candidate *qualifies* when it is within tolerance and the paired comparison calls it *faster*;
-the output is the qualified candidate with the lowest median latency ratio, else the graph-optimized float model,
-with a reason that says why nothing qualified.
+Every ratio and drop is measured against the *input*: the user's model as given, loaded as the agent loads it.
+A candidate — the prepared (graph-optimized) float model included — *qualifies* when it is within tolerance and
+the paired comparison against the input calls it *faster*, twice; the output is the qualified candidate with the
+lowest median latency ratio, else the input itself, byte for byte, with a reason that says why nothing qualified.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from collections.abc import Sequence
 
 from edgefleet.optimize.report import CandidateReport, Status
 
-__all__ = ["classify", "qualifies", "select", "why_none"]
+__all__ = ["KEPT_INPUT", "classify", "qualifies", "select", "why_none"]
+
+KEPT_INPUT = "kept the input: no candidate was measured faster"
 
 
 def classify(c: CandidateReport) -> tuple[Status, str]:
@@ -33,11 +36,12 @@ def classify(c: CandidateReport) -> tuple[Status, str]:
 
 
 def qualifies(c: CandidateReport) -> bool:
-    return c.recipe.kind != "float" and classify(c)[0] == "qualified"
+    # The input is what the others are measured against; it is the output only by default, never by qualifying.
+    return c.recipe.kind != "input" and classify(c)[0] == "qualified"
 
 
 def select(candidates: Sequence[CandidateReport]) -> int | None:
-    """Index of the fastest qualified candidate (lowest median ratio, then smaller model), or None."""
+    """Index of the fastest qualified candidate (lowest median ratio, then smaller model), or None: keep the input."""
     best: int | None = None
     for i, c in enumerate(candidates):
         if not qualifies(c):
@@ -55,10 +59,10 @@ def select(candidates: Sequence[CandidateReport]) -> int | None:
 
 
 def why_none(candidates: Sequence[CandidateReport]) -> str:
-    """Why no candidate qualified, counted by the gate each one failed."""
-    counts: Counter[str] = Counter(classify(c)[0] for c in candidates if c.recipe.kind != "float")
-    if not counts:
-        return "no quantization recipe applies to this model; kept the graph-optimized float model"
+    """Why the input was kept, counted by the gate each candidate failed."""
+    counts: Counter[str] = Counter(classify(c)[0] for c in candidates if c.recipe.kind != "input")
     order = ["out_of_tolerance", "slower", "not_faster", "no_op", "failed", "pruned", "skipped"]
     parts = [f"{counts[s]} {s.replace('_', ' ')}" for s in order if counts.get(s)]
-    return "no candidate was both within tolerance and faster than float (" + ", ".join(parts) + "); kept float"
+    if not parts:
+        return f"{KEPT_INPUT} (there were no candidates)"
+    return f"{KEPT_INPUT} and within tolerance ({', '.join(parts)})"
