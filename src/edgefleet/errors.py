@@ -27,7 +27,9 @@ line and exits with ``err.exit_code``; the control plane maps each family to an 
     │   ├── NotFoundError
     │   ├── ConflictError
     │   ├── AuthError                   missing / invalid / revoked credential
-    │   └── ForbiddenError              valid credential, not allowed
+    │   ├── ForbiddenError              valid credential, not allowed
+    │   ├── InvalidReportError          a device report the wire format refuses (nothing of it is stored)
+    │   └── TooLargeError               a request body over its size cap
     ├── RolloutError
     │   └── IncompatibleError           the package does not support a device's tier or runtime
     └── AgentError
@@ -132,6 +134,14 @@ class AuthError(RegistryError):
 
 
 class ForbiddenError(RegistryError):
+    pass
+
+
+class InvalidReportError(RegistryError):
+    pass
+
+
+class TooLargeError(RegistryError):
     pass
 
 

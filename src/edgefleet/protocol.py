@@ -5,23 +5,44 @@
   200 :class:`DesiredState` with an ``ETag``, or 304.
 * ``POST /api/v1/devices/{id}/report`` — :class:`Report` → :class:`ReportResponse`. Idempotent by ``batch_id``:
   the server stores each batch once and answers with the ids it has, so a lost answer or a restart mid-upload
-  never duplicates or drops data.
+  never duplicates or drops data. A body over :data:`MAX_REPORT_BYTES` is refused with 413, a report these
+  models refuse with 422 naming the fields; either way nothing of it is stored.
 
 A version the agent rolled back is not retried until the desired state names a new rollout.
+
+Every bound here is what the fleet's storage and arithmetic can take, so that no device, however broken or
+hostile, can poison fleet data: strings fit their columns and carry no NUL, counts fit 32-bit columns, numbers
+are finite, and timestamps are timezone-aware and never more than :data:`MAX_CLOCK_AHEAD` past the clock of
+whoever validates (the server's, for reports).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from edgefleet.telemetry.drift import DriftSummary
 from edgefleet.telemetry.sketch import SketchData
 
 __all__ = [
     "API_PREFIX",
+    "MAX_CLOCK_AHEAD",
+    "MAX_COUNT",
+    "MAX_REPORT_BYTES",
     "AgentState",
     "DesiredState",
     "DeviceConfig",
@@ -35,9 +56,21 @@ __all__ = [
     "TelemetryWindow",
     "UpdateEvent",
     "target_name",
+    "validation_message",
 ]
 
 API_PREFIX = "/api/v1"
+MAX_REPORT_BYTES = 4 * 1024 * 1024
+MAX_CLOCK_AHEAD = timedelta(days=1)
+# Request, error and record counts land in INTEGER columns, 32-bit on PostgreSQL: a window of a minute or so
+# never comes near, and a larger value would fail the insert instead of being refused.
+MAX_COUNT = 2**31 - 1
+MAX_WORKER_EVENTS = 1_000_000
+MAX_CPU_PERCENT = 100.0 * 4096  # every core of the largest Hardware.cpu_count busy
+MAX_RSS_BYTES = 2**50
+_AHEAD_H = MAX_CLOCK_AHEAD.total_seconds() / 3600
+_PLAIN = re.compile(r"[A-Za-z0-9_\-\[\]]{1,64}")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # where a device without a real-time clock starts counting
 
 
 def target_name(name: str, version: str) -> str:
@@ -45,34 +78,87 @@ def target_name(name: str, version: str) -> str:
     return f"{name}-{version}.efpkg"
 
 
+def validation_message(exc: ValidationError, *, limit: int = 5) -> str:
+    """One line naming each refused field, e.g. ``telemetry.0.latency.keys: 3 counts for 2 keys ...``."""
+    errs = exc.errors(include_url=False, include_input=False, include_context=False)
+    parts = []
+    for err in errs[:limit]:
+        loc = ".".join(_loc_part(p) for p in err["loc"]) or "body"
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')[:300]}")
+    if len(errs) > limit:
+        parts.append(f"and {len(errs) - limit} more")
+    return "; ".join(parts)
+
+
+def _loc_part(p: int | str) -> str:
+    # a location can be a key the sender chose: quoted and cut short, so the message stays one short line
+    if isinstance(p, int) or _PLAIN.fullmatch(p):
+        return str(p)
+    return ascii(p[:40])
+
+
+def _storable(v: str) -> str:
+    # PostgreSQL text cannot hold NUL, and a lone surrogate cannot be encoded: either would fail the insert.
+    if "\x00" in v:
+        raise ValueError("must not contain NUL characters")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return v
+
+
+def _clock_reading(v: datetime) -> datetime:
+    try:
+        v = v.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range") from None
+    if v < _EPOCH:
+        raise ValueError("is before 1970")
+    # datetime.now at each call, nothing cached or injectable: the bound is the validator's real clock
+    if v > datetime.now(UTC) + MAX_CLOCK_AHEAD:
+        raise ValueError(f"is more than {_AHEAD_H:g} h ahead of the server's clock (is the device's clock wrong?)")
+    return v
+
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_storable)]
+Str64 = Annotated[str, StringConstraints(max_length=64), AfterValidator(_storable)]
+Str128 = Annotated[str, StringConstraints(max_length=128), AfterValidator(_storable)]
+Str2000 = Annotated[str, StringConstraints(max_length=2000), AfterValidator(_storable)]
+Timestamp = Annotated[AwareDatetime, AfterValidator(_clock_reading)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+
+
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Hardware(_Wire):
-    arch: str = Field(max_length=64)
+    arch: Str64
     cpu_count: int = Field(ge=1, le=4096)
-    memory_mb: int = Field(ge=1)
-    chipset: str | None = Field(None, max_length=128)
+    memory_mb: int = Field(ge=1, le=MAX_COUNT)
+    chipset: Str128 | None = None
 
 
 class EnrollRequest(_Wire):
     token: str = Field(min_length=8, max_length=256, description="one-time enrollment token")
     hardware: Hardware
-    runtime: str = Field("onnxruntime", max_length=64)
-    runtime_version: str = Field(max_length=64)
-    agent_version: str = Field(max_length=64)
+    runtime: Str64 = "onnxruntime"
+    runtime_version: Str64
+    agent_version: Str64
     public_key: str = Field(
         min_length=64, max_length=64, pattern="^[0-9a-f]{64}$", description="X25519 public key, raw bytes as hex"
     )
 
 
 class EnrollResponse(_Wire):
-    device_id: str
-    credential: str = Field(description="shown once; the agent stores it with mode 0600")
-    tier: str
-    root_json: str = Field(description="the TUF root.json the device trusts from now on")
-    repository_url: str = Field(description="base URL of the TUF repository (metadata/ and targets/ below it)")
+    device_id: Id
+    credential: str = Field(max_length=256, description="shown once; the agent stores it with mode 0600")
+    tier: Str64
+    root_json: str = Field(max_length=1024 * 1024, description="the TUF root.json the device trusts from now on")
+    repository_url: str = Field(
+        max_length=2048, description="base URL of the TUF repository (metadata/ and targets/ below it)"
+    )
 
 
 class DeviceConfig(_Wire):
@@ -89,16 +175,16 @@ class DeviceConfig(_Wire):
     crash_loop_window_s: float = Field(60.0, gt=0, description="... within W seconds roll back")
     max_error_rate: float = Field(0.05, ge=0, le=1)
     p95_budget_ms: float | None = Field(None, gt=0, description="probation p95 budget; else the manifest's")
-    flags: dict[str, bool | int | float | str] = Field(default_factory=dict)
+    flags: dict[Str128, bool | int | float | Str2000] = Field(default_factory=dict, max_length=256)
 
 
 class DesiredState(_Wire):
-    device_id: str
-    model: str | None = None
-    version: str | None = None
-    target: str | None = Field(None, description="TUF target name, {name}-{version}.efpkg")
-    package_sha256: str | None = None
-    rollout_id: str | None = None
+    device_id: Id
+    model: Str128 | None = None
+    version: Str64 | None = None
+    target: str | None = Field(None, max_length=256, description="TUF target name, {name}-{version}.efpkg")
+    package_sha256: Str64 | None = None
+    rollout_id: Str64 | None = None
     pinned: bool = False
     config: DeviceConfig = Field(default_factory=DeviceConfig)
 
@@ -125,53 +211,80 @@ class EventKind(StrEnum):
     committed = "committed"
     rolled_back = "rolled_back"
     worker_crashed = "worker_crashed"
+    cancelled = "cancelled"  # an update abandoned because the desired state moved on: not a failure
 
 
 class UpdateEvent(_Wire):
-    event_id: str = Field(max_length=64)
-    at: datetime
+    event_id: Id
+    at: Timestamp = Field(description="the device's clock; the server judges on its own receive time")
     kind: EventKind
-    model: str | None = None
-    version: str | None = None
-    rollout_id: str | None = None
-    reason: str | None = Field(None, max_length=2000)
+    model: Str128 | None = None
+    version: Str64 | None = None
+    rollout_id: Str64 | None = None
+    reason: Str2000 | None = None
 
 
 class ServedModel(_Wire):
-    model: str | None = None
-    version: str | None = None
-    model_sha256: str | None = None
-    package_sha256: str | None = None
+    model: Str128 | None = None
+    version: Str64 | None = None
+    model_sha256: Str64 | None = None
+    package_sha256: Str64 | None = None
 
 
 class TelemetryWindow(_Wire):
-    window_id: str = Field(max_length=64)
-    start: datetime
-    end: datetime
-    model: str | None = None
-    version: str | None = None
-    model_sha256: str | None = None
-    requests: int = Field(0, ge=0)
-    errors: dict[str, int] = Field(default_factory=dict, description="error counts by outcome")
-    latency: SketchData = Field(default_factory=SketchData)
-    worker_restarts: int = Field(0, ge=0)
-    worker_crashes: int = Field(0, ge=0)
-    cpu_percent: float | None = None
-    rss_bytes: int | None = None
-    drift: list[DriftSummary] = Field(default_factory=list)
+    window_id: Id
+    start: Timestamp
+    end: Timestamp
+    model: Str128 | None = None
+    version: Str64 | None = None
+    model_sha256: Str64 | None = None
+    requests: Count = 0
+    errors: dict[Str64, Count] = Field(default_factory=dict, max_length=64, description="error counts by outcome")
+    latency: SketchData = Field(default_factory=SketchData, description="latencies of the requests that succeeded")
+    worker_restarts: int = Field(0, ge=0, le=MAX_WORKER_EVENTS)
+    worker_crashes: int = Field(0, ge=0, le=MAX_WORKER_EVENTS)
+    cpu_percent: float | None = Field(None, ge=0, le=MAX_CPU_PERCENT)
+    rss_bytes: int | None = Field(None, ge=0, le=MAX_RSS_BYTES)
+    drift: list[DriftSummary] = Field(default_factory=list, max_length=4096)
+
+    # Cross-field checks sit on the later field (pydantic validates in declaration order), so the error names it.
+    @field_validator("end")
+    @classmethod
+    def _after_start(cls, v: datetime, info: ValidationInfo) -> datetime:
+        start = info.data.get("start")
+        if start is not None and v < start:
+            raise ValueError(f"is before start ({start.isoformat()})")
+        return v
+
+    @field_validator("errors")
+    @classmethod
+    def _within_requests(cls, v: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        requests = info.data.get("requests")
+        if requests is not None and sum(v.values()) > requests:
+            raise ValueError(f"add up to {sum(v.values())}, more than the window's {requests} requests")
+        return v
+
+    @field_validator("latency")
+    @classmethod
+    def _counted_requests(cls, v: SketchData, info: ValidationInfo) -> SketchData:
+        requests = info.data.get("requests")
+        if requests is not None and v.count > requests:
+            raise ValueError(f"holds {v.count:g} latencies, more than the window's {requests} requests")
+        return v
 
 
 class Report(_Wire):
-    batch_id: str = Field(min_length=1, max_length=64)
+    batch_id: Id
     state: AgentState
-    state_reason: str | None = Field(None, max_length=2000)
+    state_reason: Str2000 | None = None
     served: ServedModel = Field(default_factory=ServedModel)
-    agent_version: str | None = None
-    runtime_version: str | None = None
+    agent_version: Str64 | None = None
+    runtime_version: Str64 | None = None
     events: list[UpdateEvent] = Field(default_factory=list, max_length=10_000)
     telemetry: list[TelemetryWindow] = Field(default_factory=list, max_length=10_000)
-    dropped_records: int = Field(0, ge=0, description="telemetry records dropped at the buffer cap, cumulative")
+    dropped_records: Count = Field(0, description="telemetry records dropped at the buffer cap, cumulative")
+    sent_at: Timestamp | None = Field(None, description="the agent's clock when it sent this batch")
 
 
 class ReportResponse(_Wire):
-    accepted_batch_ids: list[str]
+    accepted_batch_ids: list[Id] = Field(max_length=10_000)

@@ -1,5 +1,10 @@
 """The check-in API (docs/api.md): enrollment, desired state with ETag, idempotent reports.
 
+A report is the one body a device writes, so its route trusts nothing of it: it authenticates first, reads at
+most ``MAX_REPORT_BYTES`` (413 above, whether or not a length was declared), validates it against the wire
+models (422 naming the fields) and only then stores it, stamped with the server's own receive time. A refused
+report stores nothing but the refusal, on the device.
+
 ``GET …/desired`` is the hot path: tens of thousands of devices poll it. It is an ``async`` handler answered from
 :class:`CheckinCache` — credential hashes and rendered desired states with their ETags — so neither a 304 nor an
 unchanged 200 issues SQL; last-seen times collect in memory and are flushed in batches by a background task.
@@ -16,6 +21,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
 from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -32,13 +38,22 @@ from edgefleet.controlplane.db import (
     UpdateEventRow,
     utcnow,
 )
-from edgefleet.errors import AuthError, ForbiddenError, NotFoundError
-from edgefleet.protocol import API_PREFIX, DesiredState, EnrollRequest, EnrollResponse, Report, ReportResponse
+from edgefleet.errors import AuthError, ForbiddenError, InvalidReportError, NotFoundError, TooLargeError
+from edgefleet.protocol import (
+    API_PREFIX,
+    MAX_REPORT_BYTES,
+    DesiredState,
+    EnrollRequest,
+    EnrollResponse,
+    Report,
+    ReportResponse,
+    validation_message,
+)
 
 if TYPE_CHECKING:
     from edgefleet.controlplane.store import Store
 
-__all__ = ["CheckinCache", "Entry", "router", "store_report"]
+__all__ = ["REPORT_OPENAPI", "CheckinCache", "Entry", "read_report", "router", "store_report"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +132,18 @@ def flush_seen(s: Session, seen: dict[str, datetime]) -> None:
 # ----------------------------------------------------------------------------------------------- reports
 
 
-def store_report(s: Session, d: Device, r: Report) -> bool:
-    """Store a batch once. Returns False when ``batch_id`` was stored before (the answer is the same)."""
+def store_report(s: Session, d: Device, r: Report, now: datetime | None = None) -> bool:
+    """Store a batch once. Returns False when ``batch_id`` was stored before (the answer is the same).
+
+    Everything stored is stamped with ``now``, the server's clock (one reading per report): verdicts never
+    depend on a device's clock, whose offset from the server's is kept on the device."""
+    now = now or utcnow()
+    if r.sent_at is not None:
+        # also for a batch stored before: a retry is as good a clock reading as any
+        d.clock_offset_s = (r.sent_at - now).total_seconds()
     if s.get(ReportBatch, (d.id, r.batch_id)) is not None:
         return False
-    s.add(ReportBatch(device_id=d.id, batch_id=r.batch_id))
-    now = utcnow()
+    s.add(ReportBatch(device_id=d.id, batch_id=r.batch_id, received_at=now))
     d.last_seen = now
     d.state = r.state.value
     d.state_reason = r.state_reason
@@ -149,6 +170,7 @@ def store_report(s: Session, d: Device, r: Report) -> bool:
                     version=e.version,
                     rollout_id=e.rollout_id,
                     reason=e.reason,
+                    received_at=now,
                 )
             )
             # Evidence for the compatibility matrix: committed means health check and probation passed on
@@ -164,6 +186,7 @@ def store_report(s: Session, d: Device, r: Report) -> bool:
                     evidence={
                         "source": "device",
                         "device_id": d.id,
+                        "rollout_id": e.rollout_id,
                         "event": e.kind.value,
                         "reason": e.reason,
                         "at": e.at.isoformat(),
@@ -193,6 +216,7 @@ def store_report(s: Session, d: Device, r: Report) -> bool:
                     max_psi=max((x.psi for x in w.drift), default=None),
                     cpu_percent=w.cpu_percent,
                     rss_bytes=w.rss_bytes,
+                    received_at=now,
                 )
             )
     return True
@@ -282,10 +306,50 @@ async def desired(device_id: str, request: Request) -> Response:
     return Response(entry.body, media_type="application/json", headers={"ETag": entry.etag})
 
 
-@router.post("/devices/{device_id}/report", response_model=ReportResponse, responses=_AUTH_RESPONSES)
-async def report(device_id: str, body: Report, request: Request) -> ReportResponse:
+# The body is read by the route itself (authentication and the size cap come before any parsing), so the
+# schema is named here for the OpenAPI document; create_app registers Report among its components.
+REPORT_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Report"}}},
+        "required": True,
+    }
+}
+
+
+async def read_report(request: Request, limit: int = MAX_REPORT_BYTES) -> Report:
+    """The request's :class:`Report`, read without ever holding more than ``limit`` bytes of it."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLargeError(f"report of {int(declared)} bytes is over the {limit}-byte cap: send smaller batches")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise TooLargeError(f"report is over the {limit}-byte cap: send smaller batches")
+    try:
+        return Report.model_validate_json(bytes(body))
+    except ValidationError as exc:
+        raise InvalidReportError(f"invalid report: {validation_message(exc)}") from None
+
+
+@router.post(
+    "/devices/{device_id}/report",
+    response_model=ReportResponse,
+    responses={
+        **_AUTH_RESPONSES,
+        413: {"description": "the body is over MAX_REPORT_BYTES (4 MiB); nothing stored"},
+        422: {"description": "the report breaks the wire format; the detail names the fields; nothing stored"},
+    },
+    openapi_extra=REPORT_OPENAPI,
+)
+async def report(device_id: str, request: Request) -> ReportResponse:
     store = _store(request)
     await _entry(store, device_id, bearer(request))
+    try:
+        body = await read_report(request)
+    except (InvalidReportError, TooLargeError) as err:
+        await run_in_threadpool(_refused, store, device_id, str(err))
+        raise
     store.cache.seen.pop(device_id, None)  # the report writes last_seen itself
 
     def write() -> None:
@@ -303,6 +367,11 @@ async def report(device_id: str, body: Report, request: Request) -> ReportRespon
     request.app.state.metrics.reports.inc()
     store.wake()
     return ReportResponse(accepted_batch_ids=[body.batch_id])
+
+
+def _refused(store: Store, device_id: str, reason: str) -> None:
+    with store.db.session() as s:
+        devices.record_invalid_report(s, device_id, reason)
 
 
 async def flush_loop(store: Store) -> None:

@@ -1,6 +1,7 @@
 """Devices: enrollment tokens (one-time, expiring; the tier is fixed by the token), enrollment, inventory, overdue
 detection, pinning per device or group, revocation, device groups with their configuration document (§6a), and
-the desired state each device is served."""
+the desired state each device is served. Also what the server learns about a device's reports beyond their data:
+its clock's offset from the server's, and the reports it refused as invalid."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import secrets
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from edgefleet.controlplane.auth import hash_secret, new_secret
@@ -19,6 +20,7 @@ from edgefleet.errors import AuthError, ConflictError, NotFoundError
 from edgefleet.protocol import DesiredState, DeviceConfig, EnrollRequest
 
 __all__ = [
+    "CLOCK_SKEW_S",
     "create_enrollment_token",
     "desired_state",
     "device_dict",
@@ -27,10 +29,15 @@ __all__ = [
     "get_device",
     "list_devices",
     "pin",
+    "record_invalid_report",
     "revoke",
     "set_group",
     "upsert_group",
 ]
+
+# A device clock further off than this is flagged: its own timestamps are then not worth reading.
+CLOCK_SKEW_S = 60.0
+_MAX_REASON = 500
 
 
 def create_enrollment_token(
@@ -115,7 +122,25 @@ def device_dict(d: Device, *, overdue_after_s: float, now: datetime | None = Non
         "overdue": overdue,
         "revoked": d.revoked_at is not None,
         "dropped_records": d.dropped_records,
+        "clock_offset_s": d.clock_offset_s,
+        "clock_skewed": d.clock_offset_s is not None and abs(d.clock_offset_s) > CLOCK_SKEW_S,
+        "invalid_reports": d.invalid_reports or 0,
+        "last_invalid_report": d.last_invalid_report,
+        "last_invalid_at": d.last_invalid_at.isoformat() if d.last_invalid_at else None,
     }
+
+
+def record_invalid_report(s: Session, device_id: str, reason: str, now: datetime | None = None) -> None:
+    """Count a refused report and keep its one-line reason. One UPDATE: replicas refusing at once all count."""
+    s.execute(
+        update(Device)
+        .where(Device.id == device_id)
+        .values(
+            invalid_reports=func.coalesce(Device.invalid_reports, 0) + 1,
+            last_invalid_report=reason[:_MAX_REASON],
+            last_invalid_at=now or utcnow(),
+        )
+    )
 
 
 def list_devices(s: Session) -> list[Device]:

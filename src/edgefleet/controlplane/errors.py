@@ -15,6 +15,8 @@ STATUS: list[tuple[type[e.EdgefleetError], int]] = [
     (e.ForbiddenError, 403),
     (e.NotFoundError, 404),
     (e.ConflictError, 409),
+    (e.InvalidReportError, 422),
+    (e.TooLargeError, 413),
     (e.IncompatibleError, 409),
     (e.RolloutError, 409),
     (e.PackageError, 422),

@@ -1,30 +1,95 @@
-"""Mergeable latency sketches (DDSketch, 1 % relative accuracy). Fleet quantiles are merged, never averaged."""
+"""Mergeable latency sketches (DDSketch, 1 % relative accuracy). Fleet quantiles are merged, never averaged.
+
+A sketch's wire form comes from devices, so :class:`SketchData` refuses whatever could not have come from a
+:class:`LatencySketch`: another accuracy (the fleet could not merge it), bucket keys outside the range that
+latencies of 1 ps .. 1 year map to (a far key makes the dense store allocate every bucket in between), keys and
+counts that do not pair up, and a ``count`` the buckets do not hold.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from typing import Annotated
 
 from ddsketch import DDSketch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-__all__ = ["RELATIVE_ACCURACY", "LatencySketch", "SketchData"]
+__all__ = [
+    "MAX_KEY",
+    "MAX_LATENCY_S",
+    "MAX_SKETCH_COUNT",
+    "MIN_KEY",
+    "MIN_LATENCY_S",
+    "RELATIVE_ACCURACY",
+    "LatencySketch",
+    "SketchData",
+]
 
 RELATIVE_ACCURACY = 0.01
+MIN_LATENCY_S = 1e-12
+MAX_LATENCY_S = 365.25 * 86400.0
+# The keys those latencies map to, from the mapping the sketch itself uses (about -1381 .. 864 at 1 %).
+_MAPPING = DDSketch(RELATIVE_ACCURACY)._mapping
+MIN_KEY: int = _MAPPING.key(MIN_LATENCY_S)
+MAX_KEY: int = _MAPPING.key(MAX_LATENCY_S)
+_MAX_BUCKETS = MAX_KEY - MIN_KEY + 1
+# Counts stay exact integers in a float up to here.
+MAX_SKETCH_COUNT = float(2**53)
+
+_Count = Annotated[float, Field(ge=0, le=MAX_SKETCH_COUNT)]
+_Latency = Annotated[float, Field(ge=0, le=MAX_LATENCY_S)]
 
 
 class SketchData(BaseModel):
     """Wire form of a sketch: sparse bucket keys and counts of the positive store (latencies are > 0)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     relative_accuracy: float = Field(RELATIVE_ACCURACY, gt=0, lt=1)
-    keys: list[int] = Field(default_factory=list)
-    counts: list[float] = Field(default_factory=list)
-    zero_count: float = Field(0.0, ge=0)
-    count: float = Field(0.0, ge=0)
-    sum: float = 0.0
-    min: float | None = None
-    max: float | None = None
+    keys: list[Annotated[int, Field(ge=MIN_KEY, le=MAX_KEY)]] = Field(default_factory=list, max_length=_MAX_BUCKETS)
+    counts: list[_Count] = Field(default_factory=list, max_length=_MAX_BUCKETS)
+    zero_count: _Count = 0.0
+    count: _Count = 0.0
+    sum: float = Field(0.0, ge=0, le=MAX_SKETCH_COUNT * MAX_LATENCY_S)
+    min: _Latency | None = None
+    max: _Latency | None = None
+
+    @field_validator("relative_accuracy")
+    @classmethod
+    def _fleet_accuracy(cls, v: float) -> float:
+        # DDSketch merges only sketches of the same gamma: any other accuracy would break every fleet quantile.
+        if v != RELATIVE_ACCURACY:
+            raise ValueError(f"must be {RELATIVE_ACCURACY} (the fleet's), not {v!r}")
+        return v
+
+    @field_validator("counts")
+    @classmethod
+    def _paired(cls, v: list[float], info: ValidationInfo) -> list[float]:
+        keys = info.data.get("keys")
+        if keys is not None and len(keys) != len(v):
+            raise ValueError(f"{len(v)} counts for {len(keys)} keys: each key needs exactly one count")
+        return v
+
+    @field_validator("count")
+    @classmethod
+    def _held(cls, v: float, info: ValidationInfo) -> float:
+        counts, zero = info.data.get("counts"), info.data.get("zero_count")
+        if counts is None or zero is None:
+            return v  # already refused for its own reasons
+        held = math.fsum(counts) + zero
+        # exact when the buckets are empty: a tiny count over no bucket has no quantile
+        if not math.isclose(v, held, rel_tol=1e-9, abs_tol=0.0):
+            raise ValueError(f"{v:g} is not what the buckets hold ({held:g})")
+        return v
+
+    @field_validator("max")
+    @classmethod
+    def _ordered(cls, v: float | None, info: ValidationInfo) -> float | None:
+        lo = info.data.get("min")
+        if v is not None and lo is not None and v < lo:
+            raise ValueError(f"max ({v:g}) is below min ({lo:g})")
+        return v
 
 
 class LatencySketch:
@@ -35,7 +100,9 @@ class LatencySketch:
         self._s = DDSketch(relative_accuracy)
 
     def add(self, seconds: float) -> None:
-        self._s.add(max(seconds, 0.0))
+        if math.isnan(seconds):
+            return  # not a duration; anything else is clamped, so the wire form always validates
+        self._s.add(min(max(seconds, MIN_LATENCY_S), MAX_LATENCY_S))
 
     def extend(self, values: Iterable[float]) -> None:
         for v in values:
