@@ -7,8 +7,11 @@ can kill it (``kill -9``: a server that dies) and start it again on the same por
 
 Test controls (not part of the protocol): ``POST /_test/config`` sets the desired state, ``offline`` (answer 503
 to everything), ``drop_after`` (cut the connection once after that many bytes of a target) and
-``die_after_store`` (store the next report's batch, then exit before answering); ``GET /_test/stats`` returns
-what arrived: windows, events, batches, duplicate batches, bytes served per target.
+``die_after_store`` (store the next report's batch, then exit before answering), ``corrupt`` (flip a byte in that
+many next target downloads), ``throttle`` (seconds of sleep per 4 KiB of a target) and ``reject_reports`` (answer
+the next reports with these statuses, e.g. ``[413, 422]``, storing nothing); ``GET /_test/stats`` returns what
+arrived: windows, events, batches, duplicate batches, bytes and GETs served per target, rejected reports and the
+``sent_at`` of each accepted one.
 
 Run: ``python tests/agent_support.py --port P --repo DIR --state FILE``.
 """
@@ -16,6 +19,7 @@ Run: ``python tests/agent_support.py --port P --repo DIR --state FILE``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -24,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +60,12 @@ def build_app(repo: Path, state_file: Path) -> Any:
         "reports": [],
         "bytes": {},
         "enrolled": 0,
+        "corrupt": 0,
+        "throttle": 0.0,
+        "reject_reports": [],
+        "rejected": [],
+        "gets": {},
+        "sent_at": [],
     }
     if state_file.exists():
         st.update(json.loads(state_file.read_text()))
@@ -104,7 +114,14 @@ def build_app(repo: Path, state_file: Path) -> Any:
             return r
         if not authed(request):
             return JSONResponse({"error": "bad credential"}, 401)
-        rep = Report.model_validate_json(await request.body())
+        body = await request.body()
+        if st["reject_reports"]:
+            status = st["reject_reports"].pop(0)
+            st["rejected"].append({"status": status, "batch_id": json.loads(body)["batch_id"], "bytes": len(body)})
+            save()
+            return JSONResponse({"error": f"rejected (test): {status}"}, status)
+        rep = Report.model_validate_json(body)
+        st["sent_at"].append(rep.sent_at.isoformat() if rep.sent_at else None)
         if rep.batch_id in st["batches"]:
             st["duplicates"] += 1
         else:
@@ -152,6 +169,14 @@ def build_app(repo: Path, state_file: Path) -> Any:
         if cut is not None:
             st["drop_after"] = None
         name = rel.split("/", 1)[1]
+        if rel.startswith("targets/"):
+            st["gets"][name] = st["gets"].get(name, 0) + 1
+            if st["corrupt"] and body:
+                st["corrupt"] -= 1
+                flipped = bytearray(body)
+                flipped[len(flipped) // 2] ^= 0xFF
+                body = bytes(flipped)
+        throttle = float(st["throttle"]) if rel.startswith("targets/") else 0.0
 
         def chunks() -> Iterator[bytes]:
             step = 4096
@@ -161,6 +186,8 @@ def build_app(repo: Path, state_file: Path) -> Any:
                     save()
                     raise ConnectionAbortedError("link cut (test)")
                 st["bytes"][name] = st["bytes"].get(name, 0) + len(piece)
+                if throttle:
+                    time.sleep(throttle)
                 yield piece
             save()
 
@@ -343,6 +370,67 @@ def state_of(data_dir: Path) -> dict[str, Any]:
 
 def committed_version(data_dir: Path) -> str | None:
     return (state_of(data_dir).get("committed") or {}).get("version")
+
+
+# ---------------------------------------------------------------- the agent in this process
+
+
+def install(data_dir: Path, package: Path, *, slot: str = "A", rollout: str | None = "r1") -> Any:
+    """A device that has ``package`` committed in ``slot``, as a finished update leaves it. Returns its SlotInfo."""
+    from edgefleet.agent.state import PersistedState, SlotInfo, StateStore
+    from edgefleet.package import open_package
+    from edgefleet.protocol import AgentState, target_name
+
+    m = open_package(package).manifest
+    (data_dir / "slots").mkdir(parents=True, exist_ok=True)
+    (data_dir / "slots" / f"{slot}.efpkg").write_bytes(package.read_bytes())
+    info = SlotInfo(
+        slot=slot, model=m.name, version=m.version, target=target_name(m.name, m.version), rollout_id=rollout
+    )
+    StateStore(data_dir).save(PersistedState(state=AgentState.committed, committed=info, active=info))
+    return info
+
+
+def settings(data_dir: Path, server: str | None = None, **kw: Any) -> Any:
+    """Fast loops, as the process tests use."""
+    from edgefleet.config import AgentSettings
+
+    opts: dict[str, Any] = {"checkin_interval_s": 0.2, "telemetry_interval_s": 0.5, **kw}
+    return AgentSettings(server=server, token=TOKEN if server else None, data_dir=data_dir, **opts)
+
+
+@contextlib.asynccontextmanager
+async def running(agent_settings: Any, **kw: Any) -> AsyncIterator[Any]:
+    """An ``edgefleet.agent.Agent`` in this process, without its HTTP server; stopped on the way out."""
+    from edgefleet.agent import Agent
+
+    a = Agent(agent_settings, serve_http=False, **kw)
+    await a.start()
+    try:
+        yield a
+    finally:
+        await a.stop()
+
+
+async def until(pred: Any, timeout: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def buffered(data_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """The records of ``kind`` ("window" or "event") waiting in an agent's telemetry buffer, oldest first."""
+    import sqlite3
+
+    db = sqlite3.connect(data_dir / "telemetry.db")
+    try:
+        rows = db.execute("SELECT body FROM records WHERE kind = ? ORDER BY id", (kind,)).fetchall()
+    finally:
+        db.close()
+    return [json.loads(r[0]) for r in rows]
 
 
 if __name__ == "__main__":

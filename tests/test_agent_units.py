@@ -38,6 +38,7 @@ def test_recover_in_probation_keeps_candidate_then_gives_up() -> None:
     assert r.state is AgentState.probation and r.active == V2 and r.probation_resumes == 1
     r = recover(recover(r))
     assert r.state is AgentState.rolled_back and r.active == V1
+    assert r.pending is None and refusal_key("r2", "m-2.efpkg") in r.refused  # not installed again
 
 
 @pytest.mark.parametrize("state", ["idle", "committed", "rolled_back"])

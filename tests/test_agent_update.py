@@ -72,6 +72,7 @@ def test_tampered_package_is_refused_and_reported(cp: FakeControlPlane, tmp_path
         assert "signed metadata" in s["reason"]
         assert s["active"]["version"] == "1.0.0" and agent.serving() == "1.0.0"
         agent.wait_until(lambda: any(k == "refused" for k, _, _ in _events(cp)), what="refusal reported")
+        assert not [k for k, v, _ in _events(cp) if v == "2.0.0" and k == "rolled_back"]
     finally:
         agent.stop()
 
@@ -112,6 +113,10 @@ def test_failing_health_check_rolls_back(cp: FakeControlPlane, tmp_path: Path) -
         assert s["reason"].startswith("health check failed") and "budget" in s["reason"]
         assert agent.serving() == "1.0.0"
         agent.wait_until(lambda: any(k == "health_check_failed" for k, _, _ in _events(cp)), what="report")
+        failures = [
+            k for k, v, _ in _events(cp) if v == "2.0.0" and k in ("refused", "rolled_back", "health_check_failed")
+        ]
+        assert failures == ["health_check_failed"]  # one failed update, one failure event
         # Not retried under the same rollout id, even though the desired state still names it.
         cp.desire("digits", "2.0.0", rollout="r2")
         import time

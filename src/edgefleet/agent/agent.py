@@ -3,6 +3,13 @@
 One asyncio task per loop (check-in, telemetry, upload, probation), all thin: the decisions they act on are pure
 functions in ``state.py``, ``updater.py`` and ``probation.py``. :class:`Agent` runs in-process too, without the
 HTTP server and with another backend (``backend_factory``), which is how a fleet simulator hosts many agents.
+
+What the control plane hears: every telemetry window carries the drift histograms of the inputs served in it
+(taken from the backend as the window closes; a window also closes at each switch of the serving model, so its
+counts and drift belong to one version); each update ends in exactly one of ``committed``, ``refused``,
+``health_check_failed``, ``rolled_back`` (failures) or ``cancelled`` (the desired state moved on: not a failure).
+A verification failure that may be transient (a corrupted download, metadata that looks expired to a skewed
+clock) is retried :data:`MAX_UPDATE_ATTEMPTS` times, counted in the state file, before it becomes a refusal.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 from edgefleet import __version__
@@ -31,13 +39,29 @@ from edgefleet.agent.probation import ProbationStats, decide, latency_budget_ms
 from edgefleet.agent.service import InferenceService
 from edgefleet.agent.slots import SlotStore
 from edgefleet.agent.standalone import serve_standalone
-from edgefleet.agent.state import Pending, PersistedState, SlotInfo, StateStore, recover, refusal_key
+from edgefleet.agent.state import (
+    Pending,
+    PersistedState,
+    SlotInfo,
+    StateStore,
+    recover,
+    refusal_key,
+    rolled_back_in_recovery,
+)
 from edgefleet.agent.supervisor import Supervisor
 from edgefleet.agent.telemetry import utcnow
-from edgefleet.agent.updater import ControlPlaneClient, Offline, download_resumable, jittered, should_update
+from edgefleet.agent.updater import (
+    Cancelled,
+    ControlPlaneClient,
+    Offline,
+    ReportRejected,
+    download_resumable,
+    jittered,
+    should_update,
+)
 from edgefleet.agent.worker import ModelInfo, WorkerSpec
 from edgefleet.config import AgentSettings
-from edgefleet.errors import DownloadError, EdgefleetError, UsageError, WorkerUnavailable
+from edgefleet.errors import DownloadError, EdgefleetError, UsageError, VerificationError, WorkerUnavailable
 from edgefleet.protocol import (
     AgentState,
     DesiredState,
@@ -51,10 +75,15 @@ from edgefleet.protocol import (
     UpdateEvent,
 )
 from edgefleet.runtime import runtime_version
+from edgefleet.telemetry.drift import DriftSummary
 
-__all__ = ["Agent", "serve_http", "serve_standalone"]
+__all__ = ["MAX_UPDATE_ATTEMPTS", "Agent", "serve_http", "serve_standalone"]
 
 log = logging.getLogger("edgefleet.agent")
+
+MAX_UPDATE_ATTEMPTS = 3  # attempts at an update whose failure may be transient, before it becomes a refusal
+RETRY_MAX_S = 600.0  # the longest wait between two attempts
+DRIFT_TIMEOUT_S = 5.0  # a worker that cannot answer for its histograms in this time does not hold a window up
 
 
 def _process_backend(spec: WorkerSpec, on_crash: Any) -> Backend:
@@ -69,12 +98,14 @@ class Agent:
         backend_factory: BackendFactory | None = None,
         serve_http: bool = True,
         config: DeviceConfig | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.settings = settings
         self.data_dir = Path(settings.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.backend_factory = backend_factory or _process_backend
         self.with_http = serve_http
+        self.transport = transport  # the control plane's, for tests and embedding; None: the network
         self.config = config or DeviceConfig(
             checkin_interval_s=settings.checkin_interval_s, telemetry_interval_s=settings.telemetry_interval_s
         )
@@ -98,6 +129,9 @@ class Agent:
         self._stopped = asyncio.Event()
         self._server: Any = None
         self._counted = (0, 0)
+        self._retry: tuple[str, float] | None = None  # (refusal key, monotonic time) of the next attempt allowed
+        self._dropped_seen = self.buffer.dropped
+        self.service.metrics.dropped.inc(self._dropped_seen)  # cumulative across restarts, like the reports
         self.port: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -107,6 +141,11 @@ class Agent:
         self.state = recover(loaded)
         if self.state != loaded:
             self.store.save(self.state)
+        suspect = rolled_back_in_recovery(loaded, self.state)
+        if suspect is not None:
+            reason = self.state.reason or "rolled back"
+            self._event(EventKind.rolled_back, reason, suspect.model, suspect.version, suspect.rollout_id)
+            log.warning("rolled back %s: %s", suspect.target, reason)
         if self.state.active is not None:
             await self._serve_slot(self.state.active)
         elif self.state.reason:
@@ -142,9 +181,7 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         with contextlib.suppress(Exception):
-            await self._flush_stats()
-        with contextlib.suppress(Exception):
-            self.close_window()  # the last, partial window is kept for the next upload
+            await self._drift_and_close()  # the last, partial window is kept for the next upload
         if self.backend is not None:
             await self.backend.stop()
         if self.cp is not None:
@@ -189,11 +226,29 @@ class Agent:
         except WorkerUnavailable as err:
             self.service.clear(f"the model in slot {slot.slot} does not start: {err}")
             return False
-        old, self.backend = self.backend, backend
-        self.service.set_backend(backend, info)
+        await self._swap_backend(backend, info)
+        return True
+
+    async def _swap_backend(
+        self, new: Backend | None, info: ModelInfo | None, reason: str = "", *, close: bool = True
+    ) -> None:
+        """Serve ``new`` (None: answer 503 with ``reason``) and stop the backend it replaces. The current window
+        closes first (unless the caller just closed it), with the old backend's drift: a window's counts and
+        histograms belong to one model."""
+        old = self.backend
+        if old is not None and close:
+            try:
+                await self._drift_and_close()
+            except Exception:  # a window lost is bad; a switch that does not happen is worse
+                log.exception("the telemetry window before the switch could not be closed")
+        self.backend = new
+        self._counted = (0, 0)  # crash and restart counts are per backend
+        if new is not None and info is not None:
+            self.service.set_backend(new, info)
+        else:
+            self.service.clear(reason)
         if old is not None:
             await old.stop()
-        return True
 
     # ------------------------------------------------------------------ events, reports
 
@@ -212,7 +267,7 @@ class Agent:
             model=model,
             version=version,
             rollout_id=rollout_id,
-            reason=(reason or None) and reason[:2000],
+            reason=_clip(reason),
         )
         self.buffer.add("event", ev.model_dump_json())
         self.service.metrics.updates.labels(kind.value).inc()
@@ -233,18 +288,32 @@ class Agent:
         )
 
     def _report(self, batch_id: str, records: list[tuple[int, str, str]]) -> Report:
-        events = [UpdateEvent.model_validate_json(b) for _, k, b in records if k == "event"]
-        windows = [TelemetryWindow.model_validate_json(b) for _, k, b in records if k == "window"]
+        events: list[UpdateEvent] = []
+        windows: list[TelemetryWindow] = []
+        invalid: list[int] = []
+        for rid, kind, body in records:
+            try:
+                if kind == "event":
+                    events.append(UpdateEvent.model_validate_json(body))
+                elif kind == "window":
+                    windows.append(TelemetryWindow.model_validate_json(body))
+            except ValueError as err:  # would make the whole batch fail, here or on the server, forever
+                log.warning("dropping a buffered %s the protocol refuses: %s", kind, " ".join(str(err).split())[:300])
+                invalid.append(rid)
+        if invalid:
+            self.buffer.discard(invalid)
+            self._sync_buffer_metrics()
         return Report(
             batch_id=batch_id,
             state=self.state.state,
-            state_reason=self.state.reason,
+            state_reason=_clip(self.state.reason),
             served=self.served(),
             agent_version=__version__,
             runtime_version=runtime_version(),
             events=events,
             telemetry=windows,
             dropped_records=self.buffer.dropped,
+            sent_at=utcnow(),
         )
 
     async def _upload_loop(self) -> None:
@@ -257,7 +326,14 @@ class Agent:
             try:
                 while (batch := self.buffer.next_batch()) is not None:
                     crashpoint("upload.before_send")
-                    answer = await self.cp.report(self._report(*batch))
+                    try:
+                        answer = await self.cp.report(self._report(*batch))
+                    except ReportRejected as err:
+                        # Resending cannot help (too large, or invalid): drop the batch, count it, go on with the rest.
+                        n = self.buffer.drop(batch[0])
+                        self._sync_buffer_metrics()
+                        log.warning("dropped %d telemetry records of batch %s: %s", n, batch[0], err)
+                        continue
                     crashpoint("upload.before_ack")
                     if batch[0] not in answer.accepted_batch_ids:
                         log.warning("the control plane did not accept batch %s; will resend", batch[0])
@@ -269,44 +345,82 @@ class Agent:
                 self._offline(err)
             except EdgefleetError as err:
                 log.warning("telemetry upload refused: %s", err)
-            self.service.metrics.buffered.set(len(self.buffer))
-            self.service.metrics.dropped.set(self.buffer.dropped)
+            self._sync_buffer_metrics()
+
+    def _sync_buffer_metrics(self) -> None:
+        self.service.metrics.buffered.set(len(self.buffer))
+        dropped = self.buffer.dropped
+        if dropped > self._dropped_seen:
+            self.service.metrics.dropped.inc(dropped - self._dropped_seen)
+            self._dropped_seen = dropped
 
     async def _telemetry_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.telemetry_interval_s)
-            await self._flush_stats()
-            self.close_window()
+            try:
+                await self._drift_and_close()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the next window must still close
+                log.exception("closing a telemetry window failed")
             await asyncio.sleep(0)
 
-    def close_window(self, drift: list[Any] | None = None) -> TelemetryWindow:
+    def close_window(self, drift: list[DriftSummary] | None = None) -> TelemetryWindow:
+        """Close the current window now, with ``drift`` as its histograms, and buffer it for upload."""
+        return self._keep(self._cut_window(), drift or [])
+
+    def _cut_window(self) -> TelemetryWindow:
+        """The window's counts up to this instant (the next window starts here), without drift."""
         b = self.backend
         crashes, restarts = (b.crashes, b.restarts) if b else self._counted
         d_crash, d_restart = max(0, crashes - self._counted[0]), max(0, restarts - self._counted[1])
         self._counted = (crashes, restarts)
         info = self.service.info
-        w = self.service.window.close(
+        return self.service.window.close(
             model=info.name if info else None,
             version=info.version if info else None,
             model_sha256=info.model_sha256 if info else None,
             restarts=d_restart,
             crashes=d_crash,
             worker_rss=b.rss_bytes() if b else None,
-            drift=drift or [],
+            drift=[],
         )
+
+    def _keep(self, w: TelemetryWindow, drift: list[DriftSummary]) -> TelemetryWindow:
+        if drift:
+            try:
+                w = TelemetryWindow(**{**w.model_dump(), "drift": drift})
+            except ValueError as err:  # histograms the protocol refuses: the window's counts still go out
+                log.warning("telemetry window sent without drift: %s", " ".join(str(err).split())[:300])
         self.buffer.add("window", w.model_dump_json())
+        self._sync_buffer_metrics()
         return w
 
-    async def _flush_stats(self) -> None:
-        """Requests a worker answered itself are counted in batches (ADR 0032): take what it holds first."""
-        flush = getattr(self.backend, "flush", None)
-        if flush is not None:
-            await flush()
+    async def _drift_and_close(self) -> TelemetryWindow:
+        """Close the window with the drift histograms of exactly the inputs served in it (they reset there): the
+        backend cuts the counts at the instant it takes the histograms (``at_answer``)."""
+        b = self.backend
+        if b is None:
+            return self.close_window()
+        cut: list[TelemetryWindow] = []
+        waiting = True
 
-    async def _drift_and_close(self) -> None:
-        await self._flush_stats()
-        drift = await self.backend.drift() if self.backend else []
-        self.close_window(drift)
+        def at_answer() -> None:
+            if waiting and not cut:
+                cut.append(self._cut_window())
+
+        drift: list[DriftSummary] = []
+        try:
+            drift = await asyncio.wait_for(b.drift(at_answer), DRIFT_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            log.warning("telemetry window without drift: %s: %s", type(err).__name__, err)
+        finally:
+            waiting = False
+        if not cut:  # no answer in time: the window closes now, its histograms (if any come) are lost
+            return self.close_window()
+        return self._keep(cut[0], drift)
 
     # ------------------------------------------------------------------ control plane
 
@@ -368,7 +482,7 @@ class Agent:
 
     async def _checkin_loop(self) -> None:
         assert self.settings.server
-        self.cp = ControlPlaneClient(self.settings.server)
+        self.cp = ControlPlaneClient(self.settings.server, transport=self.transport)
         while True:
             try:
                 if self.cp.device_id is None:
@@ -378,7 +492,8 @@ class Agent:
                 if desired is not None:
                     self._apply(desired)
                 d = self.desired
-                if d is not None and should_update(self.state, d, self._update_task is not None):
+                due = d is None or self._retry_due(d)
+                if d is not None and due and should_update(self.state, d, self._update_task is not None):
                     self._update_task = asyncio.get_running_loop().create_task(self._update(d))
             except Offline as err:
                 self._offline(err)
@@ -408,20 +523,72 @@ class Agent:
     def _still_wanted(self, target: str) -> bool:
         return self.desired is not None and self.desired.target == target
 
+    def _retry_due(self, d: DesiredState) -> bool:
+        r = self._retry
+        return r is None or r[0] != refusal_key(d.rollout_id, d.target or "") or time.monotonic() >= r[1]
+
     async def _update(self, d: DesiredState) -> None:
         try:
             await self._do_update(d)
         except Offline as err:
             self._offline(err)  # keep the partial download; the next check-in resumes it
+        except Cancelled as err:
+            self._cancel(d, str(err))
         except asyncio.CancelledError:
             raise
         except Exception as err:  # an update must never take the agent down
             log.exception("update to %s failed", d.target)
-            self._refuse(d, f"update failed: {type(err).__name__}: {err}", EventKind.refused)
+            self._retry_or_refuse(d, f"update failed: {type(err).__name__}: {err}")
         finally:
             self._update_task = None
 
+    def _settled(self, s: PersistedState, reason: str) -> PersistedState:
+        """No update in flight: the committed slot serves (or nothing, on a first install)."""
+        return s.with_(
+            state=AgentState.committed if s.committed is not None else AgentState.idle,
+            reason=reason,
+            pending=None,
+            active=s.committed,
+        )
+
+    def _cancel(self, d: DesiredState, why: str) -> None:
+        """The desired state moved on: the update is abandoned, which is not a failure (no refusal: the same
+        version may be asked for again)."""
+        self._save(self._settled(self.state, f"cancelled: {why}"))
+        self.slots.clear_downloads()
+        self._event(EventKind.cancelled, why, d.model, d.version, d.rollout_id)
+        log.info("update to %s cancelled: %s", d.target, why)
+
+    def _retry_or_refuse(self, d: DesiredState, reason: str) -> None:
+        """A failure that may be transient (a corrupted download, metadata that looks expired to a skewed clock,
+        a full disk): try again later, up to :data:`MAX_UPDATE_ATTEMPTS` attempts in all, counted in the state
+        file so that a restart does not reset them; then it is a refusal."""
+        s = self.state
+        pending = s.pending if s.pending is not None and s.pending.target == d.target else None
+        if pending is None and d.model and d.version and d.target:  # failed before its first save
+            pending = Pending(model=d.model, version=d.version, target=d.target, rollout_id=d.rollout_id)
+        attempts = (pending.failures if pending is not None else 0) + 1
+        self.slots.clear_downloads()  # a corrupted or oversized download is not resumed
+        if attempts >= MAX_UPDATE_ATTEMPTS or pending is None:
+            self._refuse(d, f"{reason} (attempt {attempts} of {MAX_UPDATE_ATTEMPTS})", EventKind.refused)
+            return
+        if pending.slot is not None and not self.slots.path(pending.slot).exists():
+            pending = pending.model_copy(update={"slot": None})
+        st = self._settled(s, f"update to {d.version} failed (attempt {attempts} of {MAX_UPDATE_ATTEMPTS}): {reason}")
+        self._save(st.with_(pending=pending.model_copy(update={"failures": attempts})))
+        delay = min(RETRY_MAX_S, self.config.checkin_interval_s * 2**attempts)
+        self._retry = (refusal_key(d.rollout_id, d.target or ""), time.monotonic() + delay)
+        log.warning(
+            "update to %s failed (attempt %d of %d), trying again in %.0f s: %s",
+            d.target,
+            attempts,
+            MAX_UPDATE_ATTEMPTS,
+            delay,
+            reason,
+        )
+
     def _refuse(self, d: DesiredState, reason: str, kind: EventKind) -> None:
+        """The update failed for good: one event of ``kind`` (the failure's own), never retried in this rollout."""
         assert d.target is not None
         s = self.state
         key = refusal_key(d.rollout_id, d.target)
@@ -435,12 +602,10 @@ class Agent:
             )
         )
         self._event(kind, reason, d.model, d.version, d.rollout_id)
-        if kind is not EventKind.rolled_back:
-            self._event(EventKind.rolled_back, reason, d.model, d.version, d.rollout_id)
         if s.committed is None:
             self.service.clear(reason)
         self.slots.clear_downloads()
-        log.warning("update to %s refused: %s", d.target, reason)
+        log.warning("update to %s failed (%s): %s", d.target, kind.value, reason)
 
     async def _do_update(self, d: DesiredState) -> None:
         assert d.target and d.model and d.version
@@ -449,60 +614,82 @@ class Agent:
 
         loop = asyncio.get_running_loop()
         s = self.state
-        pending = (
-            s.pending
-            if s.pending is not None and s.pending.target == d.target
-            else Pending(
+        if s.pending is not None and s.pending.target == d.target:
+            pending = s.pending
+            if pending.rollout_id != d.rollout_id:  # a new rollout of the same target starts a fresh count
+                pending = pending.model_copy(update={"rollout_id": d.rollout_id, "failures": 0})
+        else:
+            pending = Pending(
                 model=d.model,
                 version=d.version,
                 target=d.target,
                 package_sha256=d.package_sha256,
                 rollout_id=d.rollout_id,
             )
-        )
         staged = pending.slot is not None and self.slots.path(pending.slot).exists()
         self._save(s.with_(state=AgentState.downloading, reason=None, pending=pending))
         self._event(EventKind.download_started, None, d.model, d.version, d.rollout_id)
+        log.info(
+            "update to %s (rollout %s), attempt %d of %d",
+            d.target,
+            d.rollout_id,
+            pending.failures + 1,
+            MAX_UPDATE_ATTEMPTS,
+        )
         tuf_dir = self.data_dir / "tuf"
         root = tuf_dir / "trusted_root.json"
-        client = TufClient(
-            tuf_dir / "metadata",
-            self.identity["repository_url"],
-            root.read_bytes() if not (tuf_dir / "metadata" / "root.json").exists() else None,
-        )
         try:
+            client = TufClient(
+                tuf_dir / "metadata",
+                self.identity["repository_url"],
+                root.read_bytes() if not (tuf_dir / "metadata" / "root.json").exists() else None,
+            )
             await loop.run_in_executor(None, client.refresh)
         except DownloadError as err:
             # the repository cannot be reached: transient, unlike a verification failure, so not a refusal
             raise Offline(f"repository unreachable: {err}")
+        except EdgefleetError as err:
+            self._retry_or_refuse(d, f"refused: {err}")
+            return
         try:
             info = await loop.run_in_executor(None, client.target_info, d.target)
         except EdgefleetError as err:
-            self._refuse(d, f"refused: {err}", EventKind.refused)
+            self._retry_or_refuse(d, f"refused: {err}")
             return
         if staged:
             assert pending.slot is not None
             path = self.slots.path(pending.slot)
+            log.info("%s is staged in slot %s already", d.target, pending.slot)
         else:
             url = await loop.run_in_executor(None, client.target_url, d.target)
             assert self.cp is not None
-            path = await download_resumable(
-                self.cp.http,
-                url,
-                self.slots.partial(d.target),
-                length=info.length,
-                keep_going=lambda: self._still_wanted(d.target or ""),
-            )
+            partial = self.slots.partial(d.target)
+            have = partial.stat().st_size if partial.exists() else 0
+            log.info("downloading %s: %d bytes%s", d.target, info.length, f", resuming at {have}" if have else "")
+            t0 = time.monotonic()
+            try:
+                path = await download_resumable(
+                    self.cp.http,
+                    url,
+                    partial,
+                    length=info.length,
+                    keep_going=lambda: self._still_wanted(d.target or ""),
+                )
+            except (DownloadError, VerificationError) as err:
+                self._retry_or_refuse(d, f"refused: {err}")
+                return
+            log.info("downloaded %s: %d bytes in %.1f s", d.target, info.length, time.monotonic() - t0)
         self._save(self.state.with_(state=AgentState.verifying))
         try:
             await loop.run_in_executor(None, client.verify_file, d.target, path)
         except EdgefleetError as err:
             path.unlink(missing_ok=True)
-            self._refuse(d, f"refused: the download does not match the signed metadata: {err}", EventKind.refused)
+            self._retry_or_refuse(d, f"refused: the download does not match the signed metadata: {err}")
             return
         try:
             opened = await loop.run_in_executor(None, lambda: open_package(path, device_key=self._key_path()))
         except EdgefleetError as err:
+            # The bytes are the signed ones: opening them again would fail the same way.
             self._refuse(d, f"refused: {err}", EventKind.refused)
             return
         reasons = check_requirements(
@@ -515,12 +702,14 @@ class Agent:
             self._refuse(d, "refused: incompatible: " + "; ".join(reasons), EventKind.refused)
             return
         self._event(EventKind.verified, None, d.model, d.version, d.rollout_id)
+        log.info("verified %s: length and sha256 %s match the signed metadata", d.target, info.sha256[:16])
         if not staged:
             slot = self.slots.idle_slot(self.state)
             self.slots.stage(path, slot)
             pending = pending.model_copy(
                 update={"slot": slot, "model_sha256": opened.model_sha256, "package_sha256": info.sha256}
             )
+            log.info("staged %s in slot %s", d.target, slot)
         self._save(self.state.with_(state=AgentState.staged, pending=pending))
         self._event(EventKind.staged, None, d.model, d.version, d.rollout_id)
         await self._health_and_switch(d, pending)
@@ -540,24 +729,17 @@ class Agent:
         spec = self._spec(cand)
         tier = self.identity.get("tier")
         cfg = self.config
+        log.info("health check of %s: golden vectors and latency in a fresh worker", d.target)
         result = await run_health_check(spec, lambda i: latency_budget_ms(i.metrics, tier, cfg.p95_budget_ms))
         if not result.ok:
-            self._event(EventKind.health_check_failed, result.reason, d.model, d.version, d.rollout_id)
-            self._refuse(d, result.reason, EventKind.rolled_back)
+            self._refuse(d, result.reason, EventKind.health_check_failed)
             return
         self._event(EventKind.health_check_passed, result.reason, d.model, d.version, d.rollout_id)
+        log.info("health check of %s passed: %s", d.target, result.reason)
         if not self._still_wanted(d.target or ""):
             # The desired state moved on while the health check ran (a halted rollout, say): switching now would
             # serve a version nobody wants, and would have to be undone on the next check-in.
-            st = self.state
-            self._save(
-                st.with_(
-                    state=AgentState.committed if st.committed is not None else AgentState.idle,
-                    reason="superseded: the desired state changed during the health check",
-                    pending=None,
-                    active=st.committed,
-                )
-            )
+            self._cancel(d, "the desired state changed during the health check")
             return
         try:
             backend, info = await self._start_backend(spec)
@@ -566,14 +748,25 @@ class Agent:
             return
         # The switch: one atomic rename of the state file makes the candidate the active slot.
         self._save(self.state.with_(state=AgentState.probation, active=cand, probation_resumes=0))
-        old, self.backend = self.backend, backend
+        if self.backend is not None:
+            try:
+                await self._drift_and_close()  # the old model's last window, before probation counts anything
+            except Exception:
+                log.exception("the telemetry window before the switch could not be closed")
         self._probation = ProbationStats(time.monotonic())
         self._probation_crash = None
         self.service.listener = self._probation.observe
-        self.service.set_backend(backend, info)
-        if old is not None:
-            await old.stop()
+        await self._swap_backend(backend, info, close=False)
         self._event(EventKind.switched, None, d.model, d.version, d.rollout_id)
+        log.info(
+            "switched to %s; probation: %d requests or %g s, at most %d worker crashes in %g s, error rate %g",
+            d.target,
+            cfg.probation_requests,
+            cfg.probation_seconds,
+            cfg.crash_loop_crashes - 1,
+            cfg.crash_loop_window_s,
+            cfg.max_error_rate,
+        )
 
     # ------------------------------------------------------------------ probation
 
@@ -607,7 +800,7 @@ class Agent:
         self._event(
             EventKind.committed, reason, a.model if a else None, a.version if a else None, a.rollout_id if a else None
         )
-        log.info("committed %s", a.target if a else None)
+        log.info("committed %s: %s", a.target if a else None, reason)
 
     async def _rollback(self, reason: str) -> None:
         s = self.state
@@ -631,7 +824,9 @@ class Agent:
         if s.committed is not None:
             await self._serve_slot(s.committed)
         else:
-            old, self.backend = self.backend, None
-            self.service.clear(reason)
-            if old is not None:
-                await old.stop()
+            await self._swap_backend(None, None, reason)
+
+
+def _clip(reason: str | None) -> str | None:
+    """A reason as the wire takes it (at most 2000 characters): a longer one would get the report refused."""
+    return reason[:2000] if reason else None

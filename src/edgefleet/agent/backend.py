@@ -6,15 +6,17 @@ model in the caller's process, so a fleet simulator can share one loaded model a
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 
+from edgefleet.agent.driftcount import DriftCounter
 from edgefleet.agent.worker import ModelInfo, WorkerSpec
 from edgefleet.errors import InputValidationError, ModelError, WorkerUnavailable
-from edgefleet.telemetry.drift import DriftAccumulator, DriftSummary
+from edgefleet.telemetry.drift import DriftSummary
 
 __all__ = ["Backend", "BackendFactory", "InProcessBackend", "InputError"]
 
@@ -34,7 +36,10 @@ class Backend(Protocol):
         """Outputs and compute seconds. Raises InputError (bad input), ModelError, WorkerUnavailable."""
         ...
 
-    async def drift(self) -> list[DriftSummary]: ...
+    async def drift(self, at_answer: Callable[[], None] | None = None) -> list[DriftSummary]:
+        """The histograms of the inputs served since the last call, which start afresh. ``at_answer()`` runs at
+        the instant they are taken, in step with the per-request counts: the telemetry window closes there."""
+        ...
 
     async def golden(self) -> dict[str, Any]: ...
 
@@ -59,7 +64,7 @@ class InProcessBackend:
         self.restarts = 0
         self._model = model
         self._opened: Any = None
-        self._drift: DriftAccumulator | None = None
+        self._drift: DriftCounter | None = None
 
     async def start(self) -> ModelInfo:
         from edgefleet.agent import worker
@@ -70,7 +75,7 @@ class InProcessBackend:
             raise WorkerUnavailable(f"cannot load {self.spec.path.name}: {err}")
         self._model = self._model or model
         self._opened = opened
-        self._drift = DriftAccumulator(reference) if reference is not None else None
+        self._drift = DriftCounter(reference) if reference is not None else None
         self.info = info
         return info
 
@@ -86,15 +91,21 @@ class InProcessBackend:
             raise ModelError(f"inference failed: {err}")
         dt = time.perf_counter() - t0
         if self._drift is not None:
-            self._drift.add(feeds, result)
+            # After the caller has answered: call_soon runs once the awaiting task's step (which writes the
+            # response) has finished, so drift never delays a request here either.
+            asyncio.get_running_loop().call_soon(self._drift.add, feeds, result)
         return result, dt
 
-    async def drift(self) -> list[DriftSummary]:
+    async def drift(self, at_answer: Callable[[], None] | None = None) -> list[DriftSummary]:
+        await asyncio.sleep(0)  # the counts that infer calls answered just before scheduled land in this window
+        if at_answer is not None:
+            at_answer()
         if self._drift is None:
             return []
-        out = self._drift.summaries()
-        self._drift.reset()
-        return out
+        try:
+            return self._drift.summaries()
+        finally:
+            self._drift.reset()
 
     async def golden(self) -> dict[str, Any]:
         from edgefleet.agent import worker

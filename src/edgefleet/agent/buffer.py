@@ -3,7 +3,10 @@
 Records wait here until the server confirms their batch. A batch is fixed (its id and members written) *before*
 it is sent, so after a lost answer or an agent restart the same ``batch_id`` goes out again with the same records
 and the server, which stores each batch once, never duplicates them; the records are deleted only once the
-server lists the id as accepted. At the cap the oldest records not in flight are dropped, and counted.
+server lists the id as accepted. At the cap the oldest records not in flight are dropped, and counted; so is a
+batch the server will never accept (:meth:`TelemetryBuffer.drop`). A batch holds at most ``batch_size`` records
+and ``max_batch_bytes`` of them (one record more only if it alone is larger), well below the server's limit on a
+report's body.
 """
 
 from __future__ import annotations
@@ -12,15 +15,24 @@ import sqlite3
 import uuid
 from pathlib import Path
 
-__all__ = ["Batch", "TelemetryBuffer"]
+from edgefleet.protocol import MAX_REPORT_BYTES
+
+__all__ = ["MAX_BATCH_BYTES", "Batch", "TelemetryBuffer"]
 
 Batch = tuple[str, list[tuple[int, str, str]]]
 
+# A quarter of the control plane's limit on a report's body: the report's own fields and JSON framing add a little,
+# and a smaller batch loses less if it is ever refused.
+MAX_BATCH_BYTES = MAX_REPORT_BYTES // 4
+
 
 class TelemetryBuffer:
-    def __init__(self, path: Path, max_records: int = 10_000, batch_size: int = 200) -> None:
+    def __init__(
+        self, path: Path, max_records: int = 10_000, batch_size: int = 200, max_batch_bytes: int = MAX_BATCH_BYTES
+    ) -> None:
         self.max_records = max_records
         self.batch_size = batch_size
+        self.max_batch_bytes = max_batch_bytes
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
@@ -61,7 +73,16 @@ class TelemetryBuffer:
             self.db.execute("BEGIN IMMEDIATE")
             row = self.db.execute("SELECT batch FROM records WHERE batch IS NOT NULL ORDER BY id LIMIT 1").fetchone()
             if row is None:
-                ids = [r[0] for r in self.db.execute("SELECT id FROM records ORDER BY id LIMIT ?", (self.batch_size,))]
+                ids: list[int] = []
+                size = 0
+                rows = self.db.execute(
+                    "SELECT id, length(CAST(body AS BLOB)) FROM records ORDER BY id LIMIT ?", (self.batch_size,)
+                )
+                for rid, n in rows:
+                    if ids and size + int(n) > self.max_batch_bytes:
+                        break
+                    ids.append(int(rid))
+                    size += int(n)
                 if not ids:
                     return None
                 batch_id = uuid.uuid4().hex
@@ -75,3 +96,26 @@ class TelemetryBuffer:
         """The server holds this batch: forget its records."""
         with self.db:
             self.db.execute("DELETE FROM records WHERE batch = ?", (batch_id,))
+
+    def discard(self, ids: list[int]) -> int:
+        """Forget these records (ones that can never be sent) and count them as dropped. Returns how many."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            n = sum(int(self.db.execute("DELETE FROM records WHERE id = ?", (i,)).rowcount) for i in ids)
+            self._count_dropped(n)
+            return n
+
+    def drop(self, batch_id: str) -> int:
+        """The server will never take this batch: forget its records and count them as dropped. Returns how many."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            n = int(self.db.execute("DELETE FROM records WHERE batch = ?", (batch_id,)).rowcount)
+            self._count_dropped(n)
+            return n
+
+    def _count_dropped(self, n: int) -> None:
+        if n:
+            self.db.execute(
+                "INSERT INTO meta(key, value) VALUES('dropped', ?) ON CONFLICT(key) DO UPDATE SET value = value + ?",
+                (n, n),
+            )

@@ -1,12 +1,19 @@
 """Prometheus ``/metrics`` for the agent: base units (seconds), ``_total`` counters, bounded labels.
 
 Labels are the served model and version (at most two at a time: the committed one and a candidate) and the
-outcome (a fixed set); nothing from a request's path or body becomes a label.
+outcome (a fixed set); nothing from a request's path or body becomes a label. Besides the serving metrics:
+``edgefleet_agent_build_info{version}``, the standard ``process_*`` metrics of the agent process, and no
+``*_created`` series (a timestamp per series that doubles what a small device ships for no use here).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.metrics_core import Metric
+
+from edgefleet import __version__
 
 __all__ = ["OUTCOMES", "AgentMetrics"]
 
@@ -47,15 +54,21 @@ class AgentMetrics:
         self.updates = Counter(
             "edgefleet_agent_update_events", "Update events by kind", ["kind"], registry=self.registry
         )
-        self.dropped = Gauge(
+        self.dropped = Counter(
             "edgefleet_agent_telemetry_dropped_records",
-            "Telemetry records dropped at the buffer cap",
+            "Telemetry records dropped: at the buffer cap, or in a batch the control plane refused (413, 422)",
             registry=self.registry,
         )
         self.buffered = Gauge(
             "edgefleet_agent_telemetry_buffered_records", "Telemetry records waiting for upload", registry=self.registry
         )
+        self.build = Gauge(
+            "edgefleet_agent_build_info", "The agent's version (value 1)", ["version"], registry=self.registry
+        )
+        self.build.labels(__version__).set(1)
+        ProcessCollector(registry=self.registry)
         self._children: dict[tuple[str, str], tuple[object, object, object]] = {}
+        self._view = _WithoutCreated(self.registry)
 
     def observe(self, model: str, version: str, total: float, queue: float, compute: float) -> None:
         key = (model, version)
@@ -73,4 +86,18 @@ class AgentMetrics:
         self.requests.labels(model, version, outcome).inc()
 
     def render(self) -> bytes:
-        return bytes(generate_latest(self.registry))
+        return bytes(generate_latest(self._view))
+
+
+class _WithoutCreated:
+    """The registry as ``generate_latest`` sees it, minus the ``*_created`` samples. prometheus_client can only
+    turn them off for the whole process (``disable_created_metrics``), and the agent may share its process with
+    others (the simulator, the control plane in tests)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for m in self.registry.collect():
+            m.samples = [s for s in m.samples if not s.name.endswith("_created")]
+            yield m

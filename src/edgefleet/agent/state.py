@@ -19,7 +19,16 @@ from edgefleet.agent.durable import atomic_write
 from edgefleet.errors import AgentError
 from edgefleet.protocol import AgentState
 
-__all__ = ["Pending", "PersistedState", "SlotInfo", "StateStore", "recover", "refusal_key"]
+__all__ = [
+    "MAX_PROBATION_RESUMES",
+    "Pending",
+    "PersistedState",
+    "SlotInfo",
+    "StateStore",
+    "recover",
+    "refusal_key",
+    "rolled_back_in_recovery",
+]
 
 Slot = Literal["A", "B"]
 
@@ -50,6 +59,9 @@ class Pending(BaseModel):
     rollout_id: str | None = None
     slot: Slot | None = None
     model_sha256: str | None = None
+    failures: int = Field(
+        0, ge=0, description="failed attempts so far (verification, metadata, download): bounded before a refusal"
+    )
 
 
 class PersistedState(BaseModel):
@@ -72,23 +84,41 @@ def refusal_key(rollout_id: str | None, target: str) -> str:
     return f"{rollout_id or '-'}|{target}"
 
 
+MAX_PROBATION_RESUMES = 2
+PROBATION_DEATHS = "agent restarted repeatedly during probation"
+
+
 def recover(s: PersistedState) -> PersistedState:
     """Where to resume after a crash. Before the switch the committed slot serves and the update resumes on the
     next check-in (the partial download and a staged slot are kept); in probation the candidate keeps serving and
-    probation starts over, unless the agent already died in probation before (then it is the suspect: roll back)."""
+    probation starts over, unless the agent already died in probation :data:`MAX_PROBATION_RESUMES` times before:
+    then the candidate is the suspect and is rolled back, with its refusal recorded like any other rollback (the
+    caller reports the ``rolled_back`` event: see :func:`rolled_back_in_recovery`)."""
     if s.state in (AgentState.downloading, AgentState.verifying, AgentState.staged, AgentState.health_check):
         return s.with_(
             state=AgentState.idle, reason=f"resuming an update interrupted in {s.state.value}", active=s.committed
         )
     if s.state is AgentState.probation:
-        if s.probation_resumes >= 2:
+        if s.probation_resumes >= MAX_PROBATION_RESUMES:
+            cand = s.active
+            key = [refusal_key(cand.rollout_id, cand.target)] if cand is not None and cand.target else []
             return s.with_(
                 state=AgentState.rolled_back,
-                reason="agent restarted repeatedly during probation",
+                reason=f"{PROBATION_DEATHS} ({s.probation_resumes + 1} deaths)",
                 active=s.committed,
+                pending=None,
+                probation_resumes=0,
+                refused=[*s.refused[-50:], *key],
             )
         return s.with_(probation_resumes=s.probation_resumes + 1)
     return s
+
+
+def rolled_back_in_recovery(before: PersistedState, after: PersistedState) -> SlotInfo | None:
+    """The candidate :func:`recover` rolled back (its event is still to be reported), or None."""
+    if before.state is AgentState.probation and after.state is AgentState.rolled_back:
+        return before.active
+    return None
 
 
 class StateStore:

@@ -234,12 +234,31 @@ class Supervisor:
             raise InputError(reply[2])
         raise ModelError(reply[2])
 
-    async def drift(self) -> list[DriftSummary]:
-        try:
-            reply = await self._call(("drift",))
-        except WorkerUnavailable:
+    async def drift(self, at_answer: Callable[[], None] | None = None) -> list[DriftSummary]:
+        """The worker's histograms since the last call (it resets them). ``at_answer`` runs in the callback that
+        reads the answer: every request answered before it (counted in order, or in the stats the worker ships
+        just before it) is on one side, every later one on the other."""
+        w = self.worker
+        if w is None:
+            if at_answer is not None:
+                at_answer()
             return []
-        return [DriftSummary.model_validate(d) for d in reply[1]] if reply[0] == "ok" else []
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def answered(reply: Any, err: Exception | None) -> None:
+            if at_answer is not None:
+                at_answer()
+            if not fut.done():
+                fut.set_result(reply if err is None else None)
+
+        try:
+            w.submit(("drift",), answered)
+        except WorkerUnavailable:
+            answered(None, None)
+        reply = await fut
+        if reply is None or reply[0] != "ok":
+            return []
+        return [DriftSummary.model_validate(d) for d in reply[1]]
 
     async def golden(self) -> dict[str, Any]:
         reply = await self._call(("golden",))

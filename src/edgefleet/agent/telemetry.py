@@ -48,7 +48,7 @@ class WindowAccumulator:
         worker_rss: int | None,
         drift: list[DriftSummary],
     ) -> TelemetryWindow:
-        end = utcnow()
+        end = max(utcnow(), self.start)  # a clock stepped back (NTP) must not make a window end before it starts
         rss = int(self._proc.memory_info().rss) + (worker_rss or 0)
         w = TelemetryWindow(
             window_id=uuid.uuid4().hex,

@@ -1,12 +1,15 @@
 """The network edge of the agent: the check-in client and the resumable package download.
 
 Every transport failure becomes :class:`Offline`, which the agent treats as "keep serving, keep buffering, log
-once per outage". A 4xx is not retried in a loop: it is a fact about the request, not about the link.
+once per outage". A 4xx is not retried in a loop: it is a fact about the request, not about the link; a report
+the server will never take (413, 422) is :class:`ReportRejected`, and the agent drops that batch. A download
+never writes past the signed length: more data is a :class:`~edgefleet.errors.VerificationError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 from collections.abc import Callable
@@ -15,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from edgefleet.agent.state import PersistedState, refusal_key
-from edgefleet.errors import AgentError, AuthError, DownloadError
+from edgefleet.errors import AgentError, AuthError, DownloadError, VerificationError
 from edgefleet.protocol import (
     API_PREFIX,
     AgentState,
@@ -26,13 +29,41 @@ from edgefleet.protocol import (
     ReportResponse,
 )
 
-__all__ = ["CHUNK", "ControlPlaneClient", "Offline", "download_resumable", "jittered", "should_update"]
+__all__ = [
+    "CHUNK",
+    "MAX_RESTARTS",
+    "Cancelled",
+    "ControlPlaneClient",
+    "Offline",
+    "ReportRejected",
+    "download_resumable",
+    "jittered",
+    "should_update",
+]
+
+log = logging.getLogger("edgefleet.agent")
 
 CHUNK = 64 * 1024
+# Starting a download over from byte 0 (the server ignored a Range, answered 416, or sent a file of the wrong
+# size) is normal once; a server that makes it happen again and again is not going to deliver the target.
+MAX_RESTARTS = 3
 
 
 class Offline(AgentError):
     """The control plane or repository cannot be reached (or answered 5xx): try again later."""
+
+
+class Cancelled(AgentError):
+    """The desired state moved on while an update was in flight: the update is abandoned, not failed."""
+
+
+class ReportRejected(AgentError):
+    """The control plane will never accept this report as it is (413: too large; 422: invalid): resending it
+    would fail forever."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def jittered(interval: float, rng: random.Random | None = None) -> float:
@@ -53,9 +84,11 @@ def should_update(s: PersistedState, desired: DesiredState, busy: bool) -> bool:
 
 
 class ControlPlaneClient:
-    def __init__(self, server: str, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, server: str, *, timeout: float = 10.0, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
         self.server = server.rstrip("/")
-        self.http = httpx.AsyncClient(timeout=timeout)
+        self.http = httpx.AsyncClient(timeout=timeout, transport=transport)
         self.device_id: str | None = None
         self.credential: str | None = None
 
@@ -65,7 +98,7 @@ class ControlPlaneClient:
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.credential}"} if self.credential else {}
 
-    async def _request(self, method: str, path: str, **kw: object) -> httpx.Response:
+    async def _request(self, method: str, path: str, *, rejectable: bool = False, **kw: object) -> httpx.Response:
         try:
             r = await self.http.request(method, f"{self.server}{API_PREFIX}{path}", **kw)  # type: ignore[arg-type]
         except httpx.HTTPError as err:
@@ -74,6 +107,8 @@ class ControlPlaneClient:
             raise Offline(f"control plane {self.server} answered {r.status_code}")
         if r.status_code in (401, 403):
             raise AuthError(f"control plane refused the device credential ({r.status_code}): {_err(r)}")
+        if rejectable and r.status_code in (413, 422):
+            raise ReportRejected(f"control plane answered {r.status_code} to {method} {path}: {_err(r)}", r.status_code)
         if r.status_code >= 400:
             raise AgentError(f"control plane answered {r.status_code} to {method} {path}: {_err(r)}")
         return r
@@ -97,6 +132,7 @@ class ControlPlaneClient:
         r = await self._request(
             "POST",
             f"/devices/{self.device_id}/report",
+            rejectable=True,
             content=report.model_dump_json(),
             headers={**self._auth(), "content-type": "application/json"},
         )
@@ -120,45 +156,78 @@ async def download_resumable(
     retries: int = 6,
     backoff_s: float = 0.2,
     backoff_max_s: float = 10.0,
+    max_restarts: int = MAX_RESTARTS,
     keep_going: Callable[[], bool] = lambda: True,
 ) -> Path:
     """Fetch ``url`` into ``partial``, continuing from its current size with an HTTP Range request.
 
-    Bytes are appended as they arrive, so a cut link loses at most what was in flight. Stops on a 4xx
-    (:class:`DownloadError`), after ``retries`` failed attempts in a row (:class:`Offline`), or as soon as
-    ``keep_going()`` is false (:class:`asyncio.CancelledError`-free: raises :class:`AgentError`)."""
+    Bytes are appended as they arrive, so a cut link loses at most what was in flight. Never writes more than
+    ``length`` bytes (the signed length): a server that sends more is refused at once
+    (:class:`~edgefleet.errors.VerificationError`, the partial file removed), as is one that makes the download
+    start over from byte 0 more than ``max_restarts`` times. Stops on a 4xx (:class:`DownloadError`), after
+    ``retries`` failed attempts in a row (:class:`Offline`), or as soon as ``keep_going()`` is false
+    (:class:`Cancelled`)."""
     failures = 0
+    restarts = 0
+
+    def start_over(why: str) -> None:
+        nonlocal restarts
+        partial.unlink(missing_ok=True)
+        restarts += 1
+        if restarts > max_restarts:
+            raise VerificationError(f"download of {url} refused: it had to start over {restarts} times ({why})")
+        log.info("download of %s starts over: %s", url, why)
+
     while True:
         have = partial.stat().st_size if partial.exists() else 0
-        if have > length:  # not the file we are after: start over
-            partial.unlink()
+        if have > length:  # not the file we are after
+            start_over(f"{have} bytes on disk, more than the signed {length}")
             have = 0
         if have == length:
             return partial
         if not keep_going():
-            raise AgentError("the desired state changed during the download")
+            raise Cancelled("the desired state changed during the download")
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
             async with http.stream("GET", url, headers=headers) as r:
                 if r.status_code == 416:
-                    partial.unlink(missing_ok=True)
+                    start_over("the server answered 416 to a Range request")
                     continue
                 if 400 <= r.status_code < 500:
                     raise DownloadError(f"download of {url} refused with HTTP {r.status_code}")
                 if r.status_code >= 500:
                     raise httpx.TransportError(f"HTTP {r.status_code}")
-                mode = "ab" if r.status_code == 206 and have else "wb"
-                with open(partial, mode) as f:
+                resumed = r.status_code == 206 and have > 0
+                if have and not resumed:
+                    start_over(f"the server ignored the Range request (HTTP {r.status_code})")
+                    have = 0
+                announced = r.headers.get("content-length")
+                if announced is not None and announced.isdigit() and have + int(announced) > length:
+                    partial.unlink(missing_ok=True)
+                    raise VerificationError(
+                        f"download of {url} refused: the server announces {have + int(announced)} bytes, "
+                        f"more than the signed length of {length}"
+                    )
+                size = have
+                with open(partial, "ab" if resumed else "wb") as f:
                     async for chunk in r.aiter_raw(CHUNK):
+                        if size + len(chunk) > length:
+                            f.close()
+                            partial.unlink(missing_ok=True)
+                            raise VerificationError(
+                                f"download of {url} refused: the server sent more than the signed length of "
+                                f"{length} bytes"
+                            )
                         f.write(chunk)
+                        size += len(chunk)
                         if not keep_going():
                             f.flush()
-                            raise AgentError("the desired state changed during the download")
+                            raise Cancelled("the desired state changed during the download")
                     f.flush()
                     os.fsync(f.fileno())
-            if partial.stat().st_size > have:
+            if size > have:
                 failures = 0  # progress: the link works, keep the retry budget for real stalls
-            if partial.stat().st_size < length:
+            if size < length:
                 raise httpx.TransportError("connection closed early")
         except httpx.HTTPError as err:
             failures += 1

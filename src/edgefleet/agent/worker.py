@@ -138,17 +138,22 @@ def serve(sock: socket.socket, spec: WorkerSpec) -> None:
 
     drift = None
     if reference is not None:
-        from edgefleet.telemetry.drift import DriftAccumulator
+        from edgefleet.agent.driftcount import DriftCounter
 
-        drift = DriftAccumulator(reference)
+        drift = DriftCounter(reference)
 
     def handle(msg: tuple[Any, ...]) -> tuple[Any, ...] | None:
         op = msg[0]
-        if op == "drift":
-            out = drift.summaries() if drift is not None else []
-            if drift is not None:
+        if op == "drift":  # the window's histograms, then a fresh start for the next window
+            if drift is None:
+                return ("ok", [], 0.0)
+            try:
+                out = [d.model_dump() for d in drift.summaries()]
+            except Exception as err:  # a statistic that cannot be summarised must not take serving down
+                return ("err", "model", f"drift: {type(err).__name__}: {err}")
+            finally:
                 drift.reset()
-            return ("ok", [d.model_dump() for d in out], 0.0)
+            return ("ok", out, 0.0)
         if op == "golden":
             if not opened:
                 return ("err", "golden", "no golden vectors")

@@ -9,9 +9,10 @@ worker is ready.
 
 What the agent needs per request (counts by outcome, latency sketch, Prometheus histograms, probation) is
 collected here as ``(outcome, total_s, compute_s)`` and shipped as ``("stats", [...])`` frames every
-:data:`FLUSH_S` seconds or :data:`FLUSH_N` requests, never per request; ``("flush",)`` from the agent ships what
-is pending at once (telemetry windows close on exact counts). ``/metrics`` is rendered by the agent, which
-holds the registry: the worker ships its pending stats, then asks (``("metrics",)``).
+:data:`FLUSH_S` seconds or :data:`FLUSH_N` requests, never per request; ``("flush",)`` and ``("drift",)`` from
+the agent ship what is pending at once, before their answer (a telemetry window closes as the drift answer is
+read, so its counts and its drift histograms cover exactly the same requests). ``/metrics`` is rendered by the
+agent, which holds the registry: the worker ships its pending stats, then asks (``("metrics",)``).
 
 This runs in the lean worker: the standard library's ``selectors``, no asyncio (whose import maps OpenSSL and
 costs ~7 MB of RSS here) — a small non-blocking transport gives ``HTTPProtocol`` what it uses.
@@ -279,6 +280,10 @@ def serve_http(
         if msg[0] == "flush":
             svc.flush()  # the stats frame goes before this answer: the agent counts them first
             return _frame(("ok", None, 0.0))
+        if msg[0] == "drift":
+            # The same cut for counts and histograms: the requests whose drift this answer holds are shipped
+            # before it, so the agent closes the telemetry window on exactly them. The handler answers.
+            svc.flush()
         return None
 
     def control() -> bool:
