@@ -155,9 +155,14 @@ class SimDevice:
         batch_id: str | None = None,
         state: str = "committed",
         event_version: str | None = None,
+        rollout_id: str | None = None,
+        clock_offset_s: float = 0.0,
+        drift: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
+        """``rollout_id`` goes on the events (the real agent sends its desired state's); ``clock_offset_s`` sets
+        the device's clock off the server's; ``drift`` is the window's per-feature summaries."""
         self.n += 1
-        now = datetime.now(UTC)
+        now = datetime.now(UTC) + timedelta(seconds=clock_offset_s)
         sk = LatencySketch()
         sk.extend(np.full(max(requests, 0), latency_s).tolist())
         body = Report(
@@ -171,6 +176,7 @@ class SimDevice:
                     "kind": k,
                     "model": model,
                     "version": event_version or version,
+                    "rollout_id": rollout_id,
                     "reason": why,
                 }
                 for k, why in events
@@ -186,6 +192,7 @@ class SimDevice:
                     "errors": {"error": errors} if errors else {},
                     "latency": sk.to_data(),
                     "worker_crashes": crashes,
+                    "drift": drift or [],
                 }
             ]
             if requests or crashes
@@ -201,8 +208,16 @@ class SimDevice:
 
 
 def build_pkg(
-    mlp_path: Path, out_dir: Path, version: str, *, tiers: list[str] | None = None, name: str = "digits"
+    mlp_path: Path,
+    out_dir: Path,
+    version: str,
+    *,
+    tiers: list[str] | None = None,
+    name: str = "digits",
+    reference_calls: int = 0,
 ) -> Path:
+    """``reference_calls`` > 0 puts a drift reference (``reference.json``) built from that many calls in the
+    package."""
     from edgefleet.package import Requirements, build_package
 
     rng = np.random.default_rng(0)
@@ -215,4 +230,7 @@ def build_pkg(
         version=version,
         sample_inputs=CallData({"X": x}),
         requirements=Requirements(tiers=tiers or []),
+        reference_data=CallData({"X": rng.random((reference_calls, 1, 64), dtype=np.float32)})
+        if reference_calls
+        else None,
     )

@@ -88,6 +88,7 @@ def report(
     crashes: int = 0,
     psi: float | None = None,
     sha: str | None = None,
+    rollout_id: str | None = None,
 ) -> None:
     d.n += 1
     now = datetime.now(UTC)
@@ -101,7 +102,14 @@ def report(
         state="committed" if version else "idle",  # type: ignore[arg-type]
         served={"model": "digits" if version else None, "version": version, "model_sha256": sha},  # type: ignore[arg-type]
         events=[
-            {"event_id": secrets.token_hex(6), "at": now, "kind": "committed", "model": "digits", "version": committed}
+            {
+                "event_id": secrets.token_hex(6),
+                "at": now,
+                "kind": "committed",
+                "model": "digits",
+                "version": committed,
+                "rollout_id": rollout_id,  # as an agent reports it: compatibility evidence counts for assigned work
+            }
         ]
         if committed
         else [],  # type: ignore[arg-type]
@@ -178,10 +186,18 @@ def populate(http: httpx.Client, admin: str, pkgs: dict[str, Path], tick: Callab
 
     def step_devices() -> None:
         for d in fleet.devices:
-            want = _desired(http, d).get("version")
+            desired = _desired(http, d)
+            want = desired.get("version")
             if want and want != d.served:
                 d.served = want
-                report(http, d, version=want, committed=want, sha=fleet.model_sha[want])
+                report(
+                    http,
+                    d,
+                    version=want,
+                    committed=want,
+                    sha=fleet.model_sha[want],
+                    rollout_id=desired.get("rollout_id"),
+                )
 
     # 1.0.0 to everyone, judged on absolute budgets (no control group); one crash is tolerated by this policy
     policy1 = {"waves": [100], "bake_s": 0, "min_devices": 1, "min_requests": 1, "min_crash_free": 0.5}

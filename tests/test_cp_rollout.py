@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgefleet.controlplane.rollout import (
+    OTHER_MODEL,
     Action,
     CohortStats,
     DeviceFacts,
@@ -19,17 +20,25 @@ from edgefleet.controlplane.rollout import (
     Outcome,
     RolloutPolicy,
     RolloutState,
+    UpdateOutcome,
     WindowFacts,
+    blocked_reason,
     cohort_stats,
     decide,
     eligibility,
+    is_cancellation,
     judge,
+    outcome_counts,
     parse_percent,
+    plan_rollout,
     plan_wave,
     rollback_targets,
+    success_rate,
+    update_outcome,
     wave_bucket,
     wave_of,
 )
+from edgefleet.telemetry.drift import MIN_DRIFT_SAMPLE, DriftReference, DriftSummary, FeatureReference, psi
 from edgefleet.telemetry.sketch import LatencySketch
 
 P = RolloutPolicy(min_devices=3, min_requests=100, max_failure=0.05, bake_s=60)
@@ -194,13 +203,13 @@ def test_cohort_stats_merges_sketches() -> None:
     fast.extend([0.001] * 95)
     slow.extend([0.1] * 5)
     ws = [
-        WindowFacts("a", 95, 1, 0, fast.to_data(), 0.1),
-        WindowFacts("b", 5, 0, 2, slow.to_data(), 0.3),
-        WindowFacts("b", 0, 0, 0, LatencySketch().to_data(), None),
+        WindowFacts("a", 95, 1, 0, fast.to_data()),
+        WindowFacts("b", 5, 0, 2, slow.to_data()),
+        WindowFacts("b", 0, 0, 0, LatencySketch().to_data()),
     ]
     c = cohort_stats(ws, devices=2, committed=2)
     assert c.reporting == 2 and c.crash_free == 1 and c.requests == 100 and c.errors == 1
-    assert c.max_psi == pytest.approx(0.3)
+    assert c.max_psi is None  # no drift reference, no drift figure
     assert c.p95_ms is not None and 0.9 < c.p95_ms < 1.1  # merged: the 95th of 100 is still fast
     assert cohort_stats([], devices=0).p95_ms is None
 
@@ -347,7 +356,7 @@ def test_cohort_stats_merge_sketches_per_tier() -> None:
     def window(dev: str, tier: str, seconds: float) -> WindowFacts:
         sk = LatencySketch()
         sk.extend([seconds] * 100)
-        return WindowFacts(dev, 100, 0, 0, sk.to_data(), None, tier=tier)
+        return WindowFacts(dev, 100, 0, 0, sk.to_data(), tier=tier)
 
     st = cohort_stats([window("a", "slow", 0.03), window("b", "fast", 0.002), window("c", "fast", 0.002)], devices=3)
     assert st.p95_ms_by_tier["slow"] == pytest.approx(30.0, rel=0.02)
@@ -373,7 +382,7 @@ def test_a_tier_is_compared_only_with_enough_requests_on_both_sides() -> None:
 def _timed(dev: str, end: float, seconds: float, n: int = 100, tier: str | None = "t") -> WindowFacts:
     sk = LatencySketch()
     sk.extend([seconds] * n)
-    return WindowFacts(dev, n, 0, 0, sk.to_data(), None, tier=tier, end=end)
+    return WindowFacts(dev, n, 0, 0, sk.to_data(), tier=tier, end=end)
 
 
 def _control() -> CohortStats:
@@ -403,9 +412,32 @@ def test_a_burst_in_one_half_of_the_bake_is_not_a_regression() -> None:
 
 
 def test_a_regression_in_both_halves_fails_the_wave() -> None:
-    slow = [_timed("a", float(k), 0.005) for k in range(1, 5)]
+    slow = [_timed("a", float(k), 0.005) for k in range(1, 7)]
     j = judge(cohort_stats(slow, devices=1, committed=3), _control(), P)
     assert j.outcome is Outcome.failed and "on tier t" in j.reason
+
+
+def test_bursts_in_a_few_windows_are_not_a_regression() -> None:
+    # Both halves of the treatment hold a burst of host contention, so its pooled p95 is 5x the control's in each
+    # half; but its typical window is as fast as the control's, and a slower version slows every window.
+    calm = [_timed("a", float(k), 0.001, n=20) for k in range(1, 21)]
+    bursts = [_timed("a", k + 0.5, 0.005, n=20) for k in (3.0, 8.0, 13.0, 18.0)]
+    t = cohort_stats(calm + bursts, devices=1, committed=3)
+    assert t.halves is not None and all(h.p95_ms_by_tier["t"] > 4.0 for h in t.halves)
+    control = cohort_stats([_timed(f"c{i}", float(k), 0.001, n=20) for i in range(3) for k in range(8)], devices=3)
+    loose = P.model_copy(update={"min_tier_requests": 50})
+    j = judge(t, control, loose)
+    assert j.outcome is Outcome.passed, j.reason
+    # the same figures in every window are a shift, and fail
+    slow = cohort_stats([_timed("a", float(k), 0.005, n=20) for k in range(1, 25)], devices=1, committed=3)
+    assert judge(slow, control, loose).outcome is Outcome.failed
+
+
+def test_a_regression_over_too_few_windows_waits_for_more() -> None:
+    # sampled in both halves, but three windows cannot tell a shift from a burst yet
+    few = [_timed("a", float(k), 0.005, n=100) for k in range(1, 4)]
+    j = judge(cohort_stats(few, devices=1, committed=3), _control(), P)
+    assert j.outcome is Outcome.inconclusive and j.confirming and "telemetry windows" in j.reason
 
 
 def test_a_regression_waits_for_the_later_half_before_failing() -> None:
@@ -434,7 +466,7 @@ def test_a_regression_waits_for_the_later_half_before_failing() -> None:
 
 
 def test_a_regression_without_window_times_is_judged_on_the_whole_window() -> None:
-    slow = [WindowFacts("a", 200, 0, 0, _timed("a", 0, 0.005, n=200).latency, None, tier="t")]
+    slow = [WindowFacts("a", 200, 0, 0, _timed("a", 0, 0.005, n=200).latency, tier="t") for _ in range(5)]
     j = judge(cohort_stats(slow, devices=1, committed=3), _control(), P)
     assert j.outcome is Outcome.failed
 
@@ -442,6 +474,175 @@ def test_a_regression_without_window_times_is_judged_on_the_whole_window() -> No
 def test_crashes_and_errors_fail_at_once_without_waiting_for_halves() -> None:
     sk = LatencySketch()
     sk.extend([0.001] * 150)
-    crashing = [WindowFacts(d, 50, 40, 1, sk.to_data(), None, tier="t", end=1.0) for d in "abc"]
+    crashing = [WindowFacts(d, 50, 40, 1, sk.to_data(), tier="t", end=1.0) for d in "abc"]
     j = judge(cohort_stats(crashing, devices=3, committed=3), _control(), P)
     assert j.outcome is Outcome.failed and "error rate" in j.reason
+
+
+# ------------------------------------------------------------------------------------------- drift on merged counts
+
+REF = DriftReference(
+    features=[
+        FeatureReference(name="in.X.mean", kind="numeric", edges=[0.0, 1.0], counts=[100.0, 800.0, 100.0], n=1000),
+        FeatureReference(
+            name="out.y.argmax", kind="categorical", categories=[0, 1], counts=[500.0, 500.0, 0.0], n=1000
+        ),
+    ]
+)
+
+
+def _drifting(dev: str, counts: list[float], *, end: float | None = None, feature: str = "in.X.mean") -> WindowFacts:
+    summary = DriftSummary(feature=feature, psi=0.0, n=int(sum(counts)), counts=counts)
+    return WindowFacts(dev, int(sum(counts)), 0, 0, LatencySketch().to_data(), end=end, drift=(summary,))
+
+
+def test_cohort_drift_is_scored_on_the_merged_counts_of_every_device() -> None:
+    # each device alone is below the minimum sample; together they are not, and the figure is the PSI of the sum
+    a, b = [10.0, 40.0, 70.0], [20.0, 30.0, 80.0]
+    st = cohort_stats([_drifting("a", a), _drifting("b", b)], devices=2, reference=REF)
+    merged = [x + y for x, y in zip(a, b, strict=True)]
+    assert sum(a) < MIN_DRIFT_SAMPLE and sum(merged) >= MIN_DRIFT_SAMPLE
+    assert st.psi_by_feature["in.X.mean"] == pytest.approx(psi(REF.features[0].counts, merged))
+    assert st.max_psi == st.psi_by_feature["in.X.mean"]
+    # not a maximum (nor a mean) of per-device figures
+    assert st.max_psi != pytest.approx(max(psi(REF.features[0].counts, a), psi(REF.features[0].counts, b)))
+    assert st.psi_by_feature["out.y.argmax"] is None  # nobody reported it: not enough data, never 0
+
+
+def test_cohort_drift_below_the_minimum_sample_is_no_figure() -> None:
+    st = cohort_stats([_drifting("a", [50.0, 0.0, 50.0])], devices=1, reference=REF)
+    assert st.psi_by_feature == {"in.X.mean": None, "out.y.argmax": None} and st.max_psi is None
+    assert cohort_stats([_drifting("a", [150.0, 0.0, 150.0])], devices=1).max_psi is None  # no reference
+    # counts that do not fit the reference's bins are left out, not guessed into place
+    odd = cohort_stats([_drifting("a", [100.0, 100.0, 100.0, 100.0])], devices=1, reference=REF)
+    assert odd.max_psi is None
+    lower = cohort_stats([_drifting("a", [100.0, 0.0, 100.0])], devices=1, reference=REF, min_drift_sample=150)
+    assert lower.max_psi is not None and lower.max_psi > 1.0
+
+
+def test_drift_beyond_max_psi_fails_the_wave_and_names_the_feature() -> None:
+    drifted = cohort_stats(
+        [_drifting(d, [120.0, 10.0, 120.0], end=float(i)) for i, d in enumerate("abc")],
+        devices=3,
+        committed=3,
+        reference=REF,
+    )
+    assert drifted.halves is not None and drifted.max_psi is not None and drifted.max_psi > P.max_psi
+    j = judge(replace(drifted, requests=1000), None, P)
+    assert j.outcome is Outcome.failed and "drift PSI" in j.reason and "in.X.mean" in j.reason
+    steady = cohort_stats([_drifting(d, [25.0, 200.0, 25.0]) for d in "abc"], devices=3, committed=3, reference=REF)
+    assert steady.max_psi is not None and steady.max_psi < 0.05
+    assert judge(replace(steady, requests=1000), None, P).outcome is Outcome.passed
+
+
+# ------------------------------------------------------------------------------------------- blocked and the plan
+
+
+def test_blocked_reason_counts_why_no_device_is_eligible() -> None:
+    assert blocked_reason([], tier="arm-a72", channel=None) == "no eligible device on tier arm-a72: 0 enrolled"
+    other_tier = [DeviceFacts("x", "rpi4", "1")]
+    assert blocked_reason(other_tier, tier="arm-a72", channel=None) == "no eligible device on tier arm-a72: 0 enrolled"
+    bad = [DeviceFacts(f"d{i}", "arm-a72", "1", compat_problems=("tier not allowed",)) for i in range(3)]
+    assert (
+        blocked_reason(bad, tier="arm-a72", channel=None)
+        == "no eligible device on tier arm-a72: 3 enrolled, 3 incompatible"
+    )
+    mixed = [
+        DeviceFacts("a", "t", "1", revoked=True),
+        DeviceFacts("b", "t", "1", pinned=True),
+        DeviceFacts("c", "t", "1", compat_problems=(f"{OTHER_MODEL} (other)",)),
+        DeviceFacts("d", "t", "1", channel="dev"),
+    ]
+    assert blocked_reason(mixed, tier=None, channel="stable") == (
+        "no eligible device in channel stable: 4 enrolled, 1 on another channel, 1 pinned, 1 revoked, "
+        "1 run another model"
+    )
+    assert blocked_reason([*bad, DeviceFacts("ok", "arm-a72", "1")], tier="arm-a72", channel=None) is None
+
+
+def test_plan_rollout_lists_each_wave_once_and_says_why_devices_are_left_out() -> None:
+    devs = [DeviceFacts(f"d{i}", "t", "1") for i in range(20)]
+    devs += [
+        DeviceFacts("pin", "t", "1", pinned=True),
+        DeviceFacts("bad", "t", "1", compat_problems=("needs 4 GB",)),
+        DeviceFacts("done", "t", "1", model="m", version="2"),
+        DeviceFacts("far", "other", "1"),
+    ]
+    p = plan_rollout(devs, model="m", version="2", waves=[10, 50, 100], tier="t", channel=None)
+    moved = [i for w in p.waves for i in w]
+    assert len(moved) == len(set(moved)) == 20 == p.devices
+    assert [len(w) for w in p.waves] == [3, 8, 9]  # ceil(10 % of 21), ceil(50 %) - 3, the rest ("done" included)
+    assert p.already == ("done",) and p.blocked is None
+    assert p.excluded["pin"] == "pinned" and p.excluded["bad"].startswith("incompatible")
+    assert "tier" in p.excluded["far"]
+    # the waves are those the reconciler would move, step by step
+    assert set(p.waves[0]) == set(
+        plan_wave(devs, model="m", version="2", wave=0, waves=[10, 50, 100], tier="t", channel=None, moved=[])
+    )
+    none = plan_rollout(devs, model="m", version="2", waves=[100], tier="arm-a72", channel=None)
+    assert none.devices == 0 and none.blocked == "no eligible device on tier arm-a72: 0 enrolled"
+
+
+def test_a_blocked_rollout_never_completes_in_decide() -> None:
+    for outcome in Outcome:
+        assert dec(outcome, state=RolloutState.blocked) is Action.wait
+    assert RolloutPolicy().compat_fail_devices == 2
+
+
+# ------------------------------------------------------------------------------------------- update outcomes
+
+MOVED_ON = "update failed: AgentError: the desired state changed during the download"
+
+
+@pytest.mark.parametrize(
+    ("events", "reverted", "want"),
+    [
+        ([("download_started", None)], False, None),
+        ([("download_started", None)], True, UpdateOutcome.reverted),
+        ([("committed", None)], False, UpdateOutcome.committed),
+        ([("committed", None)], True, UpdateOutcome.committed),  # it applied; the rollback came later
+        ([("refused", "bad signature"), ("rolled_back", "bad signature")], False, UpdateOutcome.failed),
+        ([("health_check_failed", "golden mismatch"), ("rolled_back", "golden mismatch")], True, UpdateOutcome.failed),
+        ([("switched", None), ("rolled_back", "3 worker crashes within 60 s")], False, UpdateOutcome.rolled_back),
+        ([("committed", None), ("rolled_back", "crash loop")], False, UpdateOutcome.rolled_back),
+        ([("refused", MOVED_ON), ("rolled_back", MOVED_ON)], False, UpdateOutcome.cancelled),
+        ([("refused", MOVED_ON), ("rolled_back", MOVED_ON)], True, UpdateOutcome.reverted),
+        ([("cancelled", "the desired state names 1.0.0 now")], False, UpdateOutcome.cancelled),
+        ([("cancelled", None)], True, UpdateOutcome.reverted),
+        ([("health_check_passed", "superseded: the desired state changed during the health check")], False, None),
+    ],
+)
+def test_update_outcome(events: list[tuple[str, str | None]], reverted: bool, want: UpdateOutcome | None) -> None:
+    assert update_outcome(events, reverted=reverted) is want
+
+
+def test_cancellations_are_no_failure_and_success_counts_finished_updates_only() -> None:
+    assert is_cancellation("cancelled", None) and is_cancellation("rolled_back", MOVED_ON)
+    assert not is_cancellation("rolled_back", "3 worker crashes") and not is_cancellation("committed", MOVED_ON)
+    counts = outcome_counts(
+        [UpdateOutcome.committed] * 48 + [UpdateOutcome.failed] * 2 + [UpdateOutcome.reverted] * 18 + [None]
+    )
+    assert counts == {"committed": 48, "failed": 2, "rolled_back": 0, "reverted": 18, "cancelled": 0}
+    assert success_rate(counts) == pytest.approx(48 / 50)
+    assert success_rate(outcome_counts([UpdateOutcome.cancelled])) is None
+
+
+kinds = st.sampled_from(["download_started", "refused", "health_check_failed", "rolled_back", "committed", "cancelled"])
+reasons = st.sampled_from([None, "bad", MOVED_ON])
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(st.tuples(kinds, reasons), max_size=6), reverted=st.booleans())
+def test_update_outcome_properties(events: list[tuple[str, str | None]], reverted: bool) -> None:
+    got = update_outcome(events, reverted=reverted)
+    real = [(k, r) for k, r in events if not is_cancellation(k, r)]
+    if got in (UpdateOutcome.failed, UpdateOutcome.rolled_back):
+        assert real, "a failure needs an event that is not a cancellation"
+    if any(k in ("refused", "health_check_failed") for k, _ in real):
+        assert got is UpdateOutcome.failed
+    if got is UpdateOutcome.committed:
+        assert ("committed", None) in real or any(k == "committed" for k, _ in real)
+    if not real:
+        assert got in (None, UpdateOutcome.cancelled, UpdateOutcome.reverted)
+    # the order of the events never matters
+    assert update_outcome(list(reversed(events)), reverted=reverted) is got

@@ -69,6 +69,7 @@ def test_plan_full_agents_and_fault_targets() -> None:
 def test_clock_skew_moves_every_timestamp() -> None:
     body = json.dumps(
         {
+            "sent_at": "2026-01-01T00:02:00+00:00",
             "events": [{"at": "2026-01-01T00:00:00+00:00"}],
             "telemetry": [{"start": "2026-01-01T00:00:00+00:00", "end": "2026-01-01T00:01:00+00:00"}],
         }
@@ -76,6 +77,7 @@ def test_clock_skew_moves_every_timestamp() -> None:
     doc = json.loads(skew_report(body.encode(), 3600))
     assert doc["events"][0]["at"].startswith("2026-01-01T01:00")
     assert doc["telemetry"][0]["end"].startswith("2026-01-01T01:01")
+    assert doc["sent_at"].startswith("2026-01-01T01:02")  # the server reads the device's clock offset from it
 
 
 def test_canary_holds_every_tier() -> None:

@@ -153,3 +153,26 @@ def test_time_paired_reports_the_time_budget() -> None:
         check_every=100,
     )
     assert run.stopped_by == "time_budget"
+
+
+def test_mann_whitney_greater_matches_scipy() -> None:
+    scipy_stats = pytest.importorskip("scipy.stats")  # scikit-learn's dependency; not a runtime one
+    from edgefleet.bench.stats import mann_whitney_greater
+
+    rng = np.random.default_rng(3)
+    for shift in (0.0, 0.3, 1.0):
+        x = rng.normal(shift, 1, 25).round(1)  # rounding makes ties
+        y = rng.normal(0, 1, 18).round(1)
+        want = scipy_stats.mannwhitneyu(x, y, alternative="greater", method="asymptotic").pvalue
+        assert mann_whitney_greater(x, y) == pytest.approx(want, rel=1e-9)
+
+
+def test_mann_whitney_greater_edge_cases() -> None:
+    from edgefleet.bench.stats import mann_whitney_greater
+
+    assert mann_whitney_greater([], [1.0]) == 1.0 and mann_whitney_greater([1.0, 1.0], [1.0]) == 1.0
+    assert mann_whitney_greater([5, 6, 7, 8, 9], [1, 2, 3, 4, 5]) < 0.01
+    assert mann_whitney_greater([1, 2, 3, 4, 5], [5, 6, 7, 8, 9]) > 0.99
+    # a burst in a few units of an otherwise identical cohort is not a shift
+    calm = [0.5, 0.55, 0.6, 0.52, 0.58, 0.61, 0.57, 0.54, 0.59, 0.56]
+    assert mann_whitney_greater([*calm, 4.1, 3.2, 5.5], calm) > 0.05

@@ -23,7 +23,7 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
 devices_app = typer.Typer(help="Enroll, list, pin and revoke devices.", no_args_is_help=True)
 rollout_app = typer.Typer(help="Roll a version out in waves, gated on runtime metrics.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry: versions, channels, promotion.", no_args_is_help=True)
-fleet_app = typer.Typer(help="Fleet health: KPIs.", no_args_is_help=True)
+fleet_app = typer.Typer(help="Fleet health: KPIs, the compatibility matrix.", no_args_is_help=True)
 tokens_app = typer.Typer(help="Operator API tokens (admin only).", no_args_is_help=True)
 
 
@@ -190,11 +190,15 @@ def rollout_start(
     max_failure: str = typer.Option("5%", "--max-failure", help="Update failures + rollbacks allowed."),
     p95_budget_ms: float = typer.Option(None, "--p95-budget-ms", help="Absolute p95 budget (first rollout)."),
     auto_rollback: bool = typer.Option(False, "--auto-rollback", help="On failure, return moved devices to A."),
+    compat_fail_devices: int = typer.Option(
+        2, "--compat-fail-devices", help="Distinct failing devices before a compatibility cell blocks a tier."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the devices of each wave; start nothing."),
     server_: str = ServerOpt,
     token: str = TokenOpt,
     json_: bool = JsonOpt,
 ) -> None:
-    """Start a rollout of NAME VERSION."""
+    """Start a rollout of NAME VERSION (or, with --dry-run, show whom each wave would move)."""
     from edgefleet.controlplane.rollout import RolloutPolicy, parse_percent
 
     try:
@@ -206,6 +210,7 @@ def rollout_start(
             max_failure=parse_percent(max_failure),
             auto_rollback=auto_rollback,
             p95_budget_ms=p95_budget_ms,
+            compat_fail_devices=compat_fail_devices,
         )
     except ValueError as exc:
         raise UsageError(f"bad rollout policy: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
@@ -217,11 +222,33 @@ def rollout_start(
         "policy": policy.model_dump(mode="json"),
     }
     with _client(server_, token) as c:
-        out = c.post("/api/v1/rollouts", body)
+        out = c.post("/api/v1/rollouts/plan" if dry_run else "/api/v1/rollouts", body)
     if json_:
         print_json(out)
-    else:
-        console.print(f"rollout {out['rollout_id']} of {name} {version}: {out['state']}")
+        return
+    if dry_run:
+        _print_plan(out, f"{name} {version}")
+        return
+    console.print(f"rollout {out['rollout_id']} of {name} {version}: {out['state']}", highlight=False)
+    if out.get("warning"):
+        console.print(f"[yellow]warning:[/] {out['warning']}", highlight=False)
+
+
+def _print_plan(p: dict[str, Any], what: str) -> None:
+    console.print(f"dry run: a rollout of {what} would move {p['devices']} device(s); nothing was started")
+    _table(
+        [{"wave": w["wave"], "percent": w["percent"], "devices": ", ".join(w["devices"]) or "-"} for w in p["waves"]],
+        ["wave", "percent", "devices"],
+        title="waves",
+    )
+    if p["already_on_version"]:
+        console.print(f"already on the version: {', '.join(p['already_on_version'])}", highlight=False)
+    if p["excluded"]:
+        _table(
+            [{"device_id": k, "why": v} for k, v in p["excluded"].items()], ["device_id", "why"], title="never targeted"
+        )
+    if p["blocked"]:
+        console.print(f"[yellow]warning:[/] {p['blocked']}", highlight=False)
 
 
 @rollout_app.command("list")
@@ -248,6 +275,8 @@ def rollout_status(rollout_id: str, server_: str = ServerOpt, token: str = Token
         f"of {r['waves']}  devices moved: {len(r['devices'])}"
     )
     console.print(f"reason: {r['reason']}", highlight=False)
+    if r.get("step_error"):
+        console.print(f"[red]last reconcile step failed:[/] {r['step_error']}", highlight=False)
     _table(r["transitions"], ["seq", "at", "from", "to", "wave", "actor", "reason"], title="transitions")
 
 
@@ -324,17 +353,53 @@ def fleet_status(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = 
         print_json(k)
         return
     d = k["devices"]
+    u = k["updates"]
     console.print(
         f"devices: {d['active']} active, {d['overdue']} overdue, {d['revoked']} revoked   "
         f"crash-free: {k['crash_free_rate']}   update success: {k['update_success_rate']}   "
         f"fragmentation index: {k['fragmentation_index']}   drift alerts: {len(k['drift_alerts'])}"
     )
+    console.print(
+        f"updates: {u['committed']} committed, {u['failed']} failed, {u['rolled_back']} rolled back, "
+        f"{u['reverted']} reverted, {u['cancelled']} cancelled"
+    )
     _table(k["latency"], ["model", "version", "tier", "p95_ms", "requests", "error_rate"], title="latency")
+    if k["drift"]:
+        _table(
+            [{**x, "psi": "not enough data" if x["psi"] is None else x["psi"]} for x in k["drift"]],
+            ["model", "version", "feature", "n", "psi"],
+            title="drift (fleet PSI on merged counts)",
+        )
     if k["rollouts"]:
         _table(
             k["rollouts"],
             ["rollout_id", "version", "state", "devices_moved", "time_to_halt_s", "time_to_rollback_s"],
             title="rollouts",
+        )
+
+
+@fleet_app.command("compat-clear")
+def fleet_compat_clear(
+    tier: str = typer.Option(..., "--tier", help="Device tier of the cell."),
+    runtime_version: str = typer.Option(..., "--runtime-version", help="Runtime version of the cell."),
+    model: str = typer.Option(..., "--model", help="Model name."),
+    version: str = typer.Option(..., "--version", help="Model version."),
+    reason: str = typer.Option(None, "--reason", help="Why (goes to the audit log)."),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Clear a compatibility cell: its failures stop blocking the tier; only evidence from now on counts."""
+    body = {"tier": tier, "runtime_version": runtime_version, "model": model, "version": version, "reason": reason}
+    with _client(server_, token) as c:
+        out = c.post("/api/v1/compat/clear", body)
+    if json_:
+        print_json(out)
+    else:
+        console.print(
+            f"{model} {version} on tier {tier} with runtime {runtime_version}: {out['previous_status']} -> "
+            f"{out['status']}",
+            highlight=False,
         )
 
 

@@ -27,9 +27,15 @@ def _simulate(
     telemetry: float,
     rps: float,
     workdir: Path | None,
+    traffic: Path | None = None,
 ) -> dict[str, Any]:
     from edgefleet.sim import Fleet, FleetOptions, ServerProcess, parse_duration, parse_faults, parse_tiers, plan_fleet
 
+    calls = None
+    if traffic is not None:
+        from edgefleet.data import load_calls
+
+        calls = dict(load_calls(traffic).inputs)
     secs = parse_duration(duration)
     if secs <= 0:
         raise UsageError("--duration must be positive")
@@ -49,7 +55,7 @@ def _simulate(
             raise UsageError("--server needs --api-token (or EDGEFLEET_API_TOKEN) with the operator role")
 
     async def run() -> dict[str, Any]:
-        fleet = Fleet(server, api_token or "", plans, work, FleetOptions(checkin, telemetry, rps))
+        fleet = Fleet(server, api_token or "", plans, work, FleetOptions(checkin, telemetry, rps, traffic=calls))
         try:
             await fleet.start()
             console.print(f"{len(fleet.full)} full + {len(fleet.lite)} lightweight agents running for {duration}")
@@ -91,12 +97,20 @@ def register(app: typer.Typer) -> None:
         telemetry: float = typer.Option(2.0, "--telemetry-interval", min=0.1, help="Seconds per telemetry window."),
         rps: float = typer.Option(1.0, "--rps", min=0.0, help="Inference requests per device per second."),
         workdir: Path = typer.Option(None, "--workdir", help="Agents' data folders (default: a new temp dir)."),
+        traffic: Path = typer.Option(
+            None,
+            "--traffic",
+            help="Inference inputs as a per-call .npz (the package's --samples layout), cycled across devices. "
+            "Default: one fixed random input per model, which reads as drift against any real reference.",
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     ) -> None:
         """Run N real agents against a real control plane: full agents as processes with their own inference
         worker (crashes and kills are real), the rest lightweight (same agent code, one shared model per package),
         across device tiers, with injected faults."""
-        out = _simulate(devices, tiers, duration, faults, server, api_token, full, checkin, telemetry, rps, workdir)
+        out = _simulate(
+            devices, tiers, duration, faults, server, api_token, full, checkin, telemetry, rps, workdir, traffic
+        )
         if json_out:
             print_json(out)
         else:

@@ -89,6 +89,8 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("PUT", f"{A}/models/{{name}}/versions/{{version}}/gate"): Access.operator,
     ("PUT", f"{A}/models/{{name}}/versions/{{version}}/bench"): Access.operator,
     ("POST", f"{A}/rollouts"): Access.operator,
+    ("POST", f"{A}/rollouts/plan"): Access.operator,
+    ("POST", f"{A}/compat/clear"): Access.operator,
     ("POST", f"{A}/rollouts/{{rollout_id}}/pause"): Access.operator,
     ("POST", f"{A}/rollouts/{{rollout_id}}/resume"): Access.operator,
     ("POST", f"{A}/rollouts/{{rollout_id}}/abort"): Access.operator,

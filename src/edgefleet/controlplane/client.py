@@ -15,8 +15,10 @@ from edgefleet.errors import (
     DownloadError,
     EdgefleetError,
     ForbiddenError,
+    InvalidReportError,
     NotFoundError,
     PackageError,
+    TooLargeError,
     UsageError,
 )
 
@@ -28,6 +30,7 @@ _BY_STATUS: dict[int, type[EdgefleetError]] = {
     403: ForbiddenError,
     404: NotFoundError,
     409: ConflictError,
+    413: TooLargeError,
     422: UsageError,
     400: UsageError,
 }
@@ -63,7 +66,7 @@ def answer_of(r: httpx.Response) -> Any:
             detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
         cls = _BY_STATUS.get(r.status_code, EdgefleetError)
         if r.status_code == 422 and isinstance(body, dict) and body.get("error", "").endswith("Error"):
-            cls = PackageError
+            cls = InvalidReportError if body["error"] == "InvalidReportError" else PackageError
         raise cls(f"{detail} (HTTP {r.status_code})")
     if r.headers.get("content-type", "").startswith("application/json"):
         return r.json()

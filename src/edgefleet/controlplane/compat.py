@@ -1,49 +1,174 @@
-"""The compatibility matrix: tier × runtime version × model version → verified / failed / untested, with evidence.
+"""The compatibility matrix: tier × runtime version × model version → verified / suspect / failed / untested, with
+evidence.
 
 Evidence comes from bench results attached to a version (``compat`` entries of BENCH.json) and from devices:
 a ``committed`` event (health check and probation passed on real hardware) verifies; a ``rolled_back`` or
-``health_check_failed`` event fails. A failure wins over earlier verifications for that cell, so a rollout never
-targets the combination again until someone investigates.
+``health_check_failed`` event fails. A device's event is evidence only for work it was given — the version and
+rollout of its desired state (a rollout that moved it, or a pin) — so a device cannot report its way into a
+verdict on a version nobody sent it, and an update abandoned because the desired state moved on is no evidence.
+
+A cell turns ``failed`` on a failing bench result or on failures from at least ``min_devices`` distinct devices
+(the rollout policy's ``compat_fail_devices``, default 2); failures from fewer make it ``suspect``, which is shown
+but blocks nothing: one device's flaky storage must not shut a tier out. A failed cell stays failed until an
+operator clears it (:func:`clear`), which keeps the evidence and counts only what arrives afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from edgefleet.controlplane.db import CompatEntry, Device, ModelVersion, utcnow
+from edgefleet.controlplane.db import CompatEntry, Device, DeviceGroup, ModelVersion, Rollout, RolloutDevice, utcnow
+from edgefleet.controlplane.rollout import is_cancellation
+from edgefleet.errors import NotFoundError
 from edgefleet.package.compat import check_requirements
 from edgefleet.package.manifest import Manifest
 
-__all__ = ["device_problems", "failed_cells", "matrix", "record", "record_bench"]
+__all__ = [
+    "FAIL_DEVICES",
+    "add_evidence",
+    "assigned",
+    "cell_status",
+    "clear",
+    "device_problems",
+    "failed_cells",
+    "matrix",
+    "record",
+    "record_bench",
+]
 
 MAX_EVIDENCE = 20
+FAIL_DEVICES = 2  # the stored status's threshold; a rollout recomputes with its own policy's
+
+
+def _failing(e: dict[str, Any]) -> bool:
+    if _clear_marker(e):
+        return False
+    if isinstance(e.get("ok"), bool):
+        return not e["ok"]
+    if e.get("source") == "bench":
+        return e.get("result") != "verified"
+    return e.get("source") == "device" and e.get("event") != "committed"
+
+
+def _clear_marker(e: dict[str, Any]) -> bool:
+    return e.get("source") == "operator" and e.get("event") == "cleared"
+
+
+def _live(evidence: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
+    """The evidence since the last operator clear."""
+    for i in range(len(evidence) - 1, -1, -1):
+        if _clear_marker(evidence[i]):
+            return evidence[i + 1 :]
+    return evidence
+
+
+def cell_status(evidence: Sequence[dict[str, Any]], *, min_devices: int = FAIL_DEVICES) -> str:
+    """``failed`` (a failing bench result, or failures from ``min_devices`` distinct devices), ``suspect`` (device
+    failures from fewer), ``verified`` (evidence, none failing) or ``untested`` — over the evidence since the last
+    clear."""
+    live = _live(evidence)
+    if any(e.get("source") != "device" and _failing(e) for e in live):
+        return "failed"  # a bench run on the hardware is the operator's own measurement: no quorum needed
+    failing = {str(e.get("device_id")) for e in live if e.get("source") == "device" and _failing(e)}
+    if len(failing) >= min_devices:
+        return "failed"
+    if failing:
+        return "suspect"
+    return "verified" if live else "untested"
+
+
+def add_evidence(evidence: Sequence[dict[str, Any]], new: dict[str, Any], *, cap: int = MAX_EVIDENCE) -> list[Any]:
+    """Append, then keep the list within ``cap`` by dropping the oldest verifications first: the failures (the
+    latest per device) and the clear markers decide the status and must outlive any run of successes."""
+    out = [*evidence, new]
+    if _failing(new) and new.get("source") == "device":
+        # one device failing again is still one device: keep its latest failure only
+        out = [
+            e
+            for e in out[:-1]
+            if not (e.get("source") == "device" and _failing(e) and e.get("device_id") == new.get("device_id"))
+        ] + [new]
+    while len(out) > cap:
+        drop = next((i for i, e in enumerate(out) if not _failing(e) and not _clear_marker(e)), 0)
+        del out[drop]
+    return out
+
+
+_ANY_ROLLOUT = "*"
+
+
+def assigned(s: Session, device_id: str, model: str, version: str, rollout_id: str | None) -> bool:
+    """Whether the device was given this version to run: by the rollout ``rollout_id`` (which must be of this
+    version and must have moved the device); for an event without one (``None``), by a pin — its own or its
+    group's; for ``"*"`` (the caller does not know the event's rollout), by a pin or any rollout of this version
+    that moved it."""
+    if rollout_id is not None and rollout_id != _ANY_ROLLOUT:
+        r = s.get(Rollout, rollout_id)
+        return (
+            r is not None
+            and (r.model, r.version) == (model, version)
+            and s.get(RolloutDevice, (rollout_id, device_id)) is not None
+        )
+    d = s.get(Device, device_id)
+    if d is None:
+        return False
+    if (d.pinned_model, d.pinned_version) == (model, version):
+        return True
+    g = s.get(DeviceGroup, d.group) if d.group else None
+    if g is not None and (g.pinned_model, g.pinned_version) == (model, version):
+        return True
+    if rollout_id is None:
+        return False
+    moved = s.scalar(
+        select(RolloutDevice.rollout_id)
+        .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
+        .where(RolloutDevice.device_id == device_id, Rollout.model == model, Rollout.version == version)
+        .limit(1)
+    )
+    return moved is not None
 
 
 def record(
     s: Session, *, tier: str, runtime_version: str, model: str, version: str, ok: bool, evidence: dict[str, Any]
-) -> None:
+) -> bool:
+    """Add evidence to a cell; returns False when it is no evidence (a device event for work it was not given, or
+    an update abandoned because the desired state moved on)."""
+    if evidence.get("source") == "device":
+        if is_cancellation(str(evidence.get("event")), evidence.get("reason")):
+            return False
+        # a caller that names the event's rollout (None included) gets the strict check; one that does not know
+        # it gets the version check alone
+        rollout_id = evidence.get("rollout_id", _ANY_ROLLOUT)
+        if not assigned(s, str(evidence.get("device_id")), model, version, rollout_id):
+            return False
     row = s.get(CompatEntry, (tier, runtime_version, model, version))
-    status = "verified" if ok else "failed"
     if row is None:
-        s.add(
-            CompatEntry(
-                tier=tier,
-                runtime_version=runtime_version,
-                model=model,
-                version=version,
-                status=status,
-                evidence=[evidence],
-            )
-        )
-        return
-    if row.status != "failed":
-        row.status = status
-    row.evidence = [*row.evidence, evidence][-MAX_EVIDENCE:]
+        row = CompatEntry(tier=tier, runtime_version=runtime_version, model=model, version=version, evidence=[])
+        s.add(row)
+    row.evidence = add_evidence(row.evidence or [], {**evidence, "ok": ok})
+    row.status = cell_status(row.evidence)
     row.updated_at = utcnow()
+    return True
+
+
+def clear(s: Session, *, tier: str, runtime_version: str, model: str, version: str, actor: str) -> dict[str, Any]:
+    """An operator's word that the cell's failures are dealt with: only evidence from now on counts."""
+    row = s.get(CompatEntry, (tier, runtime_version, model, version))
+    if row is None:
+        raise NotFoundError(
+            f"no compatibility evidence for {model} {version} on tier {tier} with runtime {runtime_version}: "
+            "`GET /api/v1/compat` lists the cells"
+        )
+    before = row.status
+    marker = {"source": "operator", "event": "cleared", "actor": actor, "at": utcnow().isoformat()}
+    row.evidence = add_evidence(row.evidence or [], marker)
+    row.status = cell_status(row.evidence)
+    row.updated_at = utcnow()
+    return {**_cell(row), "previous_status": before}
 
 
 def record_bench(s: Session, model: str, version: str, bench: dict[str, Any]) -> int:
@@ -69,13 +194,15 @@ def record_bench(s: Session, model: str, version: str, bench: dict[str, Any]) ->
     return n
 
 
-def failed_cells(s: Session, model: str, version: str) -> set[tuple[str, str]]:
+def failed_cells(s: Session, model: str, version: str, *, min_devices: int = FAIL_DEVICES) -> set[tuple[str, str]]:
+    """(tier, runtime version) cells that block the version, judged with ``min_devices`` distinct failing
+    devices."""
     rows = s.execute(
-        select(CompatEntry.tier, CompatEntry.runtime_version).where(
-            CompatEntry.model == model, CompatEntry.version == version, CompatEntry.status == "failed"
+        select(CompatEntry.tier, CompatEntry.runtime_version, CompatEntry.evidence).where(
+            CompatEntry.model == model, CompatEntry.version == version, CompatEntry.status.in_(("failed", "suspect"))
         )
     )
-    return {(t, r) for t, r in rows}
+    return {(t, r) for t, r, ev in rows if cell_status(ev or [], min_devices=min_devices) == "failed"}
 
 
 def device_problems(
@@ -90,6 +217,21 @@ def device_problems(
     return out
 
 
+def _cell(e: CompatEntry) -> dict[str, Any]:
+    live = _live(e.evidence or [])
+    return {
+        "tier": e.tier,
+        "runtime_version": e.runtime_version,
+        "model": e.model,
+        "version": e.version,
+        "status": e.status,
+        "failing_devices": sorted(
+            {str(x.get("device_id")) for x in live if x.get("source") == "device" and _failing(x)}
+        ),
+        "evidence": e.evidence,
+    }
+
+
 def matrix(s: Session, versions: Iterable[ModelVersion] | None = None) -> list[dict[str, Any]]:
     """Every cell of tier × runtime version (as seen on devices and in evidence) × model version."""
     entries = {(e.tier, e.runtime_version, e.model, e.version): e for e in s.scalars(select(CompatEntry))}
@@ -100,14 +242,18 @@ def matrix(s: Session, versions: Iterable[ModelVersion] | None = None) -> list[d
     for mv in sorted(vs, key=lambda v: (v.model, v.created_at)):
         for tier, rt in sorted(combos):
             e = entries.get((tier, rt, mv.model, mv.version))
-            out.append(
-                {
-                    "tier": tier,
-                    "runtime_version": rt,
-                    "model": mv.model,
-                    "version": mv.version,
-                    "status": e.status if e else "untested",
-                    "evidence": e.evidence if e else [],
-                }
-            )
+            if e is not None:
+                out.append(_cell(e))
+            else:
+                out.append(
+                    {
+                        "tier": tier,
+                        "runtime_version": rt,
+                        "model": mv.model,
+                        "version": mv.version,
+                        "status": "untested",
+                        "failing_devices": [],
+                        "evidence": [],
+                    }
+                )
     return out

@@ -4,6 +4,10 @@ what they decide — every transition with its reason into ``rollout_transitions
 Several replicas on PostgreSQL: each rollout row is taken with ``SELECT … FOR UPDATE SKIP LOCKED`` for the
 length of one step (the row lock is the lease), so a rollout is stepped by one replica at a time and the others
 move on; ``(rollout_id, seq)`` is unique as a second line of defence. On SQLite there is one writer process.
+
+Each rollout steps in its own transaction: one that raises is logged with its id and keeps the error in
+``rollouts.step_error`` (shown on the rollout) while the others go on. Waves are judged on the server's clock —
+when events and windows were *received* — never on the devices' own timestamps (ADR 0094).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +30,7 @@ from edgefleet.controlplane.db import (
     Database,
     Device,
     DeviceGroup,
+    ModelVersion,
     Rollout,
     RolloutDevice,
     RolloutTransition,
@@ -33,28 +39,45 @@ from edgefleet.controlplane.db import (
     utcnow,
 )
 from edgefleet.controlplane.rollout import (
+    OTHER_MODEL,
     Action,
     CohortStats,
     DeviceFacts,
+    RolloutPlan,
     RolloutPolicy,
     RolloutState,
+    UpdateOutcome,
     WindowFacts,
+    blocked_reason,
     cohort_stats,
     decide,
     eligibility,
     judge,
+    plan_rollout,
     plan_wave,
     rollback_targets,
+    update_outcome,
 )
 from edgefleet.errors import ConflictError, NotFoundError
+from edgefleet.telemetry.drift import DriftReference, DriftSummary
 from edgefleet.telemetry.sketch import SketchData
 
 if TYPE_CHECKING:
     from edgefleet.controlplane.store import Store
 
-__all__ = ["StepResult", "lock_rollout", "operator_action", "reconcile_once", "step", "transition"]
+__all__ = [
+    "StepResult",
+    "drift_reference",
+    "lock_rollout",
+    "operator_action",
+    "plan",
+    "reconcile_once",
+    "step",
+    "transition",
+]
 
-FAILED_KINDS = ("rolled_back", "health_check_failed", "refused")
+STEPPED = (RolloutState.running.value, RolloutState.blocked.value)
+MAX_STEP_ERROR = 4000
 
 
 def owner_id() -> str:
@@ -95,10 +118,10 @@ def lock_rollout(s: Session, db: Database, rollout_id: str, *, skip_locked: bool
     return s.scalar(q)
 
 
-def _facts(s: Session, r: Rollout) -> tuple[list[DeviceFacts], dict[str, Device]]:
-    mv = registry.get_version(s, r.model, r.version)
+def _facts(s: Session, model: str, version: str, policy: RolloutPolicy) -> tuple[list[DeviceFacts], dict[str, Device]]:
+    mv = registry.get_version(s, model, version)
     manifest = registry.manifest_of(mv)
-    failed = compat.failed_cells(s, r.model, r.version)
+    failed = compat.failed_cells(s, model, version, min_devices=policy.compat_fail_devices)
     groups = {g.name: g for g in s.scalars(select(DeviceGroup))}
     devs = {d.id: d for d in s.scalars(select(Device))}
     out = []
@@ -107,8 +130,8 @@ def _facts(s: Session, r: Rollout) -> tuple[list[DeviceFacts], dict[str, Device]
         problems = compat.device_problems(
             manifest, failed, tier=d.tier, runtime_version=d.runtime_version, memory_mb=d.memory_mb
         )
-        if d.desired_model not in (None, r.model):
-            problems.append(f"runs another model ({d.desired_model})")
+        if d.desired_model not in (None, model):
+            problems.append(f"{OTHER_MODEL} ({d.desired_model})")
         out.append(
             DeviceFacts(
                 device_id=d.id,
@@ -126,6 +149,48 @@ def _facts(s: Session, r: Rollout) -> tuple[list[DeviceFacts], dict[str, Device]
     return out, devs
 
 
+def plan(
+    s: Session, model: str, version: str, *, tier: str | None, channel: str | None, policy: RolloutPolicy
+) -> RolloutPlan:
+    """What a rollout of ``model`` ``version`` would move in each wave on today's fleet; moves nothing."""
+    facts, _ = _facts(s, model, version, policy)
+    return plan_rollout(facts, model=model, version=version, waves=policy.waves, tier=tier, channel=channel)
+
+
+def drift_reference(s: Session, model: str, version: str) -> DriftReference | None:
+    """The package's drift reference as stored at upload, or None (a package without one, or unreadable)."""
+    raw = s.scalar(
+        select(ModelVersion.drift_reference).where(ModelVersion.model == model, ModelVersion.version == version)
+    )
+    if not raw:
+        return None
+    try:
+        return DriftReference.model_validate(raw)
+    except ValueError:
+        return None
+
+
+def _summaries(raw: object, keep: Iterable[str] | None = None) -> tuple[DriftSummary, ...]:
+    """Stored drift summaries without re-validating them (the report route validated them on arrival); those of
+    features outside ``keep`` are left out."""
+    if not isinstance(raw, list):
+        return ()
+    wanted = None if keep is None else set(keep)
+    return tuple(
+        DriftSummary.model_construct(
+            feature=str(x.get("feature")), psi=x.get("psi", 0.0), n=x.get("n", 0), counts=list(x.get("counts") or [])
+        )
+        for x in raw
+        if isinstance(x, dict) and (wanted is None or x.get("feature") in wanted)
+    )
+
+
+def _same_bins(a: DriftReference, b: DriftReference) -> set[str]:
+    """Features binned identically in both references: only their counts can be merged."""
+    theirs = {f.name: (f.kind, f.edges, f.categories) for f in b.features}
+    return {f.name for f in a.features if theirs.get(f.name) == (f.kind, f.edges, f.categories)}
+
+
 def window_facts(
     s: Session,
     ids: Iterable[str],
@@ -136,16 +201,21 @@ def window_facts(
     until: datetime | None = None,
     model: str | None = None,
     since_by_device: Mapping[str, datetime] | None = None,
+    drift_features: Mapping[str | None, Iterable[str]] | None = None,
 ) -> list[WindowFacts]:
-    """Telemetry windows of ``ids`` since ``since`` on ``version`` (``same``) or on any other version; the
-    reconciler judges waves on them and the dashboard shows the same figures. With ``since_by_device``, a device
-    counts only with windows ending at or after its own start time, and a device missing from it not at all."""
+    """Telemetry windows of ``ids`` received since ``since`` on ``version`` (``same``) or on any other version;
+    the reconciler judges waves on them and the dashboard shows the same figures. With ``since_by_device``, a
+    device counts only with windows received at or after its own start time, and a device missing from it not at
+    all. ``drift_features`` names, per window version, the features whose counts can be merged (None: all).
+
+    Times are the server's (``received_at``): a device whose clock is off cannot move its windows out of (or
+    into) a wave."""
     ids = list(ids)
     if not ids:
         return []
-    q = select(TelemetryRow).where(TelemetryRow.device_id.in_(ids), TelemetryRow.end >= since)
+    q = select(TelemetryRow).where(TelemetryRow.device_id.in_(ids), TelemetryRow.received_at >= since)
     if until is not None:
-        q = q.where(TelemetryRow.end <= until)
+        q = q.where(TelemetryRow.received_at <= until)
     if model is not None:
         q = q.where(TelemetryRow.model == model)
     q = q.where(TelemetryRow.version == version) if same else q.where(TelemetryRow.version != version)
@@ -156,13 +226,13 @@ def window_facts(
             errors=w.errors,
             crashes=w.worker_crashes,
             latency=SketchData.model_validate(w.latency) if w.latency else SketchData(),
-            max_psi=w.max_psi,
             tier=w.tier,
-            end=_naive(w.end).replace(tzinfo=UTC).timestamp(),
+            end=_naive(w.received_at).replace(tzinfo=UTC).timestamp(),
+            drift=_summaries(w.drift, None if drift_features is None else drift_features.get(w.version, ())),
         )
         for w in s.scalars(q)
         if since_by_device is None
-        or (w.device_id in since_by_device and _naive(w.end) >= _naive(since_by_device[w.device_id]))
+        or (w.device_id in since_by_device and _naive(w.received_at) >= _naive(since_by_device[w.device_id]))
     ]
 
 
@@ -206,17 +276,29 @@ def wave_cohorts(
     instead of on whichever was measured later. ``already_serving`` devices had nothing to install and count as
     committed from the start."""
     moved, control_ids = set(moved), set(control_ids)
-    q = select(UpdateEventRow.device_id, UpdateEventRow.kind, UpdateEventRow.at).where(
-        UpdateEventRow.model == r.model, UpdateEventRow.version == r.version, UpdateEventRow.at >= r.created_at
+    # the server's receive time decides what belongs to the rollout; an event of another rollout of the same
+    # version is not this one's evidence (events without a rollout id come from clients that send none)
+    q = select(UpdateEventRow.device_id, UpdateEventRow.kind, UpdateEventRow.reason, UpdateEventRow.received_at).where(
+        UpdateEventRow.model == r.model,
+        UpdateEventRow.version == r.version,
+        UpdateEventRow.received_at >= r.created_at,
+        (UpdateEventRow.rollout_id == r.id) | UpdateEventRow.rollout_id.is_(None),
     )
     if until is not None:
-        q = q.where(UpdateEventRow.at <= until)
-    ev = [(dev, kind, at) for dev, kind, at in s.execute(q).all() if dev in moved]
-    committed_at = {dev: at for dev, kind, at in ev if kind == "committed"}
+        q = q.where(UpdateEventRow.received_at <= until)
+    by_device: dict[str, list[tuple[str, str | None]]] = {}
+    committed_at: dict[str, datetime] = {}
+    for dev, kind, reason, at in s.execute(q.order_by(UpdateEventRow.received_at, UpdateEventRow.id)).all():
+        if dev in moved:
+            by_device.setdefault(dev, []).append((kind, reason))
+            if kind == "committed":
+                committed_at.setdefault(dev, at)
+    outcomes = {dev: update_outcome(ev, reverted=False) for dev, ev in by_device.items()}
     for i in already_serving:
         committed_at.setdefault(i, r.created_at)
-    failed = {dev for dev, kind, _ in ev if kind in FAILED_KINDS}
+    failed = {dev for dev, o in outcomes.items() if o in (UpdateOutcome.failed, UpdateOutcome.rolled_back)}
     committed = set(committed_at) - failed
+    reference = drift_reference(s, r.model, r.version)
     treatment = cohort_stats(
         window_facts(
             s,
@@ -231,24 +313,55 @@ def wave_cohorts(
         devices=len(moved),
         committed=len(committed),
         failed=len(failed),
+        reference=reference,
     )
     control_since = min(committed_at.values(), key=_naive, default=r.created_at)
-    control = cohort_stats(
-        window_facts(s, control_ids, control_since, r.version, same=False, until=until, model=r.model),
-        devices=len(control_ids),
+    comparable: dict[str | None, Iterable[str]] = {}
+    if reference is not None and control_ids:
+        # The control runs other versions, whose counts fall in their own references' bins: only features binned
+        # exactly like the new version's are merged with the new version's reference.
+        versions = s.scalars(
+            select(TelemetryRow.version)
+            .where(
+                TelemetryRow.device_id.in_(control_ids),
+                TelemetryRow.model == r.model,
+                TelemetryRow.version != r.version,
+                TelemetryRow.received_at >= control_since,
+            )
+            .distinct()
+        )
+        for v in versions:
+            other = drift_reference(s, r.model, v) if v is not None else None
+            comparable[v] = _same_bins(reference, other) if other is not None else set()
+    control_windows = window_facts(
+        s, control_ids, control_since, r.version, same=False, until=until, model=r.model, drift_features=comparable
     )
+    control = cohort_stats(control_windows, devices=len(control_ids), reference=reference)
     return treatment, control if control_ids else None
 
 
 def step(s: Session, r: Rollout, actor: str, now: datetime | None = None) -> StepResult:
-    """One reconcile step of one running rollout (the caller holds the row lock)."""
+    """One reconcile step of one running or blocked rollout (the caller holds the row lock)."""
     now = now or utcnow()
     res = StepResult()
-    if r.state != RolloutState.running.value:
+    if r.state not in STEPPED:
         return res
     policy = RolloutPolicy.model_validate(r.policy)
-    facts, devs = _facts(s, r)
+    facts, devs = _facts(s, r.model, r.version, policy)
     moved_rows = {x.device_id: x for x in s.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == r.id))}
+    if not moved_rows:
+        # Nothing moved yet and nobody to move: blocked, with the reason, until a device appears. Judging the
+        # empty cohort would pass it vacuously and "complete" a rollout that reached no device.
+        why = blocked_reason(facts, tier=r.tier, channel=r.channel)
+        if why is not None:
+            if r.state != RolloutState.blocked.value:
+                res.transitions.append(transition(s, r, RolloutState.blocked, why, actor))
+            elif r.reason != why:
+                r.reason = why
+            return res
+    if r.state == RolloutState.blocked.value:
+        r.wave_started_at = now  # the wave bakes from when it could first move a device
+        res.transitions.append(transition(s, r, RolloutState.running, "unblocked: an eligible device appeared", actor))
     to_move = plan_wave(
         facts,
         model=r.model,
@@ -317,29 +430,52 @@ def step(s: Session, r: Rollout, actor: str, now: datetime | None = None) -> Ste
 
 
 def reconcile_once(store: Store, actor: str | None = None) -> list[str]:
-    """Step every running rollout this process can lock. Returns the transitions it recorded."""
+    """Step every running or blocked rollout this process can lock, each in its own transaction: one whose step
+    raises is rolled back, logged and marked with the error, and the others go on. Returns the transitions
+    recorded."""
     actor = actor or f"reconciler:{owner_id()}"
     db = store.db
     with db.session() as s:
-        ids = list(s.scalars(select(Rollout.id).where(Rollout.state == RolloutState.running.value)))
+        ids = list(s.scalars(select(Rollout.id).where(Rollout.state.in_(STEPPED)).order_by(Rollout.created_at)))
     out: list[str] = []
     for rid in ids:
-        with db.session() as s:
-            r = lock_rollout(s, db, rid, skip_locked=True)
-            if r is None or r.state != RolloutState.running.value:
-                continue  # another replica holds it, or it changed since we listed it
-            r.lease_owner, r.lease_until = actor, utcnow()
-            res = step(s, r, actor)
+        try:
+            with db.session() as s:
+                r = lock_rollout(s, db, rid, skip_locked=True)
+                if r is None or r.state not in STEPPED:
+                    continue  # another replica holds it, or it changed since we listed it
+                r.lease_owner, r.lease_until = actor, utcnow()
+                res = step(s, r, actor)
+                if r.step_error is not None:
+                    r.step_error = None  # this step went through: the last one's error is history
+        except Exception as exc:  # one rollout's bad data must not stall every other rollout
+            first = (str(exc).splitlines() or [""])[0]
+            store.log(f"rollout {rid}: step failed: {type(exc).__name__}: {first}")
+            _keep_step_error(store, rid, exc)
+            continue
         store.refresh(res.touched)
         out.extend(res.transitions)
     return out
 
 
+def _keep_step_error(store: Store, rollout_id: str, exc: Exception) -> None:
+    """Store the error on the rollout in a transaction of its own (the step's was rolled back)."""
+    last = "".join(traceback.format_exception_only(exc)).strip()
+    text = f"{utcnow().isoformat(timespec='seconds')}: {last}"[:MAX_STEP_ERROR]
+    try:
+        with store.db.session() as s:
+            r = lock_rollout(s, store.db, rollout_id, skip_locked=True)
+            if r is not None:
+                r.step_error = text
+    except Exception as again:  # the database itself is failing: the log line above is all there is
+        store.log(f"rollout {rollout_id}: could not record its step error: {again}")
+
+
 _ALLOWED: dict[str, tuple[set[str], RolloutState]] = {
-    "pause": ({"running"}, RolloutState.paused),
+    "pause": ({"running", "blocked"}, RolloutState.paused),
     "resume": ({"paused"}, RolloutState.running),
-    "abort": ({"running", "paused"}, RolloutState.aborted),
-    "rollback": ({"running", "paused", "completed"}, RolloutState.rolled_back),
+    "abort": ({"running", "paused", "blocked"}, RolloutState.aborted),
+    "rollback": ({"running", "paused", "blocked", "completed"}, RolloutState.rolled_back),
 }
 
 

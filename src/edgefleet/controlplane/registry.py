@@ -12,6 +12,7 @@ from edgefleet.controlplane import compat
 from edgefleet.controlplane.db import ModelVersion
 from edgefleet.errors import ConflictError, NotFoundError, UsageError
 from edgefleet.package.manifest import Manifest
+from edgefleet.telemetry.drift import DriftReference
 
 __all__ = [
     "CHANNELS",
@@ -42,19 +43,35 @@ def version_dict(mv: ModelVersion, *, full: bool = False) -> dict[str, Any]:
         "gate": (mv.gate or {}).get("verdict", (mv.gate or {}).get("passed")) if not full else mv.gate,
         "created_at": mv.created_at.isoformat(),
     }
+    d["drift_features"] = (
+        None if mv.drift_reference is None else [f.get("name") for f in mv.drift_reference.get("features", [])]
+    )
     if full:
         d["bench"] = mv.bench
         d["manifest"] = mv.manifest
     return d
 
 
-def register_version(s: Session, manifest: Manifest, *, target: str, package_sha256: str, length: int) -> ModelVersion:
-    """Add a published package; re-publishing the identical package is a no-op, a different one a conflict."""
+def register_version(
+    s: Session,
+    manifest: Manifest,
+    *,
+    target: str,
+    package_sha256: str,
+    length: int,
+    reference: DriftReference | None = None,
+) -> ModelVersion:
+    """Add a published package; re-publishing the identical package is a no-op, a different one a conflict.
+
+    The package's drift reference (``reference.json``) is kept with the version: the fleet's merged per-bin counts
+    are scored against it on the server."""
     existing = s.scalar(
         select(ModelVersion).where(ModelVersion.model == manifest.name, ModelVersion.version == manifest.version)
     )
     if existing is not None:
         if existing.package_sha256 == package_sha256:
+            if existing.drift_reference is None and reference is not None:
+                existing.drift_reference = reference.model_dump(mode="json")  # registered before it was kept
             return existing
         raise ConflictError(
             f"{manifest.name} {manifest.version} is already registered with another package; bump the version"
@@ -70,6 +87,7 @@ def register_version(s: Session, manifest: Manifest, *, target: str, package_sha
         requirements=manifest.requirements.model_dump(mode="json"),
         lineage=manifest.lineage.model_dump(mode="json"),
         manifest=manifest.model_dump(mode="json"),
+        drift_reference=None if reference is None else reference.model_dump(mode="json"),
     )
     s.add(mv)
     s.flush()

@@ -12,6 +12,10 @@ later half of the treatment's telemetry (each half sampled on its own) before it
 contention during one stretch of the bake (a neighbour's update, a backup job) then moves one half, not both; a
 slower model moves both. Until the later half has its sample the suspicion keeps the wave inconclusive, so a
 suspected regression never advances a wave either (ADR 0093).
+
+Drift is judged on each cohort's merged per-bin counts scored against the package's reference (never a maximum of
+per-window PSIs), and only once a feature has the minimum sample (ADR 0094). A rollout with no eligible device is
+``blocked``, never ``completed``: an empty cohort proves nothing.
 """
 
 from __future__ import annotations
@@ -19,38 +23,58 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from edgefleet.bench.stats import mann_whitney_greater
+from edgefleet.telemetry.drift import MIN_DRIFT_SAMPLE, DriftReference, DriftSummary, fleet_psi, merge_counts
 from edgefleet.telemetry.sketch import LatencySketch, SketchData
 
 __all__ = [
+    "OTHER_MODEL",
     "Action",
     "CohortStats",
     "Decision",
     "DeviceFacts",
     "Judgement",
     "Outcome",
+    "RolloutPlan",
     "RolloutPolicy",
     "RolloutState",
+    "UpdateOutcome",
+    "WindowFacts",
+    "blocked_reason",
     "cohort_stats",
     "decide",
     "eligibility",
+    "is_cancellation",
     "judge",
+    "outcome_counts",
+    "plan_rollout",
     "plan_wave",
     "rollback_targets",
+    "success_rate",
+    "update_outcome",
     "wave_bucket",
     "wave_of",
 ]
+
+
+# A window's p95 is a unit of the shift test only with this many calls (below it, the p95 is the window's maximum).
+MIN_WINDOW_CALLS = 5
 
 
 class RolloutState(StrEnum):
     draft = "draft"
     running = "running"
     paused = "paused"
+    # no eligible device to move (none enrolled, all incompatible, pinned …): re-evaluated every step, so the
+    # rollout goes on by itself once a device appears; never terminal and never "completed"
+    blocked = "blocked"
     completed = "completed"
     aborted = "aborted"
     rolled_back = "rolled_back"
@@ -83,6 +107,11 @@ class RolloutPolicy(BaseModel):
     # A suspected p95 regression waits for the later half of the treatment's telemetry; the bake is extended by
     # up to this long for it (then the wave pauses like any inconclusive one).
     max_confirm_s: float = Field(300.0, ge=0)
+    # A p95 regression must also be a shift of the typical telemetry window, not a few windows hit by a burst: the
+    # treatment's per-window p95s must rank above the control's (one-sided Mann-Whitney p below this), over at least
+    # ``min_latency_windows`` windows of the tier in each cohort (ADR 0095).
+    latency_shift_p: float = Field(0.01, gt=0, le=1)
+    min_latency_windows: int = Field(5, ge=2)
     max_error_rate_increase: float = Field(0.01, ge=0, le=1)
     max_psi_increase: float = Field(0.1, ge=0)
     # absolute budgets (first rollout) — also a floor that applies with a control group
@@ -90,6 +119,9 @@ class RolloutPolicy(BaseModel):
     p95_budget_ms: float | None = Field(None, gt=0)
     max_error_rate: float = Field(0.05, ge=0, le=1)
     max_psi: float = Field(0.25, ge=0)
+    # A compatibility cell blocks a version only on failures from this many distinct devices: one device's bad
+    # hardware or flaky storage must not shut a whole tier out. Fewer make the cell "suspect" (shown, not blocking).
+    compat_fail_devices: int = Field(2, ge=1)
 
     @field_validator("waves")
     @classmethod
@@ -137,6 +169,9 @@ class DeviceFacts:
     compat_problems: tuple[str, ...] = ()  # from the compatibility matrix and the package requirements
 
 
+OTHER_MODEL = "runs another model"
+
+
 def eligibility(device: DeviceFacts, *, tier: str | None, channel: str | None) -> str | None:
     """None when the rollout may target the device, else the reason it may not."""
     if device.revoked:
@@ -181,6 +216,70 @@ def plan_wave(
     return sorted(out)
 
 
+def _exclusion(device: DeviceFacts, *, channel: str | None) -> str:
+    """What keeps an in-scope device out, in words fit for a count ("3 incompatible")."""
+    if device.revoked:
+        return "revoked"
+    if device.pinned:
+        return "pinned"
+    if channel is not None and device.channel != channel:
+        return "on another channel"
+    if device.compat_problems and all(p.startswith(OTHER_MODEL) for p in device.compat_problems):
+        return "run another model"
+    return "incompatible"
+
+
+def blocked_reason(devices: Iterable[DeviceFacts], *, tier: str | None, channel: str | None) -> str | None:
+    """None when at least one device is eligible, else why none is — counted over the devices in the rollout's
+    scope (its tier), e.g. ``no eligible device on tier arm-a72: 3 enrolled, 3 incompatible``."""
+    ds = list(devices)
+    if any(eligibility(d, tier=tier, channel=channel) is None for d in ds):
+        return None
+    scope = [d for d in ds if tier is None or d.tier == tier]
+    where = (f" on tier {tier}" if tier is not None else "") + (f" in channel {channel}" if channel else "")
+    why = Counter(_exclusion(d, channel=channel) for d in scope)
+    parts = [f"{len(scope)} enrolled", *(f"{n} {what}" for what, n in sorted(why.items()))]
+    return f"no eligible device{where}: " + ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """What a rollout would do now, wave by wave (``rollout start --dry-run``)."""
+
+    waves: tuple[tuple[str, ...], ...]  # devices each wave would move (each device once, in its first wave)
+    already: tuple[str, ...]  # eligible devices whose desired state already names the version
+    excluded: dict[str, str]  # device → why it is never targeted
+    blocked: str | None  # set when no device is eligible
+
+    @property
+    def devices(self) -> int:
+        return sum(len(w) for w in self.waves)
+
+
+def plan_rollout(
+    devices: Iterable[DeviceFacts],
+    *,
+    model: str,
+    version: str,
+    waves: Sequence[float],
+    tier: str | None,
+    channel: str | None,
+) -> RolloutPlan:
+    """Every wave of a rollout as :func:`plan_wave` would plan it on today's fleet, without moving anything."""
+    ds = list(devices)
+    moved: list[str] = []
+    out: list[tuple[str, ...]] = []
+    for i in range(len(waves)):
+        now = plan_wave(ds, model=model, version=version, wave=i, waves=waves, tier=tier, channel=channel, moved=moved)
+        out.append(tuple(now))
+        moved += now
+    excluded = {d.device_id: why for d in ds if (why := eligibility(d, tier=tier, channel=channel)) is not None}
+    already = tuple(
+        sorted(d.device_id for d in ds if d.device_id not in excluded and d.model == model and d.version == version)
+    )
+    return RolloutPlan(tuple(out), already, excluded, blocked_reason(ds, tier=tier, channel=channel))
+
+
 def rollback_targets(moved: Iterable[tuple[str, bool]]) -> list[str]:
     """Devices whose desired state must go back to A: every moved device not reverted yet."""
     return sorted(device_id for device_id, reverted in moved if not reverted)
@@ -199,10 +298,17 @@ class CohortStats:
     requests: int = 0
     errors: int = 0
     p95_ms: float | None = None
+    # the largest PSI over features with enough data, scored on the cohort's merged counts; None: none has
     max_psi: float | None = None
+    psi_by_feature: dict[str, float | None] = field(default_factory=dict)
     # p95 per device tier: tiers differ in hardware, so treatment and control are compared tier by tier
     p95_ms_by_tier: dict[str, float] = field(default_factory=dict)
     requests_by_tier: dict[str, int] = field(default_factory=dict)
+    # each telemetry window's own p95 (ms), per tier and overall, for windows with at least MIN_WINDOW_CALLS calls:
+    # the units of the shift test (a window's requests share its moment's host load, so they are not independent)
+    # (None: not computed — a cohort built by hand is taken at its word)
+    window_p95_ms_by_tier: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    window_p95_ms: tuple[float, ...] | None = None
     # the same windows split in time at half of each device's requests (earlier, later); None without times
     halves: tuple[CohortStats, CohortStats] | None = None
 
@@ -222,16 +328,26 @@ class WindowFacts:
     errors: int
     crashes: int
     latency: SketchData
-    max_psi: float | None
     tier: str | None = None
-    end: float | None = None  # when the window closed (epoch seconds): orders windows in time
+    # when the server received the window (epoch seconds): orders windows in time; device clocks may be off
+    end: float | None = None
+    drift: tuple[DriftSummary, ...] = ()  # per-feature counts in the reference's bins
 
 
-def cohort_stats(windows: Iterable[WindowFacts], *, devices: int, committed: int = 0, failed: int = 0) -> CohortStats:
-    """Aggregate telemetry windows: p95 from merged sketches (never an average of per-device p95s). When every
-    window carries its end time, ``halves`` holds the same statistics for the earlier and the later half of each
-    device's requests."""
+def cohort_stats(
+    windows: Iterable[WindowFacts],
+    *,
+    devices: int,
+    committed: int = 0,
+    failed: int = 0,
+    reference: DriftReference | None = None,
+    min_drift_sample: int = MIN_DRIFT_SAMPLE,
+) -> CohortStats:
+    """Aggregate telemetry windows: p95 from merged sketches (never an average of per-device p95s), drift PSI from
+    merged per-bin counts against ``reference`` (none without one). When every window carries its time,
+    ``halves`` holds the same statistics for the earlier and the later half of each device's requests."""
     ws = list(windows)
+    agg = _Aggregate(devices, committed, failed, reference, min_drift_sample)
     halves = None
     if ws and all(w.end is not None for w in ws):
         by_device: dict[str, list[WindowFacts]] = {}
@@ -250,8 +366,28 @@ def cohort_stats(windows: Iterable[WindowFacts], *, devices: int, committed: int
                 acc += w.requests
             early += own[:cut]
             late += own[cut:]
-        halves = (_aggregate(early, devices, committed, failed), _aggregate(late, devices, committed, failed))
-    return replace(_aggregate(ws, devices, committed, failed), halves=halves)
+        halves = (agg(early), agg(late))
+    return replace(agg(ws), halves=halves)
+
+
+@dataclass(frozen=True)
+class _Aggregate:
+    devices: int
+    committed: int
+    failed: int
+    reference: DriftReference | None
+    min_drift_sample: int
+
+    def __call__(self, windows: Sequence[WindowFacts]) -> CohortStats:
+        psi: dict[str, float | None] = {}
+        if self.reference is not None:
+            merged = merge_counts((x for w in windows for x in w.drift), self.reference)
+            psi = fleet_psi(self.reference, merged, min_sample=self.min_drift_sample)
+        return replace(
+            _aggregate(windows, self.devices, self.committed, self.failed),
+            max_psi=max((v for v in psi.values() if v is not None), default=None),
+            psi_by_feature=psi,
+        )
 
 
 def _aggregate(windows: Sequence[WindowFacts], devices: int, committed: int, failed: int) -> CohortStats:
@@ -261,7 +397,8 @@ def _aggregate(windows: Sequence[WindowFacts], devices: int, committed: int, fai
     crashed: set[str] = set()
     seen: set[str] = set()
     req = err = 0
-    psi: float | None = None
+    window_p95: list[float] = []
+    window_p95_by_tier: dict[str, list[float]] = {}
     for w in windows:
         seen.add(w.device_id)
         if w.crashes:
@@ -270,13 +407,15 @@ def _aggregate(windows: Sequence[WindowFacts], devices: int, committed: int, fai
         err += w.errors
         if w.latency.count:
             one = LatencySketch.from_data(w.latency)
+            if w.latency.count >= MIN_WINDOW_CALLS and (wq := one.quantile(0.95)) is not None:
+                window_p95.append(wq * 1000.0)
+                if w.tier is not None:
+                    window_p95_by_tier.setdefault(w.tier, []).append(wq * 1000.0)
             sketch.merge(one)
             if w.tier is not None:
                 by_tier.setdefault(w.tier, LatencySketch()).merge(one)
         if w.tier is not None:
             tier_requests[w.tier] = tier_requests.get(w.tier, 0) + w.requests
-        if w.max_psi is not None:
-            psi = w.max_psi if psi is None else max(psi, w.max_psi)
     q = sketch.quantile(0.95)
     return CohortStats(
         devices=devices,
@@ -287,9 +426,10 @@ def _aggregate(windows: Sequence[WindowFacts], devices: int, committed: int, fai
         requests=req,
         errors=err,
         p95_ms=None if q is None else q * 1000.0,
-        max_psi=psi,
         p95_ms_by_tier={t: v * 1000.0 for t, sk in by_tier.items() if (v := sk.quantile(0.95)) is not None},
         requests_by_tier=tier_requests,
+        window_p95_ms_by_tier={t: tuple(v) for t, v in window_p95_by_tier.items()},
+        window_p95_ms=tuple(window_p95),
     )
 
 
@@ -317,8 +457,9 @@ def judge(treatment: CohortStats, control: CohortStats | None, policy: RolloutPo
     denominator of at least ``min_devices`` so one failure in a one-device canary is not an automatic 100 %.
     Telemetry SLOs need the minimum sample; the control group counts only when it has one too."""
     if treatment.devices == 0:
-        # No eligible device has landed in the waves so far (small fleet, tier filter): nothing is at risk.
-        return Judgement(Outcome.passed, ("no eligible device in the waves so far",))
+        # Nothing was moved although devices are eligible: every one of them already has the version, so nothing
+        # is at risk (the reconciler blocks a rollout that has no eligible device at all before judging).
+        return Judgement(Outcome.passed, ("no device in the waves so far needed the update",))
     fails: list[str] = []
     denom = max(treatment.devices, policy.min_devices)
     if treatment.failed and treatment.failed / denom > policy.max_failure:
@@ -371,11 +512,13 @@ def _slo_failures(t: CohortStats, c: CohortStats | None, p: RolloutPolicy) -> tu
             out.extend(worse)
             pending.extend(unconfirmed)
     if t.max_psi is not None:
+        worst = max(((v, k) for k, v in t.psi_by_feature.items() if v is not None), default=None)
+        on = f" on {worst[1]}" if worst is not None and worst[0] == t.max_psi else ""
         if c is not None and c.max_psi is not None:
             if t.max_psi > p.max_psi and t.max_psi > c.max_psi + p.max_psi_increase:
-                out.append(f"drift PSI {t.max_psi:.3f} vs control {c.max_psi:.3f}")
+                out.append(f"drift PSI {t.max_psi:.3f}{on} vs control {c.max_psi:.3f}")
         elif t.max_psi > p.max_psi:
-            out.append(f"drift PSI {t.max_psi:.3f} above {p.max_psi}")
+            out.append(f"drift PSI {t.max_psi:.3f}{on} above {p.max_psi}")
     return out, pending
 
 
@@ -383,8 +526,9 @@ def _p95_vs_control(t: CohortStats, c: CohortStats, p: RolloutPolicy) -> tuple[l
     """Latency against the control group, like for like: tier by tier where both cohorts have the tier (a canary
     that happens to hold more slow-tier devices than the control is not a regression — Simpson's paradox) and
     both served it ``min_tier_requests``; the cohorts as a whole only when neither carries tiers. A regression
-    exceeds both the ratio and the absolute floor, over the whole treatment window and in each of its halves.
-    Returns (confirmed regressions, regressions still waiting for the later half's sample)."""
+    exceeds both the ratio and the absolute floor, over the whole treatment window and in each of its halves, and
+    the treatment's per-window p95s rank above the control's (ADR 0095). Returns (confirmed regressions,
+    regressions still waiting for their evidence)."""
     max_ratio = p.max_p95_ratio
 
     def worse(tv: float, cv: float) -> bool:
@@ -408,6 +552,17 @@ def _p95_vs_control(t: CohortStats, c: CohortStats, p: RolloutPolicy) -> tuple[l
                 return False
         return True if known else None
 
+    def shifted(tier: str | None) -> bool | None:
+        """The treatment's typical window is slower than the control's (True), is not (False), or too few windows
+        to tell (None)."""
+        if t.window_p95_ms is None or c.window_p95_ms is None:
+            return True
+        tw = t.window_p95_ms if tier is None else t.window_p95_ms_by_tier.get(tier, ())
+        cw = c.window_p95_ms if tier is None else c.window_p95_ms_by_tier.get(tier, ())
+        if len(tw) < p.min_latency_windows or len(cw) < p.min_latency_windows:
+            return None
+        return mann_whitney_greater(tw, cw) < p.latency_shift_p
+
     suspects: list[tuple[str | None, float, float, str]] = []
     if t.p95_ms_by_tier or c.p95_ms_by_tier:
         for name in sorted(set(t.p95_ms_by_tier) & set(c.p95_ms_by_tier)):
@@ -422,10 +577,17 @@ def _p95_vs_control(t: CohortStats, c: CohortStats, p: RolloutPolicy) -> tuple[l
     for tier, tv, cv, where in suspects:
         claim = f"p95 {tv:.2f} ms vs control {cv:.2f} ms{where} (> x{max_ratio})"
         r = replicated(tier, cv)
-        if r is True:
+        if r is False:
+            continue
+        moved = shifted(tier)
+        if moved is False:
+            continue  # a few slow windows (a burst), while the typical window is as fast as the control's
+        if r is True and moved is True:
             confirmed.append(claim)
         elif r is None:
             pending.append(f"{claim}, confirming in the later half of the wave's telemetry")
+        else:
+            pending.append(f"{claim}, confirming over at least {p.min_latency_windows} telemetry windows per cohort")
     return confirmed, pending
 
 
@@ -480,6 +642,65 @@ def decide(
     if wave >= len(waves) - 1:
         return Decision(Action.complete, f"last wave passed: {judgement.reason}", judgement)
     return Decision(Action.advance, f"wave {wave} passed: {judgement.reason}", judgement)
+
+
+# --------------------------------------------------------------------------- what became of one update
+
+
+class UpdateOutcome(StrEnum):
+    committed = "committed"
+    failed = "failed"  # refused or failed its health check: the version did not apply on the device
+    rolled_back = "rolled_back"  # the device undid it on its own (probation, crash loop)
+    reverted = "reverted"  # a rollout rollback changed the device's desired state: the control plane decided
+    cancelled = "cancelled"  # abandoned because the desired state moved on for another reason
+
+
+# Agents that predate the ``cancelled`` event report an abandoned update as a refusal or rollback with this reason.
+_MOVED_ON = "desired state changed"
+
+
+def is_cancellation(kind: str, reason: str | None) -> bool:
+    """An event that records an update abandoned because the desired state moved on: no evidence against the
+    version (and none for the compatibility matrix)."""
+    return kind == "cancelled" or (
+        kind in ("refused", "health_check_failed", "rolled_back") and reason is not None and _MOVED_ON in reason
+    )
+
+
+def update_outcome(events: Iterable[tuple[str, str | None]], *, reverted: bool) -> UpdateOutcome | None:
+    """The one outcome of one update (a device × version × rollout) from its events ``(kind, reason)``, or None
+    while it is in flight. A device's own failure outranks its commit; an update given up because the desired
+    state moved on is the control plane's decision, never the device's failure (``reverted`` when a rollout
+    rollback moved that device's desired state)."""
+    kinds: set[str] = set()
+    moved_on = False
+    for kind, reason in events:
+        if is_cancellation(kind, reason):
+            moved_on = True
+        else:
+            kinds.add(kind)
+    if kinds & {"refused", "health_check_failed"}:
+        return UpdateOutcome.failed
+    if "rolled_back" in kinds:
+        return UpdateOutcome.rolled_back
+    if "committed" in kinds:
+        return UpdateOutcome.committed
+    if reverted:
+        return UpdateOutcome.reverted
+    return UpdateOutcome.cancelled if moved_on else None
+
+
+def outcome_counts(outcomes: Iterable[UpdateOutcome | None]) -> dict[str, int]:
+    """``{committed, failed, rolled_back, reverted, cancelled}``: every kind present, in flight left out."""
+    n = Counter(o for o in outcomes if o is not None)
+    return {o.value: n.get(o, 0) for o in UpdateOutcome}
+
+
+def success_rate(counts: Mapping[str, int]) -> float | None:
+    """Committed over the updates the devices themselves finished: decisions of the control plane (reverted,
+    cancelled) are neither successes nor failures of the version."""
+    done = counts.get("committed", 0) + counts.get("failed", 0) + counts.get("rolled_back", 0)
+    return counts.get("committed", 0) / done if done else None
 
 
 def parse_percent(text: str) -> float:

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from edgefleet.controlplane import audit, compat, devices, kpi, reconciler, registry
 from edgefleet.controlplane.auth import Principal, authorize, hash_secret, new_secret
 from edgefleet.controlplane.db import ApiToken, DeviceGroup, Rollout, RolloutDevice, RolloutTransition, utcnow
-from edgefleet.controlplane.rollout import RolloutPolicy, RolloutState
+from edgefleet.controlplane.rollout import RolloutPlan, RolloutPolicy, RolloutState
 from edgefleet.errors import ConflictError, NotFoundError, UsageError
 from edgefleet.protocol import API_PREFIX, DeviceConfig
 
@@ -74,6 +74,14 @@ class RolloutCreate(_In):
 
 
 class ActionBody(_In):
+    reason: str | None = Field(None, max_length=2000)
+
+
+class CompatClear(_In):
+    tier: str = Field(min_length=1, max_length=64)
+    runtime_version: str = Field(max_length=64)
+    model: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=64)
     reason: str | None = Field(None, max_length=2000)
 
 
@@ -156,6 +164,32 @@ def get_compat(request: Request, model: str | None = None) -> list[dict[str, Any
     with _store(request).db.session() as s:
         rows = compat.matrix(s)
         return [r for r in rows if model is None or r["model"] == model]
+
+
+@router.post("/compat/clear")
+def clear_compat(body: CompatClear, request: Request) -> dict[str, Any]:
+    """An operator clears a cell: its evidence stays, only what arrives from now on counts."""
+    who = _who(request)
+    with _store(request).db.session() as s:
+        out = compat.clear(
+            s,
+            tier=body.tier,
+            runtime_version=body.runtime_version,
+            model=body.model,
+            version=body.version,
+            actor=who.actor,
+        )
+        audit.record(
+            s,
+            who.actor,
+            "compat.clear",
+            f"{body.model}:{body.version}",
+            tier=body.tier,
+            runtime_version=body.runtime_version,
+            previous_status=out["previous_status"],
+            reason=body.reason,
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -304,7 +338,12 @@ async def upload_package(request: Request) -> dict[str, Any]:
         opened, info = st.repo.receive(chunks)
         with st.db.session() as s:
             mv = registry.register_version(
-                s, opened.manifest, target=info.name, package_sha256=info.sha256, length=info.length
+                s,
+                opened.manifest,
+                target=info.name,
+                package_sha256=info.sha256,
+                length=info.length,
+                reference=opened.reference,
             )
             audit.record(
                 s, who.actor, "package.publish", f"{mv.model}:{mv.version}", target_name=info.name, sha256=info.sha256
@@ -376,6 +415,9 @@ def rollout_dict(s: Any, r: Rollout, *, full: bool = False) -> dict[str, Any]:
         "created_at": r.created_at.isoformat(),
         "created_by": r.created_by,
         "wave_started_at": r.wave_started_at.isoformat(),
+        "blocked": r.reason if r.state == RolloutState.blocked.value else None,
+        # the last error of this rollout's own reconcile step (None once a step goes through again)
+        "step_error": r.step_error,
     }
     if full:
         out["policy"] = r.policy
@@ -400,17 +442,43 @@ def rollout_dict(s: Any, r: Rollout, *, full: bool = False) -> dict[str, Any]:
     return out
 
 
+_ACTIVE = (RolloutState.running.value, RolloutState.paused.value, RolloutState.blocked.value)
+
+
+def plan_dict(p: RolloutPlan, waves: list[float]) -> dict[str, Any]:
+    return {
+        "waves": [
+            {"wave": i, "percent": pct, "devices": list(ids)}
+            for i, (pct, ids) in enumerate(zip(waves, p.waves, strict=True))
+        ],
+        "devices": p.devices,
+        "already_on_version": list(p.already),
+        "excluded": dict(sorted(p.excluded.items())),
+        "blocked": p.blocked,
+    }
+
+
+@router.post("/rollouts/plan")
+def plan_rollout(body: RolloutCreate, request: Request) -> dict[str, Any]:
+    """``rollout start --dry-run``: the devices each wave would move on today's fleet; starts nothing."""
+    with _store(request).db.session() as s:
+        p = reconciler.plan(s, body.model, body.version, tier=body.tier, channel=body.channel, policy=body.policy)
+        return {
+            "model": body.model,
+            "version": body.version,
+            "tier": body.tier,
+            "channel": body.channel,
+            **plan_dict(p, body.policy.waves),
+        }
+
+
 @router.post("/rollouts", status_code=201)
 def start_rollout(body: RolloutCreate, request: Request) -> dict[str, Any]:
     st = _store(request)
     who = _who(request)
     with st.db.session() as s:
         registry.get_version(s, body.model, body.version)
-        active = s.scalar(
-            select(Rollout.id).where(
-                Rollout.model == body.model, Rollout.state.in_([RolloutState.running.value, RolloutState.paused.value])
-            )
-        )
+        active = s.scalar(select(Rollout.id).where(Rollout.model == body.model, Rollout.state.in_(_ACTIVE)))
         if active is not None:
             raise ConflictError(f"rollout {active} of {body.model} is still active: finish, abort or roll it back")
         now = utcnow()
@@ -441,7 +509,13 @@ def start_rollout(body: RolloutCreate, request: Request) -> dict[str, Any]:
             policy=r.policy,
         )
         reconciler.transition(s, r, RolloutState.running, f"started by {who.actor}", who.actor)
+        p = reconciler.plan(s, body.model, body.version, tier=body.tier, channel=body.channel, policy=body.policy)
+        if p.blocked is not None:
+            # say so now: the operator who started it is the one to hear that it reaches no device
+            reconciler.transition(s, r, RolloutState.blocked, p.blocked, who.actor)
         out = rollout_dict(s, r)
+        out["plan"] = plan_dict(p, body.policy.waves)
+        out["warning"] = p.blocked
     st.wake()
     return out
 

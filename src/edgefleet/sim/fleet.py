@@ -53,6 +53,10 @@ class FleetOptions:
     crash_loop_crashes: int = 2
     crash_loop_window_s: float = 30.0
     start_stagger_s: float = 0.01
+    # Inference inputs, one call per row of the leading axis, keyed by input name (the ``.npz`` layout of
+    # ``edgefleet.data``). Without it every request sends one fixed random input: drift against any real
+    # reference, so a first rollout judged on absolute drift would fail.
+    traffic: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -108,6 +112,7 @@ class Fleet:
         self._api: httpx.AsyncClient | None = None
         self._oip: httpx.AsyncClient | None = None
         self._feeds: dict[str, dict[str, np.ndarray]] = {}
+        self._traffic_at = 0
         self.crash_reports: list[float] = []
 
     # ------------------------------------------------------------------ setup
@@ -237,7 +242,24 @@ class Fleet:
                     np.random.default_rng(0).random(shape).astype(_OIP_DTYPE.get(s["datatype"], np.float32))
                 )
             self._feeds[name] = feeds
-        return name, self._feeds[name]
+        return name, self._traffic_call(self._feeds[name])
+
+    def _traffic_call(self, fixed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The next call of ``options.traffic`` shaped and typed like ``fixed`` (the model's inputs), or ``fixed``
+        when there is no traffic or it does not feed this model."""
+        t = self.options.traffic
+        if not t or set(t) != set(fixed):
+            return fixed
+        i = self._traffic_at
+        self._traffic_at += 1
+        out = {}
+        for k, ref in fixed.items():
+            rows = t[k]
+            row = np.asarray(rows[i % len(rows)], dtype=ref.dtype)
+            if row.size != ref.size:
+                return fixed
+            out[k] = row.reshape(ref.shape)
+        return out
 
     async def _infer_full(self, a: FullAgent) -> None:
         assert self._oip is not None
@@ -274,6 +296,7 @@ class Fleet:
                 for s in info.inputs
             }
             self._feeds[info.name] = feeds
+        feeds = self._traffic_call(feeds)
         t = time.perf_counter()
         try:
             _, compute = await svc.infer(feeds, None)

@@ -18,7 +18,7 @@ from edgefleet.sim.spec import DevicePlan
 
 __all__ = ["LinkStats", "SimLink", "skew_report"]
 
-_TIME_KEYS = ("at", "start", "end")
+_TIME_KEYS = ("at", "start", "end", "sent_at")
 
 
 @dataclass
@@ -39,7 +39,8 @@ class LinkStats:
 
 
 def skew_report(body: bytes, skew_s: float) -> bytes:
-    """Move every timestamp of a report (events, telemetry windows) by ``skew_s`` seconds."""
+    """Move every timestamp of a report (its ``sent_at``, events, telemetry windows) by ``skew_s`` seconds, as a
+    device whose clock is off would write them."""
     doc = json.loads(body)
 
     def move(d: dict[str, Any]) -> None:
@@ -47,6 +48,7 @@ def skew_report(body: bytes, skew_s: float) -> bytes:
             if isinstance(d.get(k), str):
                 d[k] = (datetime.fromisoformat(d[k]) + timedelta(seconds=skew_s)).isoformat()
 
+    move(doc)
     for ev in doc.get("events", []):
         move(ev)
     for w in doc.get("telemetry", []):

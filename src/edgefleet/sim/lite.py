@@ -23,6 +23,7 @@ import numpy as np
 import edgefleet.agent.agent as agent_module
 from edgefleet.agent import Agent, ModelInfo, WorkerSpec
 from edgefleet.agent.backend import InProcessBackend
+from edgefleet.agent.driftcount import DriftCounter
 from edgefleet.agent.healthcheck import HealthResult, check_latency
 from edgefleet.agent.worker import package_info
 from edgefleet.config import AgentSettings
@@ -30,7 +31,6 @@ from edgefleet.errors import WorkerUnavailable
 from edgefleet.protocol import DeviceConfig, Hardware
 from edgefleet.sim.link import LinkStats, SimLink
 from edgefleet.sim.spec import DevicePlan
-from edgefleet.telemetry.drift import DriftAccumulator
 
 __all__ = ["SharedModels", "SimAgent", "install_shared_health_check"]
 
@@ -119,7 +119,7 @@ class SharedBackend(InProcessBackend):
             raise
         self._model, self._opened, self.info = loaded.model, loaded.opened, loaded.info
         ref = loaded.opened.reference
-        self._drift = DriftAccumulator(ref) if ref is not None else None
+        self._drift = DriftCounter(ref) if ref is not None else None
         return loaded.info
 
     async def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> tuple[dict[str, Any], float]:

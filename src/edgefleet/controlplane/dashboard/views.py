@@ -29,9 +29,11 @@ from edgefleet.controlplane.db import (
     UpdateEventRow,
     utcnow,
 )
+from edgefleet.controlplane.devices import CLOCK_SKEW_S
 from edgefleet.controlplane.reconciler import wave_cohorts
 from edgefleet.controlplane.rollout import CohortStats, RolloutPolicy, judge
 from edgefleet.errors import NotFoundError
+from edgefleet.telemetry.drift import MIN_DRIFT_SAMPLE
 from edgefleet.telemetry.sketch import LatencySketch, SketchData
 
 __all__ = [
@@ -107,10 +109,13 @@ def overview_page(s: Session, *, overdue_after_s: float, window_s: float = 86_40
     states = sorted({st for c in by_tier_state.values() for st in c})
     versions = sorted({v for c in by_tier_version.values() for v in c})
     since = utcnow() - timedelta(seconds=window_s)
+    # placed in time by the server's receive time, like every other figure: a device's clock may be off
     rows = s.execute(
-        select(TelemetryRow.end, TelemetryRow.model, TelemetryRow.version, TelemetryRow.tier, TelemetryRow.latency)
-        .where(TelemetryRow.end >= since)
-        .order_by(TelemetryRow.end)
+        select(
+            TelemetryRow.received_at, TelemetryRow.model, TelemetryRow.version, TelemetryRow.tier, TelemetryRow.latency
+        )
+        .where(TelemetryRow.received_at >= since)
+        .order_by(TelemetryRow.received_at)
     ).all()
     points = [
         LatencyPoint(end, f"{_version_label(m, v)} · {t}", SketchData.model_validate(lat))
@@ -123,7 +128,7 @@ def overview_page(s: Session, *, overdue_after_s: float, window_s: float = 86_40
         for d in sorted(devs, key=lambda d: d.id)
         if d.id in overdue_ids
     ]
-    rollouts = [r for r in rollouts_index(s) if r["state"] in ("running", "paused", "draft")]
+    rollouts = [r for r in rollouts_index(s) if r["state"] in ("running", "paused", "blocked", "draft")]
     recent = list(reversed(k["rollouts"]))[:10]
     return {
         "kpi": k,
@@ -138,6 +143,7 @@ def overview_page(s: Session, *, overdue_after_s: float, window_s: float = 86_40
         "overdue": overdue,
         "active_rollouts": rollouts,
         "recent_rollouts": recent,
+        "min_drift_sample": MIN_DRIFT_SAMPLE,
     }
 
 
@@ -155,6 +161,7 @@ def _cohort_dict(c: CohortStats) -> dict[str, Any]:
         "error_rate": c.error_rate,
         "p95_ms": c.p95_ms,
         "max_psi": c.max_psi,
+        "drift_features": len(c.psi_by_feature),
     }
 
 
@@ -211,7 +218,10 @@ def rollout_page(s: Session, rollout_id: str) -> dict[str, Any]:
     if r is None:
         raise NotFoundError(f"no rollout {rollout_id}")
     d = rollout_dict(s, r, full=True)
-    d["wave_metrics"] = wave_metrics(s, r)
+    try:
+        d["wave_metrics"], d["wave_metrics_error"] = wave_metrics(s, r), None
+    except ValueError as exc:  # stored data the judgement cannot read: the page still shows the rollout and why
+        d["wave_metrics"], d["wave_metrics_error"] = [], f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
     d["entries"] = audit.list_entries(s, limit=100, target=r.id)
     d["halted_at"] = r.halted_at.isoformat() if r.halted_at else None
     d["completed_at"] = r.completed_at.isoformat() if r.completed_at else None
@@ -238,11 +248,13 @@ def device_page(s: Session, device_id: str, *, overdue_after_s: float) -> dict[s
                 ModelVersion.model == d.served_model, ModelVersion.version == d.served_version
             )
         )
+    out["clock_skew_s"] = CLOCK_SKEW_S  # device_dict flags the skew; the page names the threshold
     out["expected_model_sha256"] = expected
     out["sha_matches"] = None if expected is None or not d.served_model_sha256 else expected == d.served_model_sha256
     out["events"] = [
         {
             "at": e.at.isoformat(),
+            "received_at": e.received_at.isoformat(),
             "kind": e.kind,
             "model": e.model,
             "version": e.version,
@@ -252,13 +264,16 @@ def device_page(s: Session, device_id: str, *, overdue_after_s: float) -> dict[s
         for e in s.scalars(
             select(UpdateEventRow)
             .where(UpdateEventRow.device_id == device_id)
-            .order_by(UpdateEventRow.at.desc(), UpdateEventRow.id.desc())
+            .order_by(UpdateEventRow.received_at.desc(), UpdateEventRow.id.desc())
             .limit(200)
         )
     ]
     windows = list(
         s.scalars(
-            select(TelemetryRow).where(TelemetryRow.device_id == device_id).order_by(TelemetryRow.end.desc()).limit(200)
+            select(TelemetryRow)
+            .where(TelemetryRow.device_id == device_id)
+            .order_by(TelemetryRow.received_at.desc())
+            .limit(200)
         )
     )
     out["telemetry"] = []
@@ -278,7 +293,7 @@ def device_page(s: Session, device_id: str, *, overdue_after_s: float) -> dict[s
                 "max_psi": w.max_psi,
             }
         )
-        points.append(LatencyPoint(w.end, _version_label(w.model, w.version), sk))
+        points.append(LatencyPoint(w.received_at, _version_label(w.model, w.version), sk))
     out["latency_series"] = latency_series(points)
     out["rollouts"] = [
         {
