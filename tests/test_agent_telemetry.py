@@ -101,7 +101,10 @@ def test_exactly_once_through_outages_and_restarts(cp: FakeControlPlane, tmp_pat
     for w in st["windows"]:
         t = datetime.fromisoformat(w["start"])
         runs[0 if t < second else 1 if t < third else 2].append(w)
-    assert _chains(runs[0]) == 1 and _chains(runs[1]) <= 1 and _chains(runs[2]) == 1
+    shown = [
+        [(w["start"][11:26], w["end"][11:26], w["model"]) for w in sorted(r, key=lambda w: w["start"])] for r in runs
+    ]
+    assert _chains(runs[0]) == 1 and _chains(runs[1]) <= 1 and _chains(runs[2]) == 1, (shown, st["rejected"])
     assert sum(w["requests"] for w in st["windows"]) == 5
     assert len(st["batches"]) == len(set(st["batches"]))
 

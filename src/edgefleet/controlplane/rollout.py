@@ -11,7 +11,8 @@ A latency regression is a claim about the version, not about a moment: it must s
 later half of the treatment's telemetry (each half sampled on its own) before it fails a wave. A burst of host
 contention during one stretch of the bake (a neighbour's update, a backup job) then moves one half, not both; a
 slower model moves both. Until the later half has its sample the suspicion keeps the wave inconclusive, so a
-suspected regression never advances a wave either (ADR 0093).
+suspected regression never advances a wave either (ADR 0093). Nor is a pooled tail enough: the treatment's per-window
+p95s must rank above the control's, so bursts that hit a few windows are not a regression (ADR 0095).
 
 Drift is judged on each cohort's merged per-bin counts scored against the package's reference (never a maximum of
 per-window PSIs), and only once a feature has the minimum sample (ADR 0094). A rollout with no eligible device is
