@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,3 +45,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The control plane's database, once per backend: SQLite in the test's folder, and a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'cp.db'}"
+    else:
+        from _cp_support import pg_schema_url
+
+        yield from pg_schema_url()
+
+
+@pytest.fixture
+def cp(tmp_path: Path, db_url: str) -> Iterator[Any]:
+    """A control plane in process on ``db_url`` (``_cp_support.CP``); modules with other needs define their own."""
+    from _cp_support import CP
+
+    c = CP(tmp_path, db_url)
+    yield c
+    c.close()

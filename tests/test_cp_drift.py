@@ -7,34 +7,18 @@ and on the real PostgreSQL."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from _cp_support import CP, SimDevice, build_pkg, pg_schema_url
+from _cp_support import CP, SimDevice, build_pkg
 from edgefleet.controlplane.db import ModelVersion
 from edgefleet.controlplane.reconciler import reconcile_once
 from edgefleet.controlplane.rollout import RolloutPolicy
 from edgefleet.package import open_package
 from edgefleet.telemetry.drift import MIN_DRIFT_SAMPLE, DriftReference, FeatureReference, psi
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'cp.db'}"
-    else:
-        yield from pg_schema_url()
-
-
-@pytest.fixture
-def cp(tmp_path: Path, db_url: str) -> Iterator[CP]:
-    c = CP(tmp_path, db_url)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

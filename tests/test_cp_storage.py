@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,21 +19,6 @@ from sqlalchemy.exc import DatabaseError
 from _cp_support import CP, build_pkg, pg_schema_url
 from edgefleet.controlplane.db import AuditEntry, Database, RolloutTransition, TelemetryRow, UpdateEventRow
 from edgefleet.controlplane.reconciler import reconcile_once
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'cp.db'}"
-    else:
-        yield from pg_schema_url()
-
-
-@pytest.fixture
-def cp(tmp_path: Path, db_url: str) -> Iterator[CP]:
-    c = CP(tmp_path, db_url)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

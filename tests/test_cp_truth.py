@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
-from _cp_support import CP, SimDevice, build_pkg, pg_schema_url
+from _cp_support import CP, SimDevice, build_pkg
 from _package_helpers import run_cli
 from edgefleet import __version__
 from edgefleet.controlplane import compat, reconciler
@@ -24,21 +23,6 @@ from edgefleet.controlplane.reconciler import reconcile_once
 from edgefleet.controlplane.rollout import RolloutState
 
 MOVED_ON = "update failed: AgentError: the desired state changed during the download"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'cp.db'}"
-    else:
-        yield from pg_schema_url()
-
-
-@pytest.fixture
-def cp(tmp_path: Path, db_url: str) -> Iterator[CP]:
-    c = CP(tmp_path, db_url)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")
