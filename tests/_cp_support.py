@@ -1,6 +1,10 @@
 """Helpers shared by the control-plane tests (tests/test_cp_*.py): database URLs for SQLite and a fresh schema on
 the real PostgreSQL at 127.0.0.1:5432, an app on a temp folder, packages built from the digits MLP, and a
-protocol-exact device driver for the in-process API tests (the real agent runs in test_cp_e2e.py)."""
+protocol-exact device driver for the in-process API tests (the real agent runs in test_cp_e2e.py).
+
+``CP.upload`` attaches a passing gate verdict bound to the package's SHA-256, as a release pipeline does, so the
+release policy (a passing gate for the package, by default) admits what the tests roll out; ``gate=False``
+uploads a version without evidence."""
 
 from __future__ import annotations
 
@@ -95,8 +99,8 @@ class CP:
     def token(self, role: str) -> str:
         return str(self.api("POST", "/api/v1/tokens", json={"role": role})["token"])
 
-    def upload(self, pkg: Path) -> dict[str, Any]:
-        return dict(
+    def upload(self, pkg: Path, *, gate: bool = True) -> dict[str, Any]:
+        out = dict(
             self.api(
                 "POST",
                 "/api/v1/packages",
@@ -104,10 +108,27 @@ class CP:
                 headers={**self.h(), "Content-Type": "application/octet-stream"},
             )
         )
+        if gate:
+            self.attach_gate(out["model"], out["version"], out["package_sha256"])
+        return out
+
+    def attach_gate(self, model: str, version: str, package_sha256: str, *, passed: bool = True) -> dict[str, Any]:
+        return dict(
+            self.api(
+                "PUT",
+                f"/api/v1/models/{model}/versions/{version}/gate",
+                params={"package_sha256": package_sha256},
+                json=gate_verdict(passed),
+            )
+        )
 
     def device(self, tier: str, *, runtime_version: str = "1.32.0", group: str | None = None) -> SimDevice:
         tok = self.api("POST", "/api/v1/enrollment-tokens", json={"tier": tier, "group": group})["token"]
-        return SimDevice.enroll(self, tok, runtime_version)
+        from edgefleet.bench.tiers import default_tiers
+
+        # the device reports the hardware of its tier (a tier this repository does not ship is not checked)
+        known = default_tiers().get(tier)
+        return SimDevice.enroll(self, tok, runtime_version, arch=known.arch if known else "x86_64")
 
 
 class SimDevice:
@@ -120,12 +141,12 @@ class SimDevice:
         self.n = 0
 
     @classmethod
-    def enroll(cls, cp: CP, token: str, runtime_version: str = "1.32.0") -> SimDevice:
+    def enroll(cls, cp: CP, token: str, runtime_version: str = "1.32.0", *, arch: str = "x86_64") -> SimDevice:
         r = cp.http.post(
             "/api/v1/enroll",
             json={
                 "token": token,
-                "hardware": {"arch": "x86_64", "cpu_count": 2, "memory_mb": 1024},
+                "hardware": {"arch": arch, "cpu_count": 2, "memory_mb": 1024},
                 "runtime_version": runtime_version,
                 "agent_version": "0.1.0",
                 "public_key": secrets.token_hex(32),
@@ -205,6 +226,16 @@ class SimDevice:
         )
         assert r.status_code == 200, r.text
         return dict(r.json())
+
+
+def gate_verdict(passed: bool = True) -> dict[str, Any]:
+    """A verdict as ``edgefleet gate --json`` prints it, decided by the gate's own ``decide``."""
+    from edgefleet.gate.checks import CheckResult
+    from edgefleet.gate.verdict import decide
+
+    status = "pass" if passed else "fail"
+    check = CheckResult(name="package.valid", status=status, reason=f"test fixture: {status}")
+    return decide([check]).model_dump(mode="json")
 
 
 def build_pkg(

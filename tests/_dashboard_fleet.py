@@ -6,10 +6,11 @@ telemetry windows holding real DDSketches). The real agent and the fleet simulat
 (test_cp_e2e.py, the simulator's tests); what the dashboard needs is a fleet in known states whose figures the
 test can compute and compare with what the pages show.
 
-Fleet: 6 ``rpi4`` + 4 ``jetson`` devices; digits 1.0.0 rolled out to all and completed; one rpi4 device reported a
-worker crash, another a drifting feature and a model
-sha256 the registry does not know; digits 2.0.0 rolling out in waves [50, 100] with a long bake, so it stays
-running in its canary wave for the pause/resume buttons.
+Fleet: 6 ``rpi4`` + 4 ``jetson`` devices; digits 1.0.0, with a passing gate verdict for its package, rolled out to
+all and completed; one rpi4 device reported a worker crash, another a drifting feature and a model
+sha256 the registry does not know; digits 2.0.0, with no gate verdict, forced past the release policy by the admin
+(``FORCE_REASON``) and rolling out in waves [50, 100] with a long bake, so it stays running in its canary wave for
+the pause/resume buttons.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ LATENCY_S = {
     ("2.0.0", "jetson"): 0.0025,
 }
 FAKE_SHA = {"1.0.0": "a" * 64, "2.0.0": "b" * 64}
+FORCE_REASON = "dashboard fixture: 2.0.0 ships without a gate verdict on purpose"
 
 
 @dataclass
@@ -76,6 +78,14 @@ def build_packages(mlp_path: Path, out: Path) -> dict[str, Path]:
         )
         for v in ("1.0.0", "2.0.0")
     }
+
+
+def _passing_verdict() -> dict[str, Any]:
+    """A verdict as ``edgefleet gate --json`` prints it, decided by the gate's own ``decide``."""
+    from edgefleet.gate.checks import CheckResult
+    from edgefleet.gate.verdict import decide
+
+    return decide([CheckResult(name="package.valid", status="pass", reason="fixture")]).model_dump(mode="json")
 
 
 def report(
@@ -167,6 +177,13 @@ def populate(http: httpx.Client, admin: str, pkgs: dict[str, Path], tick: Callab
             "POST", "/api/v1/packages", content=p.read_bytes(), headers={"Content-Type": "application/octet-stream"}
         )
         fleet.model_sha[v] = out["model_sha256"]
+        if v == "1.0.0":
+            api(
+                "PUT",
+                f"/api/v1/models/digits/versions/{v}/gate",
+                params={"package_sha256": out["package_sha256"]},
+                json=_passing_verdict(),
+            )
     for tier, n in TIERS.items():
         for _ in range(n):
             tok = api("POST", "/api/v1/enrollment-tokens", json={"tier": tier})["token"]
@@ -224,9 +241,8 @@ def populate(http: httpx.Client, admin: str, pkgs: dict[str, Path], tick: Callab
         "min_crash_free": 0.5,
         "max_p95_ratio": 5.0,  # the canary may hold more devices of the slower tier than the control
     }
-    fleet.live_rollout = api(
-        "POST", "/api/v1/rollouts", json={"model": "digits", "version": "2.0.0", "policy": policy2}
-    )["rollout_id"]
+    body2 = {"model": "digits", "version": "2.0.0", "policy": policy2, "force": True, "reason": FORCE_REASON}
+    fleet.live_rollout = api("POST", "/api/v1/rollouts", json=body2)["rollout_id"]
 
     def canary_moved() -> bool:
         tick()

@@ -26,7 +26,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from _cp_support import build_pkg
+from _cp_support import build_pkg, gate_verdict
 from conftest import free_port
 
 EDGEFLEET = [str(Path(sys.executable).parent / "edgefleet")]
@@ -122,12 +122,16 @@ def test_rollouts_with_real_agents(server: tuple[str, str], tmp_path: Path, mlp_
     v3 = build_pkg(bad_model, pk, "3.0.0")
     v4 = build_pkg(mlp_path, pk, "4.0.0", tiers=["big"])
     for v in (v1, v2, v3, v4):
-        assert (
-            api.post(
-                "/api/v1/packages", content=v.read_bytes(), headers={"Content-Type": "application/octet-stream"}
-            ).status_code
-            == 201
+        up = api.post("/api/v1/packages", content=v.read_bytes(), headers={"Content-Type": "application/octet-stream"})
+        assert up.status_code == 201, up.text
+        # as a release pipeline does: the release policy admits a version with a passing verdict for its package
+        sha = up.json()["package_sha256"]
+        gate = api.put(
+            f"/api/v1/models/digits/versions/{up.json()['version']}/gate",
+            params={"package_sha256": sha},
+            json=gate_verdict(),
         )
+        assert gate.status_code == 200, gate.text
 
     # The group's configuration document sets a short probation, so a wave's devices commit well
     # within its bake time; the default (60 s) would leave every wave inconclusive at its deadline.

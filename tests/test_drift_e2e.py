@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
+from _cp_support import gate_verdict
 from edgefleet import examples
 from edgefleet.data import CallData
 from edgefleet.package import build_package
@@ -70,11 +71,17 @@ def test_shifted_inputs_show_as_fleet_drift_and_halt_a_rollout(
             await fleet.start()
             ids = {d["device_id"] for d in await fleet.wait_enrolled(120)}
             for p in pkgs.values():
-                await fleet.api(
+                up = await fleet.api(
                     "POST",
                     "/api/v1/packages",
                     content=p.read_bytes(),
                     headers={"Content-Type": "application/octet-stream"},
+                )
+                await fleet.api(  # the release policy admits a version with a passing verdict for its package
+                    "PUT",
+                    f"/api/v1/models/digits/versions/{up['version']}/gate",
+                    params={"package_sha256": up["package_sha256"]},
+                    json=gate_verdict(),
                 )
             # v1's policy tolerates any drift, so it lands and the fleet drifts in the open (an inconclusive wave
             # pauses at its bake deadline: the bake outlasts the update and the first windows)

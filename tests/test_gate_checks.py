@@ -21,7 +21,9 @@ from edgefleet.gate import PackageFacts, Verdict, decide, evaluate, parse_policy
 from edgefleet.gate.checks import CheckResult, max_opset
 
 SHA = "a" * 64
-ENV = fingerprint()
+# An x86-avx2 host wherever the tests run: the gate labels results emulated by the report's host, and these
+# synthetic results are meant as measured on their tier.
+ENV = fingerprint().model_copy(update={"arch": "x86_64", "isa_features": ["sse4_2", "avx", "avx2", "fma"]})
 
 
 def _latency(p95: float, lo: float | None, hi: float | None, n: int = 2000) -> LatencyStats:

@@ -134,10 +134,23 @@ class _Wire(BaseModel):
 
 
 class Hardware(_Wire):
+    """What the device is, as it reports at enrollment; the control plane refuses hardware that contradicts the
+    token's tier (another architecture, or missing instruction-set features) unless ``emulates`` names the tier."""
+
     arch: Str64
     cpu_count: int = Field(ge=1, le=4096)
     memory_mb: int = Field(ge=1, le=MAX_COUNT)
     chipset: Str128 | None = None
+    cpu_model: Str128 | None = None
+    isa_features: list[Str64] | None = Field(
+        None, max_length=256, description="CPU flags of interest from /proc/cpuinfo; null: not reported"
+    )
+    emulates: Str64 | None = Field(
+        None,
+        description="the tier this agent emulates on other hardware (`edgefleet agent --emulate-tier`, the "
+        "simulator): enrollment then needs a token of that tier, the device is labelled emulated, and its "
+        "reports never make a compatibility cell verified",
+    )
 
 
 class EnrollRequest(_Wire):

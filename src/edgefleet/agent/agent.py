@@ -435,12 +435,20 @@ class Agent:
             self._offline_since = None
 
     def _hardware(self) -> Hardware:
+        from edgefleet.bench.env import cpu_model
+        from edgefleet.bench.tiers import host_isa_features
+
         mem = self.settings.memory_mb or int(psutil.virtual_memory().total // 2**20)
         return Hardware(
             arch=platform.machine() or "unknown",
             cpu_count=os.cpu_count() or 1,
             memory_mb=mem,
             chipset=self.settings.chipset,
+            cpu_model=cpu_model()[:128],
+            # none read (no /proc/cpuinfo) is unknown, not "no features": the server then judges the arch alone
+            isa_features=host_isa_features() or None,
+            # settings.tier is set by --emulate-tier only: a real device learns its tier from its token
+            emulates=self.settings.tier,
         )
 
     async def _enroll(self, cp: ControlPlaneClient) -> None:

@@ -10,9 +10,9 @@ import psutil
 from pydantic import BaseModel, ConfigDict
 
 from edgefleet import __version__
-from edgefleet.bench.tiers import host_isa_features
+from edgefleet.bench.tiers import TierProfile, emulation_reason, host_isa_features
 
-__all__ = ["Environment", "cpu_model", "fingerprint"]
+__all__ = ["Environment", "cpu_model", "describe_host", "emulation_of", "fingerprint"]
 
 
 class Environment(BaseModel):
@@ -63,3 +63,12 @@ def fingerprint() -> Environment:
         edgefleet_version=__version__,
         powercap=Path("/sys/class/powercap").is_dir(),
     )
+
+
+def emulation_of(env: Environment, tier: TierProfile) -> str | None:
+    """Why figures measured on ``env`` only emulate ``tier`` (None: this host is the tier's hardware). Pure."""
+    return emulation_reason(tier, env.arch, env.isa_features)
+
+
+def describe_host(env: Environment) -> str:
+    return f"{env.arch}, {env.cpu_model}, {env.cpu_count} cores"

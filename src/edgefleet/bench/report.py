@@ -107,7 +107,10 @@ class CompatEntry(_Strict):
     tier: str
     runtime_version: str
     model_sha256: str
-    result: Literal["verified", "failed"]
+    result: Literal["verified", "emulated", "failed"] = Field(
+        description="verified: ran on the tier's own hardware; emulated: ran, on a host that is not the tier's "
+        "(never counts as verified); failed: did not run within the tier's budget"
+    )
     reason: str | None = None
 
 
@@ -136,6 +139,10 @@ class ModelResult(_Strict):
     opset: dict[str, int] = Field(default_factory=dict, description="ONNX opset imports by domain ('' = ai.onnx)")
     tier: str
     tier_profile: TierProfile
+    emulated: bool = Field(
+        False, description="the host (environment) is not the tier's hardware: its architecture or ISA differs"
+    )
+    emulated_because: str | None = Field(None, description="why the host is not the tier's hardware")
     status: Literal["ok", "failed"]
     error: str | None = None
     inputs: Literal["data", "generated"]

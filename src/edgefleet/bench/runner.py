@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from edgefleet.bench.env import fingerprint
+from edgefleet.bench.env import Environment, emulation_of, fingerprint
 from edgefleet.bench.report import BenchReport, BenchSettings, Comparison, CompatEntry, ModelResult
 from edgefleet.bench.tiers import TierProfile
 from edgefleet.bench.worker import WorkerJob
@@ -136,11 +136,17 @@ def _job_timeout(s: BenchSettings, paired: bool) -> float:
     return 120.0 + 2 * work
 
 
-def _result(info: ModelInfo, tier: TierProfile, raw: dict[str, Any], runtime_version: str) -> ModelResult:
+def _result(info: ModelInfo, tier: TierProfile, raw: dict[str, Any], env: Environment) -> ModelResult:
     status, error = raw.get("status", "failed"), raw.get("error")
     peak = raw.get("peak_rss_mb")
     if status == "ok" and peak is not None and peak > tier.memory_mb:
         status, error = "failed", f"peak RSS {peak:.0f} MB exceeds tier memory {tier.memory_mb} MB"
+    # A failure stays a failure wherever it was measured; a success on a host that is not the tier's hardware
+    # only shows the model runs under emulation, never that it is verified there.
+    because = emulation_of(env, tier)
+    result: Literal["verified", "emulated", "failed"] = (
+        "failed" if status != "ok" else ("emulated" if because else "verified")
+    )
     known = set(ModelResult.model_fields)
     fields = {k: v for k, v in raw.items() if k in known}
     fields.update(status=status, error=error)
@@ -153,12 +159,14 @@ def _result(info: ModelInfo, tier: TierProfile, raw: dict[str, Any], runtime_ver
         opset=info.opset,
         tier=tier.name,
         tier_profile=tier,
+        emulated=because is not None,
+        emulated_because=because,
         compat=CompatEntry(
             tier=tier.name,
-            runtime_version=runtime_version,
+            runtime_version=env.runtime_version,
             model_sha256=info.model_sha256,
-            result="verified" if status == "ok" else "failed",
-            reason=error,
+            result=result,
+            reason=error or (f"emulated: {because}" if because else None),
         ),
         **fields,
     )
@@ -192,7 +200,7 @@ def bench(
                 say(f"{info.path.name} on {tier.name}: measuring")
                 job = WorkerJob(model=str(info.path), tier=tier, data=str(data) if data else None, settings=s)
                 raw = run_worker(job, Path(tmp), _job_timeout(s, paired=False))
-                result = _result(info, tier, raw, env.runtime_version)
+                result = _result(info, tier, raw, env)
                 if base_info is not None and result.status == "ok":
                     say(f"{info.path.name} on {tier.name}: paired against {base_info.path.name}")
                     result.comparison = _compare(info, base_info, tier, data, s, Path(tmp))

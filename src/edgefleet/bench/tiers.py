@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -11,7 +13,54 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgefleet.errors import ConfigError
 
-__all__ = ["TierProfile", "default_tiers", "get_tier", "host_isa_features", "host_tier"]
+__all__ = [
+    "ISA_FLAGS",
+    "TierProfile",
+    "default_tiers",
+    "emulation_reason",
+    "get_tier",
+    "host_isa_features",
+    "host_tier",
+    "is_emulated",
+    "known_tier",
+    "load_tiers",
+    "normalize_arch",
+]
+
+# The CPU flags edgefleet reads from /proc/cpuinfo (``flags`` on x86, ``Features`` on Arm). A tier's isa_features
+# outside this list can never be seen on a host, so such a tier always counts as emulated: unsure means emulated.
+ISA_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "neon",
+    "asimd",
+    "asimdhp",
+    "asimddp",
+    "asimdrdm",
+    "fp16",
+    "fphp",
+    "bf16",
+    "i8mm",
+    "sve",
+    "sve2",
+)
+
+# Names a profile may use for a feature that /proc/cpuinfo spells otherwise: 64-bit Arm kernels call NEON
+# "asimd", and half-precision arithmetic "fphp"/"asimdhp".
+_ISA_ALIASES = {"neon": ("neon", "asimd"), "fp16": ("fp16", "fphp", "asimdhp")}
+
+# What uname and package managers call the same architecture.
+_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64", "armv8l": "aarch64"}
 
 
 class TierProfile(BaseModel):
@@ -54,9 +103,35 @@ def _parse(raw: object, source: str) -> list[TierProfile]:
     return out
 
 
-def default_tiers() -> dict[str, TierProfile]:
+@lru_cache(maxsize=1)
+def _shipped() -> tuple[TierProfile, ...]:
+    # parsed once: the control plane looks a tier up at every enrollment
     text = resources.files("edgefleet.bench").joinpath("profiles/default.yaml").read_text()
-    return {t.name: t for t in _parse(yaml.safe_load(text), "default tiers")}
+    return tuple(_parse(yaml.safe_load(text), "default tiers"))
+
+
+def default_tiers() -> dict[str, TierProfile]:
+    return {t.name: t for t in _shipped()}
+
+
+def load_tiers(path: str | os.PathLike[str]) -> dict[str, TierProfile]:
+    """Every tier in a YAML file (one tier, or a list like the shipped profiles): the tiers a fleet adds."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"tier file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p} is not valid YAML: {str(err).splitlines()[0]}")
+    return {t.name: t for t in _parse(raw, str(p))}
+
+
+def known_tier(name: str, extra: Mapping[str, TierProfile] | None = None) -> None:
+    """Refuse a tier name that is neither shipped nor in ``extra`` (tiers a server or a user added), naming the
+    known ones: a typo such as ``arm-a99`` must not become a tier nothing can ever match."""
+    tiers = {**default_tiers(), **(extra or {})}
+    if name not in tiers:
+        raise ConfigError(f"unknown tier {name!r}; known tiers: {', '.join(sorted(tiers))}")
 
 
 def get_tier(name_or_path: str | os.PathLike[str]) -> TierProfile:
@@ -73,10 +148,8 @@ def get_tier(name_or_path: str | os.PathLike[str]) -> TierProfile:
         if len(parsed) != 1:
             raise ConfigError(f"{p} holds {len(parsed)} tiers; give one tier per file")
         return parsed[0]
-    tiers = default_tiers()
-    if str(name_or_path) not in tiers:
-        raise ConfigError(f"unknown tier {str(name_or_path)!r}; known tiers: {', '.join(sorted(tiers))}")
-    return tiers[str(name_or_path)]
+    known_tier(str(name_or_path))
+    return default_tiers()[str(name_or_path)]
 
 
 def host_isa_features() -> list[str]:
@@ -88,24 +161,33 @@ def host_isa_features() -> list[str]:
     for line in text.splitlines():
         if line.startswith(("flags", "Features")):
             flags = set(line.split(":", 1)[1].split())
-            wanted = (
-                "sse4_2",
-                "avx",
-                "avx2",
-                "fma",
-                "avx512f",
-                "avx512_vnni",
-                "avx_vnni",
-                "avx512_fp16",
-                "neon",
-                "asimd",
-                "asimdhp",
-                "fp16",
-                "asimddp",
-                "i8mm",
-            )
-            return [f for f in wanted if f in flags]
+            return [f for f in ISA_FLAGS if f in flags]
     return []
+
+
+def normalize_arch(arch: str) -> str:
+    a = arch.strip().lower()
+    return _ARCH_ALIASES.get(a, a)
+
+
+def emulation_reason(tier: TierProfile, arch: str, isa_features: Iterable[str] | None) -> str | None:
+    """Why a machine of ``arch`` with ``isa_features`` is not the tier's hardware, or None when it is.
+
+    Pure. ``isa_features`` None means the machine's features are unknown (an older agent): only the architecture
+    is judged. A measurement where this is not None emulates the tier and is labelled so everywhere."""
+    if normalize_arch(arch) != normalize_arch(tier.arch):
+        return f"host is {arch}, tier {tier.name} is {tier.arch}"
+    if isa_features is None:
+        return None
+    have = set(isa_features)
+    missing = [f for f in tier.isa_features if not have.intersection(_ISA_ALIASES.get(f, (f,)))]
+    if missing:
+        return f"host lacks {', '.join(missing)} of tier {tier.name}"
+    return None
+
+
+def is_emulated(tier: TierProfile, arch: str, isa_features: Iterable[str] | None) -> bool:
+    return emulation_reason(tier, arch, isa_features) is not None
 
 
 def host_tier() -> TierProfile:

@@ -52,6 +52,14 @@ def register(app: typer.Typer) -> None:
             help="Emulated device memory: the inference worker is killed (a real crash) when its RSS exceeds it.",
         ),
         chipset: str | None = typer.Option(None, help="Chipset reported at enrollment."),
+        emulate_tier: str | None = typer.Option(
+            None,
+            "--emulate-tier",
+            envvar="EDGEFLEET_AGENT_EMULATE_TIER",
+            help="This machine only emulates TIER (a simulator, a test bench): enrollment with a token of TIER is "
+            "accepted although the hardware differs, and the device is labelled emulated; its reports never "
+            "verify the tier in the compatibility matrix. Read at enrollment only.",
+        ),
         intra_op_threads: int = typer.Option(
             1, min=1, help="onnxruntime threads per inference call (keep equal to the tier profile's)."
         ),
@@ -72,6 +80,7 @@ def register(app: typer.Typer) -> None:
             telemetry_interval_s=telemetry_interval,
             memory_mb=memory_mb,
             chipset=chipset,
+            tier=emulate_tier,
             intra_op_threads=intra_op_threads,
             buffer_max_records=buffer_max_records,
         )

@@ -8,6 +8,7 @@ import typer
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edgefleet.bench.env import describe_host
 from edgefleet.bench.report import BenchReport, BenchSettings, schema_json
 from edgefleet.bench.runner import bench
 from edgefleet.bench.tiers import get_tier, host_tier
@@ -54,7 +55,7 @@ def _table(report: BenchReport) -> Table:
             vs = cmp.verdict if cmp.median_ratio is None else f"{cmp.verdict} ×{cmp.median_ratio:.3f}"
         t.add_row(
             Path(r.model).name,
-            r.tier,
+            f"{r.tier} [yellow](emulated on {report.environment.arch})[/]" if r.emulated else r.tier,
             status,
             _ms(r.cold_start_ms),
             "—" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}",
@@ -118,6 +119,14 @@ def bench_command(
         print_json(report)
     else:
         console.print(_table(report))
+        emulated = sorted({f"{r.tier} ({r.emulated_because})" for r in report.results if r.emulated})
+        if emulated:
+            # said under every table: these figures must not be read as the tier's own
+            console.print(
+                f"[yellow]emulated on {describe_host(report.environment)}[/]: {'; '.join(emulated)}. Latency and "
+                "compatibility there are this host's, not the tier's; the gate calls them inconclusive unless the "
+                "policy sets allow_emulated."
+            )
         console.print(f"wrote {output}")
 
 

@@ -11,7 +11,13 @@ from edgefleet.cli._output import console, print_json
 from edgefleet.gate.junit import write_junit
 from edgefleet.gate.verdict import Verdict, gate
 
-_STYLE = {"pass": "[green]pass[/]", "fail": "[red]fail[/]", "inconclusive": "[yellow]inconclusive[/]"}
+_STYLE = {
+    "pass": "[green]pass[/]",
+    "fail": "[red]fail[/]",
+    "inconclusive": "[yellow]inconclusive[/]",
+    "skipped": "[dim]skipped[/]",
+}
+_AGAINST = {"vs_parent": "accuracy vs float parent", "vs_production": "accuracy vs production"}
 
 
 def _table(v: Verdict) -> Table:
@@ -31,20 +37,27 @@ def gate_command(
         None, "--optimize-report", help="REPORT.json of `edgefleet optimize` (accuracy checks)"
     ),
     package: Path | None = typer.Option(None, "--package", help="the .efpkg about to be published"),
+    production_report: Path | None = typer.Option(
+        None,
+        "--production-report",
+        help="REPORT.json of `edgefleet optimize` for the version devices run today (policy section `production`)",
+    ),
     junit: Path | None = typer.Option(None, "--junit", help="also write JUnit XML (one testcase per check)"),
     json_out: bool = typer.Option(False, "--json", help="print the verdict as JSON"),
 ) -> None:
-    """Judge a release candidate against POLICY: accuracy drop (overall and worst slice), p95 per tier,
-    regression vs the baseline, peak memory, cold start, size, compatibility with every target tier, package
-    validity. Each check passes, fails or is inconclusive; inconclusive fails unless the policy allows it.
-    Exit code 0 pass, 1 fail, 2 usage error."""
-    verdict = gate(policy, bench, optimize_report, package)
+    """Judge a release candidate against POLICY: accuracy drop (overall and worst slice) from its float parent and
+    from the version in production, p95 per tier, regression vs the baseline, peak memory, cold start, size,
+    compatibility with every target tier, package validity. Each check passes, fails, is inconclusive (fails unless
+    the policy allows it) or is skipped (optional evidence not given). Exit code 0 pass, 1 fail, 2 usage error."""
+    verdict = gate(policy, bench, optimize_report, package, production_report)
     if junit is not None:
         write_junit(verdict, junit)
     if json_out:
         print_json(verdict)
     else:
         console.print(_table(verdict))
+        for key, cmp in verdict.accuracy.items():
+            console.print(f"{_AGAINST.get(key, key)}: {cmp.describe()}", highlight=False)
         console.print(f"{_STYLE[verdict.status]}: {verdict.reason}", highlight=False)
     if not verdict.passed:
         raise typer.Exit(1)

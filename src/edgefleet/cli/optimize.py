@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -70,9 +71,20 @@ def _run(
     no_prune: bool,
     as_json: bool,
 ) -> None:
-    from edgefleet.optimize.api import model_input_names, optimize
-    from edgefleet.optimize.report import table
+    from edgefleet.bench.env import describe_host, emulation_of, fingerprint
+    from edgefleet.bench.tiers import get_tier
+    from edgefleet.optimize.api import host_tier, model_input_names, optimize
+    from edgefleet.optimize.report import table, with_host
 
+    profile = host_tier() if tier is None else get_tier(tier)
+    env = fingerprint()
+    because = emulation_of(env, profile)
+    if because:
+        # said before the minutes of measuring, not after: the ratios will be this host's, not the tier's
+        err_console.print(
+            f"[yellow]warning:[/] tier {profile.name} is emulated on {describe_host(env)} ({because}); "
+            "latency ratios are this host's"
+        )
     names = model_input_names(model)
     calib_data = load_calls(calib, input_names=names)
     eval_data = load_calls(eval_path, input_names=names, labels_key=labels, slices_key=slices)
@@ -92,16 +104,24 @@ def _run(
             metric=metric,  # type: ignore[arg-type]  # validated by optimize()
             max_accuracy_drop=max_accuracy_drop,
             max_slice_drop=max_slice_drop,
-            tier=tier,
+            tier=profile,
             time_budget_s=time_budget,
             prune=not no_prune,
             report_path=report,
             progress=lambda what, frac: bar.update(task, description=what, completed=min(frac, 1.0)),
         )
+    if result.host is None:
+        result = with_host(result, profile, env)
+        if report is not None:
+            tmp = report.with_name(report.name + ".tmp")
+            tmp.write_text(result.model_dump_json(indent=2))
+            os.replace(tmp, report)
     if as_json:
         print_json(result)
         return
     console.print(table(result))
+    if result.emulated:
+        console.print(f"[yellow]emulated on {result.host.arch if result.host else '?'}[/]: {result.emulated_because}")
     took = f"{result.time_spent_s:.1f} s"
     if result.kept_input:
         console.print(f"[bold]input[/] → {result.output}, byte for byte  ({result.reason}; {took})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,91 @@ def _json_file(path: Path | None, what: str) -> Any:
         raise UsageError(f"{what} file {path} is not valid JSON: {err}")
 
 
+def _is_bench_report(doc: Any) -> bool:
+    return isinstance(doc, dict) and "results" in doc and ("environment" in doc or "settings" in doc)
+
+
+def _is_optimize_report(doc: Any) -> bool:
+    return isinstance(doc, dict) and "chosen" in doc and "candidates" in doc
+
+
+def _lineage_from_optimize(path: Path, model: Path, model_sha256: str) -> dict[str, Any]:
+    """The lineage an optimize report vouches for: parent, recipe, quantized nodes, accuracy and its drop against
+    the parent, and the tolerance — only when the report is about the very model being packaged."""
+    from edgefleet.optimize.report import OptimizeReport
+
+    doc = _json_file(path, "--optimize-report")
+    if _is_bench_report(doc):
+        raise UsageError(f"--optimize-report {path} is a bench report: pass it as --bench {path}")
+    try:
+        rep = OptimizeReport.model_validate(doc)
+    except ValidationError as err:
+        raise UsageError(
+            f"--optimize-report {path} is not the REPORT.json of `edgefleet optimize --report` "
+            f"({validation_message(err)})"
+        )
+    if rep.output_sha256 != model_sha256:
+        raise UsageError(
+            f"--optimize-report {path} describes {rep.output} (sha256 {rep.output_sha256[:12]}…), not {model} "
+            f"(sha256 {model_sha256[:12]}…): package the model that optimize wrote, or pass that model's report"
+        )
+    chosen = rep.chosen
+    out: dict[str, Any] = {"recipe": chosen.recipe.model_dump(mode="json")}
+    if rep.model_sha256 != model_sha256:  # optimize kept the input: the model is its own origin, not its child
+        out["parent_sha256"] = rep.model_sha256
+    if chosen.op_coverage is not None:
+        out["quantized_ops"] = list(chosen.op_coverage.quantized)
+    if chosen.metrics is not None:
+        base, got = rep.baseline_metrics, chosen.metrics
+        common = [k for k in got.per_slice if k in base.per_slice]
+        out["accuracy"] = {
+            "metric": rep.metric,
+            "parent": base.overall,
+            "value": got.overall,
+            # rounded so a float subtraction's last bits never show up as a "drop"
+            "drop": round(base.overall - got.overall, 9),
+            "slice_drops": {k: round(base.per_slice[k] - got.per_slice[k], 9) for k in common},
+            "max_drop": rep.max_accuracy_drop,
+            "max_slice_drop": rep.max_slice_drop,
+        }
+    return out
+
+
+def _metrics_from_bench(path: Path, model: Path, model_sha256: str) -> dict[str, Any]:
+    """Per-tier figures of the bench results for this model (a bench report may hold other models too)."""
+    from edgefleet.bench.report import load_report
+
+    doc = _json_file(path, "--bench")
+    if _is_optimize_report(doc):
+        raise UsageError(f"--bench {path} is an optimize report: pass it as --optimize-report {path}")
+    report = load_report(path)
+    mine = [r for r in report.results if r.model_sha256 == model_sha256]
+    if not mine:
+        measured = ", ".join(sorted({f"{r.model} ({r.model_sha256[:12]}…)" for r in report.results})) or "nothing"
+        raise UsageError(
+            f"--bench {path} has no result for {model} (sha256 {model_sha256[:12]}…); it measured {measured}: "
+            "bench the model you package"
+        )
+    ok = [r for r in mine if r.status == "ok"]
+    if not ok:
+        raise UsageError(f"--bench {path}: every result for {model} failed ({mine[0].error}); fix the bench first")
+    metrics: dict[str, dict[str, float]] = {}
+
+    def put(key: str, tier: str, value: float | None) -> None:
+        if value is not None:
+            metrics.setdefault(key, {})[tier] = round(value, 4)
+
+    for r in ok:
+        for q, key in ((0.5, "latency_p50_ms"), (0.95, "latency_p95_ms"), (0.99, "latency_p99_ms")):
+            quantile = r.latency.quantile(q) if r.latency is not None else None
+            put(key, r.tier, quantile.value_ms if quantile is not None else None)
+        put("cold_start_ms", r.tier, r.cold_start_ms)
+        put("peak_rss_mb", r.tier, r.peak_rss_mb)
+        rates = [t.inferences_per_s for t in r.throughput if t.inferences_per_s is not None]
+        put("throughput_per_s", r.tier, max(rates) if rates else None)
+    return metrics
+
+
 def _calls(path: Path | None, names: list[str]) -> CallData | None:
     return None if path is None else load_calls(path, input_names=names)
 
@@ -95,8 +181,18 @@ def package_command(
     encrypt_for: list[str] = typer.Option(
         [], "--encrypt-for", help="X25519 public key (hex) or a .pub file to encrypt for; repeat"
     ),
-    lineage_json: Path | None = typer.Option(None, "--lineage-json", help="JSON: parent_sha256, recipe, ..."),
-    metrics_json: Path | None = typer.Option(None, "--metrics-json", help="JSON object of metrics"),
+    optimize_report: Path | None = typer.Option(
+        None,
+        "--optimize-report",
+        help="REPORT.json of `edgefleet optimize`: parent, recipe, quantized nodes, accuracy drop, tolerance",
+    ),
+    bench: Path | None = typer.Option(
+        None, "--bench", help="BENCH.json of `edgefleet bench`: per-tier p50/p95/p99, cold start, peak RSS"
+    ),
+    lineage_json: Path | None = typer.Option(
+        None, "--lineage-json", help="JSON: parent_sha256, recipe, ... (wins over --optimize-report)"
+    ),
+    metrics_json: Path | None = typer.Option(None, "--metrics-json", help="JSON object of metrics (wins over --bench)"),
     rtol: float = typer.Option(1e-4, "--rtol", min=0.0, help="golden relative tolerance"),
     atol: float = typer.Option(1e-5, "--atol", min=0.0, help="golden absolute tolerance"),
     as_json: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
@@ -107,9 +203,24 @@ def package_command(
     iof = _IOFile(io)
     names = _input_names(model, iof)
     lineage_doc = _json_file(lineage_json, "--lineage-json")
+    if _is_optimize_report(lineage_doc):
+        raise UsageError(f"--lineage-json {lineage_json} is an optimize report: pass it as --optimize-report")
+    if lineage_doc is not None and not isinstance(lineage_doc, dict):
+        raise UsageError(f"--lineage-json {lineage_json} must hold a JSON object")
     metrics = _json_file(metrics_json, "--metrics-json")
+    if _is_bench_report(metrics):
+        raise UsageError(
+            f"--metrics-json {metrics_json} is a whole bench report: pass it as --bench {metrics_json}, which puts "
+            "the packaged model's per-tier latency, cold start and memory in the metrics"
+        )
     if metrics is not None and not isinstance(metrics, dict):
         raise UsageError(f"--metrics-json {metrics_json} must hold a JSON object")
+    if optimize_report is not None or bench is not None:
+        model_sha256 = hashlib.sha256(model.read_bytes()).hexdigest()
+        if optimize_report is not None:
+            lineage_doc = {**_lineage_from_optimize(optimize_report, model, model_sha256), **(lineage_doc or {})}
+        if bench is not None:
+            metrics = {**_metrics_from_bench(bench, model, model_sha256), **(metrics or {})}
     try:
         lineage = Lineage.model_validate(lineage_doc) if lineage_doc is not None else None
         req_fields: dict[str, Any] = {"tiers": list(tier), "min_memory_mb": min_memory_mb}
@@ -176,7 +287,7 @@ def _table(p: OpenedPackage) -> Table:
     enc = m.encryption
     t.add_row("encryption", f"{enc.algorithm} for key(s) {', '.join(enc.key_ids)}" if enc else "none")
     lin = m.lineage
-    if lin.parent_sha256 or lin.recipe or lin.calibration_sha256:
+    if lin.parent_sha256 or lin.recipe or lin.calibration_sha256 or lin.accuracy or lin.quantized_ops is not None:
         parts = []
         if lin.parent_sha256:
             parts.append(f"parent {lin.parent_sha256[:16]}…")
@@ -184,6 +295,12 @@ def _table(p: OpenedPackage) -> Table:
             parts.append(f"recipe {json.dumps(lin.recipe, sort_keys=True)}")
         if lin.calibration_sha256:
             parts.append(f"calibration {lin.calibration_sha256[:16]}…")
+        if lin.quantized_ops is not None:
+            parts.append(f"{len(lin.quantized_ops)} quantized node(s)")
+        if lin.accuracy is not None:
+            a = lin.accuracy
+            tol = f", tolerance {a.max_drop:g}" if a.max_drop is not None else ""
+            parts.append(f"{a.metric} {a.value:.4f} (parent {a.parent:.4f}, drop {a.drop:+.4f}{tol})")
         t.add_row("lineage", "\n".join(parts))
     if m.metrics:
         t.add_row("metrics", "\n".join(f"{k}: {json.dumps(v)}" for k, v in sorted(m.metrics.items())))

@@ -184,24 +184,49 @@ def publish_command(
     repo: Path | None = typer.Option(None, "--repo", help="repository folder to sign it into"),
     server: str | None = typer.Option(None, "--server", help="control plane URL (uploads instead)"),
     api_token: str | None = typer.Option(None, "--api-token", envvar="EDGEFLEET_API_TOKEN", help="operator token"),
+    gate: Path | None = typer.Option(
+        None, "--gate", help="with --server: attach this verdict of `edgefleet gate --package PKG --json`"
+    ),
+    bench: Path | None = typer.Option(None, "--bench", help="with --server: attach this BENCH.json"),
     ask_passphrase: bool = _ASK,
     passphrase_env: str | None = _PASS,
     keys_dir: Path | None = _KEYS,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Add a package to the repository as a signed target (or upload it to a control plane with --server)."""
+    """Add a package to the repository as a signed target (or upload it to a control plane with --server, and
+    attach its release evidence with --gate/--bench)."""
     if (repo is None) == (server is None):
         raise UsageError("give exactly one of --repo DIR (sign locally) or --server URL (upload to a control plane)")
     if server is not None:
         # The control plane signs with its own online keys; its client module owns the upload.
-        from edgefleet.controlplane.client import upload_package
+        from edgefleet.controlplane import client
 
-        result = upload_package(server, api_token, package)
+        # every file is read and checked before the upload, so a wrong one publishes nothing
+        verdict = client.read_gate_verdict(gate) if gate is not None else None
+        report = client.read_bench_report(bench) if bench is not None else None
+        sha = client.judged_package(verdict, package) if verdict is not None and package.is_file() else None
+        result = client.upload_package(server, api_token, package)
+        if verdict is not None or report is not None:
+            with client.Client(server, api_token) as c:
+                result["release"] = client.attach_evidence(
+                    c, result["model"], result["version"], gate=verdict, bench=report, package_sha256=sha
+                )
         if as_json:
             print_json(result)
-        else:
-            console.print(f"uploaded {package} to {server}")
+            return
+        console.print(f"uploaded {package} to {server}")
+        release = result.get("release")
+        if release is not None:
+            what = f"{result['model']} {result['version']}"
+            if release.get("allowed"):
+                console.print(f"{what}: evidence attached; the release policy admits it", highlight=False)
+            else:
+                console.print(
+                    f"{what}: evidence attached; [yellow]still refused:[/] {release.get('refusal')}", highlight=False
+                )
         return
+    if gate is not None or bench is not None:
+        raise UsageError("--gate and --bench attach evidence on a control plane: use them with --server URL")
     assert repo is not None
     info = Repository(repo, _passphrase(ask_passphrase, passphrase_env), keys_dir=keys_dir).publish(package)
     if as_json:

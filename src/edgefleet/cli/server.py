@@ -22,7 +22,9 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 devices_app = typer.Typer(help="Enroll, list, pin and revoke devices.", no_args_is_help=True)
 rollout_app = typer.Typer(help="Roll a version out in waves, gated on runtime metrics.", no_args_is_help=True)
-models_app = typer.Typer(help="The model registry: versions, channels, promotion.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="The model registry: versions, channels, promotion, release evidence and policy.", no_args_is_help=True
+)
 fleet_app = typer.Typer(help="Fleet health: KPIs, the compatibility matrix.", no_args_is_help=True)
 tokens_app = typer.Typer(help="Operator API tokens (admin only).", no_args_is_help=True)
 
@@ -39,6 +41,12 @@ def _duration(text: str) -> float:
     if not m:
         raise UsageError(f"cannot read duration {text!r}: use e.g. 90s, 5m, 1h, 2d")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+ForceOpt = typer.Option(
+    False, "--force", help="Release even though the release policy refuses (admin; needs --reason; audited)."
+)
+ReasonOpt = typer.Option(None, "--reason", help="Why --force (goes to the audit log).")
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str], title: str | None = None) -> None:
@@ -194,11 +202,14 @@ def rollout_start(
         2, "--compat-fail-devices", help="Distinct failing devices before a compatibility cell blocks a tier."
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the devices of each wave; start nothing."),
+    force: bool = ForceOpt,
+    reason: str = ReasonOpt,
     server_: str = ServerOpt,
     token: str = TokenOpt,
     json_: bool = JsonOpt,
 ) -> None:
-    """Start a rollout of NAME VERSION (or, with --dry-run, show whom each wave would move)."""
+    """Start a rollout of NAME VERSION (or, with --dry-run, show whom each wave would move). The release policy
+    must admit the version (by default: a passing gate verdict for its package, see `edgefleet models attach`)."""
     from edgefleet.controlplane.rollout import RolloutPolicy, parse_percent
 
     try:
@@ -220,6 +231,8 @@ def rollout_start(
         "tier": tier,
         "channel": channel,
         "policy": policy.model_dump(mode="json"),
+        "force": force,
+        "reason": reason,
     }
     with _client(server_, token) as c:
         out = c.post("/api/v1/rollouts/plan" if dry_run else "/api/v1/rollouts", body)
@@ -249,6 +262,9 @@ def _print_plan(p: dict[str, Any], what: str) -> None:
         )
     if p["blocked"]:
         console.print(f"[yellow]warning:[/] {p['blocked']}", highlight=False)
+    release = p.get("release") or {}
+    if release.get("refusal"):
+        console.print(f"[yellow]warning: the release policy refuses it:[/] {release['refusal']}", highlight=False)
 
 
 @rollout_app.command("list")
@@ -332,13 +348,104 @@ def models_promote(
     name: str,
     version: str,
     to: str = typer.Option(None, "--to", help="dev, canary or stable [next one]."),
+    force: bool = ForceOpt,
+    reason: str = ReasonOpt,
     server_: str = ServerOpt,
     token: str = TokenOpt,
 ) -> None:
-    """Promote a version along dev → canary → stable."""
+    """Promote a version along dev → canary → stable (the release policy must admit it)."""
     with _client(server_, token) as c:
-        out = c.post(f"/api/v1/models/{name}/versions/{version}/promote", {"to": to})
+        out = c.post(f"/api/v1/models/{name}/versions/{version}/promote", {"to": to, "force": force, "reason": reason})
     console.print(f"{name} {version} is now in {out['channel']}")
+
+
+@models_app.command("attach")
+def models_attach(
+    name: str,
+    version: str,
+    gate: Path = typer.Option(None, "--gate", help="Verdict JSON of `edgefleet gate --package PKG --json`."),
+    bench: Path = typer.Option(None, "--bench", help="BENCH.json of `edgefleet bench`."),
+    package: Path = typer.Option(
+        None, "--package", help="The .efpkg the verdict judged [the one the verdict names, if it is here]."
+    ),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Attach release evidence to NAME VERSION: a gate verdict, bound to the SHA-256 of the package it judged,
+    and/or bench results. The server refuses evidence for another package or model."""
+    from edgefleet.controlplane.client import attach_evidence, judged_package, read_bench_report, read_gate_verdict
+
+    if gate is None and bench is None:
+        raise UsageError("give --gate gate.json and/or --bench bench.json")
+    verdict = read_gate_verdict(gate) if gate is not None else None
+    report = read_bench_report(bench) if bench is not None else None
+    sha = None
+    if verdict is not None:
+        sha = judged_package(verdict, package)
+        if sha is None:
+            raise UsageError(
+                f"{gate} does not say which package it judged: pass --package PKG (the .efpkg it judged), "
+                "or gate with `edgefleet gate --package PKG`"
+            )
+    with _client(server_, token) as c:
+        release = attach_evidence(c, name, version, gate=verdict, bench=report, package_sha256=sha)
+    if json_:
+        print_json(release)
+        return
+    _print_release(f"{name} {version}", release)
+
+
+def _print_release(what: str, r: dict[str, Any]) -> None:
+    if r.get("allowed"):
+        console.print(f"{what}: evidence attached; the release policy admits it", highlight=False)
+    else:
+        console.print(f"{what}: evidence attached; [yellow]still refused:[/] {r.get('refusal')}", highlight=False)
+
+
+@models_app.command("policy")
+def models_policy(
+    name: str = typer.Argument(None, help="A model (its override); none: the global policy."),
+    require_gate: bool = typer.Option(
+        None, "--require-gate/--no-require-gate", help="Require a passing gate verdict for the package."
+    ),
+    require_bench: bool = typer.Option(
+        None, "--require-bench/--no-require-bench", help="Require bench results for the model."
+    ),
+    inherit: bool = typer.Option(False, "--inherit", help="Drop NAME's override: it follows the global policy."),
+    reason: str = typer.Option(None, "--reason", help="Why (goes to the audit log)."),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Show or set the release policy: what a version needs before it is promoted or rolled out. Setting it
+    needs an admin token."""
+    changes = {k: v for k, v in (("require_gate", require_gate), ("require_bench", require_bench)) if v is not None}
+    path = "/api/v1/release-policy" if name is None else f"/api/v1/models/{name}/release-policy"
+    if inherit and (name is None or changes):
+        raise UsageError("--inherit drops a model's override: give NAME and no --require-* flag")
+    with _client(server_, token) as c:
+        if inherit:
+            out = c.delete(path)
+        elif changes:
+            out = c.put(path, {**changes, "reason": reason})
+        else:
+            out = c.get(path)
+    if json_:
+        print_json(out)
+        return
+    eff, src = out["effective"], out["source"]
+    console.print(
+        f"release policy{' of ' + name if name else ''}: "
+        + ", ".join(f"{k} = {str(v).lower()} ({src[k]})" for k, v in eff.items()),
+        highlight=False,
+    )
+    if out["models"]:
+        _table(
+            [{"model": m, **row} for m, row in out["models"].items()],
+            ["model", "require_gate", "require_bench", "updated_by", "updated_at"],
+            title="per-model overrides (empty: inherited)",
+        )
 
 
 # ------------------------------------------------------------------------------------------------ fleet, audit, tokens

@@ -78,6 +78,8 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("GET", f"{A}/compat"): Access.viewer,
     ("GET", f"{A}/fleet"): Access.viewer,
     ("GET", f"{A}/audit"): Access.viewer,
+    ("GET", f"{A}/release-policy"): Access.viewer,
+    ("GET", f"{A}/models/{{name}}/release-policy"): Access.viewer,
     ("POST", f"{A}/enrollment-tokens"): Access.operator,
     ("POST", f"{A}/devices/{{device_id}}/pin"): Access.operator,
     ("POST", f"{A}/devices/{{device_id}}/unpin"): Access.operator,
@@ -98,6 +100,10 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("GET", f"{A}/tokens"): Access.admin,
     ("POST", f"{A}/tokens"): Access.admin,
     ("DELETE", f"{A}/tokens/{{token_id}}"): Access.admin,
+    # relaxing what a release needs is an admin's call (forcing one past it too: checked in the route)
+    ("PUT", f"{A}/release-policy"): Access.admin,
+    ("PUT", f"{A}/models/{{name}}/release-policy"): Access.admin,
+    ("DELETE", f"{A}/models/{{name}}/release-policy"): Access.admin,
     # the browser dashboard (controlplane/dashboard): a bearer token or the sign-in cookie, same roles
     ("GET", "/"): Access.viewer,
     ("GET", "/rollouts"): Access.viewer,

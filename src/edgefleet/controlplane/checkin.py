@@ -269,7 +269,14 @@ async def _entry(store: Store, device_id: str, credential: str | None) -> Entry:
     return entry
 
 
-@router.post("/enroll", response_model=EnrollResponse, responses={401: {"description": "bad enrollment token"}})
+@router.post(
+    "/enroll",
+    response_model=EnrollResponse,
+    responses={
+        401: {"description": "bad enrollment token"},
+        409: {"description": "the hardware contradicts the token's tier (and the agent does not emulate it)"},
+    },
+)
 def enroll(body: EnrollRequest, request: Request) -> EnrollResponse:
     store = _store(request)
     with store.db.session() as s:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,18 @@ from edgefleet.errors import (
     UsageError,
 )
 
-__all__ = ["DEFAULT_SERVER", "Client", "answer_of", "resolve_token", "upload_package"]
+__all__ = [
+    "DEFAULT_SERVER",
+    "Client",
+    "answer_of",
+    "attach_evidence",
+    "judged_package",
+    "read_bench_report",
+    "read_gate_verdict",
+    "resolve_token",
+    "sha256_file",
+    "upload_package",
+]
 
 DEFAULT_SERVER = "http://127.0.0.1:8700"
 _BY_STATUS: dict[int, type[EdgefleetError]] = {
@@ -102,8 +115,8 @@ class Client:
     def post(self, path: str, json: Any = None, **kw: Any) -> Any:
         return self.request("POST", path, json=json, **kw)
 
-    def put(self, path: str, json: Any = None) -> Any:
-        return self.request("PUT", path, json=json)
+    def put(self, path: str, json: Any = None, **kw: Any) -> Any:
+        return self.request("PUT", path, json=json, **kw)
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
@@ -119,3 +132,98 @@ def upload_package(server: str, token: str | None, pkg: Path) -> dict[str, Any]:
             "POST", "/api/v1/packages", content=f, headers={"Content-Type": "application/octet-stream"}
         )
         return out
+
+
+# ------------------------------------------------------------------------------------------------ release evidence
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(f"{what} {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"{what} {path} is not JSON: {err}")
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} {path} is not a JSON object")
+    return data
+
+
+def read_gate_verdict(path: Path) -> dict[str, Any]:
+    """The JSON ``edgefleet gate --json`` printed, checked to be a verdict (a wrong file is one line, not a 4xx)."""
+    from pydantic import ValidationError
+
+    from edgefleet.gate.verdict import Verdict
+
+    data = _json_object(Path(path), "gate verdict")
+    hint = f"write one with `edgefleet gate … --package PKG --json > {Path(path).name}`"
+    if "results" in data and "environment" in data:
+        raise UsageError(f"{path} is a bench report, not a gate verdict: pass it as --bench; {hint}")
+    try:
+        Verdict.model_validate(data)
+    except ValidationError as err:
+        e = err.errors()[0]
+        field = ".".join(str(x) for x in e["loc"]) or "(root)"
+        raise UsageError(f"{path} is not a gate verdict (field {field!r}: {e['msg']}); {hint}")
+    return data
+
+
+def read_bench_report(path: Path) -> dict[str, Any]:
+    """A ``BENCH.json`` of ``edgefleet bench``, validated against its schema and sent as written."""
+    from edgefleet.bench.report import load_report
+
+    data = _json_object(Path(path), "bench report")
+    if "checks" in data and "passed" in data:
+        raise UsageError(f"{path} is a gate verdict, not a bench report: pass it as --gate")
+    load_report(path)
+    return data
+
+
+def judged_package(verdict: dict[str, Any], package: Path | None = None) -> str | None:
+    """The SHA-256 of the package a verdict judged: its own ``package_sha256``, else the file it names under
+    ``inputs.package`` when that file is here. ``package`` is the file the caller means; a verdict that judged
+    another one is refused here, before anything is sent."""
+    own = verdict.get("package_sha256")
+    inputs = verdict.get("inputs")
+    judged_path = inputs.get("package") if isinstance(inputs, dict) else None
+    judged = own if isinstance(own, str) else None
+    if judged is None and isinstance(judged_path, str) and Path(judged_path).is_file():
+        judged = sha256_file(Path(judged_path))
+    if package is not None:
+        mine = sha256_file(package)
+        if judged is not None and judged != mine:
+            raise UsageError(
+                f"the gate verdict judged {judged_path or 'another package'} (sha256 {judged[:12]}…), not {package} "
+                f"(sha256 {mine[:12]}…): gate this package"
+            )
+        return mine
+    return judged
+
+
+def attach_evidence(
+    c: Client,
+    name: str,
+    version: str,
+    *,
+    gate: dict[str, Any] | None = None,
+    bench: dict[str, Any] | None = None,
+    package_sha256: str | None = None,
+) -> dict[str, Any]:
+    """Send a gate verdict (bound to ``package_sha256``) and/or a bench report; returns the version's release
+    status after the last one."""
+    base = f"/api/v1/models/{name}/versions/{version}"
+    out: dict[str, Any] = {}
+    if bench is not None:
+        out = c.put(f"{base}/bench", bench)
+    if gate is not None:
+        params = {"package_sha256": package_sha256} if package_sha256 else None
+        out = c.put(f"{base}/gate", gate, params=params)
+    return dict(out.get("release") or {})

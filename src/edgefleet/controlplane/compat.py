@@ -11,6 +11,10 @@ A cell turns ``failed`` on a failing bench result or on failures from at least `
 (the rollout policy's ``compat_fail_devices``, default 2); failures from fewer make it ``suspect``, which is shown
 but blocks nothing: one device's flaky storage must not shut a tier out. A failed cell stays failed until an
 operator clears it (:func:`clear`), which keeps the evidence and counts only what arrives afterwards.
+
+Only the tier's own hardware verifies. Evidence from a host that merely emulates the tier — a bench result
+``emulated``, a device enrolled with ``--emulate-tier`` — makes a cell ``emulated`` at best; its failures count
+as any other.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def _failing(e: dict[str, Any]) -> bool:
     if isinstance(e.get("ok"), bool):
         return not e["ok"]
     if e.get("source") == "bench":
-        return e.get("result") != "verified"
+        return e.get("result") not in ("verified", "emulated")
     return e.get("source") == "device" and e.get("event") != "committed"
 
 
@@ -66,9 +70,14 @@ def _live(evidence: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
     return evidence
 
 
+def _emulated(e: dict[str, Any]) -> bool:
+    return bool(e.get("emulated")) or (e.get("source") == "bench" and e.get("result") == "emulated")
+
+
 def cell_status(evidence: Sequence[dict[str, Any]], *, min_devices: int = FAIL_DEVICES) -> str:
     """``failed`` (a failing bench result, or failures from ``min_devices`` distinct devices), ``suspect`` (device
-    failures from fewer), ``verified`` (evidence, none failing) or ``untested`` — over the evidence since the last
+    failures from fewer), ``verified`` (evidence from the tier's own hardware, none failing), ``emulated`` (only
+    evidence from hosts emulating the tier, none failing) or ``untested`` — over the evidence since the last
     clear."""
     live = _live(evidence)
     if any(e.get("source") != "device" and _failing(e) for e in live):
@@ -78,7 +87,9 @@ def cell_status(evidence: Sequence[dict[str, Any]], *, min_devices: int = FAIL_D
         return "failed"
     if failing:
         return "suspect"
-    return "verified" if live else "untested"
+    if not live:
+        return "untested"
+    return "emulated" if all(_emulated(e) for e in live) else "verified"
 
 
 def add_evidence(evidence: Sequence[dict[str, Any]], new: dict[str, Any], *, cap: int = MAX_EVIDENCE) -> list[Any]:
@@ -93,7 +104,9 @@ def add_evidence(evidence: Sequence[dict[str, Any]], new: dict[str, Any], *, cap
             if not (e.get("source") == "device" and _failing(e) and e.get("device_id") == new.get("device_id"))
         ] + [new]
     while len(out) > cap:
-        drop = next((i for i, e in enumerate(out) if not _failing(e) and not _clear_marker(e)), 0)
+        # emulated successes go first: a run of them must not push out the one verification from real hardware
+        kept = [i for i, e in enumerate(out) if not _failing(e) and not _clear_marker(e)]
+        drop = next((i for i in kept if _emulated(out[i])), kept[0] if kept else 0)
         del out[drop]
     return out
 
@@ -145,6 +158,9 @@ def record(
         rollout_id = evidence.get("rollout_id", _ANY_ROLLOUT)
         if not assigned(s, str(evidence.get("device_id")), model, version, rollout_id):
             return False
+        d = s.get(Device, str(evidence.get("device_id")))
+        if d is not None and (d.hardware or {}).get("emulates"):
+            evidence = {**evidence, "emulated": True}
     row = s.get(CompatEntry, (tier, runtime_version, model, version))
     if row is None:
         row = CompatEntry(tier=tier, runtime_version=runtime_version, model=model, version=version, evidence=[])
@@ -187,7 +203,7 @@ def record_bench(s: Session, model: str, version: str, bench: dict[str, Any]) ->
             runtime_version=str(c["runtime_version"]),
             model=model,
             version=version,
-            ok=c.get("result") == "verified",
+            ok=c.get("result") in ("verified", "emulated"),
             evidence={"source": "bench", **c},
         )
         n += 1

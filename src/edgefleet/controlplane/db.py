@@ -39,6 +39,7 @@ __all__ = [
     "DeviceGroup",
     "EnrollmentToken",
     "ModelVersion",
+    "ReleasePolicyRow",
     "ReportBatch",
     "Rollout",
     "RolloutDevice",
@@ -104,6 +105,22 @@ class ModelVersion(Base):
     # histograms can be scored against it on the server
     drift_reference: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # who attached which gate verdict and bench report, and the package hash each named: the release policy
+    # reads it (``registry.release_refusal``), the dashboard shows it as the version's evidence chain
+    evidence: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+
+
+class ReleasePolicyRow(Base):
+    """The release policy: the global default (``scope`` ``"*"``) and per-model overrides (``scope`` = the model);
+    a None field of an override inherits the global value. Kept in the database, not in process settings, so every
+    replica enforces the same policy and each change is audited."""
+
+    __tablename__ = "release_policies"
+    scope: Mapped[str] = mapped_column(String(128), primary_key=True)
+    require_gate: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    require_bench: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    updated_by: Mapped[str] = mapped_column(String(128), default="")
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class DeviceGroup(Base):

@@ -8,16 +8,18 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from edgefleet.bench.tiers import TierProfile, default_tiers, emulation_reason
 from edgefleet.controlplane.auth import hash_secret, new_secret
 from edgefleet.controlplane.db import Device, DeviceGroup, EnrollmentToken, ModelVersion, utcnow
 from edgefleet.errors import AuthError, ConflictError, NotFoundError
-from edgefleet.protocol import DesiredState, DeviceConfig, EnrollRequest
+from edgefleet.protocol import DesiredState, DeviceConfig, EnrollRequest, Hardware
 
 __all__ = [
     "CLOCK_SKEW_S",
@@ -27,6 +29,7 @@ __all__ = [
     "enroll",
     "etag_of",
     "get_device",
+    "hardware_conflict",
     "list_devices",
     "pin",
     "record_invalid_report",
@@ -54,8 +57,31 @@ def create_enrollment_token(
     return token, row
 
 
-def enroll(s: Session, req: EnrollRequest) -> tuple[Device, str]:
-    """Spend a one-time token; returns the new device and its credential (shown once, stored hashed)."""
+def hardware_conflict(tier: str, hw: Hardware, profiles: Mapping[str, TierProfile]) -> str | None:
+    """Why a device with hardware ``hw`` cannot enroll on ``tier``, or None. Pure.
+
+    An agent that declares it emulates the tier is taken at its word (and labelled so); one that does not must be
+    the tier's hardware. A tier without a profile here (a token from before tiers were checked) has nothing to
+    contradict."""
+    if hw.emulates is not None:
+        if hw.emulates != tier:
+            return f"the agent emulates tier {hw.emulates} but its token is for tier {tier}"
+        return None
+    profile = profiles.get(tier)
+    if profile is None:
+        return None
+    why = emulation_reason(profile, hw.arch, hw.isa_features)
+    if why is None:
+        return None
+    return (
+        f"hardware contradicts the token's tier: {why}; use a token for this device's own tier, or start an "
+        f"emulating agent with --emulate-tier {tier}"
+    )
+
+
+def enroll(s: Session, req: EnrollRequest, tiers: Mapping[str, TierProfile] | None = None) -> tuple[Device, str]:
+    """Spend a one-time token; returns the new device and its credential (shown once, stored hashed). ``tiers``:
+    the profiles the hardware is checked against (default: the shipped tiers)."""
     # Lock the token row so two concurrent enrollments cannot both spend it (a no-op on SQLite, which
     # serialises writers anyway).
     tok = s.scalar(
@@ -68,6 +94,10 @@ def enroll(s: Session, req: EnrollRequest) -> tuple[Device, str]:
         raise AuthError("this enrollment token was already used: tokens are one-time")
     if tok.expires_at <= now:
         raise AuthError("this enrollment token has expired: ask an operator for a new one")
+    conflict = hardware_conflict(tok.tier, req.hardware, default_tiers() if tiers is None else tiers)
+    if conflict is not None:
+        # the token stays unspent: it is still good for a device of its tier
+        raise ConflictError(conflict)
     device_id = "dev-" + secrets.token_hex(8)
     credential = new_secret("efd")
     dev = Device(

@@ -9,16 +9,24 @@ import re
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Body, Depends, Request, Response
+from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from edgefleet.controlplane import audit, compat, devices, kpi, reconciler, registry
 from edgefleet.controlplane.auth import Principal, authorize, hash_secret, new_secret
-from edgefleet.controlplane.db import ApiToken, DeviceGroup, Rollout, RolloutDevice, RolloutTransition, utcnow
+from edgefleet.controlplane.db import (
+    ApiToken,
+    DeviceGroup,
+    ModelVersion,
+    Rollout,
+    RolloutDevice,
+    RolloutTransition,
+    utcnow,
+)
 from edgefleet.controlplane.rollout import RolloutPlan, RolloutPolicy, RolloutState
-from edgefleet.errors import ConflictError, NotFoundError, UsageError
+from edgefleet.errors import ConflictError, ForbiddenError, NotFoundError, UsageError
 from edgefleet.protocol import API_PREFIX, DeviceConfig
 
 if TYPE_CHECKING:
@@ -61,16 +69,32 @@ class DeviceGroupBody(_In):
     group: str | None = Field(None, max_length=128)
 
 
-class PromoteBody(_In):
+class _Override(_In):
+    """``force`` releases a version the release policy refuses (admin only; ``reason`` goes to the audit log)."""
+
+    force: bool = False
+    reason: str | None = Field(None, max_length=2000)
+
+
+class PromoteBody(_Override):
     to: str | None = Field(None, pattern="^(dev|canary|stable)$")
 
 
-class RolloutCreate(_In):
+class RolloutCreate(_Override):
     model: str = Field(min_length=1, max_length=128)
     version: str = Field(min_length=1, max_length=64)
     tier: str | None = Field(None, max_length=64)
     channel: str | None = Field(None, pattern="^(dev|canary|stable)$")
     policy: RolloutPolicy = Field(default_factory=RolloutPolicy)
+
+
+class ReleasePolicyBody(_In):
+    """Fields left out stay as they are; ``null`` inherits (a model from the global policy, the global policy from
+    the built-in default)."""
+
+    require_gate: bool | None = None
+    require_bench: bool | None = None
+    reason: str | None = Field(None, max_length=2000)
 
 
 class ActionBody(_In):
@@ -368,34 +392,134 @@ def get_model(name: str, request: Request) -> dict[str, Any]:
 @router.get("/models/{name}/versions/{version}")
 def get_version(name: str, version: str, request: Request) -> dict[str, Any]:
     with _store(request).db.session() as s:
-        return registry.version_dict(registry.get_version(s, name, version), full=True)
+        mv = registry.get_version(s, name, version)
+        return {**registry.version_dict(mv, full=True), "release": registry.release_status(s, mv)}
+
+
+def _release_check(s: Any, mv: ModelVersion, body: _Override | None, who: Principal, action: str) -> str | None:
+    """Refuse a version the release policy does not admit, unless an admin forces it: then the override (actor,
+    reason, what it overrode) is audited in the same transaction as the promotion or rollout. Returns the
+    overridden refusal, if any."""
+    force, reason = (body.force, (body.reason or "").strip()) if body else (False, "")
+    if force and not reason:
+        raise UsageError("--force needs --reason: overriding the release policy is written to the audit log")
+    refusal = registry.release_refusal_of(s, mv)
+    if refusal is None:
+        return None
+    if not force:
+        raise ConflictError(refusal)
+    if who.role != "admin":
+        raise ForbiddenError(f"overriding the release policy needs an admin token ({who.actor} is {who.role})")
+    audit.record(
+        s,
+        who.actor,
+        "release.override",
+        f"{mv.model}:{mv.version}",
+        overrode=action,
+        reason=reason,
+        refusal=refusal,
+        package_sha256=mv.package_sha256,
+    )
+    return refusal
 
 
 @router.post("/models/{name}/versions/{version}/promote")
 def promote(name: str, version: str, request: Request, body: PromoteBody | None = None) -> dict[str, Any]:
+    who = _who(request)
     with _store(request).db.session() as s:
         mv = registry.get_version(s, name, version)
+        forced = _release_check(s, mv, body, who, "model.promote")
         old, new = registry.promote(s, mv, body.to if body else None)
-        audit.record(s, _who(request).actor, "model.promote", f"{name}:{version}", from_channel=old, to_channel=new)
+        audit.record(
+            s,
+            who.actor,
+            "model.promote",
+            f"{name}:{version}",
+            from_channel=old,
+            to_channel=new,
+            forced=forced is not None,
+        )
         return registry.version_dict(mv)
 
 
 @router.put("/models/{name}/versions/{version}/gate")
-def put_gate(name: str, version: str, request: Request, verdict: dict[str, Any] = Body(...)) -> dict[str, Any]:
+def put_gate(
+    name: str,
+    version: str,
+    request: Request,
+    verdict: dict[str, Any] = Body(...),
+    package_sha256: str | None = Query(
+        None, pattern="^[0-9a-fA-F]{64}$", description="the package the verdict judged, when it does not name it"
+    ),
+) -> dict[str, Any]:
+    who = _who(request)
     with _store(request).db.session() as s:
         mv = registry.get_version(s, name, version)
-        registry.attach_gate(s, mv, verdict)
-        audit.record(s, _who(request).actor, "model.gate", f"{name}:{version}", passed=verdict.get("passed"))
-        return registry.version_dict(mv, full=True)
+        rec = registry.attach_gate(s, mv, verdict, package_sha256=package_sha256, actor=who.actor)
+        audit.record(
+            s,
+            who.actor,
+            "model.gate",
+            f"{name}:{version}",
+            passed=rec["passed"],
+            package_sha256=rec["package_sha256"],
+        )
+        return {**registry.version_dict(mv, full=True), "release": registry.release_status(s, mv)}
 
 
 @router.put("/models/{name}/versions/{version}/bench")
 def put_bench(name: str, version: str, request: Request, bench: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    who = _who(request)
     with _store(request).db.session() as s:
         mv = registry.get_version(s, name, version)
-        n = registry.attach_bench(s, mv, bench)
-        audit.record(s, _who(request).actor, "model.bench", f"{name}:{version}", compat_entries=n)
-        return registry.version_dict(mv, full=True)
+        n = registry.attach_bench(s, mv, bench, actor=who.actor)
+        audit.record(s, who.actor, "model.bench", f"{name}:{version}", compat_entries=n)
+        return {**registry.version_dict(mv, full=True), "release": registry.release_status(s, mv)}
+
+
+@router.get("/release-policy")
+def get_release_policy(request: Request) -> dict[str, Any]:
+    with _store(request).db.session() as s:
+        return registry.policy_doc(s)
+
+
+def _set_policy(request: Request, scope: str, body: ReleasePolicyBody) -> dict[str, Any]:
+    who = _who(request)
+    changes = {f: getattr(body, f) for f in body.model_fields_set if f != "reason"}
+    with _store(request).db.session() as s:
+        registry.set_policy(s, scope, changes, actor=who.actor)
+        audit.record(s, who.actor, "release.policy", scope, changes=changes, reason=body.reason)
+        return registry.policy_doc(s, None if scope == registry.GLOBAL_SCOPE else scope)
+
+
+@router.put("/release-policy")
+def put_release_policy(body: ReleasePolicyBody, request: Request) -> dict[str, Any]:
+    """The global policy: what every model needs unless its own override says otherwise."""
+    return _set_policy(request, registry.GLOBAL_SCOPE, body)
+
+
+@router.get("/models/{name}/release-policy")
+def get_model_release_policy(name: str, request: Request) -> dict[str, Any]:
+    with _store(request).db.session() as s:
+        return registry.policy_doc(s, name)
+
+
+@router.put("/models/{name}/release-policy")
+def put_model_release_policy(name: str, body: ReleasePolicyBody, request: Request) -> dict[str, Any]:
+    """A model's override; it may be set before the model's first version is published."""
+    if not _ID.match(name) or name == registry.GLOBAL_SCOPE:
+        raise UsageError("model names use letters, digits, '.', '_', ':' and '-' (at most 128)")
+    return _set_policy(request, name, body)
+
+
+@router.delete("/models/{name}/release-policy")
+def delete_model_release_policy(name: str, request: Request) -> dict[str, Any]:
+    who = _who(request)
+    with _store(request).db.session() as s:
+        if not registry.clear_policy(s, name):
+            raise NotFoundError(f"model {name} has no release policy override")
+        audit.record(s, who.actor, "release.policy", name, cleared=True)
+        return registry.policy_doc(s, name)
 
 
 # ------------------------------------------------------------------------------------------------ rollouts
@@ -462,13 +586,16 @@ def plan_dict(p: RolloutPlan, waves: list[float]) -> dict[str, Any]:
 def plan_rollout(body: RolloutCreate, request: Request) -> dict[str, Any]:
     """``rollout start --dry-run``: the devices each wave would move on today's fleet; starts nothing."""
     with _store(request).db.session() as s:
+        mv = registry.get_version(s, body.model, body.version)
         p = reconciler.plan(s, body.model, body.version, tier=body.tier, channel=body.channel, policy=body.policy)
+        refusal = registry.release_refusal_of(s, mv)
         return {
             "model": body.model,
             "version": body.version,
             "tier": body.tier,
             "channel": body.channel,
             **plan_dict(p, body.policy.waves),
+            "release": {"allowed": refusal is None, "refusal": refusal},
         }
 
 
@@ -477,7 +604,8 @@ def start_rollout(body: RolloutCreate, request: Request) -> dict[str, Any]:
     st = _store(request)
     who = _who(request)
     with st.db.session() as s:
-        registry.get_version(s, body.model, body.version)
+        mv = registry.get_version(s, body.model, body.version)
+        forced = _release_check(s, mv, body, who, "rollout.start")
         active = s.scalar(select(Rollout.id).where(Rollout.model == body.model, Rollout.state.in_(_ACTIVE)))
         if active is not None:
             raise ConflictError(f"rollout {active} of {body.model} is still active: finish, abort or roll it back")
@@ -507,8 +635,12 @@ def start_rollout(body: RolloutCreate, request: Request) -> dict[str, Any]:
             tier=body.tier,
             channel=body.channel,
             policy=r.policy,
+            forced=forced is not None,
         )
-        reconciler.transition(s, r, RolloutState.running, f"started by {who.actor}", who.actor)
+        why = f"started by {who.actor}"
+        if forced is not None:
+            why += f", overriding the release policy: {(body.reason or '').strip()}"
+        reconciler.transition(s, r, RolloutState.running, why, who.actor)
         p = reconciler.plan(s, body.model, body.version, tier=body.tier, channel=body.channel, policy=body.policy)
         if p.blocked is not None:
             # say so now: the operator who started it is the one to hear that it reaches no device

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from edgefleet.bench.env import Environment, emulation_of
 from edgefleet.bench.report import BenchReport, ModelResult
 from edgefleet.bench.tiers import TierProfile
 from edgefleet.gate.policy import GatePolicy
@@ -25,6 +26,7 @@ __all__ = [
     "accuracy_checks",
     "cold_start_checks",
     "compat_checks",
+    "label_emulated",
     "latency_checks",
     "max_opset",
     "memory_checks",
@@ -34,7 +36,9 @@ __all__ = [
     "size_checks",
 ]
 
-Status = Literal["pass", "fail", "inconclusive"]
+# ``skipped``: not run, because optional evidence was not given (no production report); it neither passes nor
+# blocks the gate, unlike ``inconclusive``, which blocks unless the policy allows it.
+Status = Literal["pass", "fail", "inconclusive", "skipped"]
 
 # Highest default-domain opset each onnxruntime release implements (onnxruntime's compatibility table); releases
 # between two rows get the lower row's value, which errs towards refusing.
@@ -115,6 +119,29 @@ def _missing(name: str, tier: str) -> CheckResult:
 
 def _failed(name: str, label: str, r: ModelResult) -> CheckResult:
     return CheckResult(name=f"{name}[{label}]", status="fail", tier=r.tier, reason=f"bench failed: {r.error}")
+
+
+def label_emulated(results: Sequence[ModelResult], env: Environment) -> list[ModelResult]:
+    """The results with ``emulated`` set wherever the report's host is not the tier's hardware, whatever the
+    report itself says: a report written before hosts were compared, or edited by hand, is judged the same."""
+    out = []
+    for r in results:
+        because = emulation_of(env, r.tier_profile)
+        if because is not None and not r.emulated:
+            r = r.model_copy(update={"emulated": True, "emulated_because": because})
+        out.append(r)
+    return out
+
+
+def _emulated(name: str, label: str, r: ModelResult, **extra: Any) -> CheckResult:
+    return CheckResult(
+        name=f"{name}[{label}]",
+        status="inconclusive",
+        tier=r.tier,
+        reason=f"emulated ({r.emulated_because or 'the host is not the tier hardware'}): measure on a device of "
+        f"tier {r.tier}, or set allow_emulated: true in the policy",
+        **extra,
+    )
 
 
 # --- accuracy -------------------------------------------------------------------------------------------------
@@ -244,6 +271,10 @@ def latency_checks(policy: GatePolicy, results: Sequence[ModelResult]) -> list[C
             out.append(_failed("latency.p95", label, r))
             continue
         q = r.latency.quantile(0.95)
+        if r.emulated and not policy.allow_emulated:
+            # this host's latency says little about the tier's: another architecture or instruction set
+            out.append(_emulated("latency.p95", label, r, limit=limit, measured=q.value_ms if q else None))
+            continue
         common: dict[str, Any] = {"name": name, "tier": tier, "limit": limit}
         if q is None or q.value_ms is None or q.n < lat.min_samples:
             n = 0 if q is None else q.n
@@ -434,7 +465,7 @@ def compat_checks(
         label = _label(r, multi)
         profile = tiers[tier]
         problems: list[str] = []
-        if r.compat.result != "verified":
+        if r.compat.result == "failed":
             problems.append(f"bench on ORT {r.compat.runtime_version} failed: {r.compat.reason}")
         opset = r.opset.get("", r.opset.get("ai.onnx"))
         top = max_opset(profile.runtime_version)
@@ -442,16 +473,20 @@ def compat_checks(
             problems.append(f"opset {opset} exceeds the {top} that onnxruntime {profile.runtime_version} runs")
         if package is not None:
             problems.extend(package.requirement_reasons.get(tier, []))
+        emulated = r.emulated or r.compat.result == "emulated"
         if problems:
             out.append(CheckResult(name=f"compat[{label}]", status="fail", tier=tier, reason="; ".join(problems)))
+        elif emulated and not policy.allow_emulated:
+            out.append(_emulated("compat", label, r))
         else:
             extra = " and the package requirements admit it" if package is not None else ""
+            how = f"emulated ({r.emulated_because})" if emulated else "verified"
             out.append(
                 CheckResult(
                     name=f"compat[{label}]",
                     status="pass",
                     tier=tier,
-                    reason=f"verified on onnxruntime {r.compat.runtime_version}; opset {opset} ≤ {top} "
+                    reason=f"{how} on onnxruntime {r.compat.runtime_version}; opset {opset} ≤ {top} "
                     f"(onnxruntime {profile.runtime_version}){extra}",
                 )
             )
@@ -497,7 +532,7 @@ def run_checks(
 ) -> list[CheckResult]:
     """Every check the policy asks for, in a fixed order. ``tiers``: the target tiers (the policy's, else those
     the bench ran on)."""
-    results = list(bench.results)
+    results = label_emulated(bench.results, bench.environment)
     head: list[CheckResult] = []
     if package is not None and package.model_sha256 is not None:
         # With a package, the gate judges the packaged model's results only.

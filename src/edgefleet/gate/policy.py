@@ -23,6 +23,7 @@ __all__ = [
     "LatencyPolicy",
     "MemoryPolicy",
     "PackagePolicy",
+    "ProductionPolicy",
     "RegressionPolicy",
     "ResolvedPolicy",
     "SizePolicy",
@@ -83,6 +84,15 @@ class PackagePolicy(_Section):
     bom: bool = True
 
 
+class ProductionPolicy(_Section):
+    """The candidate against the version devices run today (``--production-report``), overall and per slice.
+    Skipped without a production report unless ``required``."""
+
+    max_drop: float = Field(0.0, ge=0, description="largest allowed overall drop below production (absolute)")
+    max_slice_drop: float | None = Field(None, ge=0, description="largest allowed drop below production on a slice")
+    required: bool = Field(False, description="fail, rather than skip, when the comparison cannot be made")
+
+
 class GatePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -91,6 +101,11 @@ class GatePolicy(BaseModel):
         default_factory=list, description="target tiers (names or tier YAML files); empty = the tiers in the bench"
     )
     allow_inconclusive: bool = Field(False, description="let inconclusive checks pass the gate")
+    allow_emulated: bool = Field(
+        False,
+        description="judge p95 and compatibility measured on a host that only emulates the tier (another "
+        "architecture or ISA) as if measured on the tier; by default such results are inconclusive",
+    )
     accuracy: AccuracyPolicy | None = None
     latency: LatencyPolicy | None = None
     regression: RegressionPolicy | None = None
@@ -99,6 +114,7 @@ class GatePolicy(BaseModel):
     size: SizePolicy | None = None
     compatibility: CompatibilityPolicy | None = None
     package: PackagePolicy | None = None
+    production: ProductionPolicy | None = None
 
 
 class ResolvedPolicy(BaseModel):

@@ -15,11 +15,22 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
 
+from edgefleet.bench.env import Environment, emulation_of
 from edgefleet.bench.stats import PairedComparison
+from edgefleet.bench.tiers import TierProfile
 from edgefleet.optimize.candidates import Recipe
 from edgefleet.optimize.evaluate import MetricValues
 
-__all__ = ["CandidateReport", "LatencyResult", "NodeSensitivity", "OpCoverage", "OptimizeReport", "Status", "table"]
+__all__ = [
+    "CandidateReport",
+    "LatencyResult",
+    "NodeSensitivity",
+    "OpCoverage",
+    "OptimizeReport",
+    "Status",
+    "table",
+    "with_host",
+]
 
 Status = Literal[
     "chosen",  # the output (the input itself when nothing qualified)
@@ -119,6 +130,17 @@ class OptimizeReport(BaseModel):
     runtime_version: str
     time_budget_s: float
     time_spent_s: float
+    host: Environment | None = Field(None, description="the machine that measured (None: an older report)")
+    emulated: bool | None = Field(
+        None, description="the host is not the tier's hardware (architecture or ISA): ratios are this host's"
+    )
+    emulated_because: str | None = None
+
+
+def with_host(report: OptimizeReport, tier: TierProfile, env: Environment) -> OptimizeReport:
+    """``report`` with the host it was measured on, and whether that host only emulates ``tier``."""
+    because = emulation_of(env, tier)
+    return report.model_copy(update={"host": env, "emulated": because is not None, "emulated_because": because})
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:

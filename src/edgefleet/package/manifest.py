@@ -10,13 +10,14 @@ import json
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 
 from edgefleet.errors import ManifestError
 from edgefleet.runtime import Step, TensorSpec
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AccuracyLineage",
     "EncryptionInfo",
     "GoldenTolerance",
     "IOSchema",
@@ -56,12 +57,38 @@ class Requirements(_Base):
     tiers: list[str] = Field(default_factory=list, description="allowed device tiers; empty means any")
 
 
+class AccuracyLineage(_Base):
+    """The accuracy the optimizer measured for the model against its parent, and the tolerance it was held to."""
+
+    metric: str = Field(description="top1, agreement, cosine or sqnr")
+    parent: float = Field(description="the parent's score (optimize report's baseline_metrics.overall)")
+    value: float = Field(description="this model's score (chosen.metrics.overall)")
+    drop: float = Field(description="parent - value: positive is worse")
+    slice_drops: dict[str, float] = Field(default_factory=dict, description="parent - value per slice")
+    max_drop: float | None = Field(None, description="the tolerance: optimize's --max-accuracy-drop")
+    max_slice_drop: float | None = Field(None, description="optimize's --max-slice-drop")
+
+
 class Lineage(_Base):
-    """Where the model came from: the parent model, how it was optimized, what calibrated it."""
+    """Where the model came from: the parent model, how it was optimized, what calibrated it, what it cost."""
 
     parent_sha256: str | None = Field(None, pattern=_SHA256)
     recipe: dict[str, Any] | None = Field(None, description="optimization recipe (optimize report's chosen.recipe)")
     calibration_sha256: str | None = Field(None, pattern=_SHA256)
+    quantized_ops: list[str] | None = Field(
+        None, description="the nodes that run quantized (optimize report's chosen.op_coverage.quantized)"
+    )
+    accuracy: AccuracyLineage | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A package without these fields serializes exactly as before they existed: its bytes (and so its hash)
+        # do not change, and agents that predate them still read its manifest.
+        data: dict[str, Any] = handler(self)
+        for key in ("quantized_ops", "accuracy"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 class GoldenTolerance(_Base):

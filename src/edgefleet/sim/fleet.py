@@ -184,6 +184,9 @@ class Fleet:
         ]
         if p.tier.chipset:
             cmd += ["--chipset", p.tier.chipset]
+        # every simulated device runs on this host: it says which tier it emulates, so the control plane accepts
+        # it and its evidence never makes a compatibility cell "verified"
+        cmd += ["--emulate-tier", p.tier.name]
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
         crash = p.fault("crash")
         if crash and crash.value:

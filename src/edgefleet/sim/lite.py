@@ -196,4 +196,6 @@ class SimAgent(Agent):
 
     def _hardware(self) -> Hardware:
         t = self.plan.tier
-        return Hardware(arch=t.arch, cpu_count=t.cpu_threads, memory_mb=self.plan.memory_mb, chipset=t.chipset)
+        return Hardware(
+            arch=t.arch, cpu_count=t.cpu_threads, memory_mb=self.plan.memory_mb, chipset=t.chipset, emulates=t.name
+        )

@@ -353,6 +353,7 @@ def model_page(s: Session, name: str) -> dict[str, Any]:
         v["parent"] = {"sha256": parent, "version": by_sha.get(parent) if parent else None}
         v["children"] = [c.version for c in mvs if (c.lineage or {}).get("parent_sha256") == mv.model_sha256]
         v["bench_rows"] = _bench_rows(mv.bench)
+        v["release"] = registry.release_status(s, mv)
         v["device_count"] = s.scalar(
             select(func.count())
             .select_from(Device)
