@@ -253,6 +253,12 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
                     params={"package_sha256": up["package_sha256"]},
                     json=json.loads(verdict.read_text()),
                 )
+                # and the bench report it was judged on: the model page shows the whole evidence chain
+                await fleet.api(
+                    "PUT",
+                    f"/api/v1/models/digits/versions/{v}/bench",
+                    json=json.loads((work / "bench.json").read_text()),
+                )
         st.times["enroll"] = round(time.monotonic() - t, 2)
         tiers = {d["device_id"]: d["tier"] for d in devs}
         n_full = sum(p.full for p in plans)
