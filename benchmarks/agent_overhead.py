@@ -1,4 +1,4 @@
-"""Agent serving overhead, measured side by side in one run (DESIGN §7, issue 5).
+"""Agent serving overhead, measured side by side in one run.
 
 tritonclient → ``edgefleet serve`` (the agent's OIP server + worker process) for a small digits MLP, at
 concurrency 1 and 8, JSON and binary tensors; next to raw ``session.run`` in process and a *null* OIP server

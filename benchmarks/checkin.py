@@ -4,7 +4,7 @@ generator (raw-socket keep-alive, in its own process), same machine, one uvicorn
 
     .venv/bin/python benchmarks/checkin.py [--devices 20000] [--seconds 5] [--connections 32]
 
-Targets (issue 6): ≥ 3,000 check-ins/s on the 304 path with p99 < 50 ms, and ≥ 70 % of the bare endpoint.
+Targets: ≥ 3,000 check-ins/s on the 304 path with p99 < 50 ms, and ≥ 70 % of the bare endpoint.
 """
 
 from __future__ import annotations
