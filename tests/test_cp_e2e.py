@@ -204,7 +204,9 @@ def test_rollouts_with_real_agents(server: tuple[str, str], tmp_path: Path, mlp_
         served = {d["device_id"]: d["served"]["version"] for d in api.get("/api/v1/devices").json()}
         assert served[pinned] == "1.0.0"
         # 3.0.0 holds a 150 MB initializer: the small tier's 180 MB limit kills its worker → rollback
-        r3 = rollout("3.0.0", auto_rollback=True)
+        # a failure halts at once whatever the bake; the bake only has to outlast the canaries' 150 MB download and
+        # health check on a loaded machine, or an inconclusive canary pauses before its evidence is in
+        r3 = rollout("3.0.0", auto_rollback=True, bake_s=60)
         assert r3["state"] == "rolled_back", r3["reason"]
         audit = api.get("/api/v1/audit", params={"target": r3["rollout_id"]}).json()
         assert any(a["detail"].get("to_state") == "rolled_back" and a["detail"].get("reason") for a in audit)
