@@ -71,18 +71,7 @@ def test_shifted_inputs_show_as_fleet_drift_and_halt_a_rollout(
             await fleet.start()
             ids = {d["device_id"] for d in await fleet.wait_enrolled(120)}
             for p in pkgs.values():
-                up = await fleet.api(
-                    "POST",
-                    "/api/v1/packages",
-                    content=p.read_bytes(),
-                    headers={"Content-Type": "application/octet-stream"},
-                )
-                await fleet.api(  # the release policy admits a version with a passing verdict for its package
-                    "PUT",
-                    f"/api/v1/models/digits/versions/{up['version']}/gate",
-                    params={"package_sha256": up["package_sha256"]},
-                    json=gate_verdict(),
-                )
+                await fleet.publish(p, gate=gate_verdict())
             # v1's policy tolerates any drift, so it lands and the fleet drifts in the open (an inconclusive wave
             # pauses at its bake deadline: the bake outlasts the update and the first windows)
             lenient = {"waves": [100], "bake_s": 15, "min_devices": 2, "min_requests": 50, "max_psi": 1000}

@@ -52,18 +52,7 @@ def test_every_fault_kind_with_full_and_lightweight_agents(tmp_path: Path, mlp_p
             await fleet.start()
             # a wave covers the devices enrolled when it starts: a device whose link is cut or flaky enrolls late
             await fleet.wait_enrolled(120)
-            up = await fleet.api(
-                "POST",
-                "/api/v1/packages",
-                content=pkg.read_bytes(),
-                headers={"Content-Type": "application/octet-stream"},
-            )
-            await fleet.api(  # the release policy admits a version with a passing verdict for its package
-                "PUT",
-                f"/api/v1/models/digits/versions/{up['version']}/gate",
-                params={"package_sha256": up["package_sha256"]},
-                json=gate_verdict(),
-            )
+            await fleet.publish(pkg, gate=gate_verdict())
             await fleet.api(
                 "POST",
                 "/api/v1/rollouts",

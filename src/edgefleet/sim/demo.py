@@ -241,24 +241,15 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
             task = bar.add_task("enrolling", total=len(plans))
             await fleet.start(lambda d, n: bar.update(task, completed=d / 2))
             devs = await fleet.wait_enrolled(120, lambda d, n: bar.update(task, completed=(n + d) / 2))
+        bench = json.loads((work / "bench.json").read_text())
         for v, p in pkgs.items():
-            up = await fleet.api(
-                "POST", "/api/v1/packages", content=p.read_bytes(), headers={"Content-Type": "application/octet-stream"}
-            )
+            # the release policy admits a version with a passing verdict for its package; the bench report it was
+            # judged on goes with it, so the model page shows the whole evidence chain (3.0.0 is forced instead)
             verdict = work / f"gate-{v}.json"
-            if verdict.is_file():  # the release policy admits a version with a passing verdict for its package
-                await fleet.api(
-                    "PUT",
-                    f"/api/v1/models/digits/versions/{v}/gate",
-                    params={"package_sha256": up["package_sha256"]},
-                    json=json.loads(verdict.read_text()),
-                )
-                # and the bench report it was judged on: the model page shows the whole evidence chain
-                await fleet.api(
-                    "PUT",
-                    f"/api/v1/models/digits/versions/{v}/bench",
-                    json=json.loads((work / "bench.json").read_text()),
-                )
+            if verdict.is_file():
+                await fleet.publish(p, gate=json.loads(verdict.read_text()), bench=bench)
+            else:
+                await fleet.publish(p)
         st.times["enroll"] = round(time.monotonic() - t, 2)
         tiers = {d["device_id"]: d["tier"] for d in devs}
         n_full = sum(p.full for p in plans)

@@ -360,6 +360,24 @@ class Fleet:
 
     # ------------------------------------------------------------------ views and teardown
 
+    async def publish(
+        self, package: Path, *, gate: dict[str, Any] | None = None, bench: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Upload a package and attach its release evidence: the control plane admits a version to a rollout only
+        with a passing gate verdict bound to its package (``gate`` is the ``edgefleet gate --json`` document)."""
+        up: dict[str, Any] = await self.api(
+            "POST",
+            "/api/v1/packages",
+            content=package.read_bytes(),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        base = f"/api/v1/models/{up['model']}/versions/{up['version']}"
+        if gate is not None:
+            await self.api("PUT", f"{base}/gate", params={"package_sha256": up["package_sha256"]}, json=gate)
+        if bench is not None:
+            await self.api("PUT", f"{base}/bench", json=bench)
+        return up
+
     async def api(self, method: str, path: str, **kw: Any) -> Any:
         """One admin API call. A GET is retried once on a dropped connection (a keep-alive connection the server
         closed just as it was reused); every failure is an :class:`EdgefleetError` with one line."""
