@@ -175,11 +175,23 @@ class Agent:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for t in [*self._tasks, *([self._update_task] if self._update_task else [])]:
+        tasks = [*self._tasks, *([self._update_task] if self._update_task else [])]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        # Bounded: a task that swallowed its cancellation (a library awaiting with wait_for, say) is cancelled
+        # again rather than awaited for ever; one still running after that is left behind, and said so.
+        pending = set(tasks)
+        for _ in range(3):
+            if not pending:
+                break
+            done, pending = await asyncio.wait(pending, timeout=2.0)
+            for t in done:  # retrieved, so a task that failed is not reported again at exit
+                if not t.cancelled():
+                    t.exception()
+            for t in pending:
+                t.cancel()
+        if pending:
+            log.warning("%d agent task(s) did not stop: %s", len(pending), ", ".join(t.get_name() for t in pending))
         with contextlib.suppress(Exception):
             await self._drift_and_close()  # the last, partial window is kept for the next upload
         if self.backend is not None:
@@ -318,8 +330,11 @@ class Agent:
 
     async def _upload_loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives as the
+            # event is set, and this loop would then outlive stop()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._upload_now.wait(), self.config.checkin_interval_s)
+                async with asyncio.timeout(self.config.checkin_interval_s):
+                    await self._upload_now.wait()
             self._upload_now.clear()
             if self.cp is None or self.cp.device_id is None:
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import Iterable
 
@@ -52,10 +53,11 @@ class Store:
         if self._wake is None:
             await asyncio.sleep(timeout)
             return
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            pass
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that arrives as the event
+        # is set, and the reconciler loop would then outlive the server's shutdown
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
         self._wake.clear()
 
     @staticmethod
