@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -321,3 +322,80 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_is_on_request(
     monkeypatch.setenv("EDGEFLEET_DEBUG", "1")
     with pytest.raises(ValueError):
         cli_main.run()
+
+
+# ------------------------------------------------------------------------------------------------ fleet keys
+
+
+def _enroll_with_key(cp: Any, tmp: Path, name: str, tier: str, group: str | None) -> tuple[str, Path, str]:
+    """A device enrolled through the real API with a real key pair: (device id, private key path, key id)."""
+    from edgefleet.package import generate_device_keypair
+
+    pair = generate_device_keypair(tmp / name)
+    tok = cp.api("POST", "/api/v1/enrollment-tokens", json={"tier": tier, "group": group})["token"]
+    r = cp.http.post(
+        "/api/v1/enroll",
+        json={
+            "token": tok,
+            "hardware": {"arch": "x86_64", "cpu_count": 2, "memory_mb": 1024},
+            "runtime_version": "1.32.0",
+            "agent_version": "0.1.0",
+            "public_key": pair.public_key_hex,
+        },
+    )
+    assert r.status_code == 200, r.text
+    return str(r.json()["device_id"]), pair.private_key_path, pair.key_id
+
+
+def test_encrypt_for_a_group_uses_the_control_planes_keys(
+    cp: Any, tmp_path: Path, capsys: Capsys, mlp_path: Path
+) -> None:
+    from edgefleet.errors import DecryptionError
+
+    for g in ("enc", "other"):
+        cp.api("PUT", f"/api/v1/groups/{g}", json={})
+    a = _enroll_with_key(cp, tmp_path, "a", "tier-a", "enc")
+    b = _enroll_with_key(cp, tmp_path, "b", "tier-b", "enc")
+    outside = _enroll_with_key(cp, tmp_path, "o", "tier-a", "other")
+    gone = _enroll_with_key(cp, tmp_path, "r", "tier-a", "enc")
+    cp.api("POST", f"/api/v1/devices/{gone[0]}/revoke")
+    viewer = cp.token("viewer")
+    remote = ["--server", cp.url, "--api-token", viewer]
+
+    # the key export: a viewer may read it, "keys" is not taken for a device id, revoked devices are left out
+    code, out, err = run_cli(capsys, "devices", "keys", "--group", "enc", "--json", *remote)
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [(r["device_id"], r["key_id"], r["group"]) for r in rows] == [(a[0], a[2], "enc"), (b[0], b[2], "enc")]
+    code, out, err = run_cli(capsys, "devices", "keys", "--group", "enc", "--tier", "tier-b", "--json", *remote)
+    assert code == 0 and [r["device_id"] for r in json.loads(out)] == [b[0]], err
+    code, out, err = run_cli(capsys, "devices", "keys", "--tier", "tier-a", *remote)
+    assert code == 0 and a[0] in out and outside[0] in out and gone[0] not in out, err
+    code, out, err = run_cli(capsys, "devices", "keys", "--group", "nobody", *remote)
+    assert code == 0 and "no active device in group nobody" in out, err
+    assert cp.http.get("/api/v1/devices/keys").status_code == 401  # not public
+
+    pkg = tmp_path / "enc.efpkg"
+    args = ["package", mlp_path, "-o", pkg, "--name", "d", "--version", "1.0.0"]
+    code, out, err = run_cli(capsys, *args, "--encrypt-for-group", "enc", *remote)
+    assert code == 0, err
+    assert f"encrypted for 2 device(s) of group enc: {a[0]}, {b[0]}" in out
+    opened = open_package(pkg)
+    assert opened.manifest.encryption is not None
+    assert sorted(opened.manifest.encryption.key_ids) == sorted([a[2], b[2]])
+    for _, key, _ in (a, b):  # every member of the group opens it and its model reproduces the golden vectors
+        open_package(pkg, device_key=key).verify_golden()
+    with pytest.raises(DecryptionError, match="not for this device's key"):
+        open_package(pkg, device_key=outside[1])
+
+    code, out, err = run_cli(capsys, *args, "--encrypt-for-tier", "tier-b", "--json", *remote)
+    assert code == 0, err
+    assert json.loads(out)["encrypted_for_devices"] == [{"device_id": b[0], "key_id": b[2]}]
+
+    pkg.unlink()
+    code, _, err = run_cli(capsys, *args, "--encrypt-for-group", "nobody", *remote)
+    assert_refused(code, err, match="group nobody has no enrolled, active device")
+    assert not pkg.exists()
+    code, _, err = run_cli(capsys, *args, "--encrypt-for-group", "enc", "--server", cp.url, "--api-token", "nope")
+    assert_refused(code, err, match="invalid or revoked API token")
+    assert not pkg.exists()

@@ -5,6 +5,7 @@ The fleet is made of protocol-level clients (tests/_dashboard_fleet.py): the rea
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -107,6 +108,15 @@ def _get(cp: CP, path: str, token: str | None = None, **kw: Any) -> httpx.Respon
     return cp.http.get(path, headers=headers, **kw)
 
 
+@contextlib.contextmanager
+def _browser(cp: CP, token: str) -> Iterator[httpx.Client]:
+    """A client signed in through the form, as a browser on the dashboard's own page is (it sends Origin)."""
+    with httpx.Client(base_url=cp.url, timeout=30, headers={"Origin": cp.url}) as c:
+        r = c.post("/login", data={"token": token, "next": "/"})
+        assert r.status_code == 303, r.text
+        yield c
+
+
 def _text(html: str, testid: str) -> str:
     m = re.search(rf'data-testid="{testid}"[^>]*>([^<]*)<', html)
     assert m, f"no {testid} in the page"
@@ -121,7 +131,7 @@ def test_signed_out_gets_the_sign_in_form_and_a_bad_token_is_refused(env: tuple[
     cp, _ = env
     r = _get(cp, "/rollouts")
     assert r.status_code == 401 and 'action="/login"' in r.text and 'value="/rollouts"' in r.text
-    r = cp.http.post("/login", data={"token": "efa_nope", "next": "/"})
+    r = cp.http.post("/login", data={"token": "efa_nope", "next": "/"}, headers={"Origin": cp.url})
     assert r.status_code == 401 and "invalid or revoked API token" in r.text
     assert COOKIE not in r.cookies
     assert _get(cp, "/", token="efa_nope").status_code == 401
@@ -129,13 +139,14 @@ def test_signed_out_gets_the_sign_in_form_and_a_bad_token_is_refused(env: tuple[
     assert cp.http.get("/static/../app.py").status_code == 404
 
 
-def test_login_sets_an_httponly_strict_cookie_and_token_query_is_stripped(env: tuple[CP, Fleet]) -> None:
+def test_login_sets_an_httponly_strict_session_cookie_and_token_query_signs_nobody_in(env: tuple[CP, Fleet]) -> None:
     cp, fleet = env
-    with httpx.Client(base_url=cp.url, timeout=30) as c:
+    with httpx.Client(base_url=cp.url, timeout=30, headers={"Origin": cp.url}) as c:
         r = c.post("/login", data={"token": fleet.viewer, "next": "//evil.example/"})
         assert r.status_code == 303 and r.headers["location"] == "/"
         cookie = r.headers["set-cookie"]
-        assert f"{COOKIE}=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+        assert f"{COOKIE}=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+        assert fleet.viewer not in cookie  # the cookie names a session, never the token
         page = c.get("/")
         assert page.status_code == 200 and 'data-testid="whoami" data-role="viewer"' in page.text
         assert (
@@ -147,10 +158,9 @@ def test_login_sets_an_httponly_strict_cookie_and_token_query_is_stripped(env: t
         assert c.get("/").status_code == 401
     with httpx.Client(base_url=cp.url, timeout=30) as c:
         r = c.get(f"/devices?token={fleet.viewer}&x=1")
-        assert r.status_code == 303 and r.headers["location"] == "/devices?x=1"
-        assert c.get("/devices").status_code == 200
-        bad = c.get("/devices?token=efa_bad")
-        assert bad.status_code == 401 and "invalid or revoked" in bad.text
+        assert r.status_code == 401 and COOKIE not in r.cookies and "set-cookie" not in r.headers
+        assert fleet.viewer not in r.text and 'value="/devices?x=1"' in r.text  # not carried into `next`
+        assert c.get("/devices").status_code == 401
 
 
 def test_overview_figures_match_the_api(env: tuple[CP, Fleet]) -> None:
@@ -208,14 +218,16 @@ def test_viewer_sees_no_buttons_operator_does(env: tuple[CP, Fleet]) -> None:
 def test_buttons_check_role_and_csrf_then_pause_and_resume(env: tuple[CP, Fleet]) -> None:
     cp, fleet = env
     rid = fleet.live_rollout
-    with httpx.Client(base_url=cp.url, timeout=30, cookies={COOKIE: fleet.viewer}) as viewer:
-        r = viewer.post(f"/rollouts/{rid}/pause", data={"csrf": csrf_token(fleet.viewer)})
+    with _browser(cp, fleet.viewer) as viewer:
+        r = viewer.post(f"/rollouts/{rid}/pause", data={"csrf": csrf_token(viewer.cookies[COOKIE])})
         assert r.status_code == 403
-    with httpx.Client(base_url=cp.url, timeout=30, cookies={COOKIE: fleet.operator}) as op:
+    with _browser(cp, fleet.operator) as op:
         assert op.post(f"/rollouts/{rid}/pause", data={}).status_code == 403  # no form token
         assert op.post(f"/rollouts/{rid}/pause", data={"csrf": "0" * 32}).status_code == 403
         assert cp.api("GET", f"/api/v1/rollouts/{rid}")["state"] == "running"
-        csrf = csrf_token(fleet.operator)
+        csrf = csrf_token(op.cookies[COOKIE])
+        page = op.get(f"/rollouts/{rid}").text
+        assert f'name="csrf" value="{csrf}"' in page
         r = op.post(f"/rollouts/{rid}/pause", data={"csrf": csrf, "reason": "<b>look</b> at wave 0"})
         assert r.status_code == 303 and r.headers["location"] == f"/rollouts/{rid}?done=pause"
         got = cp.api("GET", f"/api/v1/rollouts/{rid}")

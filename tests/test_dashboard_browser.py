@@ -236,7 +236,7 @@ def test_operator_pauses_and_resumes_a_rollout(page: Any, env: Env) -> None:
 
 def test_a_viewer_sees_no_buttons(page: Any, env: Env) -> None:
     rid = env.fleet.live_rollout
-    page.goto(f"{env.url}/rollouts/{rid}?token={env.fleet.viewer}")  # ?token= once: a cookie, then a clean URL
+    _sign_in(page, env, env.fleet.viewer, f"/rollouts/{rid}")
     assert page.url.endswith(f"/rollouts/{rid}")
     assert page.get_attribute("[data-testid=whoami]", "data-role") == "viewer"
     assert page.inner_text("[data-testid=rollout-state]") == "running"

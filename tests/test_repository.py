@@ -12,7 +12,7 @@ import pytest
 
 import edgefleet
 from edgefleet.data import CallData
-from edgefleet.errors import ManifestError, PackageError, RepositoryError, UsageError, VerificationError
+from edgefleet.errors import ConflictError, ManifestError, PackageError, RepositoryError, UsageError, VerificationError
 from edgefleet.package import Requirements, build_package, open_package
 from edgefleet.repository import Repository, TufClient, fetch_package
 
@@ -87,7 +87,7 @@ def test_publish_refuses_a_different_package_under_a_published_name(
     repo = Repository.init(tmp_path / "r")
     repo.publish(pkgs[0])
     other = build_package(mlp_path, tmp_path / "o.efpkg", name="digits", version="1.0.0")
-    with pytest.raises(RepositoryError, match="already published with different content"):
+    with pytest.raises(ConflictError, match="already published with different content"):
         repo.publish(other)
     broken = tmp_path / "broken.efpkg"
     broken.write_bytes(b"\0" * 1024)
@@ -135,7 +135,7 @@ def test_root_keys_can_live_offline(tmp_path: Path, pkgs: list[Path]) -> None:
         k.rename(offline / k.name)
     repo.publish(pkgs[0])  # online keys suffice to publish
     assert repo.refresh(force=True) == ["targets", "snapshot", "timestamp"]  # root skipped: its key is away
-    with pytest.raises(RepositoryError, match=r"only 0 of the 1 root key\(s\).*pass --keys DIR"):
+    with pytest.raises(RepositoryError, match=r"only 0 of the 1 root key\(s\).*pass --root-keys-dir DIR"):
         repo.rotate_key("timestamp")
 
 

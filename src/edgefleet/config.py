@@ -34,6 +34,17 @@ class ServerSettings(BaseSettings):
     overdue_after_s: float = Field(300.0, gt=0)
     metadata_refresh_s: float = Field(3600.0, gt=0)
     public_url: str | None = Field(None, description="base URL devices use to reach this server")
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) to serve https with; needs tls_key")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    forwarded_allow_ips: str | None = Field(
+        None, description="proxy addresses whose X-Forwarded-* headers are trusted (comma-separated, or *)"
+    )
+    repo_passphrase: str | None = Field(None, description="passphrase of the online signing keys, if encrypted")
+    session_max_age_s: float = Field(12 * 3600.0, gt=0, description="a dashboard sign-in ends this long after it began")
+    session_idle_s: float = Field(3600.0, gt=0, description="a dashboard sign-in ends after this long unused")
+    token_expires_s: float = Field(90 * 86400.0, gt=0, description="default lifetime of a new API token")
+    cookie_secure: bool = Field(False, description="mark the sign-in cookie Secure even when the request is http")
+    max_package_mb: float = Field(2048.0, gt=0, description="largest package upload accepted (413 above)")
 
 
 class AgentSettings(BaseSettings):
@@ -43,6 +54,11 @@ class AgentSettings(BaseSettings):
 
     server: str | None = None
     token: str | None = None
+    root: Path | None = Field(
+        None, description="a TUF root.json given out of band: enrollment accepts only an answer carrying it"
+    )
+    ca_file: Path | None = Field(None, description="trust only this CA for the control plane and repository")
+    insecure_http: bool = Field(False, description="allow http:// to a non-loopback control plane")
     data_dir: Path = Path("edgefleet-agent")
     host: str = "127.0.0.1"
     port: int = 8081
@@ -56,3 +72,16 @@ class AgentSettings(BaseSettings):
     # on a device whose other core runs the application; tier profiles state the same number for bench/optimize.
     intra_op_threads: int = Field(1, ge=1)
     queue_size: int = Field(64, gt=0)
+    # The local inference API's limits (docs/agent.md, "Limits of the local API"): the agent and a worker serving
+    # the port apply the same ones (agent/httpserver.py HTTPLimits).
+    http_max_url_bytes: int = Field(8 * 1024, ge=256, description="longer URLs are answered 414")
+    http_max_header_bytes: int = Field(64 * 1024, ge=1024, description="larger header blocks are answered 431")
+    http_header_timeout_s: float = Field(10.0, gt=0, description="a request head must arrive within this (408)")
+    http_body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this (408)")
+    http_keepalive_timeout_s: float = Field(30.0, gt=0, description="an idle connection is closed after this")
+    http_max_connections: int = Field(256, ge=1, description="connections beyond this get a 503 and are closed")
+    http_max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="cap of a binary tensor body")
+    http_max_json_bytes: int | None = Field(None, ge=1024, description="JSON body cap; None: device memory / 64")
+    http_max_tensor_bytes: int | None = Field(
+        None, ge=1024, description="decoded inputs of one request; None: device memory / 8"
+    )

@@ -3,6 +3,10 @@
 * ``POST /api/v1/enroll`` — :class:`EnrollRequest` → :class:`EnrollResponse`.
 * ``GET /api/v1/devices/{id}/desired`` — ``Authorization: Bearer <credential>``, ``If-None-Match``;
   200 :class:`DesiredState` with an ``ETag``, or 304.
+* ``POST /api/v1/devices/{id}/credential`` — authenticated, no body → :class:`CredentialResponse`: a new
+  credential; the old one keeps working until the new one is first used (asked for by ``rotate_credential``).
+* ``POST /api/v1/devices/{id}/key`` — :class:`KeyRotation` → :class:`KeyRotation`: the device's new X25519
+  public key (asked for by ``rotate_key``).
 * ``POST /api/v1/devices/{id}/report`` — :class:`Report` → :class:`ReportResponse`. Idempotent by ``batch_id``:
   the server stores each batch once and answers with the ids it has, so a lost answer or a restart mid-upload
   never duplicates or drops data. A body over :data:`MAX_REPORT_BYTES` is refused with 413, a report these
@@ -44,12 +48,14 @@ __all__ = [
     "MAX_COUNT",
     "MAX_REPORT_BYTES",
     "AgentState",
+    "CredentialResponse",
     "DesiredState",
     "DeviceConfig",
     "EnrollRequest",
     "EnrollResponse",
     "EventKind",
     "Hardware",
+    "KeyRotation",
     "Report",
     "ReportResponse",
     "ServedModel",
@@ -153,14 +159,25 @@ class Hardware(_Wire):
     )
 
 
+PublicKeyHex = Annotated[
+    str,
+    Field(min_length=64, max_length=64, pattern="^[0-9a-f]{64}$", description="X25519 public key, raw bytes as hex"),
+]
+
+
 class EnrollRequest(_Wire):
-    token: str = Field(min_length=8, max_length=256, description="one-time enrollment token")
+    token: str = Field(
+        min_length=8,
+        max_length=256,
+        description="one-time enrollment token; `<secret>.<hex>` pins the sha256 of the TUF root the answer carries",
+    )
     hardware: Hardware
     runtime: Str64 = "onnxruntime"
     runtime_version: Str64
     agent_version: Str64
-    public_key: str = Field(
-        min_length=64, max_length=64, pattern="^[0-9a-f]{64}$", description="X25519 public key, raw bytes as hex"
+    public_key: PublicKeyHex
+    previous_device_id: Id | None = Field(
+        None, description="re-enrollment: the id this device had before (recorded in the audit log only)"
     )
 
 
@@ -168,7 +185,11 @@ class EnrollResponse(_Wire):
     device_id: Id
     credential: str = Field(max_length=256, description="shown once; the agent stores it with mode 0600")
     tier: Str64
-    root_json: str = Field(max_length=1024 * 1024, description="the TUF root.json the device trusts from now on")
+    root_json: str = Field(
+        max_length=1024 * 1024,
+        description="the TUF root.json the device trusts from now on: exactly the version its token pinned (the "
+        "TUF client walks forward from it), else the repository's current root",
+    )
     repository_url: str = Field(
         max_length=2048, description="base URL of the TUF repository (metadata/ and targets/ below it)"
     )
@@ -200,6 +221,21 @@ class DesiredState(_Wire):
     rollout_id: Str64 | None = None
     pinned: bool = False
     config: DeviceConfig = Field(default_factory=DeviceConfig)
+    # Lifecycle orders. The server leaves them out of the body unless set, so agents that predate them (the wire
+    # forbids unknown fields) are not broken by a server that knows them.
+    rotate_credential: bool = Field(False, description="get a new credential: POST /devices/{id}/credential")
+    rotate_key: bool = Field(False, description="make a new X25519 key pair and send it: POST /devices/{id}/key")
+    wipe: bool = Field(
+        False, description="decommissioned: delete identity, credential, keys and packages, then stop for good"
+    )
+
+
+class CredentialResponse(_Wire):
+    credential: str = Field(max_length=256, description="shown once; replaces the current one from its first use")
+
+
+class KeyRotation(_Wire):
+    public_key: PublicKeyHex
 
 
 class AgentState(StrEnum):

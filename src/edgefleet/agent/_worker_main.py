@@ -8,13 +8,15 @@ reference, pre/post-processing) or a worker with ``EDGEFLEET_RUNTIME_*`` setting
 package/runtime layers (:func:`edgefleet.agent.worker._load`), imported only then. ``-P`` keeps this file's
 folder off ``sys.path`` (its neighbours' names, such as ``metrics`` or ``telemetry``, must not shadow anything).
 
-Frames, both ways: a 4-byte little-endian length and a pickle (protocol 5). The peer is our own parent, connected
-by a socket pair it created, so nothing untrusted is unpickled. Requests are answered in order; the worker reads
-everything that has arrived in one ``recv`` and answers a burst of pipelined requests with one ``sendall``.
+Frames, both ways: ``frames.py`` — a fixed header, a JSON descriptor and raw tensor bytes, nothing that can carry
+code (ADR 0101): this process runs a model that may be hostile, and the agent holds the device's keys. Requests
+are answered in order; the worker reads everything that has arrived in one ``recv`` and answers a burst of
+pipelined requests with one ``sendall``.
 
 Messages (agent → worker): ``("infer", feeds, outputs)``, ``("drift",)``, ``("golden",)``, ``("stop",)``, and
-``("serve",)`` with the agent's listening socket attached (SCM_RIGHTS): from then on the worker answers the OIP
-HTTP port itself (``workerhttp.py``, ADR 0032), still answering these frames, plus ``("flush",)``.
+``("serve", limits)`` with the agent's listening socket attached (SCM_RIGHTS): from then on the worker answers the
+OIP HTTP port itself (``workerhttp.py``, ADR 0032) under the agent's HTTP limits (``httpserver.HTTPLimits`` as a
+dict), still answering these frames, plus ``("flush",)``.
 Answers: ``("ok", value, compute_seconds)`` or ``("err", kind, message)``; the first frame is
 ``("hello", info_dict)`` with the model's metadata, or ``("err", "load", message)``. While serving HTTP the
 worker also sends, unasked, ``("stats", observations)`` batches and ``("metrics",)`` requests (the agent answers
@@ -28,23 +30,22 @@ from __future__ import annotations
 
 import array
 import os
-import pickle
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from edgefleet.agent.frames import FrameError, encode, take
 
 try:  # CPython's own SHA-256: hashlib's would map OpenSSL into this process (~3.5 MB resident here)
     from _sha256 import sha256
 except ImportError:  # pragma: no cover - other Pythons
     from hashlib import sha256
 
-__all__ = ["FAULT_ENV", "LEN", "answer_all", "frame", "main", "serve_loop", "take_frames"]
+__all__ = ["FAULT_ENV", "answer_all", "answer_frame", "main", "serve_loop"]
 
 FAULT_ENV = "EDGEFLEET_WORKER_FAULT"
-LEN = struct.Struct("<I")
 _RECV = 1 << 20
 
 # onnxruntime type name -> numpy dtype name: keep equal to edgefleet.runtime.schema.ORT_TO_NUMPY. Repeated here
@@ -64,9 +65,13 @@ ORT_TO_NUMPY = {
 }
 
 
-def frame(obj: Any) -> bytes:
-    data = pickle.dumps(obj, protocol=5)
-    return LEN.pack(len(data)) + data
+def answer_frame(result: dict[str, Any], compute: float) -> bytes:
+    """An inference's answer; outputs a frame cannot carry (the object dtype: strings, maps) are the model's
+    error, as OIP cannot carry them either."""
+    try:
+        return encode(("ok", result, compute))
+    except FrameError as err:
+        return encode(("err", "model", str(err)))
 
 
 def _fault(version: str, role: str) -> None:
@@ -200,23 +205,6 @@ Handler = Callable[[tuple[Any, ...]], tuple[Any, ...] | None]
 Answer = Callable[[tuple[Any, ...]], tuple[bytes | None, tuple[dict[str, Any], dict[str, Any]] | None]]
 
 
-def take_frames(buf: bytearray, until: Callable[[tuple[Any, ...]], bool] | None = None) -> list[tuple[Any, ...]]:
-    """The complete frames at the head of ``buf``, removed from it; stops after the first message ``until``
-    accepts (what follows it stays in ``buf`` for whoever reads on)."""
-    msgs: list[tuple[Any, ...]] = []
-    pos = 0
-    while len(buf) - pos >= 4:
-        (size,) = LEN.unpack_from(buf, pos)
-        if len(buf) - pos - 4 < size:
-            break
-        msgs.append(pickle.loads(memoryview(buf)[pos + 4 : pos + 4 + size]))
-        pos += 4 + size
-        if until is not None and until(msgs[-1]):
-            break
-    del buf[:pos]
-    return msgs
-
-
 def answer_all(
     sock: socket.socket,
     msgs: list[tuple[Any, ...]],
@@ -271,14 +259,14 @@ def serve_loop(
             try:
                 result = run(msg[1], msg[2])
             except input_errors as err:
-                return frame(("err", "input", str(err))), None
+                return encode(("err", "input", str(err))), None
             except MemoryError:
                 os._exit(137)  # the emulated device ran out of memory: a crash, not an error answer
             except Exception as err:
-                return frame(("err", "model", f"{type(err).__name__}: {err}")), None
-            return frame(("ok", result, perf() - t0)), (msg[1], result)
+                return encode(("err", "model", f"{type(err).__name__}: {err}")), None
+            return answer_frame(result, perf() - t0), (msg[1], result)
         reply = handle(msg)
-        return (None, None) if reply is None else (frame(reply), None)
+        return (None, None) if reply is None else (encode(reply), None)
 
     buf = bytearray()
     chunk = bytearray(_RECV)
@@ -294,20 +282,22 @@ def serve_loop(
             return
         buf += view[:n]
         while True:
-            msgs = take_frames(buf, until=lambda m: m[0] == "serve")  # what follows "serve" is for the HTTP loop
+            msgs = take(buf, until=lambda m: m[0] == "serve")  # what follows "serve" is for the HTTP loop
             serve = msgs.pop() if msgs and msgs[-1][0] == "serve" else None
             if not answer_all(sock, msgs, answer, after):
                 return
             if serve is None:
                 break
             if not fds or info is None:
-                sock.sendall(frame(("err", "model", "serve: no listening socket or no model info")))
+                sock.sendall(encode(("err", "model", "serve: no listening socket or no model info")))
                 continue
             listen = socket.socket(fileno=fds.pop(0))
-            sock.sendall(frame(("ok", None, 0.0)))
+            sock.sendall(encode(("ok", None, 0.0)))
+            from edgefleet.agent.httpserver import HTTPLimits
             from edgefleet.agent.workerhttp import serve_http
 
-            serve_http(sock, listen, buf, view, answer, run, input_errors, after, info)
+            limits = HTTPLimits.from_dict(serve[1] if len(serve) > 1 else None)
+            serve_http(sock, listen, buf, view, answer, run, input_errors, after, info, limits)
             return
 
 
@@ -315,11 +305,11 @@ def _serve_lean(sock: socket.socket, path: str, role: str, threads: int, memory_
     try:
         model, info = _lean_load(path, threads)
     except Exception as err:
-        sock.sendall(frame(("err", "load", f"{type(err).__name__}: {err}")))
+        sock.sendall(encode(("err", "load", f"{type(err).__name__}: {err}")))
         return
     if memory_mb:
         _limit_memory(memory_mb)
-    sock.sendall(frame(("hello", info)))
+    sock.sendall(encode(("hello", info)))
     _fault(info["version"], role)
 
     def handle(msg: tuple[Any, ...]) -> tuple[Any, ...] | None:

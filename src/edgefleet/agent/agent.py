@@ -10,30 +10,36 @@ counts and drift belong to one version); each update ends in exactly one of ``co
 ``health_check_failed``, ``rolled_back`` (failures) or ``cancelled`` (the desired state moved on: not a failure).
 A verification failure that may be transient (a corrupted download, metadata that looks expired to a skewed
 clock) is retried :data:`MAX_UPDATE_ATTEMPTS` times, counted in the state file, before it becomes a refusal.
+
+Lifecycle (docs/adr/0103-device-lifecycle-and-pinned-enrollment.md; files in ``identity.py``): enrollment accepts
+only the TUF root its token pins (or ``--root``); the desired state may order a credential or key rotation, or a
+wipe (decommission: the agent wipes itself and exits with :data:`EXIT_DECOMMISSIONED`); a credential the control
+plane refuses :data:`REFUSALS_BEFORE_EXIT` check-ins in a row ends the agent (:data:`EXIT_CREDENTIAL_REFUSED`),
+unless a new ``--token`` re-enrolls it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import platform
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import psutil
 
 from edgefleet import __version__
+from edgefleet.agent import identity
 from edgefleet.agent.backend import Backend, BackendFactory
 from edgefleet.agent.buffer import TelemetryBuffer
 from edgefleet.agent.durable import crashpoint
 from edgefleet.agent.healthcheck import run_health_check
-from edgefleet.agent.httpserver import serve_http
+from edgefleet.agent.httpserver import HTTPLimits, serve_http
 from edgefleet.agent.oip import OIPApp
 from edgefleet.agent.probation import ProbationStats, decide, latency_budget_ms
 from edgefleet.agent.service import InferenceService
@@ -61,7 +67,15 @@ from edgefleet.agent.updater import (
 )
 from edgefleet.agent.worker import ModelInfo, WorkerSpec
 from edgefleet.config import AgentSettings
-from edgefleet.errors import DownloadError, EdgefleetError, UsageError, VerificationError, WorkerUnavailable
+from edgefleet.errors import (
+    AuthError,
+    DownloadError,
+    EdgefleetError,
+    RegistryError,
+    UsageError,
+    VerificationError,
+    WorkerUnavailable,
+)
 from edgefleet.protocol import (
     AgentState,
     DesiredState,
@@ -77,13 +91,33 @@ from edgefleet.protocol import (
 from edgefleet.runtime import runtime_version
 from edgefleet.telemetry.drift import DriftSummary
 
-__all__ = ["MAX_UPDATE_ATTEMPTS", "Agent", "serve_http", "serve_standalone"]
+__all__ = [
+    "EXIT_CREDENTIAL_REFUSED",
+    "EXIT_DECOMMISSIONED",
+    "MAX_UPDATE_ATTEMPTS",
+    "REFUSALS_BEFORE_EXIT",
+    "Agent",
+    "serve_http",
+    "serve_standalone",
+]
+
+if TYPE_CHECKING:
+    from edgefleet.repository import TufClient
 
 log = logging.getLogger("edgefleet.agent")
 
 MAX_UPDATE_ATTEMPTS = 3  # attempts at an update whose failure may be transient, before it becomes a refusal
 RETRY_MAX_S = 600.0  # the longest wait between two attempts
 DRIFT_TIMEOUT_S = 5.0  # a worker that cannot answer for its histograms in this time does not hold a window up
+EXIT_DECOMMISSIONED = 10  # the control plane decommissioned this device and it wiped itself
+EXIT_CREDENTIAL_REFUSED = 11  # revoked or decommissioned, and no new token to enroll again with
+# One refused check-in may be a replica that has not seen a rotation yet; three in a row is a verdict.
+REFUSALS_BEFORE_EXIT = 3
+REFUSED = "this device's credential was refused: revoked or decommissioned; re-enroll with --token NEW_TOKEN"
+DECOMMISSIONED = (
+    "this device was decommissioned by the control plane: its identity, credential, keys and packages are wiped; "
+    "to use it again, enroll it with --token NEW_TOKEN"
+)
 
 
 def _process_backend(spec: WorkerSpec, on_crash: Any) -> Backend:
@@ -103,6 +137,9 @@ class Agent:
         self.settings = settings
         self.data_dir = Path(settings.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if identity.wipe_pending(self.data_dir):  # a decommission wipe cut short (power cut): finish it first
+            identity.finish_wipe(self.data_dir)
+            log.warning("finished wiping %s, as the control plane ordered before the restart", self.data_dir)
         self.backend_factory = backend_factory or _process_backend
         self.with_http = serve_http
         self.transport = transport  # the control plane's, for tests and embedding; None: the network
@@ -113,7 +150,7 @@ class Agent:
         self.slots = SlotStore(self.data_dir)
         self.buffer = TelemetryBuffer(self.data_dir / "telemetry.db", settings.buffer_max_records)
         self.service = InferenceService(queue_size=settings.queue_size)
-        self.app = OIPApp(self.service)
+        self.app = OIPApp(self.service, limits=HTTPLimits.from_settings(settings))  # serve_http takes them too
         self.state = PersistedState()
         self.backend: Backend | None = None
         self.cp: ControlPlaneClient | None = None
@@ -122,6 +159,7 @@ class Agent:
         self._etag: str | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._update_task: asyncio.Task[None] | None = None
+        self._tuf_client: TufClient | None = None
         self._probation: ProbationStats | None = None
         self._probation_crash: str | None = None  # the last worker crash seen during probation
         self._offline_since: float | None = None
@@ -133,6 +171,15 @@ class Agent:
         self._dropped_seen = self.buffer.dropped
         self.service.metrics.dropped.inc(self._dropped_seen)  # cumulative across restarts, like the reports
         self.port: int | None = None
+        self.exit_code: int | None = None  # set when the agent ends itself (decommissioned, credential refused)
+        self.exit_message: str | None = None
+        self._refusals = 0  # check-ins refused in a row
+        self._acted_on: str | None = None  # the ETag of the desired state whose rotation orders were carried out
+
+    @property
+    def stop_requested(self) -> asyncio.Event:
+        """Set when the agent should stop: by a signal handler, or by the agent itself (see :attr:`exit_code`)."""
+        return self._stopped
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -199,20 +246,52 @@ class Agent:
         if self.cp is not None:
             await self.cp.aclose()
         self.buffer.close()
+        if identity.wipe_pending(self.data_dir):
+            identity.finish_wipe(self.data_dir)
+            log.warning("wiped %s", self.data_dir)
+
+    def _finish(self, code: int, message: str) -> None:
+        """End the agent on its own account: one clear line, an exit code that says why."""
+        self.exit_code, self.exit_message = code, message
+        log.error("%s", message)
+        self.request_stop()
 
     # ------------------------------------------------------------------ serving
 
     def _spec(self, slot: SlotInfo) -> WorkerSpec:
         return WorkerSpec(
             self.slots.path(slot.slot),
-            self._key_path(),
+            self._key_for(self.slots.path(slot.slot)),
             memory_mb=self.settings.memory_mb,
             intra_op_threads=self.settings.intra_op_threads,
         )
 
-    def _key_path(self) -> Path | None:
-        p = self.data_dir / "device.key"
-        return p if p.exists() else None
+    def _key_for(self, package: Path) -> Path | None:
+        """The device key that opens ``package``: after a key rotation, a package built for the old key still
+        opens with the retired one."""
+        return identity.key_for_package(self.data_dir, package)
+
+    def _needed_key_ids(self) -> set[str]:
+        s = self.state
+        slots = {x.slot for x in (s.committed, s.active) if x is not None}
+        if s.pending is not None and s.pending.slot is not None:
+            slots.add(s.pending.slot)
+        needed: set[str] = set()
+        for slot in slots:
+            p = self.slots.path(slot)
+            if p.exists():
+                needed.update(identity.package_key_ids(p))
+        return needed
+
+    async def _prune_keys(self) -> None:
+        """Delete retired device keys that no package on the device is encrypted to any more."""
+        if not identity.has_retired_keys(self.data_dir):
+            return
+        loop = asyncio.get_running_loop()
+        needed = await loop.run_in_executor(None, self._needed_key_ids)
+        gone = await loop.run_in_executor(None, identity.prune_retired_keys, self.data_dir, needed)
+        if gone:
+            log.info("deleted retired device key(s) %s: no package on this device needs them", ", ".join(gone))
 
     def _on_crash(self, reason: str) -> None:
         self.service.metrics.crashes.inc()
@@ -466,55 +545,146 @@ class Agent:
             emulates=self.settings.tier,
         )
 
-    async def _enroll(self, cp: ControlPlaneClient) -> None:
-        ident_path = self.data_dir / "identity.json"
-        if ident_path.exists():
-            self.identity = json.loads(ident_path.read_text())
-        else:
-            from edgefleet.package import generate_device_keypair
-            from edgefleet.package.keys import write_private_file
+    async def _enroll(self, cp: ControlPlaneClient, *, previous: str | None = None) -> None:
+        """Load the stored identity, or (none stored, or ``previous`` names the identity being replaced) enroll
+        with ``--token``."""
+        ident = None if previous is not None else identity.load_identity(self.data_dir)
+        if ident is None:
+            ident = await self._enroll_new(cp, previous)
+        self.identity = ident.model_dump()
+        cp.device_id, cp.credential = ident.device_id, ident.credential
 
-            if not self.settings.token:
-                raise UsageError("this device is not enrolled yet: give --token ENROLL_TOKEN")
-            key = self.data_dir / "device.key"
-            pub = (
-                generate_device_keypair(self.data_dir, name="device", overwrite=True).public_key_hex
-                if not key.exists()
-                else (self.data_dir / "device.pub").read_text().strip()
+    def _pinned_root(self) -> bytes | None:
+        if self.settings.root is None:
+            return None
+        try:
+            return Path(self.settings.root).read_bytes()
+        except OSError as err:
+            raise UsageError(f"cannot read --root {self.settings.root}: {err.strerror}") from None
+
+    async def _enroll_new(self, cp: ControlPlaneClient, previous: str | None) -> identity.Identity:
+        from edgefleet.package import generate_device_keypair
+
+        token = self.settings.token
+        if not token:
+            raise UsageError("this device is not enrolled yet: give --token ENROLL_TOKEN")
+        pinned_root = self._pinned_root()
+        pin = identity.token_pin(token)
+        if pin is None and pinned_root is None:
+            log.warning(
+                "the enrollment token pins no TUF root and no --root was given: trusting the root the enroll "
+                "answer carries (mint a new token to pin it)"
             )
-            ans = await cp.enroll(
-                EnrollRequest(
-                    token=self.settings.token,
-                    hardware=self._hardware(),
-                    runtime_version=runtime_version(),
-                    agent_version=__version__,
-                    public_key=pub,
-                )
+        if (self.data_dir / "device.key").exists() and (self.data_dir / "device.pub").exists():
+            pub = identity.public_key(self.data_dir)  # a re-enrollment keeps the key its packages are built for
+        else:
+            pub = generate_device_keypair(self.data_dir, name="device", overwrite=True).public_key_hex
+        ans = await cp.enroll(
+            EnrollRequest(
+                token=token,
+                hardware=self._hardware(),
+                runtime_version=runtime_version(),
+                agent_version=__version__,
+                public_key=pub,
+                previous_device_id=previous,
             )
-            (self.data_dir / "tuf").mkdir(exist_ok=True, mode=0o700)
-            (self.data_dir / "tuf" / "trusted_root.json").write_text(ans.root_json)
-            self.identity = {
-                "device_id": ans.device_id,
-                "credential": ans.credential,
-                "tier": ans.tier,
-                "repository_url": ans.repository_url,
-            }
-            write_private_file(ident_path, json.dumps(self.identity).encode())
-            log.info("enrolled as %s (tier %s)", ans.device_id, ans.tier)
-        cp.device_id, cp.credential = self.identity["device_id"], self.identity["credential"]
+        )
+        root = ans.root_json.encode()
+        # before anything is written: a refused answer leaves the device as it was
+        identity.check_root(root, pin=pin, pinned_root=pinned_root)
+        identity.reset_trust(self.data_dir)
+        identity.save_trusted_root(self.data_dir, root)
+        ident = identity.Identity(
+            device_id=ans.device_id,
+            credential=ans.credential,
+            tier=ans.tier,
+            repository_url=ans.repository_url,
+            token_sha256=identity.token_sha256(token),
+        )
+        identity.save_identity(self.data_dir, ident)
+        log.info(
+            "enrolled as %s (tier %s%s)",
+            ans.device_id,
+            ans.tier,
+            f", replacing {previous}" if previous else "",
+        )
+        return ident
+
+    async def _refused(self, err: AuthError) -> None:
+        """The control plane refused this device's credential. Once may be a replica behind a rotation; three
+        times in a row, the device re-enrolls with a new ``--token`` if it was given one, else it stops."""
+        self._refusals += 1
+        if self._refusals < REFUSALS_BEFORE_EXIT:
+            log.warning("check-in refused (%d of %d before giving up): %s", self._refusals, REFUSALS_BEFORE_EXIT, err)
+            return
+        token = self.settings.token
+        if not token or identity.token_sha256(token) == self.identity.get("token_sha256"):
+            self._finish(EXIT_CREDENTIAL_REFUSED, f"{REFUSED} ({err})")
+            return
+        assert self.cp is not None
+        previous = self.identity.get("device_id")
+        log.warning("this device's credential was refused (%s): enrolling again with the new --token", err)
+        try:
+            await self._enroll(self.cp, previous=previous)
+        except (RegistryError, VerificationError) as e:
+            self._finish(EXIT_CREDENTIAL_REFUSED, f"{REFUSED}; enrolling with the new --token failed: {e}")
+            return
+        self._refusals = 0
+        self._etag, self.desired, self._acted_on = None, None, None
+
+    async def _lifecycle(self, d: DesiredState) -> bool:
+        """Carry out the desired state's lifecycle orders; True when the agent is done (wiped)."""
+        assert self.cp is not None
+        if d.wipe:
+            identity.begin_wipe(self.data_dir)  # durable first: from here on the wipe happens, power or not
+            await self._swap_backend(None, None, "decommissioned: this device is wiping itself", close=False)
+            self._finish(EXIT_DECOMMISSIONED, DECOMMISSIONED)
+            return True
+        if self._acted_on is not None and self._acted_on == self._etag:
+            return False  # done already; the next answer (the order cleared) has not come yet
+        if d.rotate_credential:
+            credential = await self.cp.rotate_credential()
+            ident = identity.Identity.model_validate({**self.identity, "credential": credential})
+            identity.save_identity(self.data_dir, ident)  # durable before first use: the old one works till then
+            self.identity = ident.model_dump()
+            self.cp.credential = credential
+            log.info("rotated this device's credential")
+        if d.rotate_key:
+            pub = identity.new_key_pair(self.data_dir)
+            await self.cp.rotate_key(pub)
+            identity.finish_key_rotation(self.data_dir)
+            log.info("rotated this device's key pair: new key id %s", _key_id(pub))
+            await self._prune_keys()
+        self._acted_on = self._etag
+        return False
 
     async def _checkin_loop(self) -> None:
         assert self.settings.server
-        self.cp = ControlPlaneClient(self.settings.server, transport=self.transport)
+        self.cp = ControlPlaneClient(
+            self.settings.server,
+            transport=self.transport,
+            ca_file=self.settings.ca_file,
+            insecure_http=self.settings.insecure_http,
+        )
         while True:
             try:
                 if self.cp.device_id is None:
                     await self._enroll(self.cp)
-                desired, self._etag = await self.cp.desired(self._etag)
+                try:
+                    desired, self._etag = await self.cp.desired(self._etag)
+                except AuthError as err:
+                    await self._refused(err)
+                    if self.exit_code is not None:
+                        return
+                    await asyncio.sleep(jittered(self.config.checkin_interval_s))
+                    continue
+                self._refusals = 0
                 self._online()
                 if desired is not None:
                     self._apply(desired)
                 d = self.desired
+                if d is not None and (d.wipe or d.rotate_credential or d.rotate_key) and await self._lifecycle(d):
+                    return
                 due = d is None or self._retry_due(d)
                 if d is not None and due and should_update(self.state, d, self._update_task is not None):
                     self._update_task = asyncio.get_running_loop().create_task(self._update(d))
@@ -564,6 +734,10 @@ class Agent:
             self._retry_or_refuse(d, f"update failed: {type(err).__name__}: {err}")
         finally:
             self._update_task = None
+            if self._tuf_client is not None:
+                # its https connections to the repository are released once the update ends, whichever way
+                self._tuf_client.close()
+                self._tuf_client = None
 
     def _settled(self, s: PersistedState, reason: str) -> PersistedState:
         """No update in flight: the committed slot serves (or nothing, on a first install)."""
@@ -666,7 +840,10 @@ class Agent:
                 tuf_dir / "metadata",
                 self.identity["repository_url"],
                 root.read_bytes() if not (tuf_dir / "metadata" / "root.json").exists() else None,
+                ca_file=self.settings.ca_file,
+                insecure_http=self.settings.insecure_http,
             )
+            self._tuf_client = client
             await loop.run_in_executor(None, client.refresh)
         except DownloadError as err:
             # the repository cannot be reached: transient, unlike a verification failure, so not a refusal
@@ -710,7 +887,7 @@ class Agent:
             self._retry_or_refuse(d, f"refused: the download does not match the signed metadata: {err}")
             return
         try:
-            opened = await loop.run_in_executor(None, lambda: open_package(path, device_key=self._key_path()))
+            opened = await loop.run_in_executor(None, lambda: open_package(path, device_key=self._key_for(path)))
         except EdgefleetError as err:
             # The bytes are the signed ones: opening them again would fail the same way.
             self._refuse(d, f"refused: {err}", EventKind.refused)
@@ -820,6 +997,10 @@ class Agent:
         self.service.listener = None
         self._save(s.with_(state=AgentState.committed, reason=None, committed=a, pending=None, probation_resumes=0))
         self.slots.clear_downloads()
+        try:
+            await self._prune_keys()  # the package replaced may have been the last one built for a retired key
+        except Exception:
+            log.exception("pruning retired device keys failed; they are kept")
         self._event(
             EventKind.committed, reason, a.model if a else None, a.version if a else None, a.rollout_id if a else None
         )
@@ -848,6 +1029,12 @@ class Agent:
             await self._serve_slot(s.committed)
         else:
             await self._swap_backend(None, None, reason)
+
+
+def _key_id(public_hex: str) -> str:
+    from edgefleet.package.keys import key_id
+
+    return key_id(public_hex)
 
 
 def _clip(reason: str | None) -> str | None:

@@ -31,9 +31,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, step: str) -> None:
-    """Replace ``path`` with ``data`` so that a reader sees the old or the new content, never a mix."""
+def atomic_write(path: Path, data: bytes, step: str, *, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees the old or the new content, never a mix. ``mode``
+    (0o600 for a secret) is set before the first byte is written, whatever the umask."""
     tmp = path.with_name(path.name + ".tmp")
+    if mode is not None:
+        tmp.unlink(missing_ok=True)  # O_CREAT keeps the mode of a leftover file
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode))
+        os.chmod(tmp, mode)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

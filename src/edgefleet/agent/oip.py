@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgefleet import __version__
 from edgefleet.agent.codec import DTYPE_TO_OIP, BadRequest, encode_response, parse_request
-from edgefleet.agent.httpserver import JSON_HEADERS, MAX_BODY, Respond, error_body
+from edgefleet.agent.httpserver import JSON_HEADERS, MAX_BODY, HTTPLimits, Respond, error_body
 
 if TYPE_CHECKING:
     from edgefleet.agent.service import InferenceService
@@ -46,9 +46,12 @@ def _json(doc: Any) -> bytes:
 
 
 class OIPApp:
-    def __init__(self, service: InferenceService | Any, *, live: bool = True) -> None:
+    def __init__(self, service: InferenceService | Any, *, live: bool = True, limits: HTTPLimits | None = None) -> None:
         self.service = service
         self.live = live
+        # The device's HTTP limits; the HTTP server takes them from here (serve_http). The infer path checks the
+        # binary header length and the decoded tensors against them.
+        self.limits = limits or HTTPLimits.for_device(None)
         self.server_meta = json.dumps(
             {"name": "edgefleet", "version": __version__, "extensions": ["binary_tensor_data"]}
         ).encode()
@@ -189,13 +192,18 @@ class OIPApp:
             raw = headers.get(b"inference-header-content-length")
             header_length = None
             if raw is not None:
-                try:
-                    header_length = int(raw)
-                except ValueError:
-                    raise BadRequest("Inference-Header-Content-Length must be an integer")
+                if not raw.isdigit() or len(raw) > 19:
+                    raise BadRequest("Inference-Header-Content-Length must be a non-negative integer")
+                header_length = int(raw)
+                if header_length > self.limits.max_json_bytes:
+                    raise BadRequest(
+                        f"Inference-Header-Content-Length {header_length} is over the JSON cap of "
+                        f"{self.limits.max_json_bytes} bytes",
+                        413,
+                    )
             info = svc.info
             assert info is not None
-            req = parse_request(body, header_length, info.inputs)
+            req = parse_request(body, header_length, info.inputs, self.limits.max_tensor_bytes)
             if req.outputs:
                 known = self._known_outputs(info)
                 for o in req.outputs:

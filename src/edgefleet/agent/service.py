@@ -59,7 +59,8 @@ class InferenceService:
     def _delegate(self, backend: Backend) -> None:
         hand = getattr(backend, "delegate_http", None)
         if hand is not None and self.http is not None:
-            hand(self.http.sock, self.http.delegated, self.record_many, self.metrics.render)
+            # The worker serves under the agent's HTTP limits: it refuses exactly what the agent would.
+            hand(self.http.sock, self.http.delegated, self.record_many, self.metrics.render, self.http.limits)
 
     def set_backend(self, backend: Backend, info: ModelInfo) -> None:
         self.backend, self.info = backend, info

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from edgefleet.agent.httpserver import serve_http
+from edgefleet.agent.httpserver import HTTPLimits, serve_http
 from edgefleet.agent.oip import OIPApp
 from edgefleet.agent.service import InferenceService
 from edgefleet.agent.supervisor import Supervisor
@@ -37,7 +37,8 @@ async def serve_standalone(
     # The worker loads while the listener comes up (cold start); until it is ready the API answers 503.
     starting = asyncio.get_running_loop().create_task(sup.start())
     try:
-        server = await serve_http(OIPApp(service), host, port)
+        # caps follow --memory-mb (the device being served for), not this machine's memory
+        server = await serve_http(OIPApp(service, limits=HTTPLimits.for_device(memory_mb)), host, port)
     except BaseException:
         starting.cancel()
         await sup.stop()

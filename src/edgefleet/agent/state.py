@@ -6,18 +6,28 @@ a power cut leaves either the previous or the next step on disk. The *active* sl
 which makes the slot switch the same single rename.
 
 :func:`recover` is pure: it turns whatever was on disk at a crash into the state to resume from.
+
+A state file the agent cannot read must not stop it: under systemd that is a crash loop on a device nobody can
+reach. Fields this agent does not know (a newer agent's file, after a downgrade) are ignored, and only known
+fields are written. A file that does not parse (truncated, garbage, a field of the wrong type) is moved aside to
+``state.json.unreadable`` and the previous step's state, ``state.json.prev``, is used instead; when that cannot
+be read either, the state is rebuilt from the slot files on disk (:meth:`StateStore.rebuild`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgefleet.agent.durable import atomic_write
-from edgefleet.errors import AgentError
-from edgefleet.protocol import AgentState
+from edgefleet.errors import EdgefleetError
+from edgefleet.protocol import AgentState, target_name
 
 __all__ = [
     "MAX_PROBATION_RESUMES",
@@ -30,13 +40,16 @@ __all__ = [
     "rolled_back_in_recovery",
 ]
 
+log = logging.getLogger("edgefleet.agent")
+
 Slot = Literal["A", "B"]
+_SLOTS: tuple[Slot, ...] = ("A", "B")
 
 
 class SlotInfo(BaseModel):
     """What a slot holds: enough to serve it and to report it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # a newer agent's fields: see the module doc
 
     slot: Slot
     model: str | None = None
@@ -50,7 +63,7 @@ class SlotInfo(BaseModel):
 class Pending(BaseModel):
     """The update in flight (from the desired state)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # a newer agent's fields: see the module doc
 
     model: str
     version: str
@@ -65,7 +78,7 @@ class Pending(BaseModel):
 
 
 class PersistedState(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # a newer agent's fields: see the module doc
 
     state: AgentState = AgentState.idle
     reason: str | None = None
@@ -122,18 +135,139 @@ def rolled_back_in_recovery(before: PersistedState, after: PersistedState) -> Sl
 
 
 class StateStore:
-    """The state file ``<data_dir>/state.json``; each save is one atomic, durable step."""
+    """The state file ``<data_dir>/state.json``; each save is one atomic, durable step.
+
+    Before a save replaces a state file known to be good (loaded or written by this store), that file becomes
+    ``state.json.prev`` — by a hard link, so it costs no copy and no fsync of its own: the new name is made
+    durable by the same directory fsync as the save's rename. :meth:`load` never raises: see the module doc."""
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / "state.json"
+        self.prev = data_dir / "state.json.prev"
+        self.unreadable = data_dir / "state.json.unreadable"
+        self._good = False  # whether the file at ``path`` is known to parse: only such a file becomes ``prev``
+
+    def _slot_path(self, slot: Slot) -> Path:
+        return self.path.parent / "slots" / f"{slot}.efpkg"  # the layout of ``slots.SlotStore``
 
     def load(self) -> PersistedState:
-        if not self.path.exists():
-            return PersistedState()
+        self._good = False
+        if not self.path.exists() and not self.prev.exists():
+            if not any(self._slot_path(x).is_file() for x in _SLOTS):
+                return PersistedState()  # a new device
+            log.warning("no agent state file, but models are installed: rebuilding the state from the slot files")
+            return self._restored(self.rebuild(), "the slot files")
+        raw = b""
         try:
-            return PersistedState.model_validate_json(self.path.read_bytes())
-        except ValueError as err:
-            raise AgentError(f"agent state {self.path} is unreadable ({err}); move it away to start fresh")
+            raw = self.path.read_bytes()
+            s = PersistedState.model_validate_json(raw)
+        except (OSError, ValueError) as err:
+            why = _one_line(err)
+        else:
+            self._good = True
+            return s
+        log.warning("agent state %s is unreadable (%s); falling back to %s", self.path, why, self.prev.name)
+        with contextlib.suppress(FileNotFoundError):  # kept for whoever debugs the device
+            os.replace(self.path, self.unreadable)
+        try:
+            return self._restored(
+                PersistedState.model_validate_json(self.prev.read_bytes()), f"the previous step's ({self.prev.name})"
+            )
+        except (OSError, ValueError) as err:
+            log.warning(
+                "%s is unreadable too (%s); rebuilding the state from the slot files", self.prev, _one_line(err)
+            )
+        return self._restored(self.rebuild(self.salvage_committed(raw)), "the slot files")
+
+    def _restored(self, s: PersistedState, source: str) -> PersistedState:
+        self.save(s)  # ``_good`` is False: a damaged or missing file never becomes ``prev``
+        served = s.active.target if s.active is not None else "nothing"
+        log.warning("agent state restored from %s: %s, serving %s", source, s.state.value, served)
+        return s
+
+    def salvage_committed(self, raw: bytes) -> SlotInfo | None:
+        """The ``committed`` entry of an unreadable state file when that entry alone is intact (another field has
+        the wrong type, say) and its slot file exists."""
+        try:
+            doc = json.loads(raw)
+            info = SlotInfo.model_validate(doc["committed"]) if isinstance(doc, dict) else None
+        except (ValueError, KeyError, TypeError):
+            return None
+        return info if info is not None and self._slot_path(info.slot).is_file() else None
+
+    def rebuild(self, committed: SlotInfo | None = None) -> PersistedState:
+        """A clean state from what is on disk, when no state file can be read. ``committed``: a salvaged entry.
+
+        The slot files say what was installed, not which one was committed: a single valid slot is committed; of
+        two, the one staged last (the newer file) serves on probation with the other as the committed fallback, so
+        a bad candidate is rolled back as any other would be and a good one is committed again. Refusals are lost:
+        a refused version may be tried once more, and refused again."""
+        if committed is not None:
+            return PersistedState(
+                state=AgentState.committed,
+                reason="state rebuilt from a damaged state file",
+                committed=committed,
+                active=committed,
+            )
+        found = sorted((x for x in map(self._slot_info, _SLOTS) if x is not None), key=lambda x: x[0])
+        if not found:
+            return PersistedState(reason="state rebuilt from a damaged state file: no installed model on disk")
+        reason = f"state rebuilt from the slot files ({', '.join(i.target or i.slot for _, i in found)})"
+        if len(found) == 1:
+            only = found[0][1]
+            return PersistedState(state=AgentState.committed, reason=reason, committed=only, active=only)
+        (_, older), (_, newer) = found
+        return PersistedState(state=AgentState.probation, reason=reason, committed=older, active=newer)
+
+    def _slot_info(self, slot: Slot) -> tuple[float, SlotInfo] | None:
+        from edgefleet.package import open_package
+
+        path = self._slot_path(slot)
+        if not path.is_file():
+            return None
+        try:
+            opened = open_package(path)  # no key: an encrypted model is checked by the worker that decrypts it
+            mtime = path.stat().st_mtime
+        except (OSError, EdgefleetError) as err:
+            log.warning("slot %s is not a usable package: %s", slot, _one_line(err))
+            return None
+        m = opened.manifest
+        return mtime, SlotInfo(
+            slot=slot,
+            model=m.name,
+            version=m.version,
+            target=target_name(m.name, m.version),
+            model_sha256=m.model_sha256,
+            package_sha256=opened.package_sha256,
+        )
 
     def save(self, s: PersistedState) -> None:
+        if self._good:
+            self._keep_previous()
         atomic_write(self.path, s.model_dump_json(indent=1).encode(), f"state.{s.state.value}")
+        self._good = True
+
+    def _keep_previous(self) -> None:
+        """Make the current state file ``prev``. The link is durable with the save's own directory fsync; a
+        filesystem without hard links (FAT on an SD card) gets a durable copy instead."""
+        tmp = self.prev.with_name(self.prev.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(self.path, tmp)
+        except FileNotFoundError:
+            return
+        except OSError:
+            try:
+                atomic_write(self.prev, self.path.read_bytes(), "state.prev")
+            except FileNotFoundError:
+                pass
+            return
+        os.replace(tmp, self.prev)
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, ValidationError):
+        e = err.errors()[0]
+        where = ".".join(str(x) for x in e["loc"]) or "(root)"
+        return f"{where}: {e['msg']}"[:300]
+    return " ".join(str(err).split())[:300]

@@ -42,6 +42,7 @@ class _Delegation(NamedTuple):
     on_serving: Callable[[object, bool], None]
     on_stats: Callable[[list[Any], ModelInfo | None], None]
     render_metrics: Callable[[], bytes]
+    limits: dict[str, Any] | None
 
 
 class Supervisor:
@@ -79,11 +80,14 @@ class Supervisor:
         on_serving: Callable[[object, bool], None],
         on_stats: Callable[[list[Any], ModelInfo | None], None],
         render_metrics: Callable[[], bytes],
+        limits: Any = None,
     ) -> None:
         """From now on every worker this supervisor runs serves ``listen`` itself once ready:
         ``on_serving(worker, True/False)`` when it starts and stops doing so, ``on_stats(observations, info)`` for
-        its batched per-request facts, ``render_metrics()`` for its ``/metrics`` answers."""
-        self._http = _Delegation(listen, on_serving, on_stats, render_metrics)
+        its batched per-request facts, ``render_metrics()`` for its ``/metrics`` answers; under ``limits`` (the
+        agent's ``httpserver.HTTPLimits``: a worker refuses exactly what the agent would)."""
+        doc = limits._asdict() if limits is not None else None
+        self._http = _Delegation(listen, on_serving, on_stats, render_metrics, doc)
         if self.worker is not None:
             self._hand_over(self.worker)
 
@@ -95,7 +99,7 @@ class Supervisor:
         w.render_metrics = d.render_metrics
 
         async def go() -> None:
-            if await w.serve_http(d.listen) and not w.closed.is_set() and not self._stopping:
+            if await w.serve_http(d.listen, d.limits) and not w.closed.is_set() and not self._stopping:
                 d.on_serving(w, True)
 
         task = asyncio.get_running_loop().create_task(go())
@@ -256,14 +260,20 @@ class Supervisor:
         except WorkerUnavailable:
             answered(None, None)
         reply = await fut
-        if reply is None or reply[0] != "ok":
+        if reply is None or reply[0] != "ok" or not isinstance(reply[1], list):
             return []
-        return [DriftSummary.model_validate(d) for d in reply[1]]
+        try:
+            return [DriftSummary.model_validate(d) for d in reply[1]]
+        except ValueError:  # the worker's histograms break the schema: this window goes without them
+            log.warning("the worker's drift histograms are malformed; dropped")
+            return []
 
     async def golden(self) -> dict[str, Any]:
         reply = await self._call(("golden",))
         if reply[0] != "ok":
             raise ModelError(reply[2])
+        if not isinstance(reply[1], dict):
+            raise ModelError("the worker's golden-vector answer is malformed")
         return dict(reply[1])
 
     async def stop(self) -> None:

@@ -22,9 +22,11 @@ from edgefleet.errors import AgentError, AuthError, DownloadError, VerificationE
 from edgefleet.protocol import (
     API_PREFIX,
     AgentState,
+    CredentialResponse,
     DesiredState,
     EnrollRequest,
     EnrollResponse,
+    KeyRotation,
     Report,
     ReportResponse,
 )
@@ -85,10 +87,21 @@ def should_update(s: PersistedState, desired: DesiredState, busy: bool) -> bool:
 
 class ControlPlaneClient:
     def __init__(
-        self, server: str, *, timeout: float = 10.0, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        server: str,
+        *,
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        ca_file: Path | str | None = None,
+        insecure_http: bool = False,
     ) -> None:
-        self.server = server.rstrip("/")
-        self.http = httpx.AsyncClient(timeout=timeout, transport=transport)
+        from edgefleet.transport import check_url, verify_arg
+
+        # The credential and the enrollment token ride in every request: TLS verified, or loopback
+        # (docs/security/tls.md). The same client downloads targets, so the pinned CA covers them too. An injected
+        # transport (tests, an embedding application) is not the network and brings its own policy.
+        self.server = (check_url(server, insecure_http) if transport is None else server).rstrip("/")
+        self.http = httpx.AsyncClient(timeout=timeout, transport=transport, verify=verify_arg(ca_file))
         self.device_id: str | None = None
         self.credential: str | None = None
 
@@ -137,6 +150,20 @@ class ControlPlaneClient:
             headers={**self._auth(), "content-type": "application/json"},
         )
         return ReportResponse.model_validate_json(r.content)
+
+    async def rotate_credential(self) -> str:
+        """A new credential (the current one works until the new one is first used)."""
+        r = await self._request("POST", f"/devices/{self.device_id}/credential", headers=self._auth())
+        return CredentialResponse.model_validate_json(r.content).credential
+
+    async def rotate_key(self, public_key: str) -> None:
+        """Tell the control plane this device's new X25519 public key."""
+        await self._request(
+            "POST",
+            f"/devices/{self.device_id}/key",
+            content=KeyRotation(public_key=public_key).model_dump_json(),
+            headers={**self._auth(), "content-type": "application/json"},
+        )
 
 
 def _err(r: httpx.Response) -> str:

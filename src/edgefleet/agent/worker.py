@@ -6,6 +6,10 @@ the supervisor restarts it. The process's entry point, frame protocol and servin
 module holds what both sides share (:class:`WorkerSpec`, :class:`ModelInfo`), the full package loading path the
 worker imports only for packages, and the agent side (:class:`WorkerProcess`).
 
+Frames are ``frames.py``'s (ADR 0101): the agent reads JSON and raw tensors from the worker, never anything that
+can carry code, and a frame that breaks the format ends the worker (a crash: the model's process is broken or
+hostile).
+
 On the agent side the connection is a plain :class:`asyncio.Protocol`: answers come back in order, so each one
 completes the oldest waiter — a future for :meth:`WorkerProcess.call`, or a plain callback for the serving hot
 path (:meth:`WorkerProcess.submit`), which lets the HTTP response be written from the same event-loop callback
@@ -18,7 +22,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import pickle
 import socket
 import subprocess
 import sys
@@ -28,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent._worker_main import FAULT_ENV, LEN, frame, serve_loop
+from edgefleet.agent._worker_main import FAULT_ENV, serve_loop
+from edgefleet.agent.frames import FrameError, encode, take
 from edgefleet.errors import WorkerUnavailable
 
 __all__ = ["FAULT_ENV", "ModelInfo", "WorkerProcess", "WorkerSpec", "serve"]
@@ -128,11 +132,11 @@ def serve(sock: socket.socket, spec: WorkerSpec) -> None:
     try:
         model, info, opened, reference = _load(spec)
     except Exception as err:
-        sock.sendall(frame(("err", "load", f"{type(err).__name__}: {err}")))
+        sock.sendall(encode(("err", "load", f"{type(err).__name__}: {err}")))
         return
     if spec.memory_mb:
         _limit_memory(spec.memory_mb)
-    sock.sendall(frame(("hello", _info_dict(info))))
+    sock.sendall(encode(("hello", _info_dict(info))))
     _fault(info.version, spec.role)
     from edgefleet.errors import InputValidationError
 
@@ -148,7 +152,7 @@ def serve(sock: socket.socket, spec: WorkerSpec) -> None:
             if drift is None:
                 return ("ok", [], 0.0)
             try:
-                out = [d.model_dump() for d in drift.summaries()]
+                out = [d.model_dump(mode="json") for d in drift.summaries()]
             except Exception as err:  # a statistic that cannot be summarised must not take serving down
                 return ("err", "model", f"drift: {type(err).__name__}: {err}")
             finally:
@@ -191,14 +195,19 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self.buf
         buf += data
-        pos, end = 0, len(buf)
+        try:
+            msgs = take(buf)
+        except FrameError as err:
+            # A worker that breaks the frame format is broken or hostile: it ends, and counts as a crash.
+            self.owner.close_reason = f"worker sent a malformed frame: {err}"
+            self.buf = bytearray()
+            log.warning("%s; killing it", self.owner.close_reason)
+            self.owner.kill()
+            if self.transport is not None:
+                self.transport.close()
+            return
         waiters = self.owner._waiters
-        while end - pos >= 4:
-            (size,) = LEN.unpack_from(buf, pos)
-            if end - pos - 4 < size:
-                break
-            msg = pickle.loads(memoryview(buf)[pos + 4 : pos + 4 + size])
-            pos += 4 + size
+        for msg in msgs:
             op = msg[0]
             if op == "stats" or op == "metrics":  # unasked-for, from a worker serving HTTP itself (ADR 0032)
                 self._unasked(msg)
@@ -214,7 +223,6 @@ class _Conn(asyncio.Protocol):
                     w(msg, None)
                 except Exception:  # one answer's handler failing must not desynchronise the stream
                     log.exception("an inference answer's callback failed")
-        del buf[:pos]
 
     def _unasked(self, msg: tuple[Any, ...]) -> None:
         owner = self.owner
@@ -225,7 +233,7 @@ class _Conn(asyncio.Protocol):
             else:
                 body = owner.render_metrics() if owner.render_metrics is not None else b""
                 if self.transport is not None:
-                    self.transport.write(frame(("metrics", body)))
+                    self.transport.write(encode(("metrics", body)))
         except Exception:
             log.exception("a message from the worker could not be handled")
 
@@ -279,7 +287,7 @@ class WorkerProcess:
         self._transport = transport
         try:
             hello = await asyncio.wait_for(hello_fut, timeout)
-        except (WorkerUnavailable, TimeoutError, pickle.UnpicklingError, AttributeError):
+        except (WorkerUnavailable, TimeoutError):
             self.kill()
             raise WorkerUnavailable(f"the worker exited while loading {self.spec.path.name} (exit {self._exit_code()})")
         if hello[0] != "hello":
@@ -319,7 +327,7 @@ class WorkerProcess:
         if self._transport is None or self.closed.is_set():
             raise WorkerUnavailable("the inference worker is not running")
         self._waiters.append(callback)
-        self._transport.write(frame(msg))
+        self._transport.write(encode(msg))
 
     async def call(self, msg: tuple[Any, ...]) -> Any:
         """Send one request and wait for its answer (answers come back in order)."""
@@ -327,12 +335,13 @@ class WorkerProcess:
             raise WorkerUnavailable("the inference worker is not running")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
-        self._transport.write(frame(msg))
+        self._transport.write(encode(msg))
         return await fut
 
-    async def serve_http(self, listen: socket.socket) -> bool:
+    async def serve_http(self, listen: socket.socket, limits: dict[str, Any] | None = None) -> bool:
         """Hand the worker the agent's listening socket: it accepts and answers HTTP itself from now on (ADR
-        0032). True once it said so; False if it cannot (it crashed, or refused)."""
+        0032), under ``limits`` (``HTTPLimits._asdict()``, the agent's own). True once it said so; False if it
+        cannot (it crashed, or refused)."""
         if self._transport is None or self._sock is None or self.closed.is_set():
             return False
         while self._transport.get_write_buffer_size():  # the fd must travel in order with the frames
@@ -341,7 +350,7 @@ class WorkerProcess:
                 return False
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
-        data = frame(("serve",))
+        data = encode(("serve", limits))
         try:
             n = socket.send_fds(self._sock, [data], [listen.fileno()])
         except (BlockingIOError, InterruptedError):
@@ -374,7 +383,7 @@ class WorkerProcess:
             return
         if self._transport is not None and not self.closed.is_set():
             try:
-                self._transport.write(frame(("stop",)))
+                self._transport.write(encode(("stop",)))
             except (ConnectionError, RuntimeError):
                 pass
         loop = asyncio.get_running_loop()

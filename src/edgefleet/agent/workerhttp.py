@@ -15,43 +15,39 @@ read, so its counts and its drift histograms cover exactly the same requests). `
 agent, which holds the registry: the worker ships its pending stats, then asks (``("metrics",)``).
 
 This runs in the lean worker: the standard library's ``selectors``, no asyncio (whose import maps OpenSSL and
-costs ~7 MB of RSS here) — a small non-blocking transport gives ``HTTPProtocol`` what it uses.
+costs ~7 MB of RSS here) — a small non-blocking transport gives ``HTTPProtocol`` what it uses. The HTTP limits
+are the agent's (``httpserver.HTTPLimits``, sent with ``serve``): the same caps, timeouts (checked every
+``tick_s``), connection limit and accept back-off as the agent's own server.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import selectors
 import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from edgefleet.agent._worker_main import answer_all, take_frames
+from edgefleet.agent._worker_main import answer_all
 from edgefleet.agent.codec import BadRequest
-from edgefleet.agent.httpserver import HTTPProtocol
+from edgefleet.agent.frames import encode
+from edgefleet.agent.frames import take as take_frames
+from edgefleet.agent.httpserver import ACCEPT_BACKOFF, HTTPLimits, HTTPProtocol, accept_burst, refuse_connection
 from edgefleet.agent.oip import OIPApp
 
 __all__ = ["FLUSH_N", "FLUSH_S", "WorkerService", "serve_http"]
 
 FLUSH_S = 0.05
 FLUSH_N = 256
-_LEN = struct.Struct("<I")
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _HIGH_WATER = 256 * 1024
 _RECV = 256 * 1024
 
 Observation = tuple[str, float | None, float]
 Done = Callable[[dict[str, Any] | None, float, BadRequest | None], None]
-
-
-def _frame(obj: Any) -> bytes:
-    data = pickle.dumps(obj, protocol=5)
-    return _LEN.pack(len(data)) + data
 
 
 class _Transport:
@@ -64,6 +60,7 @@ class _Transport:
         self.out = bytearray()
         self.closing = False
         self.closed = False
+        self.eof = False  # write_eof: shut the write side once the buffer is sent
         self.reading = True
         self.write_paused = False
         self.events = 0
@@ -78,7 +75,7 @@ class _Transport:
         return self.closing
 
     def write(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing or self.eof:
             return
         if not self.out:
             try:
@@ -96,6 +93,26 @@ class _Transport:
         if len(self.out) > _HIGH_WATER and not self.write_paused:
             self.write_paused = True
             self.protocol.pause_writing()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self.closing or self.eof:
+            return
+        self.eof = True
+        if not self.out:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._finish()
+
+    def abort(self) -> None:
+        self.out.clear()
+        self._finish()
 
     def pause_reading(self) -> None:
         self.reading = False
@@ -143,6 +160,8 @@ class _Transport:
             if self.closing:
                 self._finish()
                 return
+            if self.eof:
+                self._shutdown()
             if self.write_paused:
                 self.write_paused = False
                 self.protocol.resume_writing()
@@ -217,7 +236,7 @@ class WorkerService:
     def flush(self) -> None:
         if self.observations:
             batch, self.observations = self.observations, []
-            self.ctrl.sendall(_frame(("stats", batch)))
+            self.ctrl.sendall(encode(("stats", batch)))
 
     def submit(self, feeds: dict[str, Any], outputs: list[str] | None, done: Done) -> None:
         t0 = time.perf_counter()
@@ -238,7 +257,7 @@ class WorkerService:
     def render_metrics(self, reply: Callable[[bytes], None]) -> None:
         self.flush()  # the agent counts what was answered so far before it renders
         self.metrics_waiting.append(reply)
-        self.ctrl.sendall(_frame(("metrics",)))
+        self.ctrl.sendall(encode(("metrics",)))
 
 
 def serve_http(
@@ -251,26 +270,38 @@ def serve_http(
     input_errors: tuple[type[BaseException], ...],
     after: Callable[[dict[str, Any], dict[str, Any]], None] | None,
     info: dict[str, Any],
+    limits: HTTPLimits,
 ) -> None:
     """Accept on ``listen`` and answer frames on ``ctrl`` (``buf``: frames already read; ``view``: the receive
     buffer, reused) until EOF or stop."""
     loop = _Loop()
     svc = WorkerService(ctrl, info, run, input_errors, after)
-    handle = OIPApp(svc).handle
+    handle = OIPApp(svc, limits=limits).handle
     listen.setblocking(False)
     loop.sel.register(listen, _READ, "accept")
     loop.sel.register(ctrl, _READ, "ctrl")
+    tick = limits.tick_s
+    next_sweep = time.monotonic() + tick
+    backoff = 0.0
+    resume_at = 0.0  # accepting paused (EMFILE and the like) until then; 0: accepting
+
+    def take(conn: socket.socket) -> None:
+        if len(loop.transports) >= limits.max_connections:
+            refuse_connection(conn, limits.max_connections)
+            return
+        conn.setblocking(False)
+        _Transport(loop, conn, HTTPProtocol(handle, None, limits))
 
     def accept() -> None:
-        for _ in range(16):
-            try:
-                conn, _addr = listen.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return  # the agent or a peer was first
-            except OSError:
-                return
-            conn.setblocking(False)
-            _Transport(loop, conn, HTTPProtocol(handle))
+        nonlocal backoff, resume_at
+        err = accept_burst(listen, take, 16)
+        if err is None:
+            backoff = 0.0
+            return
+        # No descriptors (or buffers) now: the socket stays readable, so retrying at once would spin.
+        backoff = min(ACCEPT_BACKOFF[1], backoff * 2) if backoff else ACCEPT_BACKOFF[0]
+        resume_at = time.monotonic() + backoff
+        loop.sel.unregister(listen)
 
     def special(msg: tuple[Any, ...]) -> bytes | None:
         if msg[0] == "metrics":
@@ -279,7 +310,7 @@ def serve_http(
             return b""
         if msg[0] == "flush":
             svc.flush()  # the stats frame goes before this answer: the agent counts them first
-            return _frame(("ok", None, 0.0))
+            return encode(("ok", None, 0.0))
         if msg[0] == "drift":
             # The same cut for counts and histograms: the requests whose drift this answer holds are shipped
             # before it, so the agent closes the telemetry window on exactly them. The handler answers.
@@ -293,9 +324,13 @@ def serve_http(
     try:
         running = control()
         while running:
-            timeout = None
+            now = time.monotonic()
+            wake = next_sweep if loop.transports else 0.0
             if svc.observations:
-                timeout = max(0.0, svc.deadline - time.monotonic())
+                wake = min(wake or svc.deadline, svc.deadline)
+            if resume_at:
+                wake = min(wake or resume_at, resume_at)
+            timeout = max(0.0, wake - now) if wake else None
             for key, mask in loop.sel.select(timeout):
                 data = key.data
                 if isinstance(data, _Transport):
@@ -311,11 +346,20 @@ def serve_http(
                     if not control():
                         running = False
                         break
-            if svc.observations and time.monotonic() >= svc.deadline:
+            now = time.monotonic()
+            if svc.observations and now >= svc.deadline:
                 svc.flush()
+            if resume_at and now >= resume_at:
+                resume_at = 0.0
+                loop.sel.register(listen, _READ, "accept")
+            if now >= next_sweep:
+                next_sweep = now + tick
+                for t in list(loop.transports):
+                    t.protocol.check(now)
     finally:
         # A graceful stop (a switch, shutdown): no more accepting, answered requests counted, connections closed.
-        loop.sel.unregister(listen)
+        if not resume_at:
+            loop.sel.unregister(listen)
         listen.close()
         for t in list(loop.transports):
             t.close()

@@ -33,7 +33,27 @@ def register(app: typer.Typer) -> None:
         token: str | None = typer.Option(
             None,
             envvar="EDGEFLEET_AGENT_TOKEN",
-            help="One-time enrollment token (needed on the first start only; the tier comes with it).",
+            help="One-time enrollment token (needed on the first start only; the tier comes with it). A new token "
+            "given to a device whose credential is refused (revoked, decommissioned) enrolls it again.",
+        ),
+        root: Path | None = typer.Option(
+            None,
+            "--root",
+            envvar="EDGEFLEET_AGENT_ROOT",
+            help="A TUF root.json given out of band: enrollment accepts only an answer carrying exactly this root "
+            "[the pin in the token, if any].",
+        ),
+        ca_file: Path | None = typer.Option(
+            None,
+            "--ca-file",
+            envvar="EDGEFLEET_AGENT_CA_FILE",
+            help="Trust only this CA (PEM) for the control plane and the repository (default: the system's CAs).",
+        ),
+        insecure_http: bool = typer.Option(
+            False,
+            "--insecure-http",
+            envvar="EDGEFLEET_AGENT_INSECURE_HTTP",
+            help="Allow http:// to a control plane that is not on this machine (the credential crosses in clear).",
         ),
         data_dir: Path = typer.Option(
             Path("edgefleet-agent"),
@@ -68,11 +88,20 @@ def register(app: typer.Typer) -> None:
         """Run the device agent: serve the committed model, apply updates, report telemetry."""
         from edgefleet.agent import Agent
         from edgefleet.config import AgentSettings
+        from edgefleet.transport import check_url, verify_arg
 
+        # Refuse here, as one line, before anything starts: inside the agent the check-in loop would only log it.
+        check_url(server, insecure_http)
+        verify_arg(ca_file)
+        if root is not None and not root.is_file():
+            raise UsageError(f"--root {root} does not exist")
         _logging()
         settings = AgentSettings(
             server=server,
             token=token,
+            root=root,
+            ca_file=ca_file,
+            insecure_http=insecure_http,
             data_dir=data_dir,
             host=host,
             port=port,
@@ -85,17 +114,20 @@ def register(app: typer.Typer) -> None:
             buffer_max_records=buffer_max_records,
         )
 
-        async def main() -> None:
+        async def main() -> int:
             a = Agent(settings)
-            stop = asyncio.Event()
-            await _until_signal(stop)
+            # a signal stops it, and so does the agent itself (decommissioned, credential refused)
+            await _until_signal(a.stop_requested)
             await a.start()
             try:
-                await stop.wait()
+                await a.stop_requested.wait()
             finally:
                 await a.stop()
+            return a.exit_code or 0
 
-        asyncio.run(main())
+        code = asyncio.run(main())
+        if code:
+            raise typer.Exit(code)
 
     @app.command("serve")
     def serve(

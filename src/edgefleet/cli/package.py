@@ -10,6 +10,7 @@ from typing import Any
 import typer
 import yaml
 from pydantic import TypeAdapter, ValidationError
+from rich.markup import escape
 from rich.table import Table
 
 from edgefleet.cli._output import console, print_json
@@ -181,6 +182,23 @@ def package_command(
     encrypt_for: list[str] = typer.Option(
         [], "--encrypt-for", help="X25519 public key (hex) or a .pub file to encrypt for; repeat"
     ),
+    encrypt_for_group: str | None = typer.Option(
+        None, "--encrypt-for-group", help="encrypt for every active device of this group (keys from --server)"
+    ),
+    encrypt_for_tier: str | None = typer.Option(
+        None,
+        "--encrypt-for-tier",
+        help="encrypt for every active device of this tier (keys from --server); with --encrypt-for-group: both",
+    ),
+    server: str | None = typer.Option(
+        None,
+        "--server",
+        envvar="EDGEFLEET_SERVER",
+        help="control plane URL the device keys come from (default: http://127.0.0.1:8700)",
+    ),
+    api_token: str | None = typer.Option(
+        None, "--api-token", envvar="EDGEFLEET_API_TOKEN", help="operator API token (viewer is enough)"
+    ),
     optimize_report: Path | None = typer.Option(
         None,
         "--optimize-report",
@@ -200,6 +218,7 @@ def package_command(
     """Build a model package: manifest, model (optionally encrypted), golden vectors, drift reference, ML-BOM."""
     if not model.is_file():
         raise UsageError(f"model file {model} does not exist")
+    fleet_keys = _fleet_keys(server, api_token, encrypt_for_group, encrypt_for_tier)
     iof = _IOFile(io)
     names = _input_names(model, iof)
     lineage_doc = _json_file(lineage_json, "--lineage-json")
@@ -246,14 +265,49 @@ def package_command(
         lineage=lineage,
         metrics=metrics,
         golden=GoldenTolerance(rtol=rtol, atol=atol),
-        recipients=list(encrypt_for) or None,
+        recipients=[*encrypt_for, *(k["public_key"] for k in fleet_keys)] or None,
     )
     opened = open_package(path)
     if as_json:
-        print_json({"path": str(path), "package_sha256": opened.package_sha256, "manifest": opened.manifest})
+        doc: dict[str, Any] = {"path": str(path), "package_sha256": opened.package_sha256, "manifest": opened.manifest}
+        if encrypt_for_group is not None or encrypt_for_tier is not None:
+            doc["encrypted_for_devices"] = [{"device_id": k["device_id"], "key_id": k["key_id"]} for k in fleet_keys]
+        print_json(doc)
         return
     console.print(_table(opened))
-    console.print(f"wrote [bold]{path}[/]")
+    if encrypt_for_group is not None or encrypt_for_tier is not None:
+        ids = ", ".join(k["device_id"] for k in fleet_keys)
+        console.print(
+            f"encrypted for {len(fleet_keys)} device(s) of {_fleet_scope(encrypt_for_group, encrypt_for_tier)}: {ids}",
+            highlight=False,
+            markup=False,
+        )
+    console.print(f"wrote [bold]{escape(str(path))}[/]")
+
+
+def _fleet_scope(group: str | None, tier: str | None) -> str:
+    return " and ".join(f"{what} {v}" for what, v in (("group", group), ("tier", tier)) if v is not None)
+
+
+def _fleet_keys(server: str | None, token: str | None, group: str | None, tier: str | None) -> list[dict[str, Any]]:
+    """The current public keys of the active devices of ``group`` and/or ``tier``, from the control plane; none
+    asked for: ``[]``. A scope with no such device is refused: a package nobody can open is a mistake."""
+    if group is None and tier is None:
+        return []
+    from edgefleet.controlplane.client import Client
+
+    params = {k: v for k, v in (("group", group), ("tier", tier)) if v is not None}
+    with Client(server, token) as c:
+        rows = c.get("/api/v1/devices/keys", params=params)
+    if not isinstance(rows, list):
+        raise UsageError(f"the control plane at {c.server} answered no key list: is it an edgefleet server?")
+    scope = _fleet_scope(group, tier)
+    if not rows:
+        raise UsageError(
+            f"{scope} has no enrolled, active device on {c.server}: nothing to encrypt for "
+            f"(`edgefleet devices keys{''.join(f' --{k} {v}' for k, v in params.items())}` lists them)"
+        )
+    return [dict(r) for r in rows]
 
 
 def _table(p: OpenedPackage) -> Table:

@@ -11,19 +11,47 @@ from rich.table import Table
 
 from edgefleet.cli._output import console, err_console, print_json
 from edgefleet.errors import UsageError
-from edgefleet.repository import ROLES, Repository, RepoStatus, fetch_package
+from edgefleet.repository import ROLES, Repository, RepoStatus, default_root_keys_dir, fetch_package
 from edgefleet.repository.status import human_duration
 
 repo_app = typer.Typer(help="The TUF-signed model repository.", no_args_is_help=True)
 
 _PASSPHRASE_ENV = "EDGEFLEET_REPO_PASSPHRASE"
+_ROOT_PASSPHRASE_ENV = "EDGEFLEET_ROOT_PASSPHRASE"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def _passphrase(ask: bool, env: str | None, *, confirm: bool = False) -> str | None:
+def _passphrase(ask: bool, env: str | None, *, confirm: bool = False, what: str = "key passphrase") -> str | None:
     if ask:
-        return str(typer.prompt("key passphrase", hide_input=True, confirmation_prompt=confirm))
+        return str(typer.prompt(what, hide_input=True, confirmation_prompt=confirm))
     return env or None
+
+
+def _root_dir(path: Path, given: Path | None) -> Path | None:
+    """``--root-keys-dir``, else ``<REPO>.root-keys`` when it exists (where `repo init` puts them), else ``None``:
+    the root keys are looked up next to the online keys, as in repositories made before root keys moved out."""
+    if given is not None:
+        return given
+    default = default_root_keys_dir(path)
+    return default if default.is_dir() else None
+
+
+def _open(
+    path: Path,
+    keys_dir: Path | None,
+    root_keys_dir: Path | None,
+    ask: bool,
+    env: str | None,
+    ask_root: bool = False,
+    root_env: str | None = None,
+) -> Repository:
+    return Repository(
+        path,
+        _passphrase(ask, env),
+        keys_dir=keys_dir,
+        root_keys_dir=_root_dir(path, root_keys_dir),
+        root_passphrase=_passphrase(ask_root, root_env, what="root key passphrase"),
+    )
 
 
 def _duration(text: str) -> timedelta:
@@ -82,7 +110,17 @@ def _show_status(st: RepoStatus, as_json: bool) -> None:
 _DIR = typer.Argument(..., help="repository folder")
 _ASK = typer.Option(False, "--ask-passphrase", help="prompt for the key passphrase")
 _PASS = typer.Option(None, envvar=_PASSPHRASE_ENV, hidden=True)
-_KEYS = typer.Option(None, "--keys", help="folder of private keys (default: <repo>/keys; root keys may be offline)")
+_KEYS = typer.Option(None, "--keys", help="folder of the online private keys [REPO/keys]")
+_ROOT_DIR = typer.Option(
+    None,
+    "--root-keys-dir",
+    help="folder of the root private keys, e.g. removable media [REPO.root-keys when it exists, else the --keys "
+    "folder]",
+)
+_ASK_ROOT = typer.Option(
+    False, "--ask-root-passphrase", help="prompt for the root keys' passphrase (default: the key passphrase)"
+)
+_ROOT_PASS = typer.Option(None, envvar=_ROOT_PASSPHRASE_ENV, hidden=True)
 
 
 @repo_app.command("init")
@@ -94,9 +132,18 @@ def init_command(
     ask_passphrase: bool = _ASK,
     passphrase_env: str | None = _PASS,
     keys_dir: Path | None = _KEYS,
+    root_keys_dir: Path | None = typer.Option(
+        None,
+        "--root-keys-dir",
+        help="where the root private keys are written, outside the repository (e.g. removable media) [REPO.root-keys]",
+    ),
+    ask_root_passphrase: bool = _ASK_ROOT,
+    root_passphrase_env: str | None = _ROOT_PASS,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Create a repository: root keys with a threshold, separate targets/snapshot/timestamp keys (files 0600)."""
+    """Create a repository: root keys with a threshold (written outside the repository, to be kept offline),
+    separate targets/snapshot/timestamp keys for the server (files 0600)."""
+    root_dir = root_keys_dir or default_root_keys_dir(path)
     repo = Repository.init(
         path,
         root_keys=root_keys,
@@ -104,32 +151,51 @@ def init_command(
         passphrase=_passphrase(ask_passphrase, passphrase_env, confirm=True),
         expiry=_expiry(expiry),
         keys_dir=keys_dir,
+        root_keys_dir=root_dir,
+        root_passphrase=_passphrase(ask_root_passphrase, root_passphrase_env, confirm=True, what="root key passphrase"),
     )
     _show_status(repo.status(), as_json)
     if not as_json:
-        console.print(f"clients trust [bold]{repo.metadata_dir / 'root.json'}[/]; keep {repo.keys_dir} private")
+        console.print(
+            f"clients trust {repo.metadata_dir / 'root.json'}; the server needs only {repo.keys_dir} (keep it "
+            f"private); root keys are in {repo.root_keys_dir}: move them offline (docs/security/keys.md)",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 @repo_app.command("status")
 def status_command(
-    path: Path = _DIR, keys_dir: Path | None = _KEYS, as_json: bool = typer.Option(False, "--json")
+    path: Path = _DIR,
+    keys_dir: Path | None = _KEYS,
+    root_keys_dir: Path | None = _ROOT_DIR,
+    as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Versions and expiry dates of every role; warns when one is within 25 % of its period of expiring."""
-    _show_status(Repository(path, keys_dir=keys_dir).status(), as_json)
+    _show_status(Repository(path, keys_dir=keys_dir, root_keys_dir=_root_dir(path, root_keys_dir)).status(), as_json)
 
 
 @repo_app.command("refresh")
 def refresh_command(
     path: Path = _DIR,
     force: bool = typer.Option(False, "--force", help="re-sign even if nothing is close to expiring"),
+    role: str | None = typer.Option(
+        None, "--role", help=f"re-sign only this role now, e.g. root in a key ceremony (one of {', '.join(ROLES)})"
+    ),
     ask_passphrase: bool = _ASK,
     passphrase_env: str | None = _PASS,
     keys_dir: Path | None = _KEYS,
+    root_keys_dir: Path | None = _ROOT_DIR,
+    ask_root_passphrase: bool = _ASK_ROOT,
+    root_passphrase_env: str | None = _ROOT_PASS,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Re-sign timestamp/snapshot (and targets, root when its keys are here) before they expire."""
-    repo = Repository(path, _passphrase(ask_passphrase, passphrase_env), keys_dir=keys_dir)
-    done = repo.refresh(force=force)
+    """Re-sign timestamp/snapshot (and targets, root when its keys are at hand) before they expire."""
+    repo = _open(
+        path, keys_dir, root_keys_dir, ask_passphrase, passphrase_env, ask_root_passphrase, root_passphrase_env
+    )
+    done = repo.resign(role) if role is not None else repo.refresh(force=force)
     if as_json:
         print_json({"resigned": done, "status": repo.status().to_dict()})
         return
@@ -144,10 +210,16 @@ def rotate_command(
     ask_passphrase: bool = _ASK,
     passphrase_env: str | None = _PASS,
     keys_dir: Path | None = _KEYS,
+    root_keys_dir: Path | None = _ROOT_DIR,
+    ask_root_passphrase: bool = _ASK_ROOT,
+    root_passphrase_env: str | None = _ROOT_PASS,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Replace a role's key(s); a new root version signed by the old root threshold carries the change."""
-    repo = Repository(path, _passphrase(ask_passphrase, passphrase_env), keys_dir=keys_dir)
+    """Replace a role's key(s) (revoking a compromised one with --key); a new root version signed by the old root
+    threshold (and, for root, the new keys) carries the change. Needs the root keys (--root-keys-dir)."""
+    repo = _open(
+        path, keys_dir, root_keys_dir, ask_passphrase, passphrase_env, ask_root_passphrase, root_passphrase_env
+    )
     new = repo.rotate_key(role, keyid=key)
     if as_json:
         print_json({"role": role, "new_keyids": new, "root_version": repo.status().roles[0].version})
@@ -245,10 +317,29 @@ def fetch_command(
         None, "--metadata-dir", help="client metadata cache (default: ~/.cache/edgefleet/tuf/<repo hash>)"
     ),
     device_key: Path | None = typer.Option(None, "--device-key", help="check the package decrypts with this key"),
+    ca_file: Path | None = typer.Option(
+        None, "--ca-file", envvar="EDGEFLEET_CA_FILE", help="trust only this CA for https (default: the system's CAs)"
+    ),
+    insecure_http: bool = typer.Option(
+        False,
+        "--insecure-http",
+        envvar="EDGEFLEET_INSECURE_HTTP",
+        help="allow http:// to another machine (refused by default)",
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Download a package verified by TUF from the root you trust; nothing is written unless it verifies."""
-    path = fetch_package(name, version, repo, root, out, metadata_dir=metadata_dir, device_key=device_key)
+    path = fetch_package(
+        name,
+        version,
+        repo,
+        root,
+        out,
+        metadata_dir=metadata_dir,
+        device_key=device_key,
+        ca_file=ca_file,
+        insecure_http=insecure_http,
+    )
     if as_json:
         print_json({"path": str(path)})
         return

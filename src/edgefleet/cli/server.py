@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from edgefleet.cli._output import console, print_json
 from edgefleet.errors import UsageError
@@ -54,7 +55,8 @@ def _table(rows: list[dict[str, Any]], cols: list[str], title: str | None = None
     for c in cols:
         t.add_column(c)
     for r in rows:
-        t.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in cols])
+        # cells are plain text: a device or token name like "[red]x" must show as typed, not as markup
+        t.add_row(*[Text("" if r.get(c) is None else str(r.get(c))) for c in cols])
     console.print(t)
 
 
@@ -62,17 +64,32 @@ def _table(rows: list[dict[str, Any]], cols: list[str], title: str | None = None
 
 
 def server(
-    db: str = typer.Option(None, "--db", help="SQLAlchemy URL [sqlite:///edgefleet.db]; postgresql://… for scale."),
-    repo: Path = typer.Option(None, "--repo", help="TUF repository folder the server signs and serves [tuf-repo]."),
+    db: str = typer.Option(
+        None, "--db", help="SQLAlchemy URL (default sqlite:///edgefleet.db); postgresql://… for scale."
+    ),
+    repo: Path = typer.Option(
+        None, "--repo", help="TUF repository folder the server signs and serves (default tuf-repo)."
+    ),
     host: str = typer.Option(None, "--host", help="Address to bind [127.0.0.1]."),
     port: int = typer.Option(None, "--port", help="Port [8700]."),
     reconcile_interval: float = typer.Option(None, "--reconcile-interval", help="Seconds between reconciles [5]."),
+    tls_cert: Path = typer.Option(
+        None, "--tls-cert", help="Serve https with this PEM certificate (chain) (default: plain http)."
+    ),
+    tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
+    forwarded_allow_ips: str = typer.Option(
+        None,
+        "--forwarded-allow-ips",
+        help="Behind a TLS-terminating proxy: trust X-Forwarded-* headers from these addresses (comma-separated, "
+        "or *) (default: none trusted).",
+    ),
 ) -> None:
     """Run the control plane: registry, check-ins, rollouts, KPIs, TUF repository under /tuf/."""
     import uvicorn
 
     from edgefleet.config import ServerSettings
     from edgefleet.controlplane.app import admin_token_path, create_app
+    from edgefleet.transport import check_server_tls, is_loopback
 
     given: dict[str, Any] = {
         "db": db,
@@ -80,14 +97,40 @@ def server(
         "host": host,
         "port": port,
         "reconcile_interval_s": reconcile_interval,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "forwarded_allow_ips": forwarded_allow_ips,
     }
     settings = ServerSettings(**{k: v for k, v in given.items() if v is not None})
+    tls = check_server_tls(settings.tls_cert, settings.tls_key)
     app = create_app(settings)
+    scheme = "https" if tls else "http"
     console.print(
-        f"edgefleet control plane on http://{settings.host}:{settings.port}  db={app.state.store.db.url.split('@')[-1]}"
-        f"  repo={settings.repo}  admin token file: {admin_token_path(settings)}"
+        f"edgefleet control plane on {scheme}://{settings.host}:{settings.port}  "
+        f"db={app.state.store.db.url.split('@')[-1]}  repo={settings.repo}  "
+        f"admin token file: {admin_token_path(settings)}",
+        highlight=False,
+        markup=False,
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    if not tls and settings.forwarded_allow_ips is None and not is_loopback(settings.host):
+        console.print(
+            f"warning: cleartext http on {settings.host}: tokens cross the network unencrypted; give --tls-cert/"
+            "--tls-key, or run behind a TLS proxy with --forwarded-allow-ips (docs/security/tls.md)",
+            highlight=False,
+            markup=False,
+        )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        ssl_certfile=str(settings.tls_cert) if tls else None,
+        ssl_keyfile=str(settings.tls_key) if tls else None,
+        # uvicorn trusts X-Forwarded-* from loopback by default; here only the proxies the operator names count
+        proxy_headers=settings.forwarded_allow_ips is not None,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -152,6 +195,36 @@ def devices_show(device_id: str, server_: str = ServerOpt, token: str = TokenOpt
         print_json(c.get(f"/api/v1/devices/{device_id}"))
 
 
+@devices_app.command("keys")
+def devices_keys(
+    tier: str = typer.Option(None, "--tier", help="Only devices of this tier (default: every tier)."),
+    group: str = typer.Option(None, "--group", help="Only devices of this group (default: every group)."),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """The X25519 public keys of active devices, to encrypt a package for (`package --encrypt-for-group`)."""
+    params = {k: v for k, v in (("tier", tier), ("group", group)) if v is not None}
+    with _client(server_, token) as c:
+        rows = c.get("/api/v1/devices/keys", params=params)
+    if json_:
+        print_json(rows)
+        return
+    if not rows:
+        where = " and ".join(f"{k} {v}" for k, v in params.items()) or "the fleet"
+        console.print(f"no active device in {where}", highlight=False, markup=False)
+        return
+    from rich.text import Text
+
+    t = Table()
+    cols = ["device_id", "tier", "group", "key_id", "public_key"]
+    for col in cols:
+        t.add_column(col)
+    for r in rows:  # Text cells: names are the operators' own text, never rich markup
+        t.add_row(*[Text(str(r.get(col) or "")) for col in cols])
+    console.print(t)
+
+
 @devices_app.command("pin")
 def devices_pin(
     device_id: str,
@@ -180,6 +253,64 @@ def devices_revoke(device_id: str, server_: str = ServerOpt, token: str = TokenO
     with _client(server_, token) as c:
         c.post(f"/api/v1/devices/{device_id}/revoke")
     console.print(f"revoked {device_id}")
+
+
+@devices_app.command("decommission")
+def devices_decommission(
+    device_id: str, server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt
+) -> None:
+    """Retire a device: its record stays for the audit, its next check-in wipes it, its credential then stops."""
+    with _client(server_, token) as c:
+        out = c.post(f"/api/v1/devices/{device_id}/decommission")
+    if json_:
+        print_json(out)
+    else:
+        msg = f"decommissioned {device_id}: it wipes itself on its next check-in"
+        console.print(msg, highlight=False, markup=False)
+
+
+def _rotate(what: str, device_id: str | None, group: str | None, server_: str, token: str, json_: bool) -> None:
+    if (device_id is None) == (group is None):
+        raise UsageError("name one device (ID) or one --group")
+    with _client(server_, token) as c:
+        if device_id is not None:
+            out = c.post(f"/api/v1/devices/{device_id}/rotate-{what}")
+            ids = [out["device_id"]]
+        else:
+            out = c.post(f"/api/v1/groups/{group}/rotate-credential", params={"key": what == "key"})
+            ids = out["devices"]
+    if json_:
+        print_json(out)
+    else:
+        console.print(
+            f"asked {len(ids)} device(s) to rotate their {what}: each does it at its next check-in",
+            highlight=False,
+            markup=False,
+        )
+
+
+@devices_app.command("rotate-credential")
+def devices_rotate_credential(
+    device_id: str = typer.Argument(None, help="The device (or: every live device of --group)."),
+    group: str = typer.Option(None, "--group", help="Every live device of this group."),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Give a device a new credential; the old one works until the new one is first used."""
+    _rotate("credential", device_id, group, server_, token, json_)
+
+
+@devices_app.command("rotate-key")
+def devices_rotate_key(
+    device_id: str = typer.Argument(None, help="The device (or: every live device of --group)."),
+    group: str = typer.Option(None, "--group", help="Every live device of this group."),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Make a device generate a new X25519 key pair (it keeps the old private key while a package needs it)."""
+    _rotate("key", device_id, group, server_, token, json_)
 
 
 # ------------------------------------------------------------------------------------------------ rollout
@@ -532,30 +663,84 @@ def audit(
 def tokens_create(
     role: str = typer.Option(..., "--role", help="admin, operator or viewer."),
     name: str = typer.Option("api", "--name", help="A label for the token."),
+    expires: str = typer.Option(
+        None, "--expires", help="Lifetime, e.g. 30d, 12h [the server's token_expires_s: 90d unless set]."
+    ),
     server_: str = ServerOpt,
     token: str = TokenOpt,
     json_: bool = JsonOpt,
 ) -> None:
-    """Create an operator API token (shown once)."""
+    """Create an operator API token (shown once). It expires: rotate it with `edgefleet tokens rotate ID`."""
     if role not in ("admin", "operator", "viewer"):
         raise UsageError(f"unknown role {role!r}: use admin, operator or viewer")
+    body: dict[str, Any] = {"role": role, "name": name}
+    if expires is not None:
+        body["expires_s"] = _positive_duration(expires, "--expires")
     with _client(server_, token) as c:
-        out = c.post("/api/v1/tokens", {"role": role, "name": name})
+        out = c.post("/api/v1/tokens", body)
     if json_:
         print_json(out)
     else:
-        console.print(out["token"], highlight=False, soft_wrap=True)
+        console.print(out["token"], highlight=False, markup=False, soft_wrap=True)
+
+
+@tokens_app.command("rotate")
+def tokens_rotate(
+    token_id: int = typer.Argument(..., help="The token's id (`edgefleet tokens list`)."),
+    grace: str = typer.Option(
+        "0s", "--grace", help="How long the old secret keeps working, e.g. 10m, 1d [0s: refused at once]."
+    ),
+    expires: str = typer.Option(
+        None,
+        "--expires",
+        help="Lifetime of the new secret [a never-expiring token stays so; else the server's token_expires_s].",
+    ),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Issue a new secret for a token's name and role (shown once); the old one stops after --grace."""
+    body: dict[str, Any] = {"grace_s": _duration(grace)}
+    if expires is not None:
+        body["expires_s"] = _positive_duration(expires, "--expires")
+    with _client(server_, token) as c:
+        out = c.post(f"/api/v1/tokens/{token_id}/rotate", body)
+    if json_:
+        print_json(out)
+        return
+    console.print(out["token"], highlight=False, markup=False, soft_wrap=True)
+    console.print(
+        f"token {out['id']} replaces token {out['replaces']}, which works until {out['old_valid_until']}",
+        highlight=False,
+        markup=False,
+        style="dim",
+    )
 
 
 @tokens_app.command("list")
 def tokens_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
-    """API tokens (never their secrets)."""
+    """API tokens (never their secrets), with their expiry ("never": the bootstrap or configured admin token)."""
     with _client(server_, token) as c:
         rows = c.get("/api/v1/tokens")
     if json_:
         print_json(rows)
-    else:
-        _table(rows, ["id", "name", "role", "created_at", "revoked"])
+        return
+    shown = [
+        {
+            **r,
+            "expires": "never" if r.get("never_expires") else r.get("expires_at"),
+            "replaced by": r.get("replaced_by"),
+        }
+        for r in rows
+    ]
+    _table(shown, ["id", "name", "role", "created_at", "expires", "status", "replaced by"])
+
+
+def _positive_duration(text: str, option: str) -> float:
+    seconds = _duration(text)
+    if seconds <= 0:
+        raise UsageError(f"{option} {text!r}: the duration must be positive")
+    return seconds
 
 
 def register(app: typer.Typer) -> None:

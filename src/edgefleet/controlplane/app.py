@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic.json_schema import models_json_schema
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
@@ -36,7 +36,7 @@ from edgefleet.controlplane.auth import (
     hash_secret,
     new_secret,
 )
-from edgefleet.controlplane.db import ApiToken, Database
+from edgefleet.controlplane.db import ApiToken, Database, utcnow
 from edgefleet.controlplane.metrics import ServerMetrics
 from edgefleet.controlplane.repo_service import RepoService
 from edgefleet.controlplane.store import Store
@@ -58,8 +58,10 @@ def _bootstrap_admin(db: Database, settings: ServerSettings, log: object) -> Pat
             if s.scalar(select(ApiToken).where(ApiToken.token_hash == h)) is None:
                 s.add(ApiToken(name="admin (settings)", role="admin", token_hash=h))
             return None
-        if s.scalar(select(ApiToken.id).where(ApiToken.role == "admin", ApiToken.revoked_at.is_(None))) is not None:
-            return None
+        live = or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > utcnow())
+        q = select(ApiToken.id).where(ApiToken.role == "admin", ApiToken.revoked_at.is_(None), live)
+        if s.scalar(q) is not None:
+            return None  # an admin can still sign in (every admin token expired: a new bootstrap token below)
         token = new_secret("efa")
         s.add(ApiToken(name="admin (bootstrap)", role="admin", token_hash=hash_secret(token)))
         path = admin_token_path(settings)
@@ -93,10 +95,12 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
     settings.repo.mkdir(parents=True, exist_ok=True)
     db = Database(settings.db)
     db.migrate()
-    store = Store(settings, db, RepoService(settings.repo))
+    store = Store(settings, db, RepoService(settings.repo, passphrase=settings.repo_passphrase))
     written = _bootstrap_admin(db, settings, store.log)
     if written is not None:
         store.log(f"admin API token written to {written} (mode 0600)")
+    for warning in store.repo.warnings:  # where root keys sit (docs/security/keys.md)
+        store.log(f"warning: {warning}")
     store.sync()
 
     @contextlib.asynccontextmanager

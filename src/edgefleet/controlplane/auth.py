@@ -3,6 +3,9 @@
 Secrets are random 256-bit strings, so a plain SHA-256 is the right hash (a slow password hash would only slow
 the check-in path; there is nothing to brute-force). The server stores hashes only.
 
+API tokens expire (``expires_at``; None only for the bootstrap or configured admin token) and are rotated by
+issuing a new secret and letting the old one live out a grace period (docs/adr/0102-sessions-and-token-expiry.md).
+
 Deny by default: :data:`MATRIX` names the access of every route; :func:`check_routes` refuses to build an app
 with a route missing from it, and :func:`authorize` refuses a request whose route has no entry.
 """
@@ -14,6 +17,7 @@ import hmac
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import IntEnum
 
 from fastapi import Request
@@ -22,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.routing import BaseRoute, Mount, Route
 
-from edgefleet.controlplane.db import ApiToken
+from edgefleet.controlplane.db import ApiToken, utcnow
 from edgefleet.errors import AuthError, ConfigError, ForbiddenError
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "hash_secret",
     "new_secret",
     "route_keys",
+    "token_refusal",
 ]
 
 ROLES = ("viewer", "operator", "admin")
@@ -65,9 +70,12 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("POST", f"{A}/enroll"): Access.public,  # the one-time enrollment token in the body is the credential
     ("GET", f"{A}/devices/{{device_id}}/desired"): Access.device,
     ("POST", f"{A}/devices/{{device_id}}/report"): Access.device,
+    ("POST", f"{A}/devices/{{device_id}}/credential"): Access.device,
+    ("POST", f"{A}/devices/{{device_id}}/key"): Access.device,
     ("GET", "/metrics"): Access.viewer,
     ("GET", f"{A}/whoami"): Access.viewer,
     ("GET", f"{A}/devices"): Access.viewer,
+    ("GET", f"{A}/devices/keys"): Access.viewer,
     ("GET", f"{A}/devices/{{device_id}}"): Access.viewer,
     ("GET", f"{A}/groups"): Access.viewer,
     ("GET", f"{A}/models"): Access.viewer,
@@ -85,6 +93,10 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("POST", f"{A}/devices/{{device_id}}/unpin"): Access.operator,
     ("POST", f"{A}/devices/{{device_id}}/group"): Access.operator,
     ("POST", f"{A}/devices/{{device_id}}/revoke"): Access.operator,
+    ("POST", f"{A}/devices/{{device_id}}/decommission"): Access.operator,
+    ("POST", f"{A}/devices/{{device_id}}/rotate-credential"): Access.operator,
+    ("POST", f"{A}/devices/{{device_id}}/rotate-key"): Access.operator,
+    ("POST", f"{A}/groups/{{name}}/rotate-credential"): Access.operator,
     ("PUT", f"{A}/groups/{{name}}"): Access.operator,
     ("POST", f"{A}/packages"): Access.operator,
     ("POST", f"{A}/models/{{name}}/versions/{{version}}/promote"): Access.operator,
@@ -100,6 +112,7 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("GET", f"{A}/tokens"): Access.admin,
     ("POST", f"{A}/tokens"): Access.admin,
     ("DELETE", f"{A}/tokens/{{token_id}}"): Access.admin,
+    ("POST", f"{A}/tokens/{{token_id}}/rotate"): Access.admin,
     # relaxing what a release needs is an admin's call (forcing one past it too: checked in the route)
     ("PUT", f"{A}/release-policy"): Access.admin,
     ("PUT", f"{A}/models/{{name}}/release-policy"): Access.admin,
@@ -186,11 +199,30 @@ class Principal:
 ANONYMOUS = Principal("anonymous", "-")
 
 
+def token_refusal(row: ApiToken | None, now: datetime | None = None) -> str | None:
+    """Why a token row may not act now, or None when it may."""
+    if row is None or row.revoked_at is not None:
+        return "invalid or revoked API token: create one with `edgefleet tokens create --role R`"
+    if row.expires_at is not None and row.expires_at <= (now or utcnow()):
+        how = (
+            f"it was rotated: use the token that replaced it (id {row.replaced_by})"
+            if row.replaced_by is not None
+            else f"ask an admin for a new one (`edgefleet tokens rotate {row.id}`)"
+        )
+        return f"token expired: API token {row.id} ({row.name}) expired at {row.expires_at.isoformat()}; {how}"
+    return None
+
+
+def token_principal(row: ApiToken) -> Principal:
+    return Principal("token", row.name, row.role, row.id)
+
+
 def operator_principal(s: Session, token: str) -> Principal:
     row = s.scalar(select(ApiToken).where(ApiToken.token_hash == hash_secret(token)))
-    if row is None or row.revoked_at is not None:
-        raise AuthError("invalid or revoked API token: create one with `edgefleet tokens create --role R`")
-    return Principal("token", row.name, row.role, row.id)
+    why = token_refusal(row)
+    if why is not None or row is None:
+        raise AuthError(why or "invalid API token")
+    return token_principal(row)
 
 
 def device_matches(stored_hash: str, credential: str) -> bool:

@@ -10,11 +10,17 @@ report stores nothing but the refusal, on the device.
 unchanged 200 issues SQL; last-seen times collect in memory and are flushed in batches by a background task.
 Every write that changes a device's desired state bumps ``devices.changed_at``; the writing process refreshes its
 cache at once and every replica syncs the rows changed since its last sync (``CheckinCache.sync``).
+
+Lifecycle (docs/adr/0103-device-lifecycle-and-pinned-enrollment.md): a rotated credential is accepted beside the
+old one until its first use, which promotes it; a decommissioned device is answered the wipe order once, and
+refused from then on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -27,7 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from edgefleet.controlplane import compat, devices
+from edgefleet.controlplane import audit, compat, devices
 from edgefleet.controlplane.auth import bearer, hash_secret
 from edgefleet.controlplane.db import (
     Device,
@@ -42,9 +48,11 @@ from edgefleet.errors import AuthError, ForbiddenError, InvalidReportError, NotF
 from edgefleet.protocol import (
     API_PREFIX,
     MAX_REPORT_BYTES,
+    CredentialResponse,
     DesiredState,
     EnrollRequest,
     EnrollResponse,
+    KeyRotation,
     Report,
     ReportResponse,
     validation_message,
@@ -55,13 +63,38 @@ if TYPE_CHECKING:
 
 __all__ = ["REPORT_OPENAPI", "CheckinCache", "Entry", "read_report", "router", "store_report"]
 
+# Unknown device ids are remembered this long, at most this many (docs/adr/0040-checkin-hot-path-from-memory.md).
+MISS_TTL_S = 30.0
+MISS_MAX = 10_000
+# A known device presenting a credential the cache does not hold is re-read from the database at most this often:
+# a credential rotated through another replica is found on the device's next try, and a stream of wrong
+# credentials for a known id costs one query per interval, not one each.
+STALE_RELOAD_S = 2.0
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
     cred_hash: str
-    revoked: bool
+    revoked: bool  # refused: revoked, or decommissioned with the wipe order sent
     etag: str
     body: bytes
+    pending_hash: str | None = None  # a rotated credential not used yet: accepted beside ``cred_hash``
+    decommissioned: bool = False
+    wipe_due: bool = False  # decommissioned, the wipe order not sent yet: still accepted, once
+
+
+def _entry_of(d: Device, body: bytes) -> Entry:
+    decommissioned = d.decommissioned_at is not None
+    wipe_due = decommissioned and d.wipe_sent_at is None
+    return Entry(
+        cred_hash=d.credential_hash,
+        revoked=d.revoked_at is not None and not wipe_due,
+        etag=devices.etag_of(body),
+        body=body,
+        pending_hash=d.pending_credential_hash,
+        decommissioned=decommissioned,
+        wipe_due=wipe_due,
+    )
 
 
 class CheckinCache:
@@ -72,14 +105,57 @@ class CheckinCache:
         self.by_hash: dict[str, str] = {}
         self.seen: dict[str, datetime] = {}
         self.synced_at: datetime | None = None
+        # Device ids the database did not have, refused from memory until the monotonic time stored (a stream of
+        # requests for an unknown id costs one query, not one each); oldest dropped first beyond MISS_MAX, and an
+        # id leaves as soon as a load or sync brings its device (enrolled here or on another replica).
+        self.misses: dict[str, float] = {}
+        self._miss_lock = threading.Lock()
+        self.reloaded: dict[str, float] = {}  # device id → monotonic time of its last reload for a stale credential
+
+    def may_reload(self, device_id: str) -> bool:
+        """Whether a stale-looking credential for ``device_id`` may cost a database read now (then it is noted)."""
+        now = time.monotonic()
+        with self._miss_lock:
+            if self.reloaded.get(device_id, 0.0) > now - STALE_RELOAD_S:
+                return False
+            self.reloaded.pop(device_id, None)
+            self.reloaded[device_id] = now
+            while len(self.reloaded) > MISS_MAX:
+                del self.reloaded[next(iter(self.reloaded))]
+        return True
+
+    def miss(self, device_id: str) -> None:
+        with self._miss_lock:
+            self.misses.pop(device_id, None)
+            self.misses[device_id] = time.monotonic() + MISS_TTL_S
+            while len(self.misses) > MISS_MAX:
+                del self.misses[next(iter(self.misses))]
+
+    def missed(self, device_id: str) -> bool:
+        """Whether ``device_id`` was looked up and not found less than MISS_TTL_S ago."""
+        until = self.misses.get(device_id)
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        with self._miss_lock:
+            self.misses.pop(device_id, None)
+        return False
 
     def _put(self, d: Device, group: DeviceGroup | None, versions: dict[tuple[str, str], ModelVersion]) -> None:
+        if self.misses:
+            with self._miss_lock:
+                self.misses.pop(d.id, None)
         body = devices.render(devices.desired_state(d, group, versions))
         old = self.entries.get(d.id)
-        if old is not None and old.cred_hash != d.credential_hash:
-            self.by_hash.pop(old.cred_hash, None)
-        self.entries[d.id] = Entry(d.credential_hash, d.revoked_at is not None, devices.etag_of(body), body)
+        if old is not None:
+            for h in (old.cred_hash, old.pending_hash):
+                if h is not None and h not in (d.credential_hash, d.pending_credential_hash):
+                    self.by_hash.pop(h, None)
+        self.entries[d.id] = _entry_of(d, body)
         self.by_hash[d.credential_hash] = d.id
+        if d.pending_credential_hash is not None:
+            self.by_hash[d.pending_credential_hash] = d.id
 
     def load(self, s: Session, ids: Iterable[str] | None = None) -> int:
         """(Re)compute entries for ``ids``, or for every device."""
@@ -237,8 +313,13 @@ def _store(request: Request) -> Store:
     return store
 
 
+class _Stale(Exception):
+    """The credential is not the one this cache holds for the device: it may be newer than the cache."""
+
+
 def _device_auth(store: Store, device_id: str, credential: str | None) -> Entry | None:
-    """The device's cache entry if the credential is its own; raises otherwise. None: not in this cache yet."""
+    """The device's cache entry if the credential is its own (current or pending); raises otherwise. None: not
+    in this cache yet."""
     if credential is None:
         raise AuthError("missing device credential (Authorization: Bearer <credential>)")
     h = hash_secret(credential)
@@ -248,25 +329,61 @@ def _device_auth(store: Store, device_id: str, credential: str | None) -> Entry 
         if owner is not None and owner != device_id:
             raise ForbiddenError("a device may only read and write its own resources")
         return None
-    if entry.cred_hash != h:
+    if h not in (entry.cred_hash, entry.pending_hash):
         owner = store.cache.by_hash.get(h)
         if owner is not None:
             raise ForbiddenError("a device may only read and write its own resources")
-        raise AuthError("invalid device credential")
+        raise _Stale
     if entry.revoked:
+        if entry.decommissioned:
+            raise AuthError("this device was decommissioned: its credential no longer works")
         raise AuthError("this device's credential was revoked")
     return entry
 
 
 async def _entry(store: Store, device_id: str, credential: str | None) -> Entry:
-    entry = _device_auth(store, device_id, credential)
-    if entry is None:
-        # Enrolled through another replica since the last sync: load this one device, then judge again.
-        await run_in_threadpool(store.refresh, [device_id])
+    try:
         entry = _device_auth(store, device_id, credential)
-        if entry is None:
+    except _Stale:
+        # rotated through another replica since the last sync, perhaps: look, but not for every wrong guess
+        if not store.cache.may_reload(device_id):
             raise AuthError("invalid device credential")
+        entry = None
+    if entry is None:
+        if device_id not in store.cache.entries and store.cache.missed(device_id):
+            raise AuthError("invalid device credential")  # looked up moments ago: no such device
+        # Enrolled (or its credential rotated) through another replica since the last sync: load this one
+        # device, then judge again.
+        await run_in_threadpool(store.refresh, [device_id])
+        try:
+            entry = _device_auth(store, device_id, credential)
+        except _Stale:
+            entry = None
+        if entry is None:
+            if device_id not in store.cache.entries:
+                store.cache.miss(device_id)
+            raise AuthError("invalid device credential")
+    assert credential is not None
+    h = hash_secret(credential)
+    if h == entry.pending_hash:
+        # The first use of a rotated credential: from now on it is the only one.
+        await run_in_threadpool(_promote, store, device_id, h)
+        entry = store.cache.entries.get(device_id) or entry
     return entry
+
+
+def _promote(store: Store, device_id: str, cred_hash: str) -> None:
+    with store.db.session() as s:
+        if devices.promote_credential(s, device_id, cred_hash):
+            audit.record(s, f"device:{device_id}", "device.credential_rotated", device_id)
+    store.refresh([device_id])
+
+
+def _wipe_sent(store: Store, device_id: str) -> None:
+    with store.db.session() as s:
+        if devices.mark_wiped(s, device_id):
+            audit.record(s, f"device:{device_id}", "device.wipe_sent", device_id)
+    store.refresh([device_id])
 
 
 @router.post(
@@ -280,18 +397,27 @@ async def _entry(store: Store, device_id: str, credential: str | None) -> Entry:
 def enroll(body: EnrollRequest, request: Request) -> EnrollResponse:
     store = _store(request)
     with store.db.session() as s:
-        dev, credential = devices.enroll(s, body)
+        dev, credential, root_version = devices.enroll(s, body)
         tier, device_id = dev.tier, dev.id
-        from edgefleet.controlplane import audit
-
-        audit.record(s, f"device:{device_id}", "device.enroll", device_id, tier=tier, hardware=dev.hardware)
+        # the root the token pinned, exactly: its hash is in the token, and the TUF client walks forward from it
+        root = devices.root_version_json(store.repo.path, root_version) if root_version else store.repo.root_json()
+        audit.record(
+            s,
+            f"device:{device_id}",
+            "device.enroll",
+            device_id,
+            tier=tier,
+            hardware=dev.hardware,
+            root_version=root_version,
+            previous_device_id=body.previous_device_id,
+        )
     store.refresh([device_id])
     base = store.settings.public_url or str(request.base_url)
     return EnrollResponse(
         device_id=device_id,
         credential=credential,
         tier=tier,
-        root_json=store.repo.root_json().decode(),
+        root_json=root.decode(),
         repository_url=base.rstrip("/") + "/tuf",
     )
 
@@ -305,6 +431,10 @@ async def desired(device_id: str, request: Request) -> Response:
     store = _store(request)
     entry = await _entry(store, device_id, bearer(request))
     store.cache.seen[device_id] = utcnow()
+    if entry.wipe_due:
+        # Delivered once: from this answer on the credential is refused (a lost answer leaves a device that is
+        # refused and says so, which an operator wipes by hand).
+        await run_in_threadpool(_wipe_sent, store, device_id)
     inm = request.headers.get("if-none-match")
     if inm is not None and (inm == entry.etag or entry.etag in {t.strip() for t in inm.split(",")}):
         request.app.state.metrics.checkins_304.inc()
@@ -374,6 +504,54 @@ async def report(device_id: str, request: Request) -> ReportResponse:
     request.app.state.metrics.reports.inc()
     store.wake()
     return ReportResponse(accepted_batch_ids=[body.batch_id])
+
+
+@router.post(
+    "/devices/{device_id}/credential",
+    response_model=CredentialResponse,
+    responses={**_AUTH_RESPONSES, 409: {"description": "the device is revoked or decommissioned"}},
+)
+async def rotate_credential(device_id: str, request: Request) -> CredentialResponse:
+    """A new credential for the calling device. The current one keeps working until the new one is first used,
+    so a device that loses this answer (or crashes before storing it) asks again with the old one."""
+    store = _store(request)
+    await _entry(store, device_id, bearer(request))
+
+    def issue() -> str:
+        with store.db.session() as s:
+            credential = devices.issue_credential(s, device_id)
+            audit.record(s, f"device:{device_id}", "device.credential_issued", device_id)
+        store.refresh([device_id])
+        return credential
+
+    return CredentialResponse(credential=await run_in_threadpool(issue))
+
+
+@router.post(
+    "/devices/{device_id}/key",
+    response_model=KeyRotation,
+    responses={**_AUTH_RESPONSES, 409: {"description": "the device is revoked or decommissioned"}},
+)
+async def rotate_key(device_id: str, body: KeyRotation, request: Request) -> KeyRotation:
+    """The calling device's new X25519 public key; packages built from now on are encrypted to it."""
+    store = _store(request)
+    await _entry(store, device_id, bearer(request))
+
+    def record() -> None:
+        with store.db.session() as s:
+            d = devices.set_public_key(s, device_id, body.public_key)
+            audit.record(
+                s,
+                f"device:{device_id}",
+                "device.key_rotated",
+                device_id,
+                public_key=d.public_key,
+                previous_public_key=d.previous_public_key,
+            )
+        store.refresh([device_id])
+
+    await run_in_threadpool(record)
+    return KeyRotation(public_key=body.public_key)
 
 
 def _refused(store: Store, device_id: str, reason: str) -> None:

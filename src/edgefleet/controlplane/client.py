@@ -1,4 +1,8 @@
-"""A small HTTP client of the operator API, used by the CLI. Turns HTTP errors back into edgefleet errors."""
+"""A small HTTP client of the operator API, used by the CLI. Turns HTTP errors back into edgefleet errors.
+
+Transport policy (:mod:`edgefleet.transport`): https is verified (``EDGEFLEET_CA_FILE`` pins a private CA), and
+``http://`` to another machine is refused unless ``EDGEFLEET_INSECURE_HTTP=1``: the operator token rides in every
+request."""
 
 from __future__ import annotations
 
@@ -23,9 +27,12 @@ from edgefleet.errors import (
     TooLargeError,
     UsageError,
 )
+from edgefleet.transport import check_url, untrusted_hint, verify_arg
 
 __all__ = [
+    "CA_FILE_ENV",
     "DEFAULT_SERVER",
+    "INSECURE_HTTP_ENV",
     "Client",
     "answer_of",
     "attach_evidence",
@@ -38,6 +45,8 @@ __all__ = [
 ]
 
 DEFAULT_SERVER = "http://127.0.0.1:8700"
+CA_FILE_ENV = "EDGEFLEET_CA_FILE"
+INSECURE_HTTP_ENV = "EDGEFLEET_INSECURE_HTTP"
 _BY_STATUS: dict[int, type[EdgefleetError]] = {
     401: AuthError,
     403: ForbiddenError,
@@ -86,12 +95,34 @@ def answer_of(r: httpx.Response) -> Any:
     return r.text
 
 
+def _env_flag(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise UsageError(f"{name}={os.environ[name]!r}: use 1 or 0")
+
+
 class Client:
-    def __init__(self, server: str | None = None, token: str | None = None, *, timeout: float = 30.0) -> None:
+    """``ca_file`` and ``insecure_http`` default to ``EDGEFLEET_CA_FILE`` and ``EDGEFLEET_INSECURE_HTTP``."""
+
+    def __init__(
+        self,
+        server: str | None = None,
+        token: str | None = None,
+        *,
+        timeout: float = 30.0,
+        ca_file: Path | str | None = None,
+        insecure_http: bool | None = None,
+    ) -> None:
         self.server = (server or os.environ.get("EDGEFLEET_SERVER") or DEFAULT_SERVER).rstrip("/")
+        allow = _env_flag(INSECURE_HTTP_ENV) if insecure_http is None else insecure_http
+        check_url(self.server, allow, allow_with=f"{INSECURE_HTTP_ENV}=1")
+        verify = verify_arg(ca_file if ca_file is not None else os.environ.get(CA_FILE_ENV) or None)
         self.token = resolve_token(self.server, token)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+        self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout, verify=verify)
 
     def close(self) -> None:
         self._http.close()
@@ -106,7 +137,8 @@ class Client:
         try:
             r = self._http.request(method, path, **kw)
         except httpx.HTTPError as exc:
-            raise DownloadError(f"cannot reach the control plane at {self.server}: {exc}") from exc
+            hint = untrusted_hint(exc, f"set {CA_FILE_ENV} to the CA file that signed it")
+            raise DownloadError(f"cannot reach the control plane at {self.server}: {exc}{hint}") from exc
         return answer_of(r)
 
     def get(self, path: str, **kw: Any) -> Any:

@@ -34,6 +34,7 @@ __all__ = [
     "AuditEntry",
     "Base",
     "CompatEntry",
+    "DashboardSession",
     "Database",
     "Device",
     "DeviceGroup",
@@ -82,6 +83,23 @@ class ApiToken(Base):
     role: Mapped[str] = mapped_column(String(16))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # None never expires: only the bootstrap or configured admin token (`tokens list` says so)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # the token a rotation issued in this one's place (the old one lives out its grace period)
+    replaced_by: Mapped[int | None] = mapped_column(Integer, default=None)
+
+
+class DashboardSession(Base):
+    """A browser sign-in: the cookie holds a random id, this row its SHA-256 and the API token it acts as, so
+    signing out, expiry and revoking the token end it on the server (docs/adr/0102)."""
+
+    __tablename__ = "dashboard_sessions"
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, ForeignKey("api_tokens.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
@@ -143,6 +161,8 @@ class EnrollmentToken(Base):
     used_at: Mapped[datetime | None] = mapped_column(default=None)
     device_id: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the TUF root version whose sha256 the token text carries: the enroll answer serves exactly that root
+    root_version: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class Device(Base):
@@ -181,6 +201,15 @@ class Device(Base):
     # bumped whenever anything in the desired state or the credential changes: replicas sync their check-in
     # caches incrementally from it
     changed_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # lifecycle (docs/adr/0103-device-lifecycle-and-pinned-enrollment.md): a decommissioned record is kept for
+    # the audit; the wipe order goes out on its next check-in, after which the credential is refused
+    decommissioned_at: Mapped[datetime | None] = mapped_column(default=None)
+    wipe_sent_at: Mapped[datetime | None] = mapped_column(default=None)
+    credential_rotation_requested_at: Mapped[datetime | None] = mapped_column(default=None)
+    # issued but not yet used: the old credential keeps working until the new one is first seen
+    pending_credential_hash: Mapped[str | None] = mapped_column(String(64), default=None, unique=True, index=True)
+    key_rotation_requested_at: Mapped[datetime | None] = mapped_column(default=None)
+    previous_public_key: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class ReportBatch(Base):

@@ -1,7 +1,12 @@
 """Devices: enrollment tokens (one-time, expiring; the tier is fixed by the token), enrollment, inventory, overdue
 detection, pinning per device or group, revocation, device groups with their configuration document (§6a), and
 the desired state each device is served. Also what the server learns about a device's reports beyond their data:
-its clock's offset from the server's, and the reports it refused as invalid."""
+its clock's offset from the server's, and the reports it refused as invalid.
+
+The lifecycle beyond revocation (docs/adr/0103-device-lifecycle-and-pinned-enrollment.md): an enrollment token
+pins the TUF root the device accepts; decommission (revoked, plus a wipe order delivered on the next check-in);
+credential rotation (the old credential works until the new one is first used); device-key rotation. Every
+change bumps ``changed_at``, which the check-in caches follow."""
 
 from __future__ import annotations
 
@@ -10,9 +15,11 @@ import json
 import secrets
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import func, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from edgefleet.bench.tiers import TierProfile, default_tiers, emulation_reason
@@ -23,18 +30,27 @@ from edgefleet.protocol import DesiredState, DeviceConfig, EnrollRequest, Hardwa
 
 __all__ = [
     "CLOCK_SKEW_S",
+    "Enrolled",
     "create_enrollment_token",
+    "current_root",
+    "decommission",
     "desired_state",
     "device_dict",
     "enroll",
     "etag_of",
     "get_device",
     "hardware_conflict",
+    "issue_credential",
     "list_devices",
+    "mark_wiped",
     "pin",
+    "promote_credential",
     "record_invalid_report",
+    "request_rotation",
     "revoke",
+    "root_version_json",
     "set_group",
+    "set_public_key",
     "upsert_group",
 ]
 
@@ -43,14 +59,47 @@ CLOCK_SKEW_S = 60.0
 _MAX_REASON = 500
 
 
+# hex digits of the root's sha256 a token carries: 128 bits, out of reach of a second-preimage search
+PIN_HEX = 32
+
+
+def current_root(repo_path: Path) -> tuple[int, bytes]:
+    """The repository's current root: its version and exact bytes."""
+    raw = (repo_path / "metadata" / "root.json").read_bytes()
+    return int(json.loads(raw)["signed"]["version"]), raw
+
+
+def root_version_json(repo_path: Path, version: int) -> bytes:
+    """``metadata/N.root.json``: the root a token pinned, kept by the repository after every rotation."""
+    try:
+        return (repo_path / "metadata" / f"{version}.root.json").read_bytes()
+    except FileNotFoundError:
+        raise ConflictError(
+            f"the TUF root version {version} this token pins is gone from the repository: mint a new token"
+        ) from None
+
+
 def create_enrollment_token(
-    s: Session, *, tier: str, group: str | None = None, expires_s: float = 3600.0
+    s: Session,
+    *,
+    tier: str,
+    group: str | None = None,
+    expires_s: float = 3600.0,
+    root: tuple[int, bytes] | None = None,
 ) -> tuple[str, EnrollmentToken]:
+    """A one-time token. With ``root`` (version, bytes) the token text ends in ``.<first 32 hex of its sha256>``:
+    the agent accepts only that root in the enroll answer, and the answer carries exactly that version."""
     if group is not None and s.get(DeviceGroup, group) is None:
         raise NotFoundError(f"no device group {group}: create it with PUT /api/v1/groups/{group}")
     token = new_secret("eft")
+    if root is not None:
+        token += "." + hashlib.sha256(root[1]).hexdigest()[:PIN_HEX]
     row = EnrollmentToken(
-        token_hash=hash_secret(token), tier=tier, group=group, expires_at=utcnow() + timedelta(seconds=expires_s)
+        token_hash=hash_secret(token),
+        tier=tier,
+        group=group,
+        expires_at=utcnow() + timedelta(seconds=expires_s),
+        root_version=root[0] if root is not None else None,
     )
     s.add(row)
     s.flush()
@@ -79,9 +128,16 @@ def hardware_conflict(tier: str, hw: Hardware, profiles: Mapping[str, TierProfil
     )
 
 
-def enroll(s: Session, req: EnrollRequest, tiers: Mapping[str, TierProfile] | None = None) -> tuple[Device, str]:
-    """Spend a one-time token; returns the new device and its credential (shown once, stored hashed). ``tiers``:
-    the profiles the hardware is checked against (default: the shipped tiers)."""
+class Enrolled(NamedTuple):
+    device: Device
+    credential: str  # shown once, stored hashed
+    root_version: int | None  # the TUF root version the token pinned; None: serve the current root
+
+
+def enroll(s: Session, req: EnrollRequest, tiers: Mapping[str, TierProfile] | None = None) -> Enrolled:
+    """Spend a one-time token; returns the new device, its credential and the root version the token pinned.
+    ``tiers``: the profiles the hardware is checked against (default: the shipped tiers). A re-enrollment (a
+    revoked or wiped device with a new token) is a new device: the old record stays for the audit."""
     # Lock the token row so two concurrent enrollments cannot both spend it (a no-op on SQLite, which
     # serialises writers anyway).
     tok = s.scalar(
@@ -119,7 +175,7 @@ def enroll(s: Session, req: EnrollRequest, tiers: Mapping[str, TierProfile] | No
     tok.used_at = now
     tok.device_id = device_id
     s.flush()
-    return dev, credential
+    return Enrolled(dev, credential, tok.root_version)
 
 
 def get_device(s: Session, device_id: str) -> Device:
@@ -132,6 +188,15 @@ def get_device(s: Session, device_id: str) -> Device:
 def device_dict(d: Device, *, overdue_after_s: float, now: datetime | None = None) -> dict[str, Any]:
     now = now or utcnow()
     overdue = d.revoked_at is None and (d.last_seen is None or (now - d.last_seen).total_seconds() > overdue_after_s)
+    lifecycle = {
+        "decommissioned": d.decommissioned_at is not None,
+        "decommissioned_at": d.decommissioned_at.isoformat() if d.decommissioned_at else None,
+        "wipe_sent_at": d.wipe_sent_at.isoformat() if d.wipe_sent_at else None,
+        "public_key": d.public_key,
+        "previous_public_key": d.previous_public_key,
+        "credential_rotation_pending": d.credential_rotation_requested_at is not None,
+        "key_rotation_pending": d.key_rotation_requested_at is not None,
+    }
     return {
         "device_id": d.id,
         "tier": d.tier,
@@ -157,6 +222,7 @@ def device_dict(d: Device, *, overdue_after_s: float, now: datetime | None = Non
         "invalid_reports": d.invalid_reports or 0,
         "last_invalid_report": d.last_invalid_report,
         "last_invalid_at": d.last_invalid_at.isoformat() if d.last_invalid_at else None,
+        **lifecycle,
     }
 
 
@@ -200,6 +266,99 @@ def revoke(s: Session, device_id: str) -> Device:
     if d.revoked_at is None:
         d.revoked_at = utcnow()
         d.changed_at = d.revoked_at
+    return d
+
+
+def decommission(s: Session, device_id: str) -> Device:
+    """Retire a device for good. It counts as revoked from now on (out of rollouts and active counts: both read
+    ``revoked_at``), its record stays for the audit, and its next check-in carries the wipe order, after which
+    its credential is refused."""
+    d = get_device(s, device_id)
+    now = utcnow()
+    if d.decommissioned_at is None:
+        d.decommissioned_at = now
+        d.revoked_at = d.revoked_at or now
+        d.credential_rotation_requested_at = d.key_rotation_requested_at = None
+        d.pending_credential_hash = None
+        d.changed_at = now
+    return d
+
+
+def mark_wiped(s: Session, device_id: str) -> bool:
+    """Record that the wipe order went out (once: a concurrent check-in on another replica loses the race)."""
+    now = utcnow()
+    res = s.execute(
+        update(Device)
+        .where(Device.id == device_id, Device.decommissioned_at.is_not(None), Device.wipe_sent_at.is_(None))
+        .values(wipe_sent_at=now, changed_at=now)
+    )
+    return bool(cast(CursorResult[Any], res).rowcount)
+
+
+def _live(s: Session, device_id: str) -> Device:
+    d = get_device(s, device_id)
+    if d.decommissioned_at is not None:
+        raise ConflictError(f"device {device_id} is decommissioned")
+    if d.revoked_at is not None:
+        raise ConflictError(f"device {device_id} is revoked: it must enroll again with a new token")
+    return d
+
+
+def request_rotation(
+    s: Session, *, device_id: str | None = None, group: str | None = None, key: bool = False
+) -> list[Device]:
+    """Ask one device, or every live device of a group, to rotate its credential (``key`` False) or its X25519
+    key pair (``key`` True); the order rides on the desired state until the device does it."""
+    now = utcnow()
+    if device_id is not None:
+        targets = [_live(s, device_id)]
+    else:
+        if group is None or s.get(DeviceGroup, group) is None:
+            raise NotFoundError(f"no device group {group}")
+        targets = list(s.scalars(select(Device).where(Device.group == group, Device.revoked_at.is_(None))))
+    for d in targets:
+        if key:
+            d.key_rotation_requested_at = d.key_rotation_requested_at or now
+        else:
+            d.credential_rotation_requested_at = d.credential_rotation_requested_at or now
+        d.changed_at = now
+    return targets
+
+
+def issue_credential(s: Session, device_id: str) -> str:
+    """A new credential for an authenticated device, kept pending: the current one works until this one is
+    first used. Asked again (a lost answer), the earlier pending one is replaced."""
+    d = _live(s, device_id)
+    credential = new_secret("efd")
+    d.pending_credential_hash = hash_secret(credential)
+    d.changed_at = utcnow()
+    return credential
+
+
+def promote_credential(s: Session, device_id: str, cred_hash: str) -> bool:
+    """The pending credential was used: it becomes the only one. False when it was not (or no longer) pending."""
+    now = utcnow()
+    res = s.execute(
+        update(Device)
+        .where(Device.id == device_id, Device.pending_credential_hash == cred_hash)
+        .values(
+            credential_hash=cred_hash,
+            pending_credential_hash=None,
+            credential_rotation_requested_at=None,
+            changed_at=now,
+        )
+    )
+    return bool(cast(CursorResult[Any], res).rowcount)
+
+
+def set_public_key(s: Session, device_id: str, public_key: str) -> Device:
+    """The device's new X25519 public key; the previous one is kept on the record (packages built for it still
+    open on the device, which keeps the private key while it needs it)."""
+    d = _live(s, device_id)
+    if public_key != d.public_key:
+        d.previous_public_key, d.public_key = d.public_key, public_key
+    d.key_rotation_requested_at = None
+    d.changed_at = utcnow()
     return d
 
 
@@ -267,7 +426,13 @@ def desired_state(d: Device, group: DeviceGroup | None, versions: dict[tuple[str
         rollout_id=None if pinned else d.desired_rollout_id,
         pinned=pinned,
         config=config,
+        rotate_credential=d.credential_rotation_requested_at is not None,
+        rotate_key=d.key_rotation_requested_at is not None,
+        wipe=d.decommissioned_at is not None,
     )
+
+
+_LIFECYCLE = ("rotate_credential", "rotate_key", "wipe")
 
 
 def etag_of(body: bytes) -> str:
@@ -275,4 +440,31 @@ def etag_of(body: bytes) -> str:
 
 
 def render(ds: DesiredState) -> bytes:
-    return json.dumps(ds.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+    doc = ds.model_dump(mode="json")
+    for k in _LIFECYCLE:  # absent unless set: agents older than these fields refuse unknown ones
+        if not doc[k]:
+            del doc[k]
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def public_keys(s: Session, tier: str | None = None, group: str | None = None) -> list[dict[str, Any]]:
+    """The X25519 public keys of the active devices (neither revoked nor decommissioned) of ``tier`` and/or
+    ``group``, to encrypt a package for: each device's current key only (``previous_public_key``, a key being
+    rotated out, is not listed)."""
+    from edgefleet.package.keys import key_id
+
+    q = select(Device).where(Device.revoked_at.is_(None), Device.decommissioned_at.is_(None), Device.public_key != "")
+    if tier is not None:
+        q = q.where(Device.tier == tier)
+    if group is not None:
+        q = q.where(Device.group == group)
+    return [
+        {
+            "device_id": d.id,
+            "tier": d.tier,
+            "group": d.group,
+            "public_key": d.public_key,
+            "key_id": key_id(d.public_key),
+        }
+        for d in s.scalars(q.order_by(Device.enrolled_at, Device.id))
+    ]

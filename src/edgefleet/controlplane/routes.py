@@ -5,8 +5,13 @@ writes an audit entry in the same transaction as its change."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
+import shutil
+import tempfile
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
@@ -26,7 +31,7 @@ from edgefleet.controlplane.db import (
     utcnow,
 )
 from edgefleet.controlplane.rollout import RolloutPlan, RolloutPolicy, RolloutState
-from edgefleet.errors import ConflictError, ForbiddenError, NotFoundError, UsageError
+from edgefleet.errors import ConflictError, ForbiddenError, NotFoundError, TooLargeError, UsageError
 from edgefleet.protocol import API_PREFIX, DeviceConfig
 
 if TYPE_CHECKING:
@@ -41,9 +46,20 @@ class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_TOKEN_MAX_S = 10 * 365 * 86400.0
+
+
 class TokenCreate(_In):
     role: str = Field(pattern="^(admin|operator|viewer)$")
     name: str = Field("api", min_length=1, max_length=128)
+    # default: the server's ``token_expires_s``; only the bootstrap / configured admin token never expires
+    expires_s: float | None = Field(None, gt=0, le=_TOKEN_MAX_S)
+
+
+class TokenRotate(_In):
+    grace_s: float = Field(0.0, ge=0, le=30 * 86400)
+    # default: the old token's kind (a never-expiring token stays so), else the server's ``token_expires_s``
+    expires_s: float | None = Field(None, gt=0, le=_TOKEN_MAX_S)
 
 
 class EnrollTokenCreate(_In):
@@ -131,30 +147,92 @@ def whoami(request: Request) -> dict[str, Any]:
     return {"name": p.name, "role": p.role}
 
 
+def _token_dict(t: ApiToken, now: datetime) -> dict[str, Any]:
+    expired = t.expires_at is not None and t.expires_at <= now
+    status = "revoked" if t.revoked_at is not None else "expired" if expired else "active"
+    return {
+        "id": t.id,
+        "name": t.name,
+        "role": t.role,
+        "created_at": t.created_at.isoformat(),
+        "expires_at": t.expires_at.isoformat() if t.expires_at else None,
+        "never_expires": t.expires_at is None,
+        "status": status,
+        "revoked": t.revoked_at is not None,
+        "replaced_by": t.replaced_by,
+    }
+
+
 @router.get("/tokens")
 def list_tokens(request: Request) -> list[dict[str, Any]]:
+    now = utcnow()
     with _store(request).db.session() as s:
-        return [
-            {
-                "id": t.id,
-                "name": t.name,
-                "role": t.role,
-                "created_at": t.created_at.isoformat(),
-                "revoked": t.revoked_at is not None,
-            }
-            for t in s.scalars(select(ApiToken).order_by(ApiToken.id))
-        ]
+        return [_token_dict(t, now) for t in s.scalars(select(ApiToken).order_by(ApiToken.id))]
 
 
 @router.post("/tokens", status_code=201)
 def create_token(body: TokenCreate, request: Request) -> dict[str, Any]:
     token = new_secret("efa")
-    with _store(request).db.session() as s:
-        row = ApiToken(name=body.name, role=body.role, token_hash=hash_secret(token))
+    st = _store(request)
+    now = utcnow()
+    expires_at = now + timedelta(seconds=body.expires_s or st.settings.token_expires_s)
+    with st.db.session() as s:
+        row = ApiToken(name=body.name, role=body.role, token_hash=hash_secret(token), expires_at=expires_at)
         s.add(row)
         s.flush()
-        audit.record(s, _who(request).actor, "token.create", str(row.id), role=body.role, name=body.name)
-        return {"id": row.id, "name": body.name, "role": body.role, "token": token}
+        audit.record(
+            s,
+            _who(request).actor,
+            "token.create",
+            str(row.id),
+            role=body.role,
+            name=body.name,
+            expires_at=expires_at.isoformat(),
+        )
+        return _token_dict(row, now) | {"token": token}
+
+
+@router.post("/tokens/{token_id}/rotate", status_code=201)
+def rotate_token(token_id: int, request: Request, body: TokenRotate | None = None) -> dict[str, Any]:
+    """A new secret for the same name and role; the old one keeps working for ``grace_s`` (default 0), then is
+    refused as expired, naming its replacement."""
+    b = body or TokenRotate()
+    st = _store(request)
+    token = new_secret("efa")
+    now = utcnow()
+    with st.db.session() as s:
+        old = s.scalar(select(ApiToken).where(ApiToken.id == token_id).with_for_update())
+        if old is None:
+            raise NotFoundError(f"no API token {token_id}")
+        if old.revoked_at is not None or (old.expires_at is not None and old.expires_at <= now):
+            raise ConflictError(
+                f"API token {token_id} is revoked or expired: create a new one with `edgefleet tokens create`"
+            )
+        if old.replaced_by is not None:
+            raise ConflictError(f"API token {token_id} was rotated already (replaced by {old.replaced_by})")
+        if b.expires_s is not None:
+            expires_at: datetime | None = now + timedelta(seconds=b.expires_s)
+        else:
+            expires_at = None if old.expires_at is None else now + timedelta(seconds=st.settings.token_expires_s)
+        new = ApiToken(name=old.name, role=old.role, token_hash=hash_secret(token), expires_at=expires_at)
+        s.add(new)
+        s.flush()
+        old.replaced_by = new.id
+        until = now + timedelta(seconds=b.grace_s)
+        old.expires_at = until if old.expires_at is None else min(old.expires_at, until)
+        audit.record(
+            s,
+            _who(request).actor,
+            "token.rotate",
+            str(token_id),
+            replaced_by=new.id,
+            old_valid_until=old.expires_at.isoformat(),
+        )
+        return _token_dict(new, now) | {
+            "token": token,
+            "replaces": token_id,
+            "old_valid_until": old.expires_at.isoformat(),
+        }
 
 
 @router.delete("/tokens/{token_id}")
@@ -221,10 +299,21 @@ def clear_compat(body: CompatClear, request: Request) -> dict[str, Any]:
 
 @router.post("/enrollment-tokens", status_code=201)
 def create_enrollment_token(body: EnrollTokenCreate, request: Request) -> dict[str, Any]:
-    with _store(request).db.session() as s:
-        token, row = devices.create_enrollment_token(s, tier=body.tier, group=body.group, expires_s=body.expires_s)
+    st = _store(request)
+    # the token pins today's TUF root: the device accepts only that root in its enroll answer
+    root = devices.current_root(st.repo.path)
+    with st.db.session() as s:
+        token, row = devices.create_enrollment_token(
+            s, tier=body.tier, group=body.group, expires_s=body.expires_s, root=root
+        )
         audit.record(s, _who(request).actor, "enrollment_token.create", str(row.id), tier=body.tier, group=body.group)
-        return {"token": token, "tier": row.tier, "group": row.group, "expires_at": row.expires_at.isoformat()}
+        return {
+            "token": token,
+            "tier": row.tier,
+            "group": row.group,
+            "expires_at": row.expires_at.isoformat(),
+            "root_version": row.root_version,
+        }
 
 
 @router.get("/devices")
@@ -236,6 +325,18 @@ def list_devices(request: Request) -> list[dict[str, Any]]:
             devices.device_dict(d, overdue_after_s=st.settings.overdue_after_s, now=now)
             for d in devices.list_devices(s)
         ]
+
+
+# registered before /devices/{device_id}, which would otherwise take "keys" for a device id
+@router.get("/devices/keys")
+def device_keys(
+    request: Request,
+    tier: str | None = Query(None, max_length=64),
+    group: str | None = Query(None, max_length=128),
+) -> list[dict[str, Any]]:
+    """The public keys of the active devices matching the filters: what ``package --encrypt-for-group`` uses."""
+    with _store(request).db.session() as s:
+        return devices.public_keys(s, tier, group)
 
 
 @router.get("/devices/{device_id}")
@@ -282,6 +383,44 @@ def unpin_device(device_id: str, request: Request) -> dict[str, Any]:
 @router.post("/devices/{device_id}/revoke")
 def revoke_device(device_id: str, request: Request) -> dict[str, Any]:
     return _device_change(request, device_id, "device.revoke", lambda s: devices.revoke(s, device_id))
+
+
+@router.post("/devices/{device_id}/decommission")
+def decommission_device(device_id: str, request: Request) -> dict[str, Any]:
+    """Retire the device: revoked, kept for the audit, told to wipe itself on its next check-in."""
+    return _device_change(request, device_id, "device.decommission", lambda s: devices.decommission(s, device_id))
+
+
+@router.post("/devices/{device_id}/rotate-credential")
+def rotate_device_credential(device_id: str, request: Request) -> dict[str, Any]:
+    return _device_change(
+        request,
+        device_id,
+        "device.rotate_credential",
+        lambda s: devices.request_rotation(s, device_id=device_id)[0],
+    )
+
+
+@router.post("/devices/{device_id}/rotate-key")
+def rotate_device_key(device_id: str, request: Request) -> dict[str, Any]:
+    return _device_change(
+        request,
+        device_id,
+        "device.rotate_key",
+        lambda s: devices.request_rotation(s, device_id=device_id, key=True)[0],
+    )
+
+
+@router.post("/groups/{name}/rotate-credential")
+def rotate_group_credentials(name: str, request: Request, key: bool = False) -> dict[str, Any]:
+    """Ask every live device of the group to rotate its credential (``key=true``: its X25519 key pair)."""
+    st = _store(request)
+    with st.db.session() as s:
+        ids = [d.id for d in devices.request_rotation(s, group=name, key=key)]
+        action = "group.rotate_key" if key else "group.rotate_credential"
+        audit.record(s, _who(request).actor, action, name, devices=ids)
+    st.refresh(ids)
+    return {"group": name, "key": key, "devices": ids}
 
 
 @router.post("/devices/{device_id}/group")
@@ -345,36 +484,67 @@ def put_group(name: str, body: GroupBody, request: Request) -> dict[str, Any]:
     },
 )
 async def upload_package(request: Request) -> dict[str, Any]:
+    """The body is streamed to a file under ``<repo>/uploads/`` and hashed on the way, never held whole: a 2 GiB
+    model must not cost 2 GiB of server memory per upload. Over ``max_package_mb`` it is refused (413), from the
+    declared Content-Length when there is one, else as soon as the stream passes the cap."""
     st = _store(request)
-    limit = 2 * 1024**3
-    chunks: list[bytes] = []
-    size = 0
-    async for c in request.stream():
-        size += len(c)
-        if size > limit:
-            raise UsageError("package larger than 2 GiB")
-        chunks.append(c)
-    if not size:
-        raise UsageError("empty upload: send the .efpkg bytes as the request body")
+    limit = int(st.settings.max_package_mb * 1024 * 1024)
+    too_large = f"package over the {st.settings.max_package_mb:g} MB upload cap (server setting max_package_mb)"
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLargeError(too_large)
     who = _who(request)
+    uploads = st.repo.path / "uploads"
+    await run_in_threadpool(uploads.mkdir, parents=True, exist_ok=True)
+    tmp = Path(await run_in_threadpool(tempfile.mkdtemp, "", "upload-", str(uploads)))
+    try:
+        path = tmp / "upload.efpkg"
+        size, sha256 = await _spool(request, path, limit, too_large)
+        if not size:
+            raise UsageError("empty upload: send the .efpkg bytes as the request body")
+        return await run_in_threadpool(_publish, st, who, path, sha256)
+    finally:
+        await run_in_threadpool(shutil.rmtree, tmp, True)
 
-    def publish() -> dict[str, Any]:
-        opened, info = st.repo.receive(chunks)
-        with st.db.session() as s:
-            mv = registry.register_version(
-                s,
-                opened.manifest,
-                target=info.name,
-                package_sha256=info.sha256,
-                length=info.length,
-                reference=opened.reference,
-            )
-            audit.record(
-                s, who.actor, "package.publish", f"{mv.model}:{mv.version}", target_name=info.name, sha256=info.sha256
-            )
-            return registry.version_dict(mv)
 
-    return await run_in_threadpool(publish)
+async def _spool(request: Request, path: Path, limit: int, too_large: str) -> tuple[int, str]:
+    """Write the request body to ``path`` in writes of about 1 MiB, hashing it; (size, sha256)."""
+    h = hashlib.sha256()
+    size = 0
+    buf = bytearray()
+    f = await run_in_threadpool(path.open, "wb")
+    try:
+        async for c in request.stream():
+            size += len(c)
+            if size > limit:
+                raise TooLargeError(too_large)
+            h.update(c)
+            buf += c
+            if len(buf) >= 1 << 20:
+                await run_in_threadpool(f.write, buf)
+                buf.clear()
+        if buf:
+            await run_in_threadpool(f.write, buf)
+    finally:
+        await run_in_threadpool(f.close)
+    return size, h.hexdigest()
+
+
+def _publish(st: Store, who: Principal, path: Path, sha256: str) -> dict[str, Any]:
+    opened, info = st.repo.receive(path, sha256=sha256)
+    with st.db.session() as s:
+        mv = registry.register_version(
+            s,
+            opened.manifest,
+            target=info.name,
+            package_sha256=info.sha256,
+            length=info.length,
+            reference=opened.reference,
+        )
+        audit.record(
+            s, who.actor, "package.publish", f"{mv.model}:{mv.version}", target_name=info.name, sha256=info.sha256
+        )
+        return registry.version_dict(mv)
 
 
 @router.get("/models")

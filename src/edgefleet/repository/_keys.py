@@ -43,6 +43,11 @@ def save_signer(keys_dir: Path, role: str, signer: CryptoSigner, passphrase: str
 
 def load_signer(keys_dir: Path, role: str, public: SSlibKey, passphrase: str | None) -> CryptoSigner | None:
     """The signer for ``public`` if its private key file is in ``keys_dir``; ``None`` when absent."""
+    how = (
+        "--ask-root-passphrase or EDGEFLEET_ROOT_PASSPHRASE"
+        if role == "root"
+        else "--ask-passphrase or EDGEFLEET_REPO_PASSPHRASE"
+    )
     path = key_path(keys_dir, role, public.keyid)
     if not path.is_file():
         return None
@@ -51,8 +56,8 @@ def load_signer(keys_dir: Path, role: str, public: SSlibKey, passphrase: str | N
         private = serialization.load_pem_private_key(data, password=passphrase.encode() if passphrase else None)
     except TypeError:
         if passphrase:
-            raise RepositoryError(f"{path} is not encrypted but a passphrase was given; drop --passphrase")
-        raise RepositoryError(f"{path} is encrypted: give its passphrase (--passphrase or EDGEFLEET_REPO_PASSPHRASE)")
+            raise RepositoryError(f"{path} is not encrypted but a passphrase was given: give none for it")
+        raise RepositoryError(f"{path} is encrypted: give its passphrase ({how})")
     except ValueError:
         raise RepositoryError(f"cannot decrypt {path}: wrong passphrase or not a PEM private key")
     try:

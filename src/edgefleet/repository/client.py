@@ -3,6 +3,8 @@
 A repository is a base URL (``http(s)://``) or a local folder / ``file://`` URL (air-gapped sites copy the
 repository onto a USB stick); both map to ``<base>/metadata/`` and ``<base>/targets/``. Every ``tuf`` exception
 is turned into :class:`~edgefleet.errors.VerificationError` or :class:`~edgefleet.errors.DownloadError` here.
+HTTP goes through :class:`HttpxFetcher`, under the transport policy of :mod:`edgefleet.transport` (TLS verified,
+optionally against a pinned CA; cleartext only to loopback unless allowed).
 """
 
 from __future__ import annotations
@@ -11,19 +13,56 @@ import contextlib
 import hashlib
 import os
 import shutil
+import ssl
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import httpx
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from edgefleet.errors import DownloadError, RepositoryError, UsageError, VerificationError
 from edgefleet.repository.status import TargetInfo
+from edgefleet.transport import check_url, verify_arg
 
-__all__ = ["DirectoryFetcher", "TufClient", "default_metadata_dir", "fetch_package"]
+__all__ = ["DirectoryFetcher", "HttpxFetcher", "TufClient", "default_metadata_dir", "fetch_package"]
+
+_CHUNK = 1 << 16
+
+
+class HttpxFetcher(FetcherInterface):
+    """Fetches http(s) URLs with httpx, verifying TLS with ``verify`` (see :func:`edgefleet.transport.verify_arg`),
+    so a device that pins its control plane's CA pins it for the repository too."""
+
+    def __init__(self, verify: ssl.SSLContext | bool = True, *, timeout: float = 30.0) -> None:
+        self._http = httpx.Client(verify=verify, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        try:
+            r = self._http.send(self._http.build_request("GET", url), stream=True)
+        except httpx.TimeoutException as err:
+            raise tuf_exc.SlowRetrievalError(f"{url}: {err}") from err
+        if r.status_code >= 400:
+            r.close()
+            raise tuf_exc.DownloadHTTPError(f"HTTP {r.status_code} for {url}", r.status_code)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from r.iter_bytes(_CHUNK)
+            except httpx.TimeoutException as err:
+                raise tuf_exc.SlowRetrievalError(f"{url}: {err}") from err
+            except httpx.HTTPError as err:
+                raise tuf_exc.DownloadError(f"{url}: {err}") from err
+            finally:
+                r.close()
+
+        return chunks()
 
 
 class DirectoryFetcher(FetcherInterface):
@@ -101,6 +140,8 @@ class TufClient:
 
     ``trusted_root`` is the root the user trusts (enrollment, ``--root``); ``None`` uses the root already cached
     in ``metadata_dir``. Each :meth:`refresh` starts a fresh ngclient ``Updater`` (it refreshes once per life).
+    An http(s) repository is read with :class:`HttpxFetcher`: ``ca_file`` pins a private CA, and ``http://`` to
+    another machine is refused unless ``insecure_http``.
     """
 
     def __init__(
@@ -111,12 +152,18 @@ class TufClient:
         *,
         fetcher: FetcherInterface | None = None,
         config: UpdaterConfig | None = None,
+        ca_file: Path | str | None = None,
+        insecure_http: bool = False,
     ) -> None:
         self.metadata_dir = Path(metadata_dir)
         self.repo = repo
         self._local: Path | None = None
+        self._owns_fetcher = False
         if repo.startswith(("http://", "https://")):
+            check_url(repo, insecure_http)
             base = repo.rstrip("/")
+            self._owns_fetcher = fetcher is None
+            fetcher = fetcher or HttpxFetcher(verify_arg(ca_file))
         else:
             local = Path(unquote(urlparse(repo).path)) if repo.startswith("file://") else Path(repo)
             if not (local / "metadata").is_dir():
@@ -132,6 +179,11 @@ class TufClient:
             raise UsageError(f"no trusted root: give root.json (none is cached in {self.metadata_dir})")
         self._trusted_root = trusted_root
         self._updater: Updater | None = None
+
+    def close(self) -> None:
+        """Close the HTTP connections of the fetcher this client made (a passed-in fetcher is the caller's)."""
+        if isinstance(self._fetcher, HttpxFetcher) and self._owns_fetcher:
+            self._fetcher.close()
 
     def _new_updater(self) -> Updater:
         with _tuf_errors("trusted root"):
@@ -220,6 +272,8 @@ def fetch_package(
     *,
     metadata_dir: Path | str | None = None,
     device_key: Path | str | None = None,
+    ca_file: Path | str | None = None,
+    insecure_http: bool = False,
 ) -> Path:
     """``edgefleet fetch``: verified download of ``{name}-{version}.efpkg`` into the folder ``out``.
 
@@ -231,10 +285,16 @@ def fetch_package(
     root_path = Path(root)
     if not root_path.is_file():
         raise UsageError(f"trusted root {root_path} does not exist")
-    client = TufClient(metadata_dir or default_metadata_dir(repo), repo, root_path.read_bytes())
+    client = TufClient(
+        metadata_dir or default_metadata_dir(repo),
+        repo,
+        root_path.read_bytes(),
+        ca_file=ca_file,
+        insecure_http=insecure_http,
+    )
     target = f"{name}-{version}.efpkg"
     out_dir = Path(out)
-    with tempfile.TemporaryDirectory(prefix="edgefleet-fetch-") as staging:
+    with contextlib.closing(client), tempfile.TemporaryDirectory(prefix="edgefleet-fetch-") as staging:
         downloaded = client.download(target, staging)
         open_package(downloaded, device_key=device_key)
         tmp: str | None = None

@@ -2,7 +2,8 @@
 
 Layout (CONTRACTS.md): ``metadata/`` (``root.json`` + ``N.root.json``, ``timestamp.json``, ``N.snapshot.json``,
 ``N.targets.json``; consistent snapshots), ``targets/<sha256>.<name>``, ``keys/`` (private, 0600) and
-``repository.json`` (expiry periods). Serve only ``metadata/`` and ``targets/``.
+``repository.json`` (expiry periods). Serve only ``metadata/`` and ``targets/``. Root keys belong in a separate
+folder (``root_keys_dir``, offline): nothing an online server signs needs them (docs/security/keys.md).
 
 Every change is written leaves-first (target file, targets, snapshot, then timestamp), each file atomically, so a
 client that reads mid-publish sees the old consistent state or the new one. A lock file serializes writers.
@@ -14,6 +15,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -35,7 +37,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
-from edgefleet.errors import RepositoryError, UsageError
+from edgefleet.errors import ConflictError, RepositoryError, UsageError
 from edgefleet.repository import _keys
 from edgefleet.repository.status import (
     WARN_FRACTION,
@@ -55,7 +57,9 @@ __all__ = [
     "Repository",
     "RoleStatus",
     "TargetInfo",
+    "default_root_keys_dir",
     "human_duration",
+    "root_key_files",
 ]
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
@@ -69,8 +73,35 @@ _CONFIG = "repository.json"
 _SERIALIZER = JSONSerializer(compact=False)
 
 
+def default_root_keys_dir(path: Path | str) -> Path:
+    """``<repo>.root-keys``: next to the repository, never inside what is served or the online keys folder."""
+    p = Path(path).resolve()  # "." has no name of its own to put a suffix on
+    return p.parent / f"{p.name}.root-keys"
+
+
+def root_key_files(folder: Path | str) -> list[Path]:
+    """Root private key files in ``folder``, current or retired: a retired root key can still sign a forged next
+    root for a client that has not moved past the root it belonged to."""
+    p = Path(folder)
+    return sorted(p.glob("root-*.pem")) if p.is_dir() else []
+
+
 def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
+
+
+def _atomic_copy(src: Path, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh, src.open("rb") as f:
+            shutil.copyfileobj(f, fh, 1 << 20)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -88,19 +119,38 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class Repository:
-    """A TUF repository in a local folder, with the online keys (and, unless kept offline, the root keys)."""
+    """A TUF repository in a local folder, with the online keys in ``keys_dir`` and the root keys in
+    ``root_keys_dir`` (default: ``keys_dir``; offline in production). ``root_passphrase`` decrypts the root keys
+    (default: ``passphrase``)."""
 
-    def __init__(self, path: Path | str, passphrase: str | None = None, *, keys_dir: Path | str | None = None) -> None:
-        self._attach(path, passphrase, keys_dir)
+    def __init__(
+        self,
+        path: Path | str,
+        passphrase: str | None = None,
+        *,
+        keys_dir: Path | str | None = None,
+        root_keys_dir: Path | str | None = None,
+        root_passphrase: str | None = None,
+    ) -> None:
+        self._attach(path, passphrase, keys_dir, root_keys_dir, root_passphrase)
         if not (self.metadata_dir / "root.json").is_file():
             raise UsageError(f"{self.path} is not an edgefleet repository (create one with `edgefleet repo init`)")
 
-    def _attach(self, path: Path | str, passphrase: str | None, keys_dir: Path | str | None) -> None:
+    def _attach(
+        self,
+        path: Path | str,
+        passphrase: str | None,
+        keys_dir: Path | str | None,
+        root_keys_dir: Path | str | None = None,
+        root_passphrase: str | None = None,
+    ) -> None:
         self.path = Path(path)
         self.passphrase = passphrase
+        self.root_passphrase = root_passphrase or passphrase
         self.metadata_dir = self.path / "metadata"
         self.targets_dir = self.path / "targets"
         self.keys_dir = Path(keys_dir) if keys_dir else self.path / "keys"
+        self.root_keys_dir = Path(root_keys_dir) if root_keys_dir else self.keys_dir
         if not (self.path / _CONFIG).is_file():
             raise UsageError(f"{self.path} is not an edgefleet repository (create one with `edgefleet repo init`)")
         try:
@@ -121,8 +171,13 @@ class Repository:
         passphrase: str | None = None,
         expiry: dict[str, timedelta] | None = None,
         keys_dir: Path | str | None = None,
+        root_keys_dir: Path | str | None = None,
+        root_passphrase: str | None = None,
     ) -> Repository:
-        """Create a repository: root (``root_threshold`` of ``root_keys``), one key each for the other roles."""
+        """Create a repository: root (``root_threshold`` of ``root_keys``), one key each for the other roles.
+
+        Root keys go to ``root_keys_dir`` (default: ``keys_dir``), which must not be inside the repository: a
+        served or online folder holding them would make a server compromise a root compromise."""
         path = Path(path)
         if not 1 <= root_threshold <= root_keys:
             raise UsageError(f"root threshold {root_threshold} must be between 1 and the key count {root_keys}")
@@ -135,7 +190,16 @@ class Repository:
         for sub in ("metadata", "targets"):
             (path / sub).mkdir(parents=True, exist_ok=True)
         kdir = Path(keys_dir) if keys_dir else path / "keys"
+        rdir = Path(root_keys_dir) if root_keys_dir else kdir
+        if root_keys_dir is not None and (
+            rdir.resolve() == kdir.resolve() or rdir.resolve().is_relative_to(path.resolve())
+        ):
+            raise UsageError(
+                f"--root-keys-dir {rdir} is inside the repository or its online keys folder: give a folder outside "
+                f"{path} (ideally removable media)"
+            )
         kdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        rdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         config = {"expiry_s": {r: int(p.total_seconds()) for r, p in periods.items()}, "spec": SPECIFICATION_VERSION}
         _atomic_write(path / _CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
@@ -147,7 +211,10 @@ class Repository:
             signers[role] = [_keys.generate() for _ in range(count)]
             for s in signers[role]:
                 root.add_key(s.public_key, role)
-                _keys.save_signer(kdir, role, s, passphrase)
+                if role == "root":
+                    _keys.save_signer(rdir, role, s, root_passphrase or passphrase)
+                else:
+                    _keys.save_signer(kdir, role, s, passphrase)
         root.roles["root"].threshold = root_threshold
 
         repo_md: dict[str, Metadata[Any]] = {
@@ -157,7 +224,7 @@ class Repository:
             "timestamp": Metadata(Timestamp(expires=now + periods["timestamp"])),
         }
         self = cls.__new__(cls)
-        self._attach(path, passphrase, kdir)
+        self._attach(path, passphrase, kdir, rdir, root_passphrase)
         for role in ROLES:
             md = repo_md[role]
             if role == "snapshot":
@@ -205,7 +272,8 @@ class Repository:
         return (self.metadata_dir / "root.json").read_bytes()
 
     def keys(self) -> list[dict[str, Any]]:
-        """Every signing key by role: id, type, the role's threshold, whether its private key is in ``keys_dir``."""
+        """Every signing key by role: id, type, the role's threshold, whether its private key is at hand (in
+        ``root_keys_dir`` for root, ``keys_dir`` for the others)."""
         root = self._root().signed
         rows = []
         for role in ROLES:
@@ -217,13 +285,19 @@ class Repository:
                         "keyid": keyid,
                         "keytype": root.keys[keyid].keytype,
                         "threshold": r.threshold,
-                        "private_key": _keys.key_path(self.keys_dir, role, keyid).is_file(),
+                        "private_key": _keys.key_path(self._dir(role), role, keyid).is_file(),
                     }
                 )
         return rows
 
     def targets(self) -> list[TargetInfo]:
         return [TargetInfo.from_tuf(tf) for _, tf in sorted(self._targets().signed.targets.items())]
+
+    def _dir(self, role: str) -> Path:
+        return self.root_keys_dir if role == "root" else self.keys_dir
+
+    def _passphrase_of(self, role: str) -> str | None:
+        return self.root_passphrase if role == "root" else self.passphrase
 
     # -- signing plumbing -------------------------------------------------------------------------------------
 
@@ -248,20 +322,20 @@ class Repository:
             _atomic_write(self.metadata_dir / f"{md.signed.version}.{role}.json", data)
 
     def _signers(self, role: str, root: Root | None = None) -> list[CryptoSigner]:
-        """The role's signers found in ``keys_dir``; at least its threshold, else :class:`RepositoryError`."""
+        """The role's signers found in its keys folder; at least its threshold, else :class:`RepositoryError`."""
         root = root or self._root().signed
         r = root.roles[role]
         found = []
         for keyid in r.keyids:
             key = root.keys[keyid]
             assert isinstance(key, SSlibKey)
-            signer = _keys.load_signer(self.keys_dir, role, key, self.passphrase)
+            signer = _keys.load_signer(self._dir(role), role, key, self._passphrase_of(role))
             if signer is not None:
                 found.append(signer)
         if len(found) < r.threshold:
             raise RepositoryError(
-                f"only {len(found)} of the {r.threshold} {role} key(s) needed to sign are in {self.keys_dir}"
-                + (" (root keys kept offline? pass --keys DIR)" if role == "root" else "")
+                f"only {len(found)} of the {r.threshold} {role} key(s) needed to sign are in {self._dir(role)}"
+                + (" (root keys kept offline? pass --root-keys-dir DIR)" if role == "root" else "")
             )
         return found
 
@@ -298,24 +372,32 @@ class Repository:
 
     # -- operations -------------------------------------------------------------------------------------------
 
-    def add_target(self, name: str, data: bytes, custom: dict[str, Any]) -> TargetInfo:
-        """Sign ``data`` in as target ``name`` (no package checks: :meth:`publish` is the normal way in)."""
+    def add_target(self, name: str, data: bytes | Path, custom: dict[str, Any]) -> TargetInfo:
+        """Sign ``data`` (bytes, or a file read in chunks, never whole) in as target ``name`` (no package checks:
+        :meth:`publish` is the normal way in)."""
         if "/" in name or name.startswith("."):
             raise UsageError(f"target name {name!r} must be a plain file name")
         with self._lock():
             targets = self._targets()
-            tf = TargetFile.from_data(name, data, ["sha256"])
+            if isinstance(data, Path):
+                tf = TargetFile.from_file(name, str(data), ["sha256"])
+            else:
+                tf = TargetFile.from_data(name, data, ["sha256"])
             tf.unrecognized_fields["custom"] = _canonical_safe(custom)
             old = targets.signed.targets.get(name)
             if old is not None:
                 if old.hashes == tf.hashes:
                     return TargetInfo.from_tuf(old)
-                raise RepositoryError(
+                # a conflict with what is published, not a broken repository (HTTP 409, not 500)
+                raise ConflictError(
                     f"{name} is already published with different content; publish it under a new version"
                 )
             info = TargetInfo.from_tuf(tf)
             self.targets_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.targets_dir / info.path, data)
+            if isinstance(data, Path):
+                _atomic_copy(data, self.targets_dir / info.path)
+            else:
+                _atomic_write(self.targets_dir / info.path, data)
             targets.signed.targets[name] = tf
             self._commit("targets", targets)
             return info
@@ -326,7 +408,7 @@ class Repository:
 
         opened = open_package(Path(package))
         summary = opened.manifest.summary() | {"package_sha256": opened.package_sha256}
-        return self.add_target(opened.manifest.target_name, Path(package).read_bytes(), summary)
+        return self.add_target(opened.manifest.target_name, Path(package), summary)
 
     def resign(self, role: str, *, expires: datetime | None = None) -> list[str]:
         """Sign a new version of ``role`` now (and of the roles that point at it). ``expires`` overrides the
@@ -375,7 +457,7 @@ class Repository:
         for role in ROLES:
             signed = mds[role].signed
             r = root.signed.roles[role]
-            available = sum(_keys.key_path(self.keys_dir, role, k).is_file() for k in r.keyids)
+            available = sum(_keys.key_path(self._dir(role), role, k).is_file() for k in r.keyids)
             warning = expiry_warning(role, signed.expires, self.expiry[role], now)
             if warning:
                 warnings.append(warning)
@@ -424,7 +506,7 @@ class Repository:
             for old in replace:
                 root.revoke_key(old, role)
             self._bump(root_md, "root", None)
-            new_paths = [_keys.save_signer(self.keys_dir, role, s, self.passphrase) for s in new_signers]
+            new_paths = [_keys.save_signer(self._dir(role), role, s, self._passphrase_of(role)) for s in new_signers]
             try:
                 # The old root's threshold vouches for the new root; for a root rotation the new keys sign too.
                 self._sign(root_md, old_root_signers + (new_signers if role == "root" else []))
@@ -434,7 +516,7 @@ class Repository:
                     p.unlink(missing_ok=True)
                 raise
             for old in replace:
-                _keys.key_path(self.keys_dir, role, old).unlink(missing_ok=True)
+                _keys.key_path(self._dir(role), role, old).unlink(missing_ok=True)
             if role != "root":
                 self._commit(role)
             return [s.public_key.keyid for s in new_signers]

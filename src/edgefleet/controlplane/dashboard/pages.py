@@ -7,6 +7,7 @@ buttons post to small form endpoints here that call the same function as the API
 
 from __future__ import annotations
 
+import hmac
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote
@@ -86,23 +87,24 @@ def _login_page(request: Request, status: int, error: str | None = None) -> Resp
 
 
 def _guard(request: Request) -> session.Viewer | Response:
-    """The signed-in viewer, or the page to answer instead: the sign-in form (401) or a refusal (403)."""
-    token = request.query_params.get("token")
-    if token and request.method == "GET":
-        try:
-            session.lookup(request, token)
-        except AuthError as exc:
-            return _login_page(request, 401, str(exc))
-        resp = RedirectResponse(session.strip_token(request), status_code=303)
-        session.set_cookie(resp, request, token)
-        return resp
+    """The signed-in viewer, or the page to answer instead: the sign-in form (401) or a refusal (403).
+
+    A ``token=`` in the query signs nobody in: secrets in URLs end up in history and proxy logs."""
     try:
         return session.current(request)
     except AuthError as exc:
-        signed_in = session.bearer(request) or request.cookies.get(session.COOKIE)
-        return _login_page(request, 401, str(exc) if signed_in else None)
+        cookie = request.cookies.get(session.COOKIE)
+        resp = _login_page(request, 401, str(exc) if session.bearer(request) or cookie else None)
+        if cookie:
+            session.clear_cookie(resp)  # a dead session's cookie is of no further use
+        return resp
     except ForbiddenError as exc:
         return render(request, "error.html", None, 403, title="Not allowed", message=str(exc))
+
+
+def _cross_site(request: Request, viewer: session.Viewer | None, *, bearer_auth: bool) -> Response | None:
+    why = session.origin_refusal(request, bearer_auth=bearer_auth)
+    return None if why is None else render(request, "error.html", viewer, 403, title="Not allowed", message=why)
 
 
 def _page(request: Request, template: str, gather: Any) -> Response:
@@ -191,9 +193,12 @@ def _action(action: str) -> Any:
         v = await run_in_threadpool(_guard, request)
         if isinstance(v, Response):
             return v
+        refused = _cross_site(request, v, bearer_auth=not v.via_cookie)
+        if refused is not None:
+            return refused
         form = _form(await request.body())
         # A bearer header cannot be sent by another site's form; a cookie can (before SameSite): check the token.
-        if v.via_cookie and form.get("csrf") != v.csrf:
+        if v.via_cookie and not hmac.compare_digest(form.get("csrf", ""), v.csrf):
             return render(request, "error.html", v, 403, title="Not allowed", message="stale or missing form token")
         reason = (form.get("reason") or "").strip()[:2000] or f"{action} from the dashboard by {v.principal.actor}"
         store = request.app.state.store
@@ -237,22 +242,32 @@ def login_form(request: Request) -> Response:
 
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request) -> Response:
+    # before the body is read: another site's page may not sign a browser in (into the attacker's token)
+    refused = _cross_site(request, None, bearer_auth=False)
+    if refused is not None:
+        return refused
     form = _form(await request.body())
     token = (form.get("token") or "").strip()
     nxt = session.safe_next(form.get("next"))
     try:
         if not token:
             raise AuthError("enter an API token: `edgefleet tokens create --role viewer` makes one")
-        await run_in_threadpool(session.lookup, request, token)
+        sid = await run_in_threadpool(session.new_session, request, token)
     except AuthError as exc:
         return render(request, "login.html", None, 401, error=str(exc), next=nxt)
     resp = RedirectResponse(nxt, status_code=303)
-    session.set_cookie(resp, request, token)
+    session.set_cookie(resp, request, sid)
     return resp
 
 
 @router.post("/logout")
 def logout(request: Request) -> Response:
+    sid = request.cookies.get(session.COOKIE)
+    refused = _cross_site(request, None, bearer_auth=sid is None)
+    if refused is not None:
+        return refused
+    if sid:
+        session.end_session(request, sid)
     resp = RedirectResponse("/login", status_code=303)
     session.clear_cookie(resp)
     return resp
