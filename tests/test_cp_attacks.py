@@ -231,42 +231,40 @@ def test_secure_cookie_behind_a_trusted_proxy_only(srv: CP) -> None:
 # ------------------------------------------------------------------------------------------------ cheap refusals
 
 
-def test_unknown_device_ids_do_not_reach_the_database_each_time(srv: CP) -> None:
-    unknown = "dev-" + secrets.token_hex(8)
-    h = {"Authorization": f"Bearer {secrets.token_urlsafe(32)}"}
+@contextlib.contextmanager
+def _statements(cp: CP) -> Iterator[list[str]]:
+    """The SQL statements the server runs inside the block."""
     statements: list[str] = []
 
     def count(conn: object, cursor: object, statement: str, *args: object) -> None:
         statements.append(statement)
 
-    engine = srv.store.db.engine
+    engine = cp.store.db.engine
     event.listen(engine, "before_cursor_execute", count)
     try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+def test_unknown_device_ids_do_not_reach_the_database_each_time(srv: CP) -> None:
+    unknown = "dev-" + secrets.token_hex(8)
+    h = {"Authorization": f"Bearer {secrets.token_urlsafe(32)}"}
+    with _statements(srv) as statements:
         for _ in range(100):
             assert srv.http.get(f"/api/v1/devices/{unknown}/desired", headers=h).status_code == 401
         for _ in range(100):
             r = srv.http.post(f"/api/v1/devices/{unknown}/report", headers=h, json={"batch_id": "b", "state": "idle"})
             assert r.status_code == 401
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
     assert len(statements) <= 2, statements  # one look for the id, then refused from memory
 
 
 def test_wrong_credentials_for_a_known_device_do_not_reach_the_database_each_time(srv: CP) -> None:
     d = srv.device("rpi4")
-    statements: list[str] = []
-
-    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
-        statements.append(statement)
-
-    engine = srv.store.db.engine
-    event.listen(engine, "before_cursor_execute", count)
-    try:
+    with _statements(srv) as statements:
         for _ in range(100):
             h = {"Authorization": f"Bearer {secrets.token_urlsafe(32)}"}
             assert srv.http.get(f"/api/v1/devices/{d.id}/desired", headers=h).status_code == 401
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
     # one reload per STALE_RELOAD_S at most (a credential rotated on another replica is still found), not one each
     assert len(statements) <= 20, len(statements)
     ok = srv.http.get(f"/api/v1/devices/{d.id}/desired", headers={"Authorization": f"Bearer {d.credential}"})

@@ -90,25 +90,16 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def _atomic_copy(src: Path, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh, src.open("rb") as f:
-            shutil.copyfileobj(f, fh, 1 << 20)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes | Path) -> None:
+    """``data``'s bytes (or a file's, copied in chunks, never held whole) at ``path``, durably and atomically."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if isinstance(data, Path):
+                with data.open("rb") as f:
+                    shutil.copyfileobj(f, fh, 1 << 20)
+            else:
+                fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
@@ -394,10 +385,7 @@ class Repository:
                 )
             info = TargetInfo.from_tuf(tf)
             self.targets_dir.mkdir(parents=True, exist_ok=True)
-            if isinstance(data, Path):
-                _atomic_copy(data, self.targets_dir / info.path)
-            else:
-                _atomic_write(self.targets_dir / info.path, data)
+            _atomic_write(self.targets_dir / info.path, data)
             targets.signed.targets[name] = tf
             self._commit("targets", targets)
             return info
