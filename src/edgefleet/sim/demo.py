@@ -277,8 +277,10 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
         ):
             t = time.monotonic()
             # v3's bake is long enough for the slowest canary device to download, try and report: a failure halts
-            # at once whatever the bake, and an inconclusive canary must not pause before the evidence is in
-            bake = {"bake_s": 45} if version == "3.0.0" else {}
+            # at once whatever the bake, and an inconclusive canary must not pause before the evidence is in.
+            # v1 is every device's first install (workers start cold on all of them at once): its waves took 5-8 s to
+            # commit here, which left a 10 s bake too little traffic to judge (paused as inconclusive, honestly).
+            bake = {"bake_s": 45} if version == "3.0.0" else {"bake_s": 20} if version == "1.0.0" else {}
             ro = await _rollout(fleet, version, {**base, **bake, "waves": waves}, say, o.timeout_s / 3)
             if version != "3.0.0" and ro["state"] == "completed":
                 moved = {d["device_id"] for d in ro["devices"]}
