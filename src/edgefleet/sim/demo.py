@@ -261,8 +261,10 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
         # The simulated fleet shares two cores among 24 devices, the server and the traffic generator, so a device's
         # sub-millisecond p95 reflects the host's contention as much as the model: the demo's latency SLO is
         # looser than the product default (x1.25 and +0.5 ms). Crashes and update failures are judged as always.
+        # The bake must outlast a wave's installs and then its 200 requests: on 2 shared cores, waves took 5-8 s to
+        # commit, and a 10 s bake left the canary 166 requests (paused as inconclusive: honest, but no demo).
         base = {
-            "bake_s": 10,
+            "bake_s": 20,
             "min_devices": 2,
             "min_requests": 200,
             "auto_rollback": True,
@@ -278,9 +280,7 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
             t = time.monotonic()
             # v3's bake is long enough for the slowest canary device to download, try and report: a failure halts
             # at once whatever the bake, and an inconclusive canary must not pause before the evidence is in.
-            # v1 is every device's first install (workers start cold on all of them at once): its waves took 5-8 s to
-            # commit here, which left a 10 s bake too little traffic to judge (paused as inconclusive, honestly).
-            bake = {"bake_s": 45} if version == "3.0.0" else {"bake_s": 20} if version == "1.0.0" else {}
+            bake = {"bake_s": 45} if version == "3.0.0" else {}
             ro = await _rollout(fleet, version, {**base, **bake, "waves": waves}, say, o.timeout_s / 3)
             if version != "3.0.0" and ro["state"] == "completed":
                 moved = {d["device_id"] for d in ro["devices"]}
