@@ -8,6 +8,7 @@ uploads a version without evidence."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy import event
 
 from conftest import free_port
 from edgefleet.config import ServerSettings
@@ -59,6 +61,22 @@ def pg_schema_url() -> Iterator[str]:
     finally:
         with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as c:
             c.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@contextlib.contextmanager
+def sql_statements(cp: CP) -> Iterator[list[str]]:
+    """The SQL statements the server runs inside the block."""
+    statements: list[str] = []
+
+    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    engine = cp.store.db.engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
 
 
 class CP:

@@ -21,9 +21,9 @@ import uvicorn
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event, select, update
+from sqlalchemy import select, update
 
-from _cp_support import CP, build_pkg
+from _cp_support import CP, build_pkg, sql_statements
 from conftest import free_port
 from edgefleet.config import ServerSettings
 from edgefleet.controlplane.app import create_app
@@ -231,26 +231,10 @@ def test_secure_cookie_behind_a_trusted_proxy_only(srv: CP) -> None:
 # ------------------------------------------------------------------------------------------------ cheap refusals
 
 
-@contextlib.contextmanager
-def _statements(cp: CP) -> Iterator[list[str]]:
-    """The SQL statements the server runs inside the block."""
-    statements: list[str] = []
-
-    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
-        statements.append(statement)
-
-    engine = cp.store.db.engine
-    event.listen(engine, "before_cursor_execute", count)
-    try:
-        yield statements
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
-
-
 def test_unknown_device_ids_do_not_reach_the_database_each_time(srv: CP) -> None:
     unknown = "dev-" + secrets.token_hex(8)
     h = {"Authorization": f"Bearer {secrets.token_urlsafe(32)}"}
-    with _statements(srv) as statements:
+    with sql_statements(srv) as statements:
         for _ in range(100):
             assert srv.http.get(f"/api/v1/devices/{unknown}/desired", headers=h).status_code == 401
         for _ in range(100):
@@ -261,7 +245,7 @@ def test_unknown_device_ids_do_not_reach_the_database_each_time(srv: CP) -> None
 
 def test_wrong_credentials_for_a_known_device_do_not_reach_the_database_each_time(srv: CP) -> None:
     d = srv.device("rpi4")
-    with _statements(srv) as statements:
+    with sql_statements(srv) as statements:
         for _ in range(100):
             h = {"Authorization": f"Bearer {secrets.token_urlsafe(32)}"}
             assert srv.http.get(f"/api/v1/devices/{d.id}/desired", headers=h).status_code == 401

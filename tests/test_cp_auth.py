@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from fastapi import APIRouter
-from sqlalchemy import event, select, update
+from sqlalchemy import select, update
 
-from _cp_support import CP
+from _cp_support import CP, sql_statements
 from edgefleet.config import ServerSettings
 from edgefleet.controlplane.app import create_app
 from edgefleet.controlplane.auth import MATRIX, ROLE_ACCESS, Access, app_route_keys
@@ -118,19 +118,10 @@ def test_304_path_issues_no_sql(cp: CP) -> None:
     etag = cp.http.get(f"/api/v1/devices/{d.id}/desired", headers=h).headers["etag"]
     cp.store.flush_and_sync()
     before = cp.api("GET", f"/api/v1/devices/{d.id}")["last_seen"]
-    statements: list[str] = []
-
-    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
-        statements.append(statement)
-
-    engine = cp.store.db.engine
-    event.listen(engine, "before_cursor_execute", count)
-    try:
+    with sql_statements(cp) as statements:
         for _ in range(20):
             r = cp.http.get(f"/api/v1/devices/{d.id}/desired", headers={**h, "If-None-Match": etag})
             assert r.status_code == 304 and r.headers["etag"] == etag
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
     assert statements == []
     metrics = cp.http.get("/metrics", headers=cp.h()).text
     assert 'edgefleet_checkins_total{answer="304"} 20.0' in metrics, metrics
