@@ -259,8 +259,12 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
         )
         canary = canary_percent(tiers)
         # The simulated fleet shares two cores among 24 devices, the server and the traffic generator, so a device's
-        # sub-millisecond p95 reflects the host's contention as much as the model: the demo's latency SLO is
-        # looser than the product default (x1.25 and +0.5 ms). Crashes and update failures are judged as always.
+        # sub-millisecond p95 reflects the host's contention as much as the model: one device's 2 s windows run at
+        # a p95 of 0.5 ms and jump to 1-3.3 ms when a neighbour's install or the server takes the cores, and on a
+        # busier CI host a one-device canary of the same model stayed at 2.8 ms against its tier's 0.9 ms for a
+        # whole bake. The demo's latency SLO is therefore looser than the product default (x1.25 and +0.5 ms): a
+        # regression must exceed x2 and +5 ms, which contention alone has not reached. Crashes and update failures
+        # are judged as always.
         # The bake must outlast a wave's installs and then its 200 requests: on 2 shared cores, waves took 5-8 s to
         # commit, and a 10 s bake left the canary 166 requests (paused as inconclusive: honest, but no demo).
         base = {
@@ -269,7 +273,7 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
             "min_requests": 200,
             "auto_rollback": True,
             "max_p95_ratio": 2.0,
-            "min_p95_increase_ms": 1.0,
+            "min_p95_increase_ms": 5.0,
         }
         rollouts: dict[str, dict[str, Any]] = {}
         for version, waves in (
