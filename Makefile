@@ -1,19 +1,24 @@
-# Two commands matter: `make demo` and `make test`. Both build .venv on first use.
+# Two commands matter: `make demo` and `make test`. Both build .venv on first use, with every extra
+# (`.[all,dev]`) at the exact versions of constraints.txt.
+# `make test-fast` (lint, typecheck, then the tests that start no process: about 3 minutes on 2 cores) is the loop
+# while editing; `make test` runs everything it always did. A test that starts processes or servers is marked
+# `process` (tests/conftest.py: by hand, or through a fixture decorated with `starts_processes`); in the fast tier
+# an unmarked test that starts one fails and says so.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit test-slow browser-deps clean
+.PHONY: demo test test-fast lint typecheck unit unit-fast test-slow browser-deps clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[demo,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[all,dev]'
 	# A real pretrained ONNX model shipped inside a wheel (Silero VAD). Its runtime deps (torch) are not
 	# needed to read the .onnx file, so it is installed without them.
-	$(BIN)/pip install -q --no-deps silero-vad==6.2.3
+	$(BIN)/pip install -q --no-deps -c constraints.txt silero-vad
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,6 +27,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -30,6 +36,11 @@ unit: $(STAMP) browser-deps
 	$(BIN)/pytest -m "not slow" --durations=25 $(PYTEST_ARGS)
 
 test: lint typecheck unit
+
+unit-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow and not process" --durations=15 $(PYTEST_ARGS)
+
+test-fast: lint typecheck unit-fast
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)

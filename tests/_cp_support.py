@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ def pg_reachable() -> str | None:
         return f"no PostgreSQL at 127.0.0.1:5432 (database test, user postgres): {str(exc).splitlines()[0]}"
 
 
-def pg_schema_url() -> Iterator[str]:
+def pg_schema_url() -> Generator[str, None, None]:
     """A fresh schema per use, dropped afterwards; the URL sets search_path to it."""
     import psycopg
 
@@ -186,7 +186,7 @@ class SimDevice:
         *,
         model: str | None,
         version: str | None,
-        events: list[tuple[str, str | None]] = (),  # type: ignore[assignment]
+        events: Sequence[tuple[str, str | None]] = (),
         requests: int = 50,
         errors: int = 0,
         crashes: int = 0,
@@ -206,8 +206,8 @@ class SimDevice:
         sk.extend(np.full(max(requests, 0), latency_s).tolist())
         body = Report(
             batch_id=batch_id or f"b{self.n}-{secrets.token_hex(4)}",
-            state=state,  # type: ignore[arg-type]
-            served={"model": model, "version": version},  # type: ignore[arg-type]
+            state=state,
+            served={"model": model, "version": version},
             events=[
                 {
                     "event_id": secrets.token_hex(6),
@@ -219,7 +219,7 @@ class SimDevice:
                     "reason": why,
                 }
                 for k, why in events
-            ],  # type: ignore[misc]
+            ],
             telemetry=[
                 {
                     "window_id": secrets.token_hex(6),
@@ -235,7 +235,7 @@ class SimDevice:
                 }
             ]
             if requests or crashes
-            else [],  # type: ignore[list-item]
+            else [],
         )
         r = self.cp.http.post(
             f"/api/v1/devices/{self.id}/report",

@@ -109,8 +109,8 @@ def report(
         sk.extend(np.linspace(base * 0.5, base * 1.5, requests).tolist())
     body = Report(
         batch_id=f"{d.id}-{d.n}",
-        state="committed" if version else "idle",  # type: ignore[arg-type]
-        served={"model": "digits" if version else None, "version": version, "model_sha256": sha},  # type: ignore[arg-type]
+        state="committed" if version else "idle",
+        served={"model": "digits" if version else None, "version": version, "model_sha256": sha},
         events=[
             {
                 "event_id": secrets.token_hex(6),
@@ -122,7 +122,7 @@ def report(
             }
         ]
         if committed
-        else [],  # type: ignore[arg-type]
+        else [],
         telemetry=[
             {
                 "window_id": secrets.token_hex(6),
@@ -137,7 +137,7 @@ def report(
             }
         ]
         if version
-        else [],  # type: ignore[arg-type]
+        else [],
     )
     _ok(
         http.post(
@@ -152,7 +152,7 @@ def _desired(http: httpx.Client, d: Dev) -> dict[str, Any]:
     return dict(_ok(http.get(f"/api/v1/devices/{d.id}/desired", headers={"Authorization": f"Bearer {d.credential}"})))
 
 
-def _wait(cond: Callable[[], bool], tick: Callable[[], None], what: str, timeout: float = 30.0) -> None:
+def _wait(cond: Callable[[], bool], tick: Callable[[], object], what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
@@ -160,7 +160,7 @@ def _wait(cond: Callable[[], bool], tick: Callable[[], None], what: str, timeout
         tick()
 
 
-def populate(http: httpx.Client, admin: str, pkgs: dict[str, Path], tick: Callable[[], None]) -> Fleet:
+def populate(http: httpx.Client, admin: str, pkgs: dict[str, Path], tick: Callable[[], object]) -> Fleet:
     """Build the fleet; ``tick`` lets the reconciler run (a call to it, or a short sleep for a server's own loop)."""
     h = {"Authorization": f"Bearer {admin}"}
 

@@ -68,9 +68,9 @@ def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
 
 
-def assert_refused(code: int, err: str, *, match: str) -> None:
-    """Exit 2 with exactly one line on stderr, no traceback, mentioning ``match``."""
-    assert code == 2, err
+def assert_refused(code: int, err: str, *, match: str, exit_code: int = 2) -> None:
+    """Exit ``exit_code`` (2: a usage error) with exactly one line on stderr, no traceback, mentioning ``match``."""
+    assert code == exit_code, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("error: "), err

@@ -2,15 +2,67 @@
 
 from __future__ import annotations
 
+import os
 import socket
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 
 from edgefleet import examples
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The fast tier (`make test-fast`) runs `-m "not slow and not process"`. A test is `process` when it starts
+# processes or servers (agents, the control plane, the demo, PostgreSQL, a browser): marked by hand, through a
+# fixture decorated with `starts_processes`, or by carrying the `postgres` or `browser` marker.
+_IMPLY_PROCESS = ("postgres", "browser")
+
+
+def starts_processes(fixture: F) -> F:
+    """Declare that a fixture starts processes or servers: every test using it, directly or through another
+    fixture, is marked ``process``. Put it under ``@pytest.fixture``."""
+    fixture._edgefleet_starts_processes = True  # type: ignore[attr-defined]  # a flag on the function object
+    return fixture
+
+
+def _uses_process_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(
+        getattr(d.func, "_edgefleet_starts_processes", False) for defs in info.name2fixturedefs.values() for d in defs
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(m) for m in _IMPLY_PROCESS) or _uses_process_fixture(item):
+            item.add_marker(pytest.mark.process)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _unmarked_tests_start_no_processes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """In a run that leaves ``process`` tests out, a test (or a fixture of any scope) that starts a process anyway
+    fails and says how to mark it, so the fast tier stays fast and the marks stay true."""
+    if "not process" not in (request.config.option.markexpr or ""):
+        yield
+        return
+
+    def refuse(self: subprocess.Popen[Any], args: Any, *rest: Any, **kw: Any) -> None:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "a test").rsplit(" (", 1)[0]
+        pytest.fail(
+            f"{test} starts a process ({str(args)[:100]}) but is not marked `process`: mark the test, or its "
+            "fixture with conftest.starts_processes",
+            pytrace=False,
+        )
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess.Popen, "_execute_child", refuse)
+        yield
 
 
 @pytest.fixture(scope="session")

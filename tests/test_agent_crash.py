@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from agent_support import AgentProc, FakeControlPlane, committed_version, make_packages, make_repo, state_of
-from conftest import free_port
+from conftest import free_port, starts_processes
 from edgefleet.agent.durable import CRASH_EXIT_CODE, CRASHPOINT_ENV
 
 STEPS = [
@@ -30,10 +30,11 @@ STEPS = [
 ]
 POINTS = [f"{s}.{p}" for s in STEPS for p in ("before_fsync", "after_fsync", "after_rename")]
 SWITCHED = {"state.probation.after_rename"} | {p for p in POINTS if p.startswith("state.committed")}
-FAST = {"probation_seconds": 0.2, "probation_requests": 1000}
+FAST: dict[str, Any] = {"probation_seconds": 0.2, "probation_requests": 1000}
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def world(tmp_path_factory: pytest.TempPathFactory, mlp_path: Path, digits: Any) -> Any:
     tmp = tmp_path_factory.mktemp("crash")
     pkgs = make_packages(mlp_path, digits.x_test, tmp, ["1.0.0", "2.0.0"])

@@ -18,10 +18,11 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import free_port
+from conftest import free_port, starts_processes
 
 
 @pytest.fixture()
+@starts_processes
 def served(mlp_path: Path) -> Any:
     port = free_port()
     exe = str(Path(sys.executable).with_name("edgefleet"))

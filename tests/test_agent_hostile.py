@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent_support import AgentProc, FakeControlPlane, make_packages, make_repo, state_of
-from conftest import free_port
+from conftest import free_port, starts_processes
 from edgefleet.agent import frames
 from edgefleet.agent.httpserver import HTTPLimits, serve_http
 
@@ -182,6 +182,7 @@ class Device:
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def device(tmp_path_factory: pytest.TempPathFactory, mlp_path: Path, digits: Any) -> Iterator[Device]:
     tmp = tmp_path_factory.mktemp("hostile")
     pkgs = make_packages(mlp_path, digits.x_test, tmp, ["1.0.0"])
@@ -239,7 +240,7 @@ def test_json_body_cap_comes_from_device_memory(device: Device) -> None:
     _json_error(_request(port, head, _chunks(size, chunk)), 413, "JSON body")
     # A binary tensor body keeps a larger cap: a body over the JSON cap is read, and answered on its merits.
     x = np.zeros((cap // 256 + 1, 64), np.float32)
-    meta = {"inputs": [{"name": "X", "shape": list(x.shape), "datatype": "FP32"}]}
+    meta: dict[str, Any] = {"inputs": [{"name": "X", "shape": list(x.shape), "datatype": "FP32"}]}
     meta["inputs"][0]["parameters"] = {"binary_data_size": x.nbytes}
     jhead = json.dumps(meta).encode()
     answer = _request(port, _post(port, jhead + x.tobytes(), f"inference-header-content-length: {len(jhead)}\r\n"))
@@ -251,7 +252,7 @@ def test_tensors_larger_than_the_device_are_refused_before_the_worker_decodes_th
     port = device.port
     tensor_cap = HTTPLimits.for_device(MEMORY_MB).max_tensor_bytes
     rows = tensor_cap // 256 + 1
-    meta = {"inputs": [{"name": "X", "shape": [rows, 64], "datatype": "FP32"}]}
+    meta: dict[str, Any] = {"inputs": [{"name": "X", "shape": [rows, 64], "datatype": "FP32"}]}
     meta["inputs"][0]["parameters"] = {"binary_data_size": rows * 256}
     jhead = json.dumps(meta).encode()
     answer = _request(port, _post(port, jhead, f"inference-header-content-length: {len(jhead)}\r\n"))
@@ -488,6 +489,7 @@ def test_agent_path_limits(agent_http: tuple[Any, list[Any]]) -> None:
         s.close()
 
 
+@pytest.mark.process
 def test_agent_path_backs_off_on_emfile(tmp_path: Path) -> None:
     """The agent's accept loop (a real process whose descriptors run out) pauses instead of spinning."""
     port = free_port()
@@ -595,6 +597,7 @@ def test_frames_round_trip_and_refuse_what_could_carry_code() -> None:
         assert what
 
 
+@pytest.mark.process
 def test_a_worker_that_sends_a_pickle_is_killed_and_nothing_is_unpickled(tmp_path: Path) -> None:
     """A worker taken over by a crafted model answers with the pickle of an object whose unpickling would write a
     file in the agent: the agent reads a broken frame, kills the worker, and nothing runs."""

@@ -13,10 +13,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from conftest import free_port
+from conftest import free_port, starts_processes
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def server(mlp_path: Path) -> Any:
     port = free_port()
     exe = str(Path(sys.executable).with_name("edgefleet"))

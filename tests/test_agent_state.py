@@ -13,6 +13,7 @@ import pytest
 
 from agent_support import AgentProc, FakeControlPlane, install, make_packages, make_repo
 from conftest import free_port
+from edgefleet import examples
 from edgefleet.agent.state import PersistedState, SlotInfo, StateStore
 from edgefleet.protocol import AgentState
 
@@ -23,7 +24,7 @@ PROBATION = COMMITTED.with_(state=AgentState.probation, active=V2)
 
 
 @pytest.fixture(scope="module")
-def pkgs(tmp_path_factory: pytest.TempPathFactory, mlp_path: Path, digits) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+def pkgs(tmp_path_factory: pytest.TempPathFactory, mlp_path: Path, digits: examples.Digits) -> dict[str, Path]:
     return make_packages(mlp_path, digits.x_test, tmp_path_factory.mktemp("pkgs"), ["1.0.0", "2.0.0"])
 
 
@@ -165,6 +166,7 @@ def test_a_missing_state_file_with_models_on_disk_is_rebuilt(tmp_path: Path, pkg
     assert s.state is AgentState.committed and s.active is not None and s.active.version == "1.0.0"
 
 
+@pytest.mark.process
 @pytest.mark.timeout(240)
 def test_a_real_agent_over_a_garbage_state_file_serves(tmp_path: Path, pkgs: dict[str, Path]) -> None:
     cp = FakeControlPlane(free_port(), make_repo(tmp_path / "repo", [pkgs["1.0.0"]]), tmp_path / "cp.json")

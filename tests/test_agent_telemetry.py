@@ -17,13 +17,14 @@ import httpx
 import pytest
 
 from agent_support import AgentProc, FakeControlPlane, make_packages, make_repo, state_of
-from conftest import free_port
+from conftest import free_port, starts_processes
 from edgefleet.agent.durable import CRASH_EXIT_CODE, CRASHPOINT_ENV
 
-FAST = {"probation_seconds": 0.2, "probation_requests": 1000, "telemetry_interval_s": 0.1}
+FAST: dict[str, Any] = {"probation_seconds": 0.2, "probation_requests": 1000, "telemetry_interval_s": 0.1}
 
 
 @pytest.fixture
+@starts_processes
 def cp(tmp_path: Path, mlp_path: Path, digits: Any) -> Any:
     pkgs = make_packages(mlp_path, digits.x_test, tmp_path, ["1.0.0"])
     f = FakeControlPlane(free_port(), make_repo(tmp_path / "repo", list(pkgs.values())), tmp_path / "cp.json")

@@ -41,7 +41,7 @@ from agent_support import (
     state_of,
     until,
 )
-from conftest import free_port
+from conftest import free_port, starts_processes
 from edgefleet import __version__
 from edgefleet.agent.agent import MAX_UPDATE_ATTEMPTS
 from edgefleet.agent.backend import InProcessBackend
@@ -56,7 +56,7 @@ from edgefleet.errors import VerificationError
 from edgefleet.protocol import AgentState, DesiredState
 from edgefleet.telemetry.drift import DriftAccumulator, build_reference
 
-FAST = {"probation_seconds": 0.2, "probation_requests": 1000}
+FAST: dict[str, Any] = {"probation_seconds": 0.2, "probation_requests": 1000}
 FAILURES = ("refused", "rolled_back", "health_check_failed")
 
 
@@ -66,6 +66,7 @@ def pkgs(tmp_path_factory: pytest.TempPathFactory, mlp_path: Path, digits: Any) 
 
 
 @pytest.fixture
+@starts_processes
 def cp(tmp_path: Path, pkgs: dict[str, Path]) -> Iterator[FakeControlPlane]:
     repo = make_repo(tmp_path / "repo", list(pkgs.values()))
     f = FakeControlPlane(free_port(), repo, tmp_path / "cp.json")
@@ -129,6 +130,7 @@ def test_drift_counter_counts_what_the_accumulator_counts_at_a_fraction_of_the_c
     assert per_call(fast) * 4 < per_call(slow)
 
 
+@pytest.mark.process
 def test_worker_process_drift_over_its_control_socket_resets_per_window(pkgs: dict[str, Path], digits: Any) -> None:
     x = _x(digits)
 

@@ -234,9 +234,21 @@ def test_download_resumes_by_range(tmp_path: Path) -> None:
     assert _Flaky.sent - len(_Flaky.data) <= CHUNK
 
 
-def test_lean_worker_dtype_table_matches_the_runtime_layer() -> None:
-    # The lean worker repeats the table so it never imports the runtime layer; the copies must not drift apart.
-    from edgefleet.agent._worker_main import ORT_TO_NUMPY as lean
-    from edgefleet.runtime.schema import ORT_TO_NUMPY as runtime
+@pytest.mark.process
+def test_lean_worker_shares_the_dtype_table_without_the_runtime_layer() -> None:
+    # One table for both (edgefleet.dtypes), and reading it must not load the runtime layer into the lean worker.
+    import subprocess
+    import sys
 
-    assert lean == runtime
+    from edgefleet.agent import _worker_main
+    from edgefleet.runtime import schema
+
+    assert _worker_main.ORT_TO_NUMPY is schema.ORT_TO_NUMPY
+    probe = (
+        "import runpy, sys; runpy.run_path(sys.argv[1], run_name='probe'); "
+        "print(sorted(m for m in sys.modules if m.startswith(('edgefleet.runtime', 'pydantic_settings'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", probe, _worker_main.__file__], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from agent_support import AgentProc, FakeControlPlane, committed_version, make_packages, make_repo, state_of
-from conftest import free_port
+from conftest import free_port, starts_processes
 from edgefleet.agent.updater import CHUNK
 
 
@@ -19,6 +19,7 @@ def pkgs(tmp_path_factory: pytest.TempPathFactory, mlp_path: Path, digits: Any) 
 
 
 @pytest.fixture
+@starts_processes
 def cp(tmp_path: Path, pkgs: dict[str, Path]) -> Any:
     repo = make_repo(tmp_path / "repo", list(pkgs.values()))
     f = FakeControlPlane(free_port(), repo, tmp_path / "cp.json")

@@ -35,6 +35,7 @@ def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return p
 
 
+@pytest.mark.process
 def test_bench_records_absolute_figures(mlp_path: Path, digits_calls: dict[str, np.ndarray], tmp_path: Path) -> None:
     data = save_calls(tmp_path / "calls.npz", digits_calls)
     report = bench([mlp_path], [get_tier("x86-avx2")], data=data, settings=FAST)
@@ -60,6 +61,7 @@ def test_bench_records_absolute_figures(mlp_path: Path, digits_calls: dict[str, 
     assert BenchReport.model_validate_json(report.model_dump_json()) == report
 
 
+@pytest.mark.process
 def test_generated_inputs_and_paired_baseline(mlp_path: Path) -> None:
     report = bench([mlp_path], [get_tier("arm-a53-small")], baseline=mlp_path, settings=FAST)
     (r,) = report.results
@@ -69,6 +71,7 @@ def test_generated_inputs_and_paired_baseline(mlp_path: Path) -> None:
     assert r.comparison.n_pairs >= 30 and r.comparison.verdict in ("same", "faster", "slower")
 
 
+@pytest.mark.process
 def test_over_budget_model_is_a_failed_result(big_model: Path) -> None:
     """A 208 MB model on the 256 MB tier: a clear failed result, not a crash of the bench."""
     report = bench([big_model], [get_tier("arm-a53-small")], settings=FAST)
@@ -78,6 +81,7 @@ def test_over_budget_model_is_a_failed_result(big_model: Path) -> None:
     assert r.compat.result == "failed"
 
 
+@pytest.mark.process
 def test_peak_rss_agrees_with_usr_bin_time(big_model: Path, tmp_path: Path) -> None:
     """The recorded absolute peak RSS of a measurement subprocess vs ``/usr/bin/time -v`` on the same command."""
     gnu_time = shutil.which("time", path="/usr/bin")
@@ -103,6 +107,7 @@ def test_peak_rss_agrees_with_usr_bin_time(big_model: Path, tmp_path: Path) -> N
     assert r.peak_rss_above_baseline_mb is not None and r.peak_rss_above_baseline_mb > 200
 
 
+@pytest.mark.process
 def test_fixed_batch_model_records_throughput_errors(tmp_path: Path) -> None:
     from onnx import TensorProto, helper
 
@@ -137,6 +142,7 @@ def test_published_schema_is_current() -> None:
     )
 
 
+@pytest.mark.process
 def test_cli_bench_json_and_errors(mlp_path: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     out = tmp_path / "bench.json"

@@ -150,6 +150,7 @@ def test_io_yaml_declares_raw_inputs_and_processing(
     assert got["probabilities_argmax"][0] == got["label"][0]
 
 
+@pytest.mark.process
 def test_rebuild_in_another_process_later_with_other_tz_and_umask_is_identical(
     tmp_path: Path, capsys: Capsys, mlp_path: Path, inputs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -208,8 +209,10 @@ def test_inspect_refuses_corrupt_tar_and_broken_manifest(tmp_path: Path, capsys:
     manifest = json.loads(read_member(pkg, "manifest.json"))
     manifest["io"]["inputs"][0]["dtype"] = "complex128"
     bad = rewrite_member(pkg, tmp_path / "bad.efpkg", "manifest.json", json.dumps(manifest).encode())
-    code, _, err = run_cli(capsys, "inspect", bad, "--json")
+    code, _, err = run_cli(capsys, "inspect", bad)
     assert_refused(code, err, match="breaks the schema at io.inputs.0.dtype")
+    code, out, err = run_cli(capsys, "inspect", bad, "--json")  # with --json the error is JSON on stdout
+    assert code == 2 and err == "" and "breaks the schema at io.inputs.0.dtype" in json.loads(out)["error"]
     assert listing(tmp_path) == sorted([*before, "cut.efpkg", "bad.efpkg"])
 
 
@@ -307,7 +310,7 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_is_on_request(
 ) -> None:
     import edgefleet.cli.main as cli_main
 
-    def broken() -> None:
+    def broken(**_: object) -> None:
         raise ValueError("something internal\nsecond line")
 
     monkeypatch.setattr(cli_main, "_app", broken)
@@ -316,8 +319,8 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_is_on_request(
     with pytest.raises(SystemExit) as exit_:
         cli_main.run()
     err = capsys.readouterr().err
-    assert exit_.value.code == 1
-    assert "internal error: ValueError: something internal" in err and "Traceback" not in err
+    assert exit_.value.code == 70
+    assert "internal error: ValueError: something internal, please report" in err and "Traceback" not in err
     assert "second line" not in err
     monkeypatch.setenv("EDGEFLEET_DEBUG", "1")
     with pytest.raises(ValueError):
@@ -376,7 +379,7 @@ def test_encrypt_for_a_group_uses_the_control_planes_keys(
     assert cp.http.get("/api/v1/devices/keys").status_code == 401  # not public
 
     pkg = tmp_path / "enc.efpkg"
-    args = ["package", mlp_path, "-o", pkg, "--name", "d", "--version", "1.0.0"]
+    args: list[str | Path] = ["package", mlp_path, "-o", pkg, "--name", "d", "--version", "1.0.0"]
     code, out, err = run_cli(capsys, *args, "--encrypt-for-group", "enc", *remote)
     assert code == 0, err
     assert f"encrypted for 2 device(s) of group enc: {a[0]}, {b[0]}" in out
@@ -397,5 +400,5 @@ def test_encrypt_for_a_group_uses_the_control_planes_keys(
     assert_refused(code, err, match="group nobody has no enrolled, active device")
     assert not pkg.exists()
     code, _, err = run_cli(capsys, *args, "--encrypt-for-group", "enc", "--server", cp.url, "--api-token", "nope")
-    assert_refused(code, err, match="invalid or revoked API token")
+    assert_refused(code, err, match="invalid or revoked API token", exit_code=4)
     assert not pkg.exists()

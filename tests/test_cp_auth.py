@@ -221,7 +221,7 @@ def test_tokens_cli_create_rotate_list(cp: CP, capsys: pytest.CaptureFixture[str
     code, out, err = run_cli(capsys, "tokens", "list", *base)
     assert code == 0 and "never" in out and "expires" in out and "active" in out
     code, out, err = run_cli(capsys, "tokens", "create", "--role", "viewer", "--expires", "soon", *base)
-    assert code == 2 and "cannot read duration" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--expires 'soon' is not a duration" in err and len(err.strip().splitlines()) == 1
     code, out, err = run_cli(capsys, "tokens", "rotate", "999999", *base)
     assert code != 0 and "no API token 999999" in err and "Traceback" not in err
 

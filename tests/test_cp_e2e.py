@@ -4,7 +4,7 @@ canary → waves → completed; a bad version (a model with a big initializer th
 kills on the small tier) is paused and rolled back automatically with the reason in the audit log; a pinned
 device stays where it is; a tier the package does not allow is skipped.
 
-The agent (docs/CONTRACTS.md: `edgefleet agent --server URL --token T --data-dir DIR [--port P]
+The agent (docs/agent.md: `edgefleet agent --server URL --token T --data-dir DIR [--port P]
 [--checkin-interval S] [--telemetry-interval S] [--memory-mb N]`) is built in parallel; until its command exists
 this test skips and says so.
 """
@@ -27,7 +27,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from _cp_support import build_pkg, gate_verdict
-from conftest import free_port
+from conftest import free_port, starts_processes
 
 EDGEFLEET = [str(Path(sys.executable).parent / "edgefleet")]
 
@@ -37,7 +37,7 @@ def _agent_missing() -> str | None:
     if r.returncode != 0 or "--memory-mb" not in r.stdout:
         return (
             "the device agent command `edgefleet agent` (with --server/--token/--data-dir/--memory-mb, "
-            "docs/CONTRACTS.md) is not available yet: src/edgefleet/cli/agent.py registers no command"
+            "docs/agent.md) is not available yet: src/edgefleet/cli/agent.py registers no command"
         )
     return None
 
@@ -77,6 +77,7 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 @pytest.fixture
+@starts_processes
 def server(tmp_path: Path) -> Iterator[tuple[str, str]]:
     why = _agent_missing()
     if why:
@@ -178,7 +179,15 @@ def test_rollouts_with_real_agents(server: tuple[str, str], tmp_path: Path, mlp_
             body = {
                 "model": "digits",
                 "version": version,
-                "policy": {"waves": [34, 100], "bake_s": 10, "min_devices": 1, "min_requests": 0, **policy},
+                # a wave still waiting for its first commit at the bake deadline (a loaded host) waits for it, bounded
+                "policy": {
+                    "waves": [34, 100],
+                    "bake_s": 10,
+                    "max_sample_wait_s": 120,
+                    "min_devices": 1,
+                    "min_requests": 0,
+                    **policy,
+                },
             }
             rid = api.post("/api/v1/rollouts", json=body).json()["rollout_id"]
             return dict(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from edgefleet.controlplane.rollout import (
     OTHER_MODEL,
     Action,
     CohortStats,
+    Decision,
     DeviceFacts,
     Judgement,
     Outcome,
@@ -44,8 +46,8 @@ from edgefleet.telemetry.sketch import LatencySketch
 P = RolloutPolicy(min_devices=3, min_requests=100, max_failure=0.05, bake_s=60)
 
 
-def good(**kw: object) -> CohortStats:
-    base: dict[str, object] = dict(
+def good(**kw: Any) -> CohortStats:
+    base: dict[str, Any] = dict(
         devices=10,
         committed=10,
         failed=0,
@@ -57,7 +59,7 @@ def good(**kw: object) -> CohortStats:
         max_psi=0.05,
     )
     base.update(kw)
-    return CohortStats(**base)  # type: ignore[arg-type]
+    return CohortStats(**base)
 
 
 # ------------------------------------------------------------------------------------------- membership
@@ -646,3 +648,26 @@ def test_update_outcome_properties(events: list[tuple[str, str | None]], reverte
         assert got in (None, UpdateOutcome.cancelled, UpdateOutcome.reverted)
     # the order of the events never matters
     assert update_outcome(list(reversed(events)), reverted=reverted) is got
+
+
+def test_a_wave_short_of_its_sample_waits_up_to_max_sample_wait_then_pauses() -> None:
+    thin = judge(good(committed=1), None, P)
+    assert thin.outcome is Outcome.inconclusive and thin.sampling and not thin.confirming
+    patient = P.model_copy(update={"max_sample_wait_s": 60.0})
+
+    def act(baked_s: float, policy: RolloutPolicy = patient, j: Judgement = thin) -> Decision:
+        return decide(
+            state=RolloutState.running, wave=0, waves=[10.0, 100.0], judgement=j, baked_s=baked_s, policy=policy
+        )
+
+    assert act(P.bake_s - 1).action is Action.wait
+    extended = act(P.bake_s + 59)
+    assert extended.action is Action.wait and "extended for its sample" in extended.reason
+    assert act(P.bake_s + 60).action is Action.pause  # bounded: then an operator decides
+    assert act(P.bake_s, policy=P).action is Action.pause  # the default waits for nothing beyond the bake
+    # the wait is for the sample only: a full sample that passes still waits out just the bake, and a failure halts
+    full = judge(good(), None, P)
+    assert full.outcome is Outcome.passed and not full.sampling
+    assert act(P.bake_s, j=full).action is Action.advance
+    failed = Judgement(Outcome.failed, ("update failures",))
+    assert act(P.bake_s + 1, j=failed).action is Action.pause

@@ -76,7 +76,7 @@ def test_canaries_with_lagging_clocks_fail_the_wave(cp: CP, pkgs: dict[str, Path
             clock_offset_s=-300,
         )
     with cp.store.db.session() as s:
-        created = s.get(Rollout, rid).created_at  # type: ignore[union-attr]
+        created = s.get(Rollout, rid).created_at
         ats = list(s.scalars(select(UpdateEventRow.at).where(UpdateEventRow.rollout_id == rid)))
     assert ats and all(at < created for at in ats)  # judged on device time, they would not count
     reconcile_once(cp.store)
@@ -318,7 +318,7 @@ def test_one_rollout_failing_its_step_does_not_stall_the_others(cp: CP, pkgs: di
     bad = _start(cp, "2.0.0", tier="a")["rollout_id"]
     good = _start(cp, "1.0.0", model="other", tier="b")["rollout_id"]
     with cp.store.db.session() as s:  # data the step cannot read: its policy no longer parses
-        s.get(Rollout, bad).policy = {"waves": "every other tuesday"}  # type: ignore[union-attr]
+        s.get(Rollout, bad).policy = {"waves": "every other tuesday"}
     committed: set[str] = set()
     for _ in range(6):
         reconcile_once(cp.store)
@@ -337,7 +337,7 @@ def test_one_rollout_failing_its_step_does_not_stall_the_others(cp: CP, pkgs: di
     page = cp.http.get(f"/rollouts/{bad}", headers=cp.h()).text
     assert 'data-testid="rollout-step-error"' in page and "ValidationError" in page
     with cp.store.db.session() as s:
-        s.get(Rollout, bad).policy = {"waves": [100], "bake_s": 0, "min_devices": 1, "min_requests": 1}  # type: ignore[union-attr]
+        s.get(Rollout, bad).policy = {"waves": [100], "bake_s": 0, "min_devices": 1, "min_requests": 1}
     reconcile_once(cp.store)
     assert _state(cp, bad)["step_error"] is None and all(d.desired()["version"] == "2.0.0" for d in a)
 
@@ -392,14 +392,14 @@ def test_metrics_count_every_transition_without_created_series(cp: CP, pkgs: dic
     assert n == 6 and _state(cp, other)["state"] == "blocked"
     # a transition whose transaction rolls back was never recorded, and is not counted
     with pytest.raises(RuntimeError), cp.store.db.session() as s:
-        reconciler.transition(s, s.get(Rollout, other), RolloutState.paused, "never", "test")  # type: ignore[arg-type]
+        reconciler.transition(s, s.get(Rollout, other), RolloutState.paused, "never", "test")
         s.flush()
         raise RuntimeError("rolled back")
     with cp.store.db.session() as s:
-        s.get(Device, devs[0].id).invalid_reports = 3  # type: ignore[union-attr]
-        s.get(Device, devs[1].id).invalid_reports = 2  # type: ignore[union-attr]
-        s.get(Device, devs[0].id).clock_offset_s = 120.0  # type: ignore[union-attr]
-        s.get(Device, devs[1].id).clock_offset_s = -30.0  # type: ignore[union-attr]
+        s.get(Device, devs[0].id).invalid_reports = 3
+        s.get(Device, devs[1].id).invalid_reports = 2
+        s.get(Device, devs[0].id).clock_offset_s = 120.0
+        s.get(Device, devs[1].id).clock_offset_s = -30.0
     text = cp.http.get("/metrics", headers=cp.h()).text
     assert "edgefleet_rollout_transitions_total 6.0" in text
     assert "_created" not in text
@@ -422,7 +422,7 @@ def test_device_page_shows_clock_offset_and_invalid_reports(cp: CP) -> None:
     )
     assert bad.status_code == 422
     with cp.store.db.session() as s:
-        s.get(Device, d.id).clock_offset_s = -95.5  # type: ignore[union-attr]
+        s.get(Device, d.id).clock_offset_s = -95.5
     page = cp.http.get(f"/devices/{d.id}", headers=cp.h()).text
     clock = re.search(r'data-testid="device-clock">([^<]*)<', page)
     assert clock and clock.group(1).strip() == "-95.5 s" and 'data-testid="device-clock-skewed"' in page
@@ -431,6 +431,6 @@ def test_device_page_shows_clock_offset_and_invalid_reports(cp: CP) -> None:
     reason = re.search(r'data-testid="device-invalid-reason">([^<]*)<', page)
     assert reason and "invalid report" in reason.group(1) and "telemetry" in reason.group(1)
     with cp.store.db.session() as s:
-        s.get(Device, d.id).clock_offset_s = 12.0  # type: ignore[union-attr]
+        s.get(Device, d.id).clock_offset_s = 12.0
     page = cp.http.get(f"/devices/{d.id}", headers=cp.h()).text
     assert "+12.0 s" in page and 'data-testid="device-clock-skewed"' not in page

@@ -16,6 +16,7 @@ import pytest
 EDGEFLEET = Path(sys.executable).parent / "edgefleet"
 
 
+@pytest.mark.process
 @pytest.mark.timeout(420)
 def test_demo_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.Popen(

@@ -161,6 +161,7 @@ def test_revoked_agent_exits_with_its_message_instead_of_looping(
     assert len(errors) == 1 and errors[0].startswith(REFUSED)
 
 
+@pytest.mark.process
 def test_revoked_agent_process_exits_non_zero(cp: CP, tmp_path: Path) -> None:
     data = tmp_path / "dev"
     exe = str(Path(sys.executable).with_name("edgefleet"))

@@ -39,6 +39,7 @@ def _drift_rows(fleet_doc: dict[str, Any], version: str) -> list[dict[str, Any]]
     return [d for d in fleet_doc["drift"] if d["model"] == "digits" and d["version"] == version]
 
 
+@pytest.mark.process
 @pytest.mark.timeout(300)
 def test_shifted_inputs_show_as_fleet_drift_and_halt_a_rollout(
     tmp_path: Path, mlp_path: Path, digits: examples.Digits
@@ -74,7 +75,14 @@ def test_shifted_inputs_show_as_fleet_drift_and_halt_a_rollout(
                 await fleet.publish(p, gate=gate_verdict())
             # v1's policy tolerates any drift, so it lands and the fleet drifts in the open (an inconclusive wave
             # pauses at its bake deadline: the bake outlasts the update and the first windows)
-            lenient = {"waves": [100], "bake_s": 15, "min_devices": 2, "min_requests": 50, "max_psi": 1000}
+            lenient = {
+                "waves": [100],
+                "bake_s": 15,
+                "max_sample_wait_s": 90,
+                "min_devices": 2,
+                "min_requests": 50,
+                "max_psi": 1000,
+            }
             r1 = await fleet.api(
                 "POST", "/api/v1/rollouts", json={"model": "digits", "version": "1.0.0", "policy": lenient}
             )
@@ -111,7 +119,14 @@ def test_shifted_inputs_show_as_fleet_drift_and_halt_a_rollout(
             assert re.search(re.escape(feature), page), "the dashboard names the drifting feature"
 
             # v2 under the default drift threshold: the reconciler halts it on the drift its canaries report
-            strict = {"waves": [100], "bake_s": 60, "min_devices": 1, "min_requests": 50, "auto_rollback": True}
+            strict = {
+                "waves": [100],
+                "bake_s": 60,
+                "max_sample_wait_s": 120,
+                "min_devices": 1,
+                "min_requests": 50,
+                "auto_rollback": True,
+            }
             r = await fleet.api(
                 "POST", "/api/v1/rollouts", json={"model": "digits", "version": "2.0.0", "policy": strict}
             )

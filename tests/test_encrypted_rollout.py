@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 
 from _cp_support import build_pkg, gate_verdict
-from conftest import free_port
+from conftest import free_port, starts_processes
 from edgefleet import examples
 from edgefleet.package import open_package
 from edgefleet.sim import ServerProcess
@@ -41,6 +41,7 @@ def _wait(pred: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 @pytest.fixture
+@starts_processes
 def server(tmp_path: Path) -> Iterator[ServerProcess]:
     s = ServerProcess(tmp_path / "server", reconcile_interval_s=0.5)
     s.start()
@@ -124,7 +125,14 @@ def test_a_model_encrypted_for_a_group_serves_there_and_is_refused_elsewhere(
     def rollout(version: str) -> dict[str, Any]:
         # the device outside the group refuses the encrypted version: that failure is expected, not a reason to halt;
         # the bake only has to outlast the updates on a loaded machine (an inconclusive wave pauses at its deadline)
-        policy = {"waves": [100], "bake_s": 40, "min_devices": 2, "min_requests": 0, "max_failure": 1.0}
+        policy = {
+            "waves": [100],
+            "bake_s": 40,
+            "max_sample_wait_s": 120,
+            "min_devices": 2,
+            "min_requests": 0,
+            "max_failure": 1.0,
+        }
         rid = call("POST", "/api/v1/rollouts", json={"model": "digits", "version": version, "policy": policy})[
             "rollout_id"
         ]
@@ -152,7 +160,11 @@ def test_a_model_encrypted_for_a_group_serves_there_and_is_refused_elsewhere(
         ids = {n: _wait(a.device_id, 120, f"agent {n} to enroll") for n, a in agents.items()}
 
         for n, a in agents.items():
-            _wait(lambda a=a: a.version() == "1.0.0", 120, f"agent {n} to serve 1.0.0")
+
+            def serves_v1(a: Agent = a) -> bool:
+                return a.version() == "1.0.0"
+
+            _wait(serves_v1, 120, f"agent {n} to serve 1.0.0")
         for g in ("enc", "other"):  # unpinned: rollouts move them again
             call("PUT", f"/api/v1/groups/{g}", json={"unpin": True})
 
@@ -198,7 +210,11 @@ def test_a_model_encrypted_for_a_group_serves_there_and_is_refused_elsewhere(
             )
         )
         for n in ("a", "b"):
-            _wait(lambda n=n: device(ids[n])["served"]["version"] == "2.0.0", 120, f"device {n} to report 2.0.0")
+
+            def reports_v2(n: str = n) -> bool:
+                return bool(device(ids[n])["served"]["version"] == "2.0.0")
+
+            _wait(reports_v2, 120, f"device {n} to report 2.0.0")
             assert agents[n].version() == "2.0.0"
             got = agents[n].infer(x)
             np.testing.assert_array_equal(got["label"], plain["label"])

@@ -202,6 +202,7 @@ identity.save_identity(Path(sys.argv[1]), identity.Identity(
 """
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("point", ["identity.before_fsync", "identity.after_fsync", "identity.after_rename"])
 def test_power_cut_while_writing_identity_leaves_old_or_new(tmp_path: Path, point: str) -> None:
     old = identity.Identity(device_id="dev-old", credential="efd_old", tier="lab", repository_url="http://r/tuf")

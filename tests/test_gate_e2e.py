@@ -59,6 +59,7 @@ def _pipeline(work: Path, candidate: Path, baseline: Path, name: str) -> subproc
     )
 
 
+@pytest.mark.process
 def test_slower_model_fails_the_gate_and_aa_passes(work: Path, mlp_path: Path) -> None:
     slow = _pipeline(work, work / "slow.onnx", mlp_path, "slow")
     assert slow.returncode == 1, slow.stdout + slow.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -52,6 +53,10 @@ def test_unreadable_policies(tmp_path: Path) -> None:
     p = tmp_path / "policy.yaml"
     p.write_text("latency: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
+        load_policy(p)
+    # the position of the problem, as editors count it (line:column), not just "while parsing a flow sequence"
+    p.write_text("accuracy:\n  max_drop: 0.01\n latency: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(p))}:3:\d+: .* \(not valid YAML\)$"):
         load_policy(p)
     p.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):

@@ -32,7 +32,8 @@ def _check_invariants(report: OptimizeReport, out: Path) -> None:
     assert out.is_file()
     assert hashlib_of(out) == report.output_sha256
     assert chosen.status == "chosen" and chosen.within_tolerance
-    assert report.baseline_metrics.overall - chosen.metrics.overall <= report.max_accuracy_drop + 1e-12  # type: ignore[union-attr]
+    assert chosen.metrics is not None
+    assert report.baseline_metrics.overall - chosen.metrics.overall <= report.max_accuracy_drop + 1e-12
     assert report.baseline == "input" and report.candidates[0].recipe.kind == "input"
     if report.kept_input:
         assert chosen.recipe.kind == "input" and report.output_sha256 == report.model_sha256

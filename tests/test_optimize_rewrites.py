@@ -18,7 +18,7 @@ from edgefleet.optimize.quantize import build_candidate
 
 
 def _run(model: bytes, x: np.ndarray) -> list[np.ndarray]:
-    return ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"X": x})  # type: ignore[no-any-return]
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"X": x})
 
 
 def _ops(model: bytes) -> list[str]:

@@ -3,6 +3,8 @@ against the input model (no sessions)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 import pytest
@@ -155,8 +157,8 @@ def test_metric_values_model_is_json() -> None:
     assert MetricValues.model_validate_json(m.model_dump_json()) == m
 
 
-def _facts(name: str, shape: tuple[int, ...], **kw: object) -> OutputFacts:
-    return OutputFacts(name=name, call_shape=shape, **kw)  # type: ignore[arg-type]
+def _facts(name: str, shape: tuple[int, ...], **kw: Any) -> OutputFacts:
+    return OutputFacts(name=name, call_shape=shape, **kw)
 
 
 @pytest.mark.parametrize(

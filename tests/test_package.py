@@ -249,7 +249,7 @@ def test_corrupt_packages_are_refused(tmp_path: Path, mlp_pkg: Path) -> None:
         ({"schema_version": 99}, "schema_version 99 is not supported"),
     ],
 )
-def test_manifest_breaking_the_schema_is_refused(tmp_path: Path, mlp_pkg: Path, change: dict, match: str) -> None:  # type: ignore[type-arg]
+def test_manifest_breaking_the_schema_is_refused(tmp_path: Path, mlp_pkg: Path, change: dict, match: str) -> None:
     manifest = json.loads(read_member(mlp_pkg, "manifest.json")) | change
     bad = rewrite_member(mlp_pkg, tmp_path / "s.efpkg", "manifest.json", json.dumps(manifest).encode())
     with pytest.raises(ManifestError, match=match):

@@ -149,9 +149,9 @@ def test_an_ungated_version_is_refused_until_a_verdict_for_its_package_is_attach
     r = _post(cp, "/api/v1/models/digits/versions/2.0.0/promote", {})
     assert r.status_code == 409 and why in r.json()["detail"]
     code, _, err = _cli(capsys, cp, "rollout", "start", "digits", "2.0.0", "--waves", "100")
-    assert_refused(code, err, match=why)
+    assert_refused(code, err, match=why, exit_code=3)  # a conflict
     code, _, err = _cli(capsys, cp, "models", "promote", "digits", "2.0.0")
-    assert_refused(code, err, match=why)
+    assert_refused(code, err, match=why, exit_code=3)
     code, out, _ = _cli(capsys, cp, "rollout", "start", "digits", "2.0.0", "--dry-run")
     assert code == 0 and "the release policy refuses it" in out and sha[:12] in out
     assert cp.api("GET", "/api/v1/rollouts") == []
@@ -182,7 +182,9 @@ def test_force_takes_an_admin_and_a_reason_and_is_audited(
         capsys, cp, "rollout", "start", "digits", "2.0.0", "--waves", "100", "--force", "--reason", "hotfix #7"
     )
     assert code == 0, err
-    rid = re.search(r"rollout (ro-\w+)", out).group(1)  # type: ignore[union-attr]
+    found = re.search(r"rollout (ro-\w+)", out)
+    assert found is not None, out
+    rid = found.group(1)
     first = cp.api("GET", f"/api/v1/rollouts/{rid}")["transitions"][0]
     assert "overriding the release policy: hotfix #7" in first["reason"]
     cp.api("POST", f"/api/v1/rollouts/{rid}/abort")
@@ -256,7 +258,7 @@ def test_release_policy_has_a_global_default_and_per_model_overrides(
 
     def refusal() -> str | None:
         plan = cp.api("POST", "/api/v1/rollouts/plan", json=_rollout("2.0.0"))
-        return plan["release"]["refusal"]  # type: ignore[no-any-return]
+        return plan["release"]["refusal"]
 
     code, out, err = _cli(capsys, cp, "models", "policy", "digits", "--no-require-gate", "--reason", "internal")
     assert code == 0 and "require_gate = false (model)" in out, err

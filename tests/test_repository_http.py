@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -76,11 +77,11 @@ class Site:
 
 
 @pytest.fixture
-def site(tmp_path: Path, packages: dict[str, Path]) -> Site:
+def site(tmp_path: Path, packages: dict[str, Path]) -> Iterator[Site]:
     repo = Repository.init(tmp_path / "repo", root_keys=3, root_threshold=2)
     repo.publish(packages["1.0.0"])
     with serve_repository(repo.path) as url:
-        yield Site(tmp_path, url, repo)  # type: ignore[misc]
+        yield Site(tmp_path, url, repo)
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +196,7 @@ def _sign_root_v2(site: Site, n_signers: int) -> None:
 
     for keyid in md.signed.roles["root"].keyids[:n_signers]:
         pem = (site.repo.keys_dir / f"root-{keyid}.pem").read_bytes()
+        # load_pem_private_key's type covers DH and DSA keys too, which CryptoSigner does not take: these are Ed25519
         md.sign(CryptoSigner(load_pem_private_key(pem, None), md.signed.keys[keyid]), append=True)  # type: ignore[arg-type]
     (site.repo.metadata_dir / "2.root.json").write_bytes(md.to_bytes(JSONSerializer(compact=False)))
 
@@ -287,6 +289,7 @@ def test_root_rotation_two_of_three_clients_follow_the_chain(
     assert open_package(site.tmp / "b" / "digits-1.2.0.efpkg").manifest.version == "1.2.0"
 
 
+@pytest.mark.process
 def test_console_script_prints_one_line_and_exits_2(site: Site) -> None:
     """The installed `edgefleet` command itself, in a fresh process."""
     target = site.repo.targets_dir / site.repo.targets()[0].path

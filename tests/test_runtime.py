@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 import edgefleet
-from edgefleet import data
+from edgefleet import data, examples
 from edgefleet.errors import DataError, InputValidationError, ModelError
 from edgefleet.runtime import Model, TensorSpec
 from edgefleet.runtime.processing import Argmax, Scale, Softmax
 
 
-def test_load_bare_onnx_and_run(mlp_path: Path, digits) -> None:  # type: ignore[no-untyped-def]
+def test_load_bare_onnx_and_run(mlp_path: Path, digits: examples.Digits) -> None:
     m = edgefleet.load(mlp_path)
     out = m.run({"X": digits.x_test[:5]})
     assert set(out) == {"label", "probabilities"}
@@ -30,13 +30,13 @@ def test_load_bare_onnx_and_run(mlp_path: Path, digits) -> None:  # type: ignore
         ({}, r"missing input 'X'"),
     ],
 )
-def test_bad_inputs_name_the_input_and_schema(mlp_path: Path, feed: dict, match: str) -> None:  # type: ignore[type-arg]
+def test_bad_inputs_name_the_input_and_schema(mlp_path: Path, feed: dict, match: str) -> None:
     m = edgefleet.load(mlp_path)
     with pytest.raises(InputValidationError, match=match):
         m.run(feed)
 
 
-def test_declared_processing_runs_around_the_model(mlp_path: Path, digits) -> None:  # type: ignore[no-untyped-def]
+def test_declared_processing_runs_around_the_model(mlp_path: Path, digits: examples.Digits) -> None:
     raw = TensorSpec(name="X", dtype="float32", shape=[None, 64], value_range=(0, 16))
     m = Model(
         mlp_path.read_bytes(),

@@ -24,6 +24,7 @@ def _alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
+@pytest.mark.process
 def test_a_child_started_with_die_with_parent_goes_when_its_parent_is_killed() -> None:
     parent = subprocess.Popen(
         [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from _cp_support import gate_verdict
 from edgefleet.data import CallData
 from edgefleet.package import build_package
 from edgefleet.sim import Fleet, FleetOptions, ServerProcess, parse_faults, parse_tiers, plan_fleet
+from edgefleet.sim.lite import SimAgent
 
 FAULTS = (
     "flaky=0.3@x86-avx2,cut=4s@x86-avx2,slow=300ms@arm-a72,clock-skew=2h@arm-a72,memory=64@x86-vnni,"
@@ -21,7 +23,12 @@ FAULTS = (
 )
 
 
-async def _until(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+def _device_id(a: SimAgent) -> str:
+    assert a.cp is not None and a.cp.device_id is not None, "the simulated agent has not enrolled"
+    return a.cp.device_id
+
+
+async def _until(pred: Callable[[], Awaitable[bool]], timeout: float) -> bool:
     end = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < end:
         if await pred():
@@ -30,6 +37,7 @@ async def _until(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]
     return False
 
 
+@pytest.mark.process
 @pytest.mark.timeout(240)
 def test_every_fault_kind_with_full_and_lightweight_agents(tmp_path: Path, mlp_path: Path) -> None:
     logging.getLogger("edgefleet.agent").setLevel(logging.CRITICAL)
@@ -87,17 +95,17 @@ def test_every_fault_kind_with_full_and_lightweight_agents(tmp_path: Path, mlp_p
             assert devs[disk.device_id()]["served"]["version"] is None
             # memory: a lightweight agent with 64 MB cannot load the model (simulated out-of-memory) → rolled back
             small = next(a for a in fleet.lite if a.plan.fault("memory"))
-            assert devs[small.cp.device_id]["state"] == "rolled_back"
-            assert "MB" in (devs[small.cp.device_id]["state_reason"] or "")
+            assert devs[_device_id(small)]["state"] == "rolled_back"
+            assert "MB" in (devs[_device_id(small)]["state_reason"] or "")
             # the rest — slow, flaky, cut and skewed links included — serve 1.0.0
             for a in fleet.lite:
                 if a.plan.fault("crash"):  # emulated: the shared model "crashes" on every call → probation fails
-                    assert devs[a.cp.device_id]["state"] == "rolled_back"
+                    assert devs[_device_id(a)]["state"] == "rolled_back"
             healthy = [a for a in fleet.lite if not a.plan.fault("crash") and not a.plan.fault("memory")]
             assert any(a.plan.faults for a in healthy)
 
             async def all_served() -> bool:
-                return all([await _served(fleet, a.cp.device_id, "1.0.0") for a in healthy])
+                return all([await _served(fleet, _device_id(a), "1.0.0") for a in healthy])
 
             assert await _until(all_served, 90), [(a.plan.faults, a.state.state) for a in healthy]
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -119,7 +120,7 @@ class _FakeClock:
         return self.now
 
 
-def _workload(clock: _FakeClock, cost: float, seed: int) -> object:
+def _workload(clock: _FakeClock, cost: float, seed: int) -> Callable[[], None]:
     rng = np.random.default_rng(seed)
 
     def run() -> None:
@@ -131,8 +132,8 @@ def _workload(clock: _FakeClock, cost: float, seed: int) -> object:
 def test_time_paired_stops_on_precision_and_detects_a_slowdown() -> None:
     clock = _FakeClock()
     run = time_paired(
-        _workload(clock, 1e-3, 1),  # type: ignore[arg-type]
-        _workload(clock, 1.5e-3, 2),  # type: ignore[arg-type]
+        _workload(clock, 1e-3, 1),
+        _workload(clock, 1.5e-3, 2),
         clock=clock,
         time_budget_s=1e9,
     )
@@ -145,8 +146,8 @@ def test_time_paired_reports_the_time_budget() -> None:
     clock = _FakeClock()
     # 1.04x sits between "same" and "slower" with noise: the verdict cannot settle, the budget ends the run.
     run = time_paired(
-        _workload(clock, 1.0, 3),  # type: ignore[arg-type]
-        _workload(clock, 1.045, 4),  # type: ignore[arg-type]
+        _workload(clock, 1.0, 3),
+        _workload(clock, 1.045, 4),
         clock=clock,
         time_budget_s=600.0,
         min_pairs=200,

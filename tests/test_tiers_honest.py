@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from _cp_support import CP, SimDevice, build_pkg
+from conftest import starts_processes
 from edgefleet import examples
 from edgefleet.bench.env import fingerprint
 from edgefleet.bench.report import BenchReport, load_report
@@ -99,6 +100,7 @@ def test_matrix_cells_verify_only_from_the_tiers_own_hardware() -> None:
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def benched(mlp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[BenchReport, str]:
     out = tmp_path_factory.mktemp("honest") / "bench.json"
     tiers = [FOREIGN] + ([NATIVE] if NATIVE else [])

@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from _package_helpers import assert_refused, run_cli
 from agent_support import running, until
-from conftest import free_port
+from conftest import free_port, starts_processes
 from edgefleet.config import AgentSettings
 from edgefleet.errors import DownloadError, UsageError
 from edgefleet.transport import check_url, verify_arg
@@ -176,6 +176,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
+@starts_processes
 def tls_server(tmp_path: Path) -> Iterator[Server]:
     pki = make_pki(tmp_path / "pki")
     proc, port, log = _start_server(tmp_path, pki, "--tls-cert", str(pki.cert), "--tls-key", str(pki.key))
@@ -257,13 +258,13 @@ def test_clients_without_the_ca_refuse_the_certificate(
 ) -> None:
     monkeypatch.delenv("EDGEFLEET_CA_FILE", raising=False)
     code, _, err = run_cli(capsys, "devices", "list", "--server", tls_server.url, "--api-token", tls_server.admin)
-    assert_refused(code, err, match="TLS certificate is not trusted: set EDGEFLEET_CA_FILE")
+    assert_refused(code, err, match="TLS certificate is not trusted: set EDGEFLEET_CA_FILE", exit_code=4)
 
     # A CA that did not sign the server's certificate is refused just the same: the pin is to one CA.
     other = make_pki(tmp_path / "other", name="another CA")
     monkeypatch.setenv("EDGEFLEET_CA_FILE", str(other.ca))
     code, _, err = run_cli(capsys, "devices", "list", "--server", tls_server.url, "--api-token", tls_server.admin)
-    assert_refused(code, err, match="certificate is not trusted")
+    assert_refused(code, err, match="certificate is not trusted", exit_code=4)
 
     from edgefleet.agent.updater import ControlPlaneClient, Offline
     from edgefleet.protocol import EnrollRequest, Hardware

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import typer
 
+from conftest import starts_processes
 from edgefleet.sim.server import ServerProcess, edgefleet_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +52,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+@starts_processes
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     srv = ServerProcess(tmp_path_factory.mktemp("server"))
     srv.start()
@@ -89,6 +91,7 @@ def _version(server: ServerProcess, version: str) -> httpx.Response:
     )
 
 
+@pytest.mark.process
 def test_pipeline_publishes_with_a_bound_passing_verdict(inputs: Path, server: ServerProcess) -> None:
     r = _pipeline(inputs, server, "pass.yaml", "1.0.0")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -106,6 +109,7 @@ def test_pipeline_publishes_with_a_bound_passing_verdict(inputs: Path, server: S
     assert v["requirements"]["tiers"] == ["x86-avx2"]  # package --tier from TIERS
 
 
+@pytest.mark.process
 def test_pipeline_stops_on_a_failing_gate(inputs: Path, server: ServerProcess) -> None:
     r = _pipeline(inputs, server, "fail.yaml", "1.0.1")
     assert r.returncode == 1, r.stdout + r.stderr

@@ -1,6 +1,7 @@
 """edgefleet: take a trained model to a fleet of edge devices and keep it healthy there.
 
-``edgefleet.load(path)`` loads a model package (``.efpkg``) or a bare ``.onnx`` file for inference.
+``edgefleet.load(path)`` loads a model package (``.efpkg``) or a bare ``.onnx`` file for inference;
+``edgefleet.Client(server, token)`` is the Python SDK of the control plane's operator API (docs/sdk.md).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from edgefleet.errors import EdgefleetError
 
 if TYPE_CHECKING:
     from edgefleet.runtime import Model
+    from edgefleet.sdk import Client
 
-__all__ = ["EdgefleetError", "Model", "__version__", "load"]
+__all__ = ["Client", "EdgefleetError", "Model", "__version__", "load"]
 __version__ = "0.1.0"
 
 
@@ -24,6 +26,10 @@ def __getattr__(name: str) -> Any:
         from edgefleet.runtime import Model
 
         return Model
+    if name == "Client":
+        from edgefleet.sdk import Client
+
+        return Client
     raise AttributeError(f"module 'edgefleet' has no attribute {name!r}")
 
 

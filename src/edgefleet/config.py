@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,11 +48,15 @@ class ServerSettings(BaseSettings):
 
 
 class AgentSettings(BaseSettings):
-    """The device agent (``edgefleet agent``)."""
+    """The device agent (``edgefleet agent``): the one source of its settings. Each field reads
+    ``EDGEFLEET_AGENT_<FIELD>``; ``server`` also reads ``EDGEFLEET_SERVER`` (the CLI-wide name) and ``tier``
+    ``EDGEFLEET_AGENT_EMULATE_TIER`` (its flag's name). The CLI passes only the flags given, so a flag beats a
+    variable and a variable beats the default."""
 
-    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_AGENT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_AGENT_", extra="ignore", populate_by_name=True)
 
-    server: str | None = None
+    # the agent-specific variable first: it wins over the CLI-wide one when both are set
+    server: str | None = Field(None, validation_alias=AliasChoices("EDGEFLEET_AGENT_SERVER", "EDGEFLEET_SERVER"))
     token: str | None = None
     root: Path | None = Field(
         None, description="a TUF root.json given out of band: enrollment accepts only an answer carrying it"
@@ -62,12 +66,16 @@ class AgentSettings(BaseSettings):
     data_dir: Path = Path("edgefleet-agent")
     host: str = "127.0.0.1"
     port: int = 8081
-    checkin_interval_s: float = Field(30.0, gt=0)
-    telemetry_interval_s: float = Field(60.0, gt=0)
+    checkin_interval_s: float = Field(30.0, ge=0.05)
+    telemetry_interval_s: float = Field(60.0, ge=0.05)
     buffer_max_records: int = Field(10_000, gt=0)
-    tier: str | None = None
+    tier: str | None = Field(
+        None,
+        validation_alias=AliasChoices("EDGEFLEET_AGENT_EMULATE_TIER", "EDGEFLEET_AGENT_TIER"),
+        description="the tier this machine only emulates (--emulate-tier)",
+    )
     chipset: str | None = None
-    memory_mb: int | None = None
+    memory_mb: int | None = Field(None, ge=16, description="emulated device memory: the worker is killed above it")
     # One thread per call by default: at batch 1 a second onnxruntime thread mostly adds wake-ups or busy-waiting
     # on a device whose other core runs the application; tier profiles state the same number for bench/optimize.
     intra_op_threads: int = Field(1, ge=1)

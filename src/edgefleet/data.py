@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgefleet._fs import atomic_write
 from edgefleet.errors import DataError
 
 __all__ = ["CallData", "from_batch", "from_feeds", "load_calls", "save_calls"]
@@ -118,13 +119,9 @@ def save_calls(
             if key in arrays:
                 raise DataError(f"{key!r} is both a model input and the labels/slices key; pick another key")
             arrays[key] = np.asarray(arr)
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, target)
-    return target
+    return atomic_write(Path(path), buf.getvalue())
 
 
 def load_calls(

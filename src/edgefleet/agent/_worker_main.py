@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgefleet.agent.frames import FrameError, encode, take
+from edgefleet.dtypes import ORT_TO_NUMPY
 
 try:  # CPython's own SHA-256: hashlib's would map OpenSSL into this process (~3.5 MB resident here)
     from _sha256 import sha256
@@ -47,22 +48,6 @@ __all__ = ["FAULT_ENV", "answer_all", "answer_frame", "main", "serve_loop"]
 
 FAULT_ENV = "EDGEFLEET_WORKER_FAULT"
 _RECV = 1 << 20
-
-# onnxruntime type name -> numpy dtype name: keep equal to edgefleet.runtime.schema.ORT_TO_NUMPY. Repeated here
-# so that this process never imports the runtime layer (whose package imports pydantic-settings).
-ORT_TO_NUMPY = {
-    "tensor(float)": "float32",
-    "tensor(uint8)": "uint8",
-    "tensor(int8)": "int8",
-    "tensor(int16)": "int16",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-    "tensor(bool)": "bool",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(uint32)": "uint32",
-    "tensor(uint64)": "uint64",
-}
 
 
 def answer_frame(result: dict[str, Any], compute: float) -> bytes:

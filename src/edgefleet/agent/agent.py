@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import platform
-import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +37,7 @@ from edgefleet.agent import identity
 from edgefleet.agent.backend import Backend, BackendFactory
 from edgefleet.agent.buffer import TelemetryBuffer
 from edgefleet.agent.durable import crashpoint
+from edgefleet.agent.edges import Clock, HealthCheck, SystemClock
 from edgefleet.agent.healthcheck import run_health_check
 from edgefleet.agent.httpserver import HTTPLimits, serve_http
 from edgefleet.agent.oip import OIPApp
@@ -55,7 +55,7 @@ from edgefleet.agent.state import (
     rolled_back_in_recovery,
 )
 from edgefleet.agent.supervisor import Supervisor
-from edgefleet.agent.telemetry import utcnow
+from edgefleet.agent.telemetry import WindowAccumulator
 from edgefleet.agent.updater import (
     Cancelled,
     ControlPlaneClient,
@@ -125,16 +125,37 @@ def _process_backend(spec: WorkerSpec, on_crash: Any) -> Backend:
 
 
 class Agent:
+    """One device agent. Its edges are keyword-only, each defaulting to what a device runs:
+
+    - ``backend_factory(spec, on_crash)`` creates what runs a model (default: a supervised worker process);
+    - ``transport`` carries every request to the control plane and the TUF repository (default: the network,
+      under the TLS policy of the settings; an injected transport brings its own);
+    - ``health_check(spec, budget_ms_for)`` judges a staged package before the switch (default: golden vectors
+      and latency in a fresh worker process, :func:`~edgefleet.agent.healthcheck.run_health_check`);
+    - ``clock`` is read for every time-based decision and every reported time, and paces the check-in,
+      telemetry and probation loops (default: :class:`~edgefleet.agent.edges.SystemClock`); the upload loop's
+      timeout is only a wake-up (events wake it at once) and stays on the event loop's time.
+
+    ``serve_http=False`` leaves out the local inference API; ``config`` is the device configuration to start with;
+    ``hardware`` is what enrollment reports (default: this machine's, with the settings' chipset, memory and tier).
+    """
+
     def __init__(
         self,
         settings: AgentSettings,
         *,
         backend_factory: BackendFactory | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        health_check: HealthCheck | None = None,
+        clock: Clock | None = None,
         serve_http: bool = True,
         config: DeviceConfig | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        hardware: Hardware | None = None,
     ) -> None:
         self.settings = settings
+        self.clock: Clock = clock or SystemClock()
+        self.health_check: HealthCheck = health_check or run_health_check
+        self.hardware = hardware
         self.data_dir = Path(settings.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if identity.wipe_pending(self.data_dir):  # a decommission wipe cut short (power cut): finish it first
@@ -142,7 +163,7 @@ class Agent:
             log.warning("finished wiping %s, as the control plane ordered before the restart", self.data_dir)
         self.backend_factory = backend_factory or _process_backend
         self.with_http = serve_http
-        self.transport = transport  # the control plane's, for tests and embedding; None: the network
+        self.transport = transport  # the control plane's and the repository's; None: the network
         self.config = config or DeviceConfig(
             checkin_interval_s=settings.checkin_interval_s, telemetry_interval_s=settings.telemetry_interval_s
         )
@@ -150,6 +171,7 @@ class Agent:
         self.slots = SlotStore(self.data_dir)
         self.buffer = TelemetryBuffer(self.data_dir / "telemetry.db", settings.buffer_max_records)
         self.service = InferenceService(queue_size=settings.queue_size)
+        self.service.window = WindowAccumulator(now=self.clock.now)  # windows dated by the agent's clock
         self.app = OIPApp(self.service, limits=HTTPLimits.from_settings(settings))  # serve_http takes them too
         self.state = PersistedState()
         self.backend: Backend | None = None
@@ -198,7 +220,7 @@ class Agent:
         elif self.state.reason:
             self.service.clear(self.state.reason)
         if self.state.state is AgentState.probation:
-            self._probation = ProbationStats(time.monotonic())
+            self._probation = ProbationStats(self.clock.monotonic())
             self.service.listener = self._probation.observe
         if self.with_http:
             self._server = await serve_http(self.app, self.settings.host, self.settings.port)
@@ -296,7 +318,7 @@ class Agent:
     def _on_crash(self, reason: str) -> None:
         self.service.metrics.crashes.inc()
         if self._probation is not None:
-            self._probation.crash_times.append(time.monotonic())
+            self._probation.crash_times.append(self.clock.monotonic())
             self._probation_crash = reason
         a = self.state.active
         self._event(EventKind.worker_crashed, reason, a.model if a else None, a.version if a else None)
@@ -353,7 +375,7 @@ class Agent:
     ) -> None:
         ev = UpdateEvent(
             event_id=uuid.uuid4().hex,
-            at=utcnow(),
+            at=self.clock.now(),
             kind=kind,
             model=model,
             version=version,
@@ -404,7 +426,7 @@ class Agent:
             events=events,
             telemetry=windows,
             dropped_records=self.buffer.dropped,
-            sent_at=utcnow(),
+            sent_at=self.clock.now(),
         )
 
     async def _upload_loop(self) -> None:
@@ -450,7 +472,7 @@ class Agent:
 
     async def _telemetry_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.telemetry_interval_s)
+            await self.clock.sleep(self.config.telemetry_interval_s)
             try:
                 await self._drift_and_close()
             except asyncio.CancelledError:
@@ -520,12 +542,12 @@ class Agent:
 
     def _offline(self, err: Exception) -> None:
         if self._offline_since is None:
-            self._offline_since = time.monotonic()
+            self._offline_since = self.clock.monotonic()
             log.warning("offline: %s; serving the committed model and buffering telemetry", err)
 
     def _online(self) -> None:
         if self._offline_since is not None:
-            log.info("back online after %.0f s", time.monotonic() - self._offline_since)
+            log.info("back online after %.0f s", self.clock.monotonic() - self._offline_since)
             self._offline_since = None
 
     def _hardware(self) -> Hardware:
@@ -582,7 +604,7 @@ class Agent:
         ans = await cp.enroll(
             EnrollRequest(
                 token=token,
-                hardware=self._hardware(),
+                hardware=self.hardware or self._hardware(),
                 runtime_version=runtime_version(),
                 agent_version=__version__,
                 public_key=pub,
@@ -676,7 +698,7 @@ class Agent:
                     await self._refused(err)
                     if self.exit_code is not None:
                         return
-                    await asyncio.sleep(jittered(self.config.checkin_interval_s))
+                    await self.clock.sleep(jittered(self.config.checkin_interval_s))
                     continue
                 self._refusals = 0
                 self._online()
@@ -696,7 +718,7 @@ class Agent:
                 raise
             except Exception:  # the loop that brings updates must outlive any one bad answer
                 log.exception("check-in failed unexpectedly; retrying")
-            await asyncio.sleep(jittered(self.config.checkin_interval_s))
+            await self.clock.sleep(jittered(self.config.checkin_interval_s))
 
     def _apply(self, desired: DesiredState) -> None:
         self.desired = desired
@@ -718,7 +740,7 @@ class Agent:
 
     def _retry_due(self, d: DesiredState) -> bool:
         r = self._retry
-        return r is None or r[0] != refusal_key(d.rollout_id, d.target or "") or time.monotonic() >= r[1]
+        return r is None or r[0] != refusal_key(d.rollout_id, d.target or "") or self.clock.monotonic() >= r[1]
 
     async def _update(self, d: DesiredState) -> None:
         try:
@@ -774,7 +796,7 @@ class Agent:
         st = self._settled(s, f"update to {d.version} failed (attempt {attempts} of {MAX_UPDATE_ATTEMPTS}): {reason}")
         self._save(st.with_(pending=pending.model_copy(update={"failures": attempts})))
         delay = min(RETRY_MAX_S, self.config.checkin_interval_s * 2**attempts)
-        self._retry = (refusal_key(d.rollout_id, d.target or ""), time.monotonic() + delay)
+        self._retry = (refusal_key(d.rollout_id, d.target or ""), self.clock.monotonic() + delay)
         log.warning(
             "update to %s failed (attempt %d of %d), trying again in %.0f s: %s",
             d.target,
@@ -803,6 +825,15 @@ class Agent:
             self.service.clear(reason)
         self.slots.clear_downloads()
         log.warning("update to %s failed (%s): %s", d.target, kind.value, reason)
+
+    def _tuf_fetcher(self, repository_url: str, loop: asyncio.AbstractEventLoop) -> Any:
+        """With an injected transport, an http(s) repository is read through it too (on this loop, over the
+        control plane client's connections); None: the TUF client's own fetcher (the network, or a folder)."""
+        if self.transport is None or self.cp is None or not repository_url.startswith(("http://", "https://")):
+            return None
+        from edgefleet.agent.loopfetch import LoopFetcher
+
+        return LoopFetcher(self.cp.http, loop)
 
     async def _do_update(self, d: DesiredState) -> None:
         assert d.target and d.model and d.version
@@ -835,13 +866,16 @@ class Agent:
         )
         tuf_dir = self.data_dir / "tuf"
         root = tuf_dir / "trusted_root.json"
+        fetcher = self._tuf_fetcher(self.identity["repository_url"], loop)
         try:
             client = TufClient(
                 tuf_dir / "metadata",
                 self.identity["repository_url"],
                 root.read_bytes() if not (tuf_dir / "metadata" / "root.json").exists() else None,
+                fetcher=fetcher,
                 ca_file=self.settings.ca_file,
-                insecure_http=self.settings.insecure_http,
+                # an injected transport is not the network and brings its own policy, as for the control plane
+                insecure_http=self.settings.insecure_http or fetcher is not None,
             )
             self._tuf_client = client
             await loop.run_in_executor(None, client.refresh)
@@ -866,7 +900,7 @@ class Agent:
             partial = self.slots.partial(d.target)
             have = partial.stat().st_size if partial.exists() else 0
             log.info("downloading %s: %d bytes%s", d.target, info.length, f", resuming at {have}" if have else "")
-            t0 = time.monotonic()
+            t0 = self.clock.monotonic()
             try:
                 path = await download_resumable(
                     self.cp.http,
@@ -878,7 +912,7 @@ class Agent:
             except (DownloadError, VerificationError) as err:
                 self._retry_or_refuse(d, f"refused: {err}")
                 return
-            log.info("downloaded %s: %d bytes in %.1f s", d.target, info.length, time.monotonic() - t0)
+            log.info("downloaded %s: %d bytes in %.1f s", d.target, info.length, self.clock.monotonic() - t0)
         self._save(self.state.with_(state=AgentState.verifying))
         try:
             await loop.run_in_executor(None, client.verify_file, d.target, path)
@@ -930,7 +964,7 @@ class Agent:
         tier = self.identity.get("tier")
         cfg = self.config
         log.info("health check of %s: golden vectors and latency in a fresh worker", d.target)
-        result = await run_health_check(spec, lambda i: latency_budget_ms(i.metrics, tier, cfg.p95_budget_ms))
+        result = await self.health_check(spec, lambda i: latency_budget_ms(i.metrics, tier, cfg.p95_budget_ms))
         if not result.ok:
             self._refuse(d, result.reason, EventKind.health_check_failed)
             return
@@ -953,7 +987,7 @@ class Agent:
                 await self._drift_and_close()  # the old model's last window, before probation counts anything
             except Exception:
                 log.exception("the telemetry window before the switch could not be closed")
-        self._probation = ProbationStats(time.monotonic())
+        self._probation = ProbationStats(self.clock.monotonic())
         self._probation_crash = None
         self.service.listener = self._probation.observe
         await self._swap_backend(backend, info, close=False)
@@ -972,7 +1006,7 @@ class Agent:
 
     async def _probation_loop(self) -> None:
         while True:
-            await asyncio.sleep(0.1)
+            await self.clock.sleep(0.1)
             stats = self._probation
             if stats is None or self.state.state is not AgentState.probation:
                 continue
@@ -980,7 +1014,7 @@ class Agent:
             budget = latency_budget_ms(
                 info.metrics if info else {}, self.identity.get("tier"), self.config.p95_budget_ms
             )
-            decision = decide(self.config, stats, time.monotonic(), budget)
+            decision = decide(self.config, stats, self.clock.monotonic(), budget)
             if decision.action == "commit":
                 await self._commit(decision.reason)
             elif decision.action == "rollback":

@@ -66,11 +66,19 @@ class InProcessBackend:
         self._opened: Any = None
         self._drift: DriftCounter | None = None
 
-    async def start(self) -> ModelInfo:
+    async def load(self) -> tuple[Any, ModelInfo, Any, Any]:
+        """Load the spec's model: ``(model, info, opened package or None, drift reference or None)``. A subclass
+        that serves a model loaded elsewhere (one shared by many agents) overrides this; a WorkerUnavailable it
+        raises is the start's failure as it stands."""
         from edgefleet.agent import worker
 
+        return worker._load(self.spec)
+
+    async def start(self) -> ModelInfo:
         try:
-            model, info, opened, reference = worker._load(self.spec)
+            model, info, opened, reference = await self.load()
+        except WorkerUnavailable:
+            raise
         except Exception as err:
             raise WorkerUnavailable(f"cannot load {self.spec.path.name}: {err}")
         self._model = self._model or model
@@ -112,7 +120,7 @@ class InProcessBackend:
 
         if self._opened is None:
             raise ModelError("no golden vectors (not a package)")
-        return worker._golden(self._model, self._opened)
+        return worker.run_golden(self._model, self._opened)
 
     def rss_bytes(self) -> int | None:
         return None

@@ -15,23 +15,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from edgefleet.dtypes import DTYPE_TO_OIP, OIP_TO_DTYPE
+
 __all__ = ["DTYPE_TO_OIP", "OIP_TO_DTYPE", "BadRequest", "InferRequest", "encode_response", "parse_request"]
 
-OIP_TO_DTYPE = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-}
-DTYPE_TO_OIP = {v: k for k, v in OIP_TO_DTYPE.items()}
 _LE = {k: np.dtype(v).newbyteorder("<") for k, v in OIP_TO_DTYPE.items()}
 MAX_ELEMENTS = 1 << 26
 _OIP_OF = {np.dtype(k): v for k, v in DTYPE_TO_OIP.items()}

@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from edgefleet import _fs
+from edgefleet._fs import fsync_dir
+
 __all__ = ["CRASHPOINT_ENV", "CRASH_EXIT_CODE", "atomic_write", "crashpoint", "durable_rename", "fsync_dir"]
 
 CRASHPOINT_ENV = "EDGEFLEET_AGENT_CRASHPOINT"
@@ -23,31 +26,10 @@ def crashpoint(name: str) -> None:
         os._exit(CRASH_EXIT_CODE)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes, step: str, *, mode: int | None = None) -> None:
     """Replace ``path`` with ``data`` so that a reader sees the old or the new content, never a mix. ``mode``
     (0o600 for a secret) is set before the first byte is written, whatever the umask."""
-    tmp = path.with_name(path.name + ".tmp")
-    if mode is not None:
-        tmp.unlink(missing_ok=True)  # O_CREAT keeps the mode of a leftover file
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode))
-        os.chmod(tmp, mode)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        crashpoint(f"{step}.before_fsync")
-        os.fsync(f.fileno())
-    crashpoint(f"{step}.after_fsync")
-    os.replace(tmp, path)
-    crashpoint(f"{step}.after_rename")
-    fsync_dir(path.parent)
+    _fs.atomic_write(path, data, mode=mode, on_step=lambda point: crashpoint(f"{step}.{point}"))
 
 
 def durable_rename(src: Path, dst: Path, step: str) -> None:

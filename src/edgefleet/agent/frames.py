@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from edgefleet.dtypes import OIP_TO_DTYPE
 from edgefleet.errors import AgentError
 
 __all__ = ["DTYPES", "HEADER", "MAX_DATA", "MAX_DESCRIPTOR", "FrameError", "decode", "encode", "take"]
@@ -40,9 +41,7 @@ MAX_DESCRIPTOR = 16 * 1024 * 1024  # drift summaries and model metadata are the 
 MAX_DATA = 4 * 1024 * 1024 * 1024  # tensors; what the device can hold bounds it long before
 MAX_DIMS = 32
 # numpy dtype names a tensor may have; plain numbers only (no object, string, void or datetime dtypes).
-DTYPES = frozenset(
-    ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float16", "float32", "float64")
-)
+DTYPES = frozenset(OIP_TO_DTYPE.values())
 _DT = {name: np.dtype(name) for name in DTYPES}
 _NAME = {dt: name for name, dt in _DT.items()}  # dtype.name is slow (computed in Python); a lookup is not
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds an encoder per call for these options

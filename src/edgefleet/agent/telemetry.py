@@ -4,6 +4,7 @@ crashes, CPU and RSS, the active version and served ``model_sha256``, and drift 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import psutil
@@ -22,8 +23,9 @@ def utcnow() -> datetime:
 class WindowAccumulator:
     """Collects one window in memory; :meth:`close` returns it and starts the next."""
 
-    def __init__(self) -> None:
-        self.start = utcnow()
+    def __init__(self, now: Callable[[], datetime] = utcnow) -> None:
+        self._now = now  # the agent's clock (wall time, UTC), so an injected one dates its windows
+        self.start = now()
         self.requests = 0
         self.errors: dict[str, int] = {}
         self.sketch = LatencySketch()
@@ -48,7 +50,7 @@ class WindowAccumulator:
         worker_rss: int | None,
         drift: list[DriftSummary],
     ) -> TelemetryWindow:
-        end = max(utcnow(), self.start)  # a clock stepped back (NTP) must not make a window end before it starts
+        end = max(self._now(), self.start)  # a clock stepped back (NTP) must not make a window end before it starts
         rss = int(self._proc.memory_info().rss) + (worker_rss or 0)
         w = TelemetryWindow(
             window_id=uuid.uuid4().hex,

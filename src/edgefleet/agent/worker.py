@@ -35,7 +35,7 @@ from edgefleet.agent._worker_main import FAULT_ENV, serve_loop
 from edgefleet.agent.frames import FrameError, encode, take
 from edgefleet.errors import WorkerUnavailable
 
-__all__ = ["FAULT_ENV", "ModelInfo", "WorkerProcess", "WorkerSpec", "serve"]
+__all__ = ["FAULT_ENV", "ModelInfo", "WorkerProcess", "WorkerSpec", "package_info", "run_golden", "serve"]
 
 log = logging.getLogger("edgefleet.agent")
 _ENTRY = str(Path(__file__).with_name("_worker_main.py"))
@@ -112,8 +112,11 @@ def _load(spec: WorkerSpec) -> tuple[Any, ModelInfo, Any, Any]:
     return model, info, opened, reference
 
 
-def _golden(model: Any, opened: Any) -> dict[str, Any]:
-    """Reproduce the golden vectors (raises GoldenMismatchError) and time each call."""
+def run_golden(model: Any, opened: Any) -> dict[str, Any]:
+    """Run an opened package's golden vectors through ``model`` (the package's, loaded): raises
+    GoldenMismatchError when an output leaves its tolerance, else times every call (three passes) and returns
+    ``{"calls": n, "latencies_s": [...]}``, what :func:`~edgefleet.agent.healthcheck.check_latency` judges.
+    The worker's ``golden`` request runs this; so does a health check that shares one loaded model."""
     opened.verify_golden(model)
     times: list[float] = []
     calls = opened.golden_inputs
@@ -162,7 +165,7 @@ def serve(sock: socket.socket, spec: WorkerSpec) -> None:
             if not opened:
                 return ("err", "golden", "no golden vectors")
             try:
-                return ("ok", _golden(model, opened), 0.0)
+                return ("ok", run_golden(model, opened), 0.0)
             except Exception as err:
                 return ("err", "golden", f"{type(err).__name__}: {err}")
         return None if op == "stop" else ("err", "model", f"unknown operation {op!r}")

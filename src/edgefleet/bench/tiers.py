@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgefleet.errors import ConfigError
+from edgefleet.errors import ConfigError, yaml_error_message
 
 __all__ = [
     "ISA_FLAGS",
@@ -122,7 +122,7 @@ def load_tiers(path: str | os.PathLike[str]) -> dict[str, TierProfile]:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p} is not valid YAML: {str(err).splitlines()[0]}")
+        raise ConfigError(f"{yaml_error_message(str(p), err)} (not valid YAML)")
     return {t.name: t for t in _parse(raw, str(p))}
 
 
@@ -143,7 +143,7 @@ def get_tier(name_or_path: str | os.PathLike[str]) -> TierProfile:
         try:
             raw = yaml.safe_load(p.read_text())
         except yaml.YAMLError as err:
-            raise ConfigError(f"{p} is not valid YAML: {err}")
+            raise ConfigError(f"{yaml_error_message(str(p), err)} (not valid YAML)")
         parsed = _parse(raw, str(p))
         if len(parsed) != 1:
             raise ConfigError(f"{p} holds {len(parsed)} tiers; give one tier per file")

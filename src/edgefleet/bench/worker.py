@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from edgefleet._fs import atomic_write
 from edgefleet.bench.memory import current_rss_mb, peak_rss_mb, set_data_limit
 from edgefleet.bench.report import BenchSettings
 from edgefleet.bench.tiers import TierProfile
@@ -277,9 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = WorkerJob.model_validate_json(Path(args[0]).read_bytes())
     result = run_job(job)
-    tmp = Path(args[1] + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, args[1])
+    atomic_write(Path(args[1]), json.dumps(result).encode())
     return 0
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgefleet.bench.env import describe_host
 from edgefleet.bench.report import BenchReport, BenchSettings, schema_json
 from edgefleet.bench.runner import bench
 from edgefleet.bench.tiers import get_tier, host_tier
-from edgefleet.cli._output import console, err_console, print_json
+from edgefleet.cli._output import cell, console, escape, print_json, progress
 from edgefleet.errors import UsageError
 
 
@@ -36,8 +35,9 @@ def _table(report: BenchReport) -> Table:
         t.add_column(col, justify="right" if col not in ("model", "tier", "status") else "left")
     t.add_column("best throughput/s", justify="right")
     t.add_column("vs baseline")
+    arch = escape(report.environment.arch)
     for r in report.results:
-        status = "[green]ok[/]" if r.status == "ok" else f"[red]failed[/]: {r.error}"
+        status = "[green]ok[/]" if r.status == "ok" else f"[red]failed[/]: {escape(r.error)}"
         lat = r.latency
         p50 = lat.quantile(0.5) if lat else None
         p95 = lat.quantile(0.95) if lat else None
@@ -54,8 +54,8 @@ def _table(report: BenchReport) -> Table:
         if cmp is not None:
             vs = cmp.verdict if cmp.median_ratio is None else f"{cmp.verdict} ×{cmp.median_ratio:.3f}"
         t.add_row(
-            Path(r.model).name,
-            f"{r.tier} [yellow](emulated on {report.environment.arch})[/]" if r.emulated else r.tier,
+            cell(Path(r.model).name),
+            f"{escape(r.tier)} [yellow](emulated on {arch})[/]" if r.emulated else cell(r.tier),
             status,
             _ms(r.cold_start_ms),
             "—" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}",
@@ -64,7 +64,7 @@ def _table(report: BenchReport) -> Table:
             _ms(p99.value_ms if p99 else None),
             n,
             f"{best.inferences_per_s:,.0f} @b{best.batch}" if best and best.inferences_per_s else "—",
-            vs,
+            cell(vs),
         )
     return t
 
@@ -105,15 +105,8 @@ def bench_command(
         batch_sizes=_batches(batch_sizes),
     )
     steps = len(models) * len(tiers) * (2 if baseline else 1)
-    with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console, transient=True
-    ) as progress:
-        task = progress.add_task("benchmarking", total=steps)
-
-        def step(msg: str) -> None:
-            progress.update(task, description=msg, advance=1)
-
-        report = bench(models, tiers, data=data, baseline=baseline, settings=settings, progress=step)
+    with progress("benchmarking", total=steps) as update:
+        report = bench(models, tiers, data=data, baseline=baseline, settings=settings, progress=update)
     output.write_text(report.model_dump_json(indent=2) + "\n")
     if json_out:
         print_json(report)
@@ -123,11 +116,12 @@ def bench_command(
         if emulated:
             # said under every table: these figures must not be read as the tier's own
             console.print(
-                f"[yellow]emulated on {describe_host(report.environment)}[/]: {'; '.join(emulated)}. Latency and "
+                f"[yellow]emulated on {escape(describe_host(report.environment))}[/]: {escape('; '.join(emulated))}. "
+                "Latency and "
                 "compatibility there are this host's, not the tier's; the gate calls them inconclusive unless the "
                 "policy sets allow_emulated."
             )
-        console.print(f"wrote {output}")
+        console.print(f"wrote {output}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

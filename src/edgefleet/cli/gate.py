@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from edgefleet.cli._output import console, print_json
+from edgefleet.cli._output import cell, console, escape, print_json
+from edgefleet.errors import UsageError
 from edgefleet.gate.junit import write_junit
 from edgefleet.gate.verdict import Verdict, gate
 
@@ -26,8 +28,18 @@ def _table(v: Verdict) -> Table:
     t.add_column("result")
     t.add_column("reason", overflow="fold")
     for c in v.checks:
-        t.add_row(c.name, _STYLE[c.status], c.reason)
+        t.add_row(cell(c.name), _STYLE[c.status], cell(c.reason))
     return t
+
+
+def _check_writable(path: Path) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"--junit {path} is a folder: give a file name, e.g. {path / 'gate.xml'}")
+    if not folder.is_dir():
+        raise UsageError(f"--junit {path}: folder {folder} does not exist (create it first)")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--junit {path}: folder {folder} is not writable")
 
 
 def gate_command(
@@ -49,6 +61,9 @@ def gate_command(
     from the version in production, p95 per tier, regression vs the baseline, peak memory, cold start, size,
     compatibility with every target tier, package validity. Each check passes, fails, is inconclusive (fails unless
     the policy allows it) or is skipped (optional evidence not given). Exit code 0 pass, 1 fail, 2 usage error."""
+    if junit is not None:
+        # said before the gate runs: a report nobody can write is a usage error, not a failed gate
+        _check_writable(junit)
     verdict = gate(policy, bench, optimize_report, package, production_report)
     if junit is not None:
         write_junit(verdict, junit)
@@ -57,8 +72,8 @@ def gate_command(
     else:
         console.print(_table(verdict))
         for key, cmp in verdict.accuracy.items():
-            console.print(f"{_AGAINST.get(key, key)}: {cmp.describe()}", highlight=False)
-        console.print(f"{_STYLE[verdict.status]}: {verdict.reason}", highlight=False)
+            console.print(f"{_AGAINST.get(key, key)}: {cmp.describe()}", markup=False)
+        console.print(f"{_STYLE[verdict.status]}: {escape(verdict.reason)}")
     if not verdict.passed:
         raise typer.Exit(1)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from edgefleet.cli._output import console, print_json
+from edgefleet.cli._output import cell, console, escape, print_json
 from edgefleet.package import generate_device_keypair
 
 keys_app = typer.Typer(help="Device keys and repository signing keys.", no_args_is_help=True)
@@ -27,9 +27,9 @@ def device_command(
             {"private_key": str(pair.private_key_path), "public_key": pair.public_key_hex, "key_id": pair.key_id}
         )
         return
-    console.print(f"private key  {pair.private_key_path} (mode 0600; keep it on the device)")
-    console.print(f"public key   {pair.public_key_hex}")
-    console.print(f"key id       {pair.key_id}")
+    console.print(f"private key  {pair.private_key_path} (mode 0600; keep it on the device)", markup=False)
+    console.print(f"public key   {pair.public_key_hex}", markup=False)
+    console.print(f"key id       {pair.key_id}", markup=False)
 
 
 @keys_app.command("list")
@@ -45,15 +45,15 @@ def list_command(
     if as_json:
         print_json(rows)
         return
-    t = Table(title=f"signing keys of {repo}", title_justify="left")
+    t = Table(title=f"signing keys of {escape(repo)}", title_justify="left")
     for col in ("role", "key id", "type", "threshold", "private key"):
         t.add_column(col)
     for r in rows:
         t.add_row(
-            str(r["role"]),
-            str(r["keyid"]),
-            str(r["keytype"]),
-            str(r["threshold"]),
+            cell(r["role"]),
+            cell(r["keyid"]),
+            cell(r["keytype"]),
+            cell(r["threshold"]),
             "[green]present[/]" if r["private_key"] else "[yellow]offline/missing[/]",
         )
     console.print(t)

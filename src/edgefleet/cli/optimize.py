@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edgefleet.cli._output import console, err_console, error, print_json
+from edgefleet._fs import atomic_write
+from edgefleet.cli._output import console, err_console, escape, print_json, progress, report_error
 from edgefleet.data import load_calls
 from edgefleet.errors import EdgefleetError
 
@@ -51,7 +50,7 @@ def optimize_cmd(
         )  # fmt: skip
     except EdgefleetError as err:
         # main.run() does this too; catching here keeps the one-line error when the app is invoked directly.
-        error(str(err))
+        report_error(str(err), err.exit_code, as_json)
         raise typer.Exit(err.exit_code)
 
 
@@ -82,20 +81,13 @@ def _run(
     if because:
         # said before the minutes of measuring, not after: the ratios will be this host's, not the tier's
         err_console.print(
-            f"[yellow]warning:[/] tier {profile.name} is emulated on {describe_host(env)} ({because}); "
+            f"[yellow]warning:[/] {escape(f'tier {profile.name} is emulated on {describe_host(env)} ({because})')}; "
             "latency ratios are this host's"
         )
     names = model_input_names(model)
     calib_data = load_calls(calib, input_names=names)
     eval_data = load_calls(eval_path, input_names=names, labels_key=labels, slices_key=slices)
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        TimeElapsedColumn(),
-        console=err_console if as_json else console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("optimizing", total=1.0)
+    with progress("optimizing", total=1.0, to=err_console if as_json else console) as update:
         result = optimize(
             model,
             calib_data,
@@ -108,22 +100,22 @@ def _run(
             time_budget_s=time_budget,
             prune=not no_prune,
             report_path=report,
-            progress=lambda what, frac: bar.update(task, description=what, completed=min(frac, 1.0)),
+            progress=lambda what, frac: update(what, min(frac, 1.0)),
         )
     if result.host is None:
         result = with_host(result, profile, env)
         if report is not None:
-            tmp = report.with_name(report.name + ".tmp")
-            tmp.write_text(result.model_dump_json(indent=2))
-            os.replace(tmp, report)
+            atomic_write(report, result.model_dump_json(indent=2).encode())
     if as_json:
         print_json(result)
         return
     console.print(table(result))
     if result.emulated:
-        console.print(f"[yellow]emulated on {result.host.arch if result.host else '?'}[/]: {result.emulated_because}")
+        arch = result.host.arch if result.host else "?"
+        console.print(f"[yellow]emulated on {escape(arch)}[/]: {escape(result.emulated_because)}")
     took = f"{result.time_spent_s:.1f} s"
     if result.kept_input:
-        console.print(f"[bold]input[/] → {result.output}, byte for byte  ({result.reason}; {took})")
+        console.print(f"[bold]input[/] → {escape(f'{result.output}, byte for byte  ({result.reason}; {took})')}")
     else:
-        console.print(f"[bold]{result.chosen.name}[/] → {result.output}  ({result.reason}; {took})")
+        chosen = escape(result.chosen.name)
+        console.print(f"[bold]{chosen}[/] → {escape(f'{result.output}  ({result.reason}; {took})')}")

@@ -10,14 +10,12 @@ from typing import Any
 import typer
 import yaml
 from pydantic import TypeAdapter, ValidationError
-from rich.markup import escape
 from rich.table import Table
 
-from edgefleet.cli._output import console, print_json
+from edgefleet.cli._output import cell, console, escape, print_json
 from edgefleet.data import CallData, load_calls
-from edgefleet.errors import UsageError
+from edgefleet.errors import UsageError, validation_summary, yaml_error_message
 from edgefleet.package import GoldenTolerance, Lineage, OpenedPackage, Requirements, build_package, open_package
-from edgefleet.package.manifest import validation_message
 from edgefleet.runtime import Step, TensorSpec
 
 
@@ -36,7 +34,7 @@ class _IOFile:
         try:
             doc = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise UsageError(f"--io file {path} is not valid YAML: {' '.join(str(err).split())}")
+            raise UsageError(f"--io file is not valid YAML: {yaml_error_message(str(path), err)}")
         if not isinstance(doc, dict):
             raise UsageError(f"--io file {path} must be a mapping with inputs/outputs/preprocessing/postprocessing")
         unknown = set(doc) - {"inputs", "outputs", "preprocessing", "postprocessing"}
@@ -52,7 +50,7 @@ class _IOFile:
             self.preprocessing = steps.validate_python(doc.get("preprocessing") or [])
             self.postprocessing = steps.validate_python(doc.get("postprocessing") or [])
         except ValidationError as err:
-            raise UsageError(f"--io file {path} breaks the schema at {validation_message(err)}")
+            raise UsageError(f"--io file {path} breaks the schema: {validation_summary(err)}")
 
 
 def _json_file(path: Path | None, what: str) -> Any:
@@ -87,7 +85,7 @@ def _lineage_from_optimize(path: Path, model: Path, model_sha256: str) -> dict[s
     except ValidationError as err:
         raise UsageError(
             f"--optimize-report {path} is not the REPORT.json of `edgefleet optimize --report` "
-            f"({validation_message(err)})"
+            f"({validation_summary(err)})"
         )
     if rep.output_sha256 != model_sha256:
         raise UsageError(
@@ -249,7 +247,7 @@ def package_command(
             req_fields["execution_providers"] = list(provider)
         requirements = Requirements(**req_fields)
     except ValidationError as err:
-        raise UsageError(f"invalid option: {validation_message(err)}")
+        raise UsageError(f"invalid option: {validation_summary(err)}")
     path = build_package(
         model,
         out,
@@ -279,7 +277,6 @@ def package_command(
         ids = ", ".join(k["device_id"] for k in fleet_keys)
         console.print(
             f"encrypted for {len(fleet_keys)} device(s) of {_fleet_scope(encrypt_for_group, encrypt_for_tier)}: {ids}",
-            highlight=False,
             markup=False,
         )
     console.print(f"wrote [bold]{escape(str(path))}[/]")
@@ -312,21 +309,21 @@ def _fleet_keys(server: str | None, token: str | None, group: str | None, tier: 
 
 def _table(p: OpenedPackage) -> Table:
     m = p.manifest
-    t = Table(title=f"{m.name} {m.version}", title_justify="left", show_header=False)
+    t = Table(title=escape(f"{m.name} {m.version}"), title_justify="left", show_header=False)
     t.add_column("field", style="bold")
     t.add_column("value")
-    t.add_row("package", str(p.path))
-    t.add_row("package sha256", p.package_sha256)
-    t.add_row("target name", m.target_name)
-    t.add_row("created", m.created.isoformat())
-    t.add_row("model sha256", m.model_sha256)
-    t.add_row("model size", f"{m.model_size:,} bytes")
-    t.add_row("inputs", "\n".join(s.signature() for s in m.io.inputs))
-    t.add_row("outputs", "\n".join(s.signature() for s in m.io.outputs))
+    t.add_row("package", cell(str(p.path)))
+    t.add_row("package sha256", cell(p.package_sha256))
+    t.add_row("target name", cell(m.target_name))
+    t.add_row("created", cell(m.created.isoformat()))
+    t.add_row("model sha256", cell(m.model_sha256))
+    t.add_row("model size", cell(f"{m.model_size:,} bytes"))
+    t.add_row("inputs", cell("\n".join(s.signature() for s in m.io.inputs)))
+    t.add_row("outputs", cell("\n".join(s.signature() for s in m.io.outputs)))
     if m.preprocessing:
-        t.add_row("preprocessing", ", ".join(s.op for s in m.preprocessing))
+        t.add_row("preprocessing", cell(", ".join(s.op for s in m.preprocessing)))
     if m.postprocessing:
-        t.add_row("postprocessing", ", ".join(s.op for s in m.postprocessing))
+        t.add_row("postprocessing", cell(", ".join(s.op for s in m.postprocessing)))
     r = m.requirements
     req = [f"{r.runtime} >= {r.min_runtime_version}" if r.min_runtime_version else r.runtime]
     if r.opset is not None:
@@ -335,11 +332,11 @@ def _table(p: OpenedPackage) -> Table:
     if r.min_memory_mb:
         req.append(f"memory >= {r.min_memory_mb} MB")
     req.append("tiers " + (", ".join(r.tiers) if r.tiers else "any"))
-    t.add_row("requirements", "\n".join(req))
-    t.add_row("golden", f"{len(p.golden_inputs)} calls, rtol {m.golden.rtol:g}, atol {m.golden.atol:g}")
-    t.add_row("drift reference", f"{len(p.reference.features)} features" if p.reference else "none")
+    t.add_row("requirements", cell("\n".join(req)))
+    t.add_row("golden", cell(f"{len(p.golden_inputs)} calls, rtol {m.golden.rtol:g}, atol {m.golden.atol:g}"))
+    t.add_row("drift reference", cell(f"{len(p.reference.features)} features" if p.reference else "none"))
     enc = m.encryption
-    t.add_row("encryption", f"{enc.algorithm} for key(s) {', '.join(enc.key_ids)}" if enc else "none")
+    t.add_row("encryption", cell(f"{enc.algorithm} for key(s) {', '.join(enc.key_ids)}" if enc else "none"))
     lin = m.lineage
     if lin.parent_sha256 or lin.recipe or lin.calibration_sha256 or lin.accuracy or lin.quantized_ops is not None:
         parts = []
@@ -355,10 +352,10 @@ def _table(p: OpenedPackage) -> Table:
             a = lin.accuracy
             tol = f", tolerance {a.max_drop:g}" if a.max_drop is not None else ""
             parts.append(f"{a.metric} {a.value:.4f} (parent {a.parent:.4f}, drop {a.drop:+.4f}{tol})")
-        t.add_row("lineage", "\n".join(parts))
+        t.add_row("lineage", cell("\n".join(parts)))
     if m.metrics:
-        t.add_row("metrics", "\n".join(f"{k}: {json.dumps(v)}" for k, v in sorted(m.metrics.items())))
-    t.add_row("members", "\n".join(f"{k} ({v:,} bytes)" for k, v in p.members.items()))
+        t.add_row("metrics", cell("\n".join(f"{k}: {json.dumps(v)}" for k, v in sorted(m.metrics.items()))))
+    t.add_row("members", cell("\n".join(f"{k} ({v:,} bytes)" for k, v in p.members.items())))
     return t
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from edgefleet.cli._output import console, err_console, print_json
+from edgefleet.cli._output import cell, console, err_console, escape, print_json
+from edgefleet.durations import parse_timedelta
 from edgefleet.errors import UsageError
 from edgefleet.repository import ROLES, Repository, RepoStatus, default_root_keys_dir, fetch_package
 from edgefleet.repository.status import human_duration
@@ -18,7 +18,6 @@ repo_app = typer.Typer(help="The TUF-signed model repository.", no_args_is_help=
 
 _PASSPHRASE_ENV = "EDGEFLEET_REPO_PASSPHRASE"
 _ROOT_PASSPHRASE_ENV = "EDGEFLEET_ROOT_PASSPHRASE"
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def _passphrase(ask: bool, env: str | None, *, confirm: bool = False, what: str = "key passphrase") -> str | None:
@@ -54,13 +53,6 @@ def _open(
     )
 
 
-def _duration(text: str) -> timedelta:
-    m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
-    if m is None:
-        raise UsageError(f"duration {text!r}: use a number and a unit (s, m, h, d, w), e.g. 90d or 12h")
-    return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
-
-
 def _expiry(values: list[str]) -> dict[str, timedelta]:
     out: dict[str, timedelta] = {}
     for v in values:
@@ -69,15 +61,12 @@ def _expiry(values: list[str]) -> dict[str, timedelta]:
             raise UsageError(
                 f"--expiry {v!r}: use ROLE=DURATION with ROLE one of {', '.join(ROLES)}, e.g. timestamp=1d"
             )
-        period = _duration(dur)
-        if period <= timedelta(0):
-            raise UsageError(f"--expiry {v!r}: the period must be positive")
-        out[role] = period
+        out[role] = parse_timedelta(dur, flag="--expiry", allow_zero=False)
     return out
 
 
 def _status_table(st: RepoStatus) -> Table:
-    t = Table(title=f"repository {st.path}  ({st.targets} targets)", title_justify="left")
+    t = Table(title=f"repository {escape(st.path)}  ({st.targets} targets)", title_justify="left")
     for col in ("role", "version", "expires (UTC)", "period", "keys", "threshold", "status"):
         t.add_column(col)
     for r in st.roles:
@@ -87,7 +76,7 @@ def _status_table(st: RepoStatus) -> Table:
             else ("[red]expired[/]" if "EXPIRED" in r.warning else "[yellow]expires soon[/]")
         )
         t.add_row(
-            r.role,
+            cell(r.role),
             str(r.version),
             f"{r.expires:%Y-%m-%d %H:%M}",
             human_duration(r.period),
@@ -104,7 +93,7 @@ def _show_status(st: RepoStatus, as_json: bool) -> None:
         return
     console.print(_status_table(st))
     for w in st.warnings:
-        err_console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
 
 
 _DIR = typer.Argument(..., help="repository folder")
@@ -199,7 +188,7 @@ def refresh_command(
     if as_json:
         print_json({"resigned": done, "status": repo.status().to_dict()})
         return
-    console.print(f"re-signed: {', '.join(done)}" if done else "nothing was close to expiring")
+    console.print(f"re-signed: {', '.join(done)}" if done else "nothing was close to expiring", markup=False)
 
 
 @repo_app.command("rotate-key")
@@ -225,7 +214,8 @@ def rotate_command(
         print_json({"role": role, "new_keyids": new, "root_version": repo.status().roles[0].version})
         return
     console.print(
-        f"{role}: new key(s) {', '.join(k[:16] for k in new)}; root is now version {repo.status().roles[0].version}"
+        f"{role}: new key(s) {', '.join(k[:16] for k in new)}; root is now version {repo.status().roles[0].version}",
+        markup=False,
     )
 
 
@@ -236,25 +226,34 @@ def targets_command(path: Path = _DIR, as_json: bool = typer.Option(False, "--js
     if as_json:
         print_json([t.__dict__ for t in targets])
         return
-    t = Table(title=f"targets of {path}", title_justify="left")
+    t = Table(title=f"targets of {escape(path)}", title_justify="left")
     for col in ("name", "bytes", "sha256", "tiers", "encrypted"):
         t.add_column(col)
     for x in targets:
         req = x.custom.get("requirements", {})
         t.add_row(
-            x.name,
+            cell(x.name),
             f"{x.length:,}",
             x.sha256[:16],
-            ", ".join(req.get("tiers") or []) or "any",
+            cell(", ".join(req.get("tiers") or []) or "any"),
             "yes" if x.custom.get("encrypted") else "no",
         )
     console.print(t)
 
 
+def _from_env(ctx: typer.Context, param: str) -> bool:
+    """Whether ``param`` came from its environment variable, not the command line."""
+    # by name: typer's click and the click package each have their own ParameterSource enum
+    return getattr(ctx.get_parameter_source(param), "name", None) == "ENVIRONMENT"
+
+
 def publish_command(
+    ctx: typer.Context,
     package: Path = typer.Argument(..., help="the .efpkg to publish"),
     repo: Path | None = typer.Option(None, "--repo", help="repository folder to sign it into"),
-    server: str | None = typer.Option(None, "--server", help="control plane URL (uploads instead)"),
+    server: str | None = typer.Option(
+        None, "--server", envvar="EDGEFLEET_SERVER", help="control plane URL (uploads instead of --repo)"
+    ),
     api_token: str | None = typer.Option(None, "--api-token", envvar="EDGEFLEET_API_TOKEN", help="operator token"),
     gate: Path | None = typer.Option(
         None, "--gate", help="with --server: attach this verdict of `edgefleet gate --package PKG --json`"
@@ -267,6 +266,8 @@ def publish_command(
 ) -> None:
     """Add a package to the repository as a signed target (or upload it to a control plane with --server, and
     attach its release evidence with --gate/--bench)."""
+    if repo is not None and server is not None and _from_env(ctx, "server"):
+        server = None  # EDGEFLEET_SERVER names the default control plane; an explicit --repo DIR wins over it
     if (repo is None) == (server is None):
         raise UsageError("give exactly one of --repo DIR (sign locally) or --server URL (upload to a control plane)")
     if server is not None:
@@ -286,15 +287,15 @@ def publish_command(
         if as_json:
             print_json(result)
             return
-        console.print(f"uploaded {package} to {server}")
+        console.print(f"uploaded {package} to {server}", markup=False)
         release = result.get("release")
         if release is not None:
             what = f"{result['model']} {result['version']}"
             if release.get("allowed"):
-                console.print(f"{what}: evidence attached; the release policy admits it", highlight=False)
+                console.print(f"{what}: evidence attached; the release policy admits it", markup=False)
             else:
                 console.print(
-                    f"{what}: evidence attached; [yellow]still refused:[/] {release.get('refusal')}", highlight=False
+                    f"{escape(what)}: evidence attached; [yellow]still refused:[/] {escape(release.get('refusal'))}"
                 )
         return
     if gate is not None or bench is not None:
@@ -304,7 +305,9 @@ def publish_command(
     if as_json:
         print_json(info.__dict__)
         return
-    console.print(f"published [bold]{info.name}[/] ({info.length:,} bytes, sha256 {info.sha256[:16]}…) to {repo}")
+    console.print(
+        f"published [bold]{escape(info.name)}[/] ({info.length:,} bytes, sha256 {info.sha256[:16]}…) to {escape(repo)}"
+    )
 
 
 def fetch_command(
@@ -343,7 +346,7 @@ def fetch_command(
     if as_json:
         print_json({"path": str(path)})
         return
-    console.print(f"fetched and verified [bold]{path}[/]")
+    console.print(f"fetched and verified [bold]{escape(path)}[/]")
 
 
 def register(app: typer.Typer) -> None:

@@ -6,19 +6,24 @@ token is given."""
 
 from __future__ import annotations
 
-import re
+import json
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.table import Table
-from rich.text import Text
 
-from edgefleet.cli._output import console, print_json
-from edgefleet.errors import UsageError
+from edgefleet.cli._output import cell, console, escape, print_json
+from edgefleet.durations import parse_duration
+from edgefleet.errors import UsageError, validation_summary
 
-ServerOpt = typer.Option(None, "--server", envvar="EDGEFLEET_SERVER", help="Control plane URL [127.0.0.1:8700].")
-TokenOpt = typer.Option(None, "--api-token", envvar="EDGEFLEET_API_TOKEN", help="Operator API token.")
+ServerOpt = typer.Option(None, "--server", envvar="EDGEFLEET_SERVER", help="Control plane URL [http://127.0.0.1:8700].")
+TokenOpt = typer.Option(
+    None,
+    "--api-token",
+    envvar="EDGEFLEET_API_TOKEN",
+    help="Operator API token [for a server on this machine: the file ./admin-token].",
+)
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 devices_app = typer.Typer(help="Enroll, list, pin and revoke devices.", no_args_is_help=True)
@@ -36,14 +41,6 @@ def _client(server: str | None, token: str | None) -> Any:
     return Client(server, token)
 
 
-def _duration(text: str) -> float:
-    """``90``, ``90s``, ``5m``, ``1h``, ``2d`` → seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not m:
-        raise UsageError(f"cannot read duration {text!r}: use e.g. 90s, 5m, 1h, 2d")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-
-
 ForceOpt = typer.Option(
     False, "--force", help="Release even though the release policy refuses (admin; needs --reason; audited)."
 )
@@ -56,22 +53,38 @@ def _table(rows: list[dict[str, Any]], cols: list[str], title: str | None = None
         t.add_column(c)
     for r in rows:
         # cells are plain text: a device or token name like "[red]x" must show as typed, not as markup
-        t.add_row(*[Text("" if r.get(c) is None else str(r.get(c))) for c in cols])
+        t.add_row(*[cell(r.get(c)) for c in cols])
     console.print(t)
+
+
+def _fields(doc: dict[str, Any], title: str | None = None) -> None:
+    """One record as a two-column table; nested values as compact JSON (``--json`` gives the structure)."""
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column("field", style="bold")
+    t.add_column("value", overflow="fold")
+    for k, v in doc.items():
+        t.add_row(cell(k), cell(json.dumps(v, default=str) if isinstance(v, dict | list) else v))
+    console.print(t)
+
+
+def _say(text: str, json_: bool, doc: Any) -> None:
+    """The result of an action: ``doc`` as JSON for scripts, else ``text`` (verbatim: it holds user names)."""
+    if json_:
+        print_json(doc)
+    else:
+        console.print(text, markup=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------------ server
 
 
 def server(
-    db: str = typer.Option(
-        None, "--db", help="SQLAlchemy URL (default sqlite:///edgefleet.db); postgresql://… for scale."
-    ),
+    db: str = typer.Option(None, "--db", help="SQLAlchemy URL, postgresql://… for scale [sqlite:///edgefleet.db]."),
     repo: Path = typer.Option(
         None, "--repo", help="TUF repository folder the server signs and serves (default tuf-repo)."
     ),
     host: str = typer.Option(None, "--host", help="Address to bind [127.0.0.1]."),
-    port: int = typer.Option(None, "--port", help="Port [8700]."),
+    port: int = typer.Option(None, "--port", min=1, max=65535, help="Port [8700]."),
     reconcile_interval: float = typer.Option(None, "--reconcile-interval", help="Seconds between reconciles [5]."),
     tls_cert: Path = typer.Option(
         None, "--tls-cert", help="Serve https with this PEM certificate (chain) (default: plain http)."
@@ -101,7 +114,12 @@ def server(
         "tls_key": tls_key,
         "forwarded_allow_ips": forwarded_allow_ips,
     }
-    settings = ServerSettings(**{k: v for k, v in given.items() if v is not None})
+    from pydantic import ValidationError
+
+    try:
+        settings = ServerSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        raise UsageError(f"invalid server settings: {validation_summary(err)}") from None
     tls = check_server_tls(settings.tls_cert, settings.tls_key)
     app = create_app(settings)
     scheme = "https" if tls else "http"
@@ -146,12 +164,13 @@ def devices_token(
     json_: bool = JsonOpt,
 ) -> None:
     """Make a one-time, expiring enrollment token."""
+    body = {"tier": tier, "group": group, "expires_s": parse_duration(expires, flag="--expires", allow_zero=False)}
     with _client(server_, token) as c:
-        out = c.post("/api/v1/enrollment-tokens", {"tier": tier, "group": group, "expires_s": _duration(expires)})
+        out = c.post("/api/v1/enrollment-tokens", body)
     if json_:
         print_json(out)
     else:
-        console.print(out["token"], highlight=False, soft_wrap=True)
+        console.print(out["token"], markup=False, soft_wrap=True)
 
 
 @devices_app.command("list")
@@ -189,10 +208,14 @@ def devices_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = 
 
 
 @devices_app.command("show")
-def devices_show(device_id: str, server_: str = ServerOpt, token: str = TokenOpt) -> None:
+def devices_show(device_id: str, server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """One device, with the desired state it is served."""
     with _client(server_, token) as c:
-        print_json(c.get(f"/api/v1/devices/{device_id}"))
+        doc = c.get(f"/api/v1/devices/{device_id}")
+    if json_:
+        print_json(doc)
+    else:
+        _fields(doc, title=f"device {escape(device_id)}")
 
 
 @devices_app.command("keys")
@@ -214,15 +237,7 @@ def devices_keys(
         where = " and ".join(f"{k} {v}" for k, v in params.items()) or "the fleet"
         console.print(f"no active device in {where}", highlight=False, markup=False)
         return
-    from rich.text import Text
-
-    t = Table()
-    cols = ["device_id", "tier", "group", "key_id", "public_key"]
-    for col in cols:
-        t.add_column(col)
-    for r in rows:  # Text cells: names are the operators' own text, never rich markup
-        t.add_row(*[Text(str(r.get(col) or "")) for col in cols])
-    console.print(t)
+    _table(rows, ["device_id", "tier", "group", "key_id", "public_key"])
 
 
 @devices_app.command("pin")
@@ -232,27 +247,28 @@ def devices_pin(
     model: str = typer.Option(None, "--model", help="Model name [the served one]."),
     server_: str = ServerOpt,
     token: str = TokenOpt,
+    json_: bool = JsonOpt,
 ) -> None:
     """Pin a device to a version: rollouts leave it alone."""
     with _client(server_, token) as c:
-        c.post(f"/api/v1/devices/{device_id}/pin", {"version": version, "model": model})
-    console.print(f"pinned {device_id} to {version}")
+        out = c.post(f"/api/v1/devices/{device_id}/pin", {"version": version, "model": model})
+    _say(f"pinned {device_id} to {version}", json_, out)
 
 
 @devices_app.command("unpin")
-def devices_unpin(device_id: str, server_: str = ServerOpt, token: str = TokenOpt) -> None:
+def devices_unpin(device_id: str, server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """Remove a device's pin."""
     with _client(server_, token) as c:
-        c.post(f"/api/v1/devices/{device_id}/unpin")
-    console.print(f"unpinned {device_id}")
+        out = c.post(f"/api/v1/devices/{device_id}/unpin")
+    _say(f"unpinned {device_id}", json_, out)
 
 
 @devices_app.command("revoke")
-def devices_revoke(device_id: str, server_: str = ServerOpt, token: str = TokenOpt) -> None:
+def devices_revoke(device_id: str, server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """Revoke a device's credential: it stops working at once."""
     with _client(server_, token) as c:
-        c.post(f"/api/v1/devices/{device_id}/revoke")
-    console.print(f"revoked {device_id}")
+        out = c.post(f"/api/v1/devices/{device_id}/revoke")
+    _say(f"revoked {device_id}", json_, out)
 
 
 @devices_app.command("decommission")
@@ -262,11 +278,7 @@ def devices_decommission(
     """Retire a device: its record stays for the audit, its next check-in wipes it, its credential then stops."""
     with _client(server_, token) as c:
         out = c.post(f"/api/v1/devices/{device_id}/decommission")
-    if json_:
-        print_json(out)
-    else:
-        msg = f"decommissioned {device_id}: it wipes itself on its next check-in"
-        console.print(msg, highlight=False, markup=False)
+    _say(f"decommissioned {device_id}: it wipes itself on its next check-in", json_, out)
 
 
 def _rotate(what: str, device_id: str | None, group: str | None, server_: str, token: str, json_: bool) -> None:
@@ -324,6 +336,11 @@ def rollout_start(
     channel: str = typer.Option(None, "--channel", help="Only devices whose group follows this channel."),
     waves: str = typer.Option("1,10,50,100", "--waves", help="Cumulative wave percentages ending at 100."),
     bake: str = typer.Option("5m", "--bake", help="Bake time per wave, e.g. 90s, 5m."),
+    sample_wait: str = typer.Option(
+        "0s",
+        "--sample-wait",
+        help="How much longer than the bake a wave short of --min-devices/--min-requests waits before it pauses.",
+    ),
     min_devices: int = typer.Option(3, "--min-devices", help="Committed devices needed to judge a wave."),
     min_requests: int = typer.Option(100, "--min-requests", help="Inference requests needed to judge a wave."),
     max_failure: str = typer.Option("5%", "--max-failure", help="Update failures + rollbacks allowed."),
@@ -341,12 +358,21 @@ def rollout_start(
 ) -> None:
     """Start a rollout of NAME VERSION (or, with --dry-run, show whom each wave would move). The release policy
     must admit the version (by default: a passing gate verdict for its package, see `edgefleet models attach`)."""
+    from pydantic import ValidationError
+
     from edgefleet.controlplane.rollout import RolloutPolicy, parse_percent
 
     try:
+        wave_list = [float(w) for w in waves.split(",")]
+    except ValueError:
+        raise UsageError(f"--waves {waves!r}: give comma-separated percentages ending at 100, e.g. 1,10,50,100")
+    bake_s = parse_duration(bake, flag="--bake")
+    sample_wait_s = parse_duration(sample_wait, flag="--sample-wait")
+    try:
         policy = RolloutPolicy(
-            waves=[float(w) for w in waves.split(",")],
-            bake_s=_duration(bake),
+            waves=wave_list,
+            bake_s=bake_s,
+            max_sample_wait_s=sample_wait_s,
             min_devices=min_devices,
             min_requests=min_requests,
             max_failure=parse_percent(max_failure),
@@ -354,8 +380,10 @@ def rollout_start(
             p95_budget_ms=p95_budget_ms,
             compat_fail_devices=compat_fail_devices,
         )
-    except ValueError as exc:
-        raise UsageError(f"bad rollout policy: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
+    except ValidationError as exc:
+        raise UsageError(f"bad rollout policy: {validation_summary(exc)}") from None
+    except ValueError as exc:  # parse_percent
+        raise UsageError(f"bad rollout policy: {' '.join(str(exc).split())}") from None
     body = {
         "model": name,
         "version": version,
@@ -373,29 +401,31 @@ def rollout_start(
     if dry_run:
         _print_plan(out, f"{name} {version}")
         return
-    console.print(f"rollout {out['rollout_id']} of {name} {version}: {out['state']}", highlight=False)
+    console.print(f"rollout {out['rollout_id']} of {name} {version}: {out['state']}", markup=False)
     if out.get("warning"):
-        console.print(f"[yellow]warning:[/] {out['warning']}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(out['warning'])}")
 
 
 def _print_plan(p: dict[str, Any], what: str) -> None:
-    console.print(f"dry run: a rollout of {what} would move {p['devices']} device(s); nothing was started")
+    console.print(
+        f"dry run: a rollout of {what} would move {p['devices']} device(s); nothing was started", markup=False
+    )
     _table(
         [{"wave": w["wave"], "percent": w["percent"], "devices": ", ".join(w["devices"]) or "-"} for w in p["waves"]],
         ["wave", "percent", "devices"],
         title="waves",
     )
     if p["already_on_version"]:
-        console.print(f"already on the version: {', '.join(p['already_on_version'])}", highlight=False)
+        console.print(f"already on the version: {', '.join(p['already_on_version'])}", markup=False)
     if p["excluded"]:
         _table(
             [{"device_id": k, "why": v} for k, v in p["excluded"].items()], ["device_id", "why"], title="never targeted"
         )
     if p["blocked"]:
-        console.print(f"[yellow]warning:[/] {p['blocked']}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(p['blocked'])}")
     release = p.get("release") or {}
     if release.get("refusal"):
-        console.print(f"[yellow]warning: the release policy refuses it:[/] {release['refusal']}", highlight=False)
+        console.print(f"[yellow]warning: the release policy refuses it:[/] {escape(release['refusal'])}")
 
 
 @rollout_app.command("list")
@@ -418,12 +448,12 @@ def rollout_status(rollout_id: str, server_: str = ServerOpt, token: str = Token
         print_json(r)
         return
     console.print(
-        f"{r['rollout_id']}  {r['model']} {r['version']}  [bold]{r['state']}[/]  wave {r['wave']} "
-        f"of {r['waves']}  devices moved: {len(r['devices'])}"
+        f"{escape(r['rollout_id'])}  {escape(r['model'])} {escape(r['version'])}  [bold]{escape(r['state'])}[/]  "
+        f"wave {r['wave']} of {r['waves']}  devices moved: {len(r['devices'])}"
     )
-    console.print(f"reason: {r['reason']}", highlight=False)
+    console.print(f"reason: {r['reason']}", markup=False)
     if r.get("step_error"):
-        console.print(f"[red]last reconcile step failed:[/] {r['step_error']}", highlight=False)
+        console.print(f"[red]last reconcile step failed:[/] {escape(r['step_error'])}")
     _table(r["transitions"], ["seq", "at", "from", "to", "wave", "actor", "reason"], title="transitions")
 
 
@@ -433,10 +463,11 @@ def _rollout_action(action: str) -> Any:
         reason: str = typer.Option(None, "--reason", help="Why (goes to the audit log)."),
         server_: str = ServerOpt,
         token: str = TokenOpt,
+        json_: bool = JsonOpt,
     ) -> None:
         with _client(server_, token) as c:
             out = c.post(f"/api/v1/rollouts/{rollout_id}/{action}", {"reason": reason})
-        console.print(f"{rollout_id}: {out['state']}")
+        _say(f"{rollout_id}: {out['state']}", json_, out)
 
     cmd.__doc__ = {
         "pause": "Halt a rollout (devices keep what they run).",
@@ -467,11 +498,19 @@ def models_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = J
 
 @models_app.command("show")
 def models_show(
-    name: str, version: str = typer.Argument(None), server_: str = ServerOpt, token: str = TokenOpt
+    name: str,
+    version: str = typer.Argument(None),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+    json_: bool = JsonOpt,
 ) -> None:
     """A model, or one version with lineage, gate verdict and bench results."""
     with _client(server_, token) as c:
-        print_json(c.get(f"/api/v1/models/{name}" + (f"/versions/{version}" if version else "")))
+        doc = c.get(f"/api/v1/models/{name}" + (f"/versions/{version}" if version else ""))
+    if json_:
+        print_json(doc)
+    else:
+        _fields(doc, title=escape(f"{name} {version}" if version else name))
 
 
 @models_app.command("promote")
@@ -483,11 +522,12 @@ def models_promote(
     reason: str = ReasonOpt,
     server_: str = ServerOpt,
     token: str = TokenOpt,
+    json_: bool = JsonOpt,
 ) -> None:
     """Promote a version along dev → canary → stable (the release policy must admit it)."""
     with _client(server_, token) as c:
         out = c.post(f"/api/v1/models/{name}/versions/{version}/promote", {"to": to, "force": force, "reason": reason})
-    console.print(f"{name} {version} is now in {out['channel']}")
+    _say(f"{name} {version} is now in {out['channel']}", json_, out)
 
 
 @models_app.command("attach")
@@ -529,9 +569,9 @@ def models_attach(
 
 def _print_release(what: str, r: dict[str, Any]) -> None:
     if r.get("allowed"):
-        console.print(f"{what}: evidence attached; the release policy admits it", highlight=False)
+        console.print(f"{what}: evidence attached; the release policy admits it", markup=False)
     else:
-        console.print(f"{what}: evidence attached; [yellow]still refused:[/] {r.get('refusal')}", highlight=False)
+        console.print(f"{escape(what)}: evidence attached; [yellow]still refused:[/] {escape(r.get('refusal'))}")
 
 
 @models_app.command("policy")
@@ -569,7 +609,7 @@ def models_policy(
     console.print(
         f"release policy{' of ' + name if name else ''}: "
         + ", ".join(f"{k} = {str(v).lower()} ({src[k]})" for k, v in eff.items()),
-        highlight=False,
+        markup=False,
     )
     if out["models"]:
         _table(
@@ -595,11 +635,13 @@ def fleet_status(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = 
     console.print(
         f"devices: {d['active']} active, {d['overdue']} overdue, {d['revoked']} revoked   "
         f"crash-free: {k['crash_free_rate']}   update success: {k['update_success_rate']}   "
-        f"fragmentation index: {k['fragmentation_index']}   drift alerts: {len(k['drift_alerts'])}"
+        f"fragmentation index: {k['fragmentation_index']}   drift alerts: {len(k['drift_alerts'])}",
+        markup=False,
     )
     console.print(
         f"updates: {u['committed']} committed, {u['failed']} failed, {u['rolled_back']} rolled back, "
-        f"{u['reverted']} reverted, {u['cancelled']} cancelled"
+        f"{u['reverted']} reverted, {u['cancelled']} cancelled",
+        markup=False,
     )
     _table(k["latency"], ["model", "version", "tier", "p95_ms", "requests", "error_rate"], title="latency")
     if k["drift"]:
@@ -637,7 +679,7 @@ def fleet_compat_clear(
         console.print(
             f"{model} {version} on tier {tier} with runtime {runtime_version}: {out['previous_status']} -> "
             f"{out['status']}",
-            highlight=False,
+            markup=False,
         )
 
 
@@ -675,7 +717,7 @@ def tokens_create(
         raise UsageError(f"unknown role {role!r}: use admin, operator or viewer")
     body: dict[str, Any] = {"role": role, "name": name}
     if expires is not None:
-        body["expires_s"] = _positive_duration(expires, "--expires")
+        body["expires_s"] = parse_duration(expires, flag="--expires", allow_zero=False)
     with _client(server_, token) as c:
         out = c.post("/api/v1/tokens", body)
     if json_:
@@ -700,9 +742,9 @@ def tokens_rotate(
     json_: bool = JsonOpt,
 ) -> None:
     """Issue a new secret for a token's name and role (shown once); the old one stops after --grace."""
-    body: dict[str, Any] = {"grace_s": _duration(grace)}
+    body: dict[str, Any] = {"grace_s": parse_duration(grace, flag="--grace")}
     if expires is not None:
-        body["expires_s"] = _positive_duration(expires, "--expires")
+        body["expires_s"] = parse_duration(expires, flag="--expires", allow_zero=False)
     with _client(server_, token) as c:
         out = c.post(f"/api/v1/tokens/{token_id}/rotate", body)
     if json_:
@@ -734,13 +776,6 @@ def tokens_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = J
         for r in rows
     ]
     _table(shown, ["id", "name", "role", "created_at", "expires", "status", "replaced by"])
-
-
-def _positive_duration(text: str, option: str) -> float:
-    seconds = _duration(text)
-    if seconds <= 0:
-        raise UsageError(f"{option} {text!r}: the duration must be positive")
-    return seconds
 
 
 def register(app: typer.Typer) -> None:

@@ -11,7 +11,8 @@ from typing import Any
 
 import typer
 
-from edgefleet.cli._output import console, print_json
+from edgefleet.cli._output import cell, console, err_console, escape, print_json
+from edgefleet.durations import parse_duration
 from edgefleet.errors import UsageError
 
 
@@ -29,16 +30,14 @@ def _simulate(
     workdir: Path | None,
     traffic: Path | None = None,
 ) -> dict[str, Any]:
-    from edgefleet.sim import Fleet, FleetOptions, ServerProcess, parse_duration, parse_faults, parse_tiers, plan_fleet
+    from edgefleet.sim import Fleet, FleetOptions, ServerProcess, parse_faults, parse_tiers, plan_fleet
 
     calls = None
     if traffic is not None:
         from edgefleet.data import load_calls
 
         calls = dict(load_calls(traffic).inputs)
-    secs = parse_duration(duration)
-    if secs <= 0:
-        raise UsageError("--duration must be positive")
+    secs = parse_duration(duration, flag="--duration", allow_zero=False)
     plans = plan_fleet(parse_tiers(tiers, devices), full=full, faults=parse_faults(faults))
     work = workdir or Path(tempfile.mkdtemp(prefix="edgefleet-sim-"))
     own = None
@@ -46,7 +45,7 @@ def _simulate(
         own = ServerProcess(work / "server")
         server = own.start()
         api_token = own.admin_token
-        console.print(f"started edgefleet server on {server} (workspace {work})")
+        console.print(f"started edgefleet server on {server} (workspace {work})", markup=False)
     elif not api_token:
         from edgefleet.controlplane.client import resolve_token
 
@@ -58,7 +57,9 @@ def _simulate(
         fleet = Fleet(server, api_token or "", plans, work, FleetOptions(checkin, telemetry, rps, traffic=calls))
         try:
             await fleet.start()
-            console.print(f"{len(fleet.full)} full + {len(fleet.lite)} lightweight agents running for {duration}")
+            console.print(
+                f"{len(fleet.full)} full + {len(fleet.lite)} lightweight agents running for {duration}", markup=False
+            )
             end = time.monotonic() + secs
             while time.monotonic() < end:
                 await asyncio.sleep(min(5.0, max(0.0, end - time.monotonic())))
@@ -83,7 +84,7 @@ def register(app: typer.Typer) -> None:
     def simulate(
         devices: int = typer.Option(50, "--devices", "-n", min=1, help="Simulated devices."),
         tiers: str = typer.Option(None, "--tiers", help="Tier mix as weights, e.g. x86-avx2=3,arm-a53-small=1."),
-        duration: str = typer.Option("10m", "--duration", help="How long to run: 90s, 10m, 1h."),
+        duration: str = typer.Option("10m", "--duration", help="How long to run: 90s, 10m, 1h30m."),
         faults: str = typer.Option(
             None,
             "--faults",
@@ -115,7 +116,7 @@ def register(app: typer.Typer) -> None:
             print_json(out)
         else:
             for k, v in out.items():
-                console.print(f"{k:>24}: {v}")
+                console.print(f"{k:>24}: {v}", markup=False)
 
     @app.command("demo")
     def demo(
@@ -129,13 +130,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """train → optimize → bench → gate → package → publish → roll out v1 and v2 in waves → v3 crashes the
         small tier's workers → automatic halt and rollback → KPIs, timeline and the dashboard URL."""
-        from rich.console import Console
-
         from edgefleet.sim.demo import DemoOptions, run_demo
 
         if workdir is not None and workdir.exists() and any(workdir.iterdir()):
             raise UsageError(f"--workdir {workdir} is not empty: the demo needs a fresh workspace")
-        say_to = Console(stderr=True) if json_out else console
+        say_to = err_console if json_out else console
         summary = run_demo(
             DemoOptions(workdir=workdir, devices=devices, full=full, keep_running=keep_running), say_to.print
         )
@@ -152,25 +151,29 @@ def _print_summary(s: dict[str, Any]) -> None:
     tiers = sorted({tier for by in s["devices_by_version_tier"].values() for tier in by})
     t.add_column("version")
     for tier in tiers:
-        t.add_column(tier)
+        t.add_column(cell(tier))
     for v, by in sorted(s["devices_by_version_tier"].items()):
-        t.add_row(v, *[str(by.get(tier, 0)) for tier in tiers])
+        t.add_row(cell(v), *[str(by.get(tier, 0)) for tier in tiers])
     console.print(t)
     tl = Table(title="rollout timeline")
     for c in ("version", "at", "transition", "wave", "actor", "reason"):
         tl.add_column(c)
     for v, r in s["rollouts"].items():
         for e in r["timeline"]:
-            tl.add_row(v, e["at"][11:19], f"{e['from']} → {e['to']}", str(e["wave"]), e["actor"], e["reason"])
+            row = (v, e["at"][11:19], f"{e['from']} → {e['to']}", e["wave"], e["actor"], e["reason"])
+            tl.add_row(*map(cell, row))
     console.print(tl)
     k = s["kpis"]
     console.print(
-        f"[bold]fleet KPIs:[/] {', '.join(f'{a}={b}' for a, b in k.items() if not isinstance(b, dict | list))}"
+        f"[bold]fleet KPIs:[/] {escape(', '.join(f'{a}={b}' for a, b in k.items() if not isinstance(b, dict | list)))}"
     )
     v3 = s["v3"]
     console.print(
-        f"[bold]v3:[/] {v3['state']} in wave {v3['halted_in_wave']} by {v3['halt_actor']}: {v3['halt_reason']}\n"
-        f"     first bad report → halt {v3['seconds_first_bad_report_to_halt']} s; halt → back on the previous "
-        f"version everywhere {v3['seconds_halt_to_rolled_back_everywhere']} s"
+        "[bold]v3:[/] "
+        + escape(
+            f"{v3['state']} in wave {v3['halted_in_wave']} by {v3['halt_actor']}: {v3['halt_reason']}\n"
+            f"     first bad report → halt {v3['seconds_first_bad_report_to_halt']} s; halt → back on the previous "
+            f"version everywhere {v3['seconds_halt_to_rolled_back_everywhere']} s"
+        )
     )
-    console.print(f"[bold]dashboard:[/] {s['dashboard']}   total {s['total_seconds']} s")
+    console.print(f"[bold]dashboard:[/] {escape(s['dashboard'])}   total {s['total_seconds']} s")

@@ -17,15 +17,16 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request, Security
 from pydantic.json_schema import models_json_schema
 from sqlalchemy import or_, select
+from starlette.responses import PlainTextResponse
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from edgefleet import __version__
 from edgefleet.config import ServerSettings
-from edgefleet.controlplane import checkin, dashboard, errors, reconciler, repo_service, routes
+from edgefleet.controlplane import apidocs, checkin, dashboard, errors, reconciler, repo_service, routes
 from edgefleet.controlplane.auth import (
     MATRIX,
     Access,
@@ -46,7 +47,7 @@ __all__ = ["admin_token_path", "create_app"]
 
 
 def admin_token_path(settings: ServerSettings) -> Path:
-    """``<repo>/../admin-token`` (docs/CONTRACTS.md)."""
+    """``<repo>/../admin-token`` (docs/controlplane.md)."""
     return settings.repo.resolve().parent / "admin-token"
 
 
@@ -73,18 +74,45 @@ def _bootstrap_admin(db: Database, settings: ServerSettings, log: object) -> Pat
         return path
 
 
-def _with_report_schema(app: FastAPI) -> None:
-    """Put :class:`Report` among the OpenAPI components: its route reads the body itself (size cap first), so
-    FastAPI does not see the model, yet clients and fuzzers need its schema."""
+# Tag descriptions for /docs and /redoc, in the order they are listed there.
+OPENAPI_TAGS: list[dict[str, str]] = [
+    {"name": "devices", "description": "Enrolled devices: pins, groups, revocation, credential and key rotation."},
+    {"name": "enrollment", "description": "One-time enrollment tokens for new devices."},
+    {"name": "groups", "description": "Device groups: channel, configuration, pinned version."},
+    {"name": "models", "description": "The registry: upload packages, versions, promotion, gate and bench evidence."},
+    {"name": "release-policy", "description": "What a version needs before it is promoted or rolled out."},
+    {"name": "rollouts", "description": "Staged rollouts gated on runtime metrics: plan, start, pause, roll back."},
+    {"name": "compat", "description": "The compatibility matrix: tier x runtime version x model version."},
+    {"name": "fleet", "description": "Fleet KPIs: latency, crash-free rate, update outcomes, drift."},
+    {"name": "audit", "description": "The append-only audit log."},
+    {"name": "tokens", "description": "Operator API tokens (admin), and who the caller is."},
+    {"name": "check-in", "description": "What devices call: enroll, desired state, reports, credential rotation."},
+    {"name": "meta", "description": "Liveness and Prometheus metrics."},
+]
+
+DEVICE_CREDENTIAL: dict[str, str] = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "A device's own credential, issued at enrollment (the check-in routes).",
+}
+
+
+def _with_extra_components(app: FastAPI) -> None:
+    """Put :class:`Report` and the device credential scheme among the OpenAPI components. The report route reads
+    its body itself (size cap first), so FastAPI does not see the model, yet clients and fuzzers need its schema;
+    the check-in routes check the credential in their handlers (no dependency on the hot path), so their
+    ``security`` is written by hand and its scheme is added here."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             doc = generate()
             _, defs = models_json_schema([(Report, "validation")], ref_template="#/components/schemas/{model}")
-            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            components = doc.setdefault("components", {})
+            schemas = components.setdefault("schemas", {})
             for name, schema in defs.get("$defs", {}).items():
                 schemas.setdefault(name, schema)
+            components.setdefault("securitySchemes", {}).setdefault(checkin.DEVICE_SCHEME, DEVICE_CREDENTIAL)
             app.openapi_schema = doc
         return app.openapi_schema
 
@@ -125,6 +153,10 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
         version=__version__,
         description="Registry, devices, check-ins, rollouts gated on runtime metrics, fleet KPIs.",
         lifespan=lifespan,
+        openapi_tags=OPENAPI_TAGS,
+        # served from the package's own assets (apidocs), not FastAPI's CDN pages
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.store = store
     app.state.settings = settings
@@ -135,13 +167,20 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    @app.get("/metrics", tags=["meta"], dependencies=[Depends(authorize)], response_model=None)
+    @app.get(
+        "/metrics",
+        tags=["meta"],
+        dependencies=[Depends(authorize), Security(routes.API_TOKEN)],
+        response_model=None,
+        response_class=PlainTextResponse,
+    )
     def metrics(request: Request) -> object:
         return routes.metrics_response(request)
 
     app.include_router(checkin.router)
     app.include_router(routes.router)
     app.include_router(dashboard.router)  # the browser dashboard at / (its routes are in auth.MATRIX)
+    app.include_router(apidocs.router)  # /docs and /redoc (in auth.MATRIX, public)
     matrix = dict(MATRIX)
     for r, access in routers:
         for key in app_route_keys(r.routes):
@@ -159,7 +198,7 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
             name="tuf",
         )
     )
-    _with_report_schema(app)
+    _with_extra_components(app)
     app.state.matrix = matrix
     app.state.route_paths = {id(route): path for route, path, _ in effective_routes(app.routes)}
     check_routes(app.routes, matrix)

@@ -61,7 +61,7 @@ from edgefleet.protocol import (
 if TYPE_CHECKING:
     from edgefleet.controlplane.store import Store
 
-__all__ = ["REPORT_OPENAPI", "CheckinCache", "Entry", "read_report", "router", "store_report"]
+__all__ = ["DEVICE_SCHEME", "REPORT_OPENAPI", "CheckinCache", "Entry", "read_report", "router", "store_report"]
 
 # Unknown device ids are remembered this long, at most this many (docs/adr/0040-checkin-hot-path-from-memory.md).
 MISS_TTL_S = 30.0
@@ -307,6 +307,11 @@ _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     403: {"description": "the credential belongs to another device"},
 }
 
+# The OpenAPI security scheme of a device credential (create_app adds it to the components). Declared by hand, not
+# as a dependency: the handlers check the credential themselves, and the hot path runs no dependency.
+DEVICE_SCHEME = "deviceCredential"
+_DEVICE_SECURITY: dict[str, Any] = {"security": [{DEVICE_SCHEME: []}]}
+
 
 def _store(request: Request) -> Store:
     store: Store = request.app.state.store
@@ -426,6 +431,7 @@ def enroll(body: EnrollRequest, request: Request) -> EnrollResponse:
     "/devices/{device_id}/desired",
     response_model=DesiredState,
     responses={**_AUTH_RESPONSES, 304: {"description": "unchanged since the ETag in If-None-Match"}},
+    openapi_extra=_DEVICE_SECURITY,
 )
 async def desired(device_id: str, request: Request) -> Response:
     store = _store(request)
@@ -477,7 +483,7 @@ async def read_report(request: Request, limit: int = MAX_REPORT_BYTES) -> Report
         413: {"description": "the body is over MAX_REPORT_BYTES (4 MiB); nothing stored"},
         422: {"description": "the report breaks the wire format; the detail names the fields; nothing stored"},
     },
-    openapi_extra=REPORT_OPENAPI,
+    openapi_extra={**REPORT_OPENAPI, **_DEVICE_SECURITY},
 )
 async def report(device_id: str, request: Request) -> ReportResponse:
     store = _store(request)
@@ -510,6 +516,7 @@ async def report(device_id: str, request: Request) -> ReportResponse:
     "/devices/{device_id}/credential",
     response_model=CredentialResponse,
     responses={**_AUTH_RESPONSES, 409: {"description": "the device is revoked or decommissioned"}},
+    openapi_extra=_DEVICE_SECURITY,
 )
 async def rotate_credential(device_id: str, request: Request) -> CredentialResponse:
     """A new credential for the calling device. The current one keeps working until the new one is first used,
@@ -531,6 +538,7 @@ async def rotate_credential(device_id: str, request: Request) -> CredentialRespo
     "/devices/{device_id}/key",
     response_model=KeyRotation,
     responses={**_AUTH_RESPONSES, 409: {"description": "the device is revoked or decommissioned"}},
+    openapi_extra=_DEVICE_SECURITY,
 )
 async def rotate_key(device_id: str, body: KeyRotation, request: Request) -> KeyRotation:
     """The calling device's new X25519 public key; packages built from now on are encrypted to it."""

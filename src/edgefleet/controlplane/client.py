@@ -18,12 +18,13 @@ import httpx
 from edgefleet.errors import (
     AuthError,
     ConflictError,
-    DownloadError,
     EdgefleetError,
     ForbiddenError,
     InvalidReportError,
     NotFoundError,
     PackageError,
+    ServerError,
+    ServerUnreachable,
     TooLargeError,
     UsageError,
 )
@@ -55,6 +56,10 @@ _BY_STATUS: dict[int, type[EdgefleetError]] = {
     413: TooLargeError,
     422: UsageError,
     400: UsageError,
+    # a proxy in front of a control plane that is down or slow: the server is unreachable, not broken
+    502: ServerUnreachable,
+    503: ServerUnreachable,
+    504: ServerUnreachable,
 }
 
 
@@ -86,7 +91,7 @@ def answer_of(r: httpx.Response) -> Any:
             detail = r.text
         if isinstance(detail, list):  # FastAPI validation errors
             detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
-        cls = _BY_STATUS.get(r.status_code, EdgefleetError)
+        cls = _BY_STATUS.get(r.status_code, ServerError if r.status_code >= 500 else EdgefleetError)
         if r.status_code == 422 and isinstance(body, dict) and body.get("error", "").endswith("Error"):
             cls = InvalidReportError if body["error"] == "InvalidReportError" else PackageError
         raise cls(f"{detail} (HTTP {r.status_code})")
@@ -138,7 +143,7 @@ class Client:
             r = self._http.request(method, path, **kw)
         except httpx.HTTPError as exc:
             hint = untrusted_hint(exc, f"set {CA_FILE_ENV} to the CA file that signed it")
-            raise DownloadError(f"cannot reach the control plane at {self.server}: {exc}{hint}") from exc
+            raise ServerUnreachable(f"cannot reach the control plane at {self.server}: {exc}{hint}") from exc
         return answer_of(r)
 
     def get(self, path: str, **kw: Any) -> Any:

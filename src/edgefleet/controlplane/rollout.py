@@ -108,6 +108,10 @@ class RolloutPolicy(BaseModel):
     # A suspected p95 regression waits for the later half of the treatment's telemetry; the bake is extended by
     # up to this long for it (then the wave pauses like any inconclusive one).
     max_confirm_s: float = Field(300.0, ge=0)
+    # A wave still short of its sample (``min_devices`` committed, ``min_requests`` served) at the bake deadline
+    # waits up to this long more before it pauses as inconclusive: installs and traffic that arrive late (a slow
+    # link, a busy host) are evidence worth waiting for, and the wave still passes only on the full sample.
+    max_sample_wait_s: float = Field(0.0, ge=0)
     # A p95 regression must also be a shift of the typical telemetry window, not a few windows hit by a burst: the
     # treatment's per-window p95s must rank above the control's (one-sided Mann-Whitney p below this), over at least
     # ``min_latency_windows`` windows of the tier in each cohort (ADR 0095).
@@ -445,6 +449,7 @@ class Judgement:
     outcome: Outcome
     reasons: tuple[str, ...] = ()
     confirming: bool = False  # inconclusive only because a suspected regression awaits its later half
+    sampling: bool = False  # inconclusive only because the minimum sample is not in yet
 
     @property
     def reason(self) -> str:
@@ -475,6 +480,7 @@ def judge(treatment: CohortStats, control: CohortStats | None, policy: RolloutPo
                 f"need {policy.min_devices} committed devices and {policy.min_requests} requests, "
                 f"have {treatment.committed} and {treatment.requests}",
             ),
+            sampling=True,
         )
     ctl = (
         control if control is not None and control.reporting >= 1 and control.requests >= policy.min_requests else None
@@ -624,7 +630,7 @@ def decide(
     * fail → rollback (auto_rollback) or pause, at once, whatever the bake time;
     * pass → advance (or complete on the last wave) once the bake time is over, else wait;
     * inconclusive → wait until the bake deadline (extended by ``max_confirm_s`` while a suspected regression
-      is being confirmed), then pause.
+      is being confirmed, by ``max_sample_wait_s`` while the minimum sample is short), then pause.
     A wave never advances on anything but ``pass``."""
     if state is not RolloutState.running:
         return Decision(Action.wait, f"rollout is {state.value}", judgement)
@@ -635,6 +641,8 @@ def decide(
     if judgement.outcome is Outcome.inconclusive:
         if judgement.confirming and baked and baked_s < policy.bake_s + policy.max_confirm_s:
             return Decision(Action.wait, f"wave {wave} bake extended: {judgement.reason}", judgement)
+        if judgement.sampling and baked and baked_s < policy.bake_s + policy.max_sample_wait_s:
+            return Decision(Action.wait, f"wave {wave} bake extended for its sample: {judgement.reason}", judgement)
         if baked:
             return Decision(Action.pause, f"wave {wave} inconclusive at bake deadline: {judgement.reason}", judgement)
         return Decision(Action.wait, f"wave {wave} inconclusive: {judgement.reason}", judgement)

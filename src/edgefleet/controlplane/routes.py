@@ -14,12 +14,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Query, Request, Response, Security
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from edgefleet.controlplane import audit, compat, devices, kpi, reconciler, registry
+from edgefleet.controlplane import audit, compat, devices, kpi, reconciler, registry, schemas
 from edgefleet.controlplane.auth import Principal, authorize, hash_secret, new_secret
 from edgefleet.controlplane.db import (
     ApiToken,
@@ -37,9 +38,20 @@ from edgefleet.protocol import API_PREFIX, DeviceConfig
 if TYPE_CHECKING:
     from edgefleet.controlplane.store import Store
 
-__all__ = ["router"]
+__all__ = ["API_TOKEN", "router"]
 
-router = APIRouter(prefix=API_PREFIX, dependencies=[Depends(authorize)])
+# Declares the operator token in the OpenAPI document (Swagger's "Authorize" button sends it). It never refuses a
+# request itself (auto_error=False): ``authorize`` does, with the matrix's role check and the server's own messages.
+API_TOKEN = HTTPBearer(
+    scheme_name="apiToken",
+    description="An operator API token (`edgefleet tokens create --role R`, or the admin token the server wrote).",
+    auto_error=False,
+)
+
+router = APIRouter(prefix=API_PREFIX, dependencies=[Depends(authorize), Security(API_TOKEN)])
+
+# Every route answers with its response model's schema, serialized with exactly the keys the route's dict holds.
+_OUT: dict[str, Any] = {"response_model_exclude_unset": True}
 
 
 class _In(BaseModel):
@@ -141,7 +153,7 @@ _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # ------------------------------------------------------------------------------------------------ misc
 
 
-@router.get("/whoami")
+@router.get("/whoami", response_model=schemas.WhoAmI, tags=["tokens"], **_OUT)
 def whoami(request: Request) -> dict[str, Any]:
     p = _who(request)
     return {"name": p.name, "role": p.role}
@@ -163,14 +175,14 @@ def _token_dict(t: ApiToken, now: datetime) -> dict[str, Any]:
     }
 
 
-@router.get("/tokens")
+@router.get("/tokens", response_model=list[schemas.ApiToken], tags=["tokens"], **_OUT)
 def list_tokens(request: Request) -> list[dict[str, Any]]:
     now = utcnow()
     with _store(request).db.session() as s:
         return [_token_dict(t, now) for t in s.scalars(select(ApiToken).order_by(ApiToken.id))]
 
 
-@router.post("/tokens", status_code=201)
+@router.post("/tokens", status_code=201, response_model=schemas.ApiTokenCreated, tags=["tokens"], **_OUT)
 def create_token(body: TokenCreate, request: Request) -> dict[str, Any]:
     token = new_secret("efa")
     st = _store(request)
@@ -192,7 +204,9 @@ def create_token(body: TokenCreate, request: Request) -> dict[str, Any]:
         return _token_dict(row, now) | {"token": token}
 
 
-@router.post("/tokens/{token_id}/rotate", status_code=201)
+@router.post(
+    "/tokens/{token_id}/rotate", status_code=201, response_model=schemas.ApiTokenRotated, tags=["tokens"], **_OUT
+)
 def rotate_token(token_id: int, request: Request, body: TokenRotate | None = None) -> dict[str, Any]:
     """A new secret for the same name and role; the old one keeps working for ``grace_s`` (default 0), then is
     refused as expired, naming its replacement."""
@@ -235,7 +249,7 @@ def rotate_token(token_id: int, request: Request, body: TokenRotate | None = Non
         }
 
 
-@router.delete("/tokens/{token_id}")
+@router.delete("/tokens/{token_id}", response_model=schemas.ApiTokenRevoked, tags=["tokens"], **_OUT)
 def revoke_token(token_id: int, request: Request) -> dict[str, Any]:
     with _store(request).db.session() as s:
         row = s.get(ApiToken, token_id)
@@ -246,7 +260,7 @@ def revoke_token(token_id: int, request: Request) -> dict[str, Any]:
         return {"id": token_id, "revoked": True}
 
 
-@router.get("/audit")
+@router.get("/audit", response_model=list[schemas.AuditEntry], tags=["audit"], **_OUT)
 def get_audit(
     request: Request, limit: int = 200, action: str | None = None, target: str | None = None
 ) -> list[dict[str, Any]]:
@@ -254,21 +268,21 @@ def get_audit(
         return audit.list_entries(s, limit=max(1, min(limit, 10_000)), action=action, target=target)
 
 
-@router.get("/fleet")
+@router.get("/fleet", response_model=schemas.FleetKpis, tags=["fleet"], **_OUT)
 def fleet(request: Request) -> dict[str, Any]:
     st = _store(request)
     with st.db.session() as s:
         return kpi.fleet_kpis(s, overdue_after_s=st.settings.overdue_after_s)
 
 
-@router.get("/compat")
+@router.get("/compat", response_model=list[schemas.CompatCell], tags=["compat"], **_OUT)
 def get_compat(request: Request, model: str | None = None) -> list[dict[str, Any]]:
     with _store(request).db.session() as s:
         rows = compat.matrix(s)
         return [r for r in rows if model is None or r["model"] == model]
 
 
-@router.post("/compat/clear")
+@router.post("/compat/clear", response_model=schemas.CompatCleared, tags=["compat"], **_OUT)
 def clear_compat(body: CompatClear, request: Request) -> dict[str, Any]:
     """An operator clears a cell: its evidence stays, only what arrives from now on counts."""
     who = _who(request)
@@ -297,7 +311,7 @@ def clear_compat(body: CompatClear, request: Request) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ devices
 
 
-@router.post("/enrollment-tokens", status_code=201)
+@router.post("/enrollment-tokens", status_code=201, response_model=schemas.EnrollmentToken, tags=["enrollment"], **_OUT)
 def create_enrollment_token(body: EnrollTokenCreate, request: Request) -> dict[str, Any]:
     st = _store(request)
     # the token pins today's TUF root: the device accepts only that root in its enroll answer
@@ -316,7 +330,7 @@ def create_enrollment_token(body: EnrollTokenCreate, request: Request) -> dict[s
         }
 
 
-@router.get("/devices")
+@router.get("/devices", response_model=list[schemas.Device], tags=["devices"], **_OUT)
 def list_devices(request: Request) -> list[dict[str, Any]]:
     st = _store(request)
     with st.db.session() as s:
@@ -328,7 +342,7 @@ def list_devices(request: Request) -> list[dict[str, Any]]:
 
 
 # registered before /devices/{device_id}, which would otherwise take "keys" for a device id
-@router.get("/devices/keys")
+@router.get("/devices/keys", response_model=list[schemas.DeviceKey], tags=["devices"], **_OUT)
 def device_keys(
     request: Request,
     tier: str | None = Query(None, max_length=64),
@@ -339,7 +353,7 @@ def device_keys(
         return devices.public_keys(s, tier, group)
 
 
-@router.get("/devices/{device_id}")
+@router.get("/devices/{device_id}", response_model=schemas.DeviceDetail, tags=["devices"], **_OUT)
 def get_device(device_id: str, request: Request) -> dict[str, Any]:
     st = _store(request)
     with st.db.session() as s:
@@ -363,7 +377,7 @@ def _device_change(request: Request, device_id: str, action: str, fn: Any, **det
     return out
 
 
-@router.post("/devices/{device_id}/pin")
+@router.post("/devices/{device_id}/pin", response_model=schemas.Device, tags=["devices"], **_OUT)
 def pin_device(device_id: str, body: PinBody, request: Request) -> dict[str, Any]:
     return _device_change(
         request,
@@ -375,23 +389,23 @@ def pin_device(device_id: str, body: PinBody, request: Request) -> dict[str, Any
     )
 
 
-@router.post("/devices/{device_id}/unpin")
+@router.post("/devices/{device_id}/unpin", response_model=schemas.Device, tags=["devices"], **_OUT)
 def unpin_device(device_id: str, request: Request) -> dict[str, Any]:
     return _device_change(request, device_id, "device.unpin", lambda s: devices.pin(s, device_id, None, None))
 
 
-@router.post("/devices/{device_id}/revoke")
+@router.post("/devices/{device_id}/revoke", response_model=schemas.Device, tags=["devices"], **_OUT)
 def revoke_device(device_id: str, request: Request) -> dict[str, Any]:
     return _device_change(request, device_id, "device.revoke", lambda s: devices.revoke(s, device_id))
 
 
-@router.post("/devices/{device_id}/decommission")
+@router.post("/devices/{device_id}/decommission", response_model=schemas.Device, tags=["devices"], **_OUT)
 def decommission_device(device_id: str, request: Request) -> dict[str, Any]:
     """Retire the device: revoked, kept for the audit, told to wipe itself on its next check-in."""
     return _device_change(request, device_id, "device.decommission", lambda s: devices.decommission(s, device_id))
 
 
-@router.post("/devices/{device_id}/rotate-credential")
+@router.post("/devices/{device_id}/rotate-credential", response_model=schemas.Device, tags=["devices"], **_OUT)
 def rotate_device_credential(device_id: str, request: Request) -> dict[str, Any]:
     return _device_change(
         request,
@@ -401,7 +415,7 @@ def rotate_device_credential(device_id: str, request: Request) -> dict[str, Any]
     )
 
 
-@router.post("/devices/{device_id}/rotate-key")
+@router.post("/devices/{device_id}/rotate-key", response_model=schemas.Device, tags=["devices"], **_OUT)
 def rotate_device_key(device_id: str, request: Request) -> dict[str, Any]:
     return _device_change(
         request,
@@ -411,7 +425,7 @@ def rotate_device_key(device_id: str, request: Request) -> dict[str, Any]:
     )
 
 
-@router.post("/groups/{name}/rotate-credential")
+@router.post("/groups/{name}/rotate-credential", response_model=schemas.GroupRotation, tags=["groups"], **_OUT)
 def rotate_group_credentials(name: str, request: Request, key: bool = False) -> dict[str, Any]:
     """Ask every live device of the group to rotate its credential (``key=true``: its X25519 key pair)."""
     st = _store(request)
@@ -423,14 +437,14 @@ def rotate_group_credentials(name: str, request: Request, key: bool = False) -> 
     return {"group": name, "key": key, "devices": ids}
 
 
-@router.post("/devices/{device_id}/group")
+@router.post("/devices/{device_id}/group", response_model=schemas.Device, tags=["devices"], **_OUT)
 def set_device_group(device_id: str, body: DeviceGroupBody, request: Request) -> dict[str, Any]:
     return _device_change(
         request, device_id, "device.group", lambda s: devices.set_group(s, device_id, body.group), group=body.group
     )
 
 
-@router.get("/groups")
+@router.get("/groups", response_model=list[schemas.Group], tags=["groups"], **_OUT)
 def list_groups(request: Request) -> list[dict[str, Any]]:
     with _store(request).db.session() as s:
         return [
@@ -444,7 +458,7 @@ def list_groups(request: Request) -> list[dict[str, Any]]:
         ]
 
 
-@router.put("/groups/{name}")
+@router.put("/groups/{name}", response_model=schemas.Group, tags=["groups"], **_OUT)
 def put_group(name: str, body: GroupBody, request: Request) -> dict[str, Any]:
     if not _ID.match(name):
         raise UsageError("group names use letters, digits, '.', '_', ':' and '-' (at most 128)")
@@ -476,6 +490,9 @@ def put_group(name: str, body: GroupBody, request: Request) -> dict[str, Any]:
 @router.post(
     "/packages",
     status_code=201,
+    response_model=schemas.ModelVersion,
+    tags=["models"],
+    **_OUT,
     openapi_extra={
         "requestBody": {
             "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
@@ -547,19 +564,19 @@ def _publish(st: Store, who: Principal, path: Path, sha256: str) -> dict[str, An
         return registry.version_dict(mv)
 
 
-@router.get("/models")
+@router.get("/models", response_model=list[schemas.Model], tags=["models"], **_OUT)
 def list_models(request: Request) -> list[dict[str, Any]]:
     with _store(request).db.session() as s:
         return registry.list_models(s)
 
 
-@router.get("/models/{name}")
+@router.get("/models/{name}", response_model=schemas.Model, tags=["models"], **_OUT)
 def get_model(name: str, request: Request) -> dict[str, Any]:
     with _store(request).db.session() as s:
         return registry.list_models(s, name)[0]
 
 
-@router.get("/models/{name}/versions/{version}")
+@router.get("/models/{name}/versions/{version}", response_model=schemas.ModelVersionDetail, tags=["models"], **_OUT)
 def get_version(name: str, version: str, request: Request) -> dict[str, Any]:
     with _store(request).db.session() as s:
         mv = registry.get_version(s, name, version)
@@ -593,7 +610,7 @@ def _release_check(s: Any, mv: ModelVersion, body: _Override | None, who: Princi
     return refusal
 
 
-@router.post("/models/{name}/versions/{version}/promote")
+@router.post("/models/{name}/versions/{version}/promote", response_model=schemas.ModelVersion, tags=["models"], **_OUT)
 def promote(name: str, version: str, request: Request, body: PromoteBody | None = None) -> dict[str, Any]:
     who = _who(request)
     with _store(request).db.session() as s:
@@ -612,7 +629,9 @@ def promote(name: str, version: str, request: Request, body: PromoteBody | None 
         return registry.version_dict(mv)
 
 
-@router.put("/models/{name}/versions/{version}/gate")
+@router.put(
+    "/models/{name}/versions/{version}/gate", response_model=schemas.ModelVersionDetail, tags=["models"], **_OUT
+)
 def put_gate(
     name: str,
     version: str,
@@ -637,7 +656,9 @@ def put_gate(
         return {**registry.version_dict(mv, full=True), "release": registry.release_status(s, mv)}
 
 
-@router.put("/models/{name}/versions/{version}/bench")
+@router.put(
+    "/models/{name}/versions/{version}/bench", response_model=schemas.ModelVersionDetail, tags=["models"], **_OUT
+)
 def put_bench(name: str, version: str, request: Request, bench: dict[str, Any] = Body(...)) -> dict[str, Any]:
     who = _who(request)
     with _store(request).db.session() as s:
@@ -647,7 +668,7 @@ def put_bench(name: str, version: str, request: Request, bench: dict[str, Any] =
         return {**registry.version_dict(mv, full=True), "release": registry.release_status(s, mv)}
 
 
-@router.get("/release-policy")
+@router.get("/release-policy", response_model=schemas.ReleasePolicyDoc, tags=["release-policy"], **_OUT)
 def get_release_policy(request: Request) -> dict[str, Any]:
     with _store(request).db.session() as s:
         return registry.policy_doc(s)
@@ -662,19 +683,19 @@ def _set_policy(request: Request, scope: str, body: ReleasePolicyBody) -> dict[s
         return registry.policy_doc(s, None if scope == registry.GLOBAL_SCOPE else scope)
 
 
-@router.put("/release-policy")
+@router.put("/release-policy", response_model=schemas.ReleasePolicyDoc, tags=["release-policy"], **_OUT)
 def put_release_policy(body: ReleasePolicyBody, request: Request) -> dict[str, Any]:
     """The global policy: what every model needs unless its own override says otherwise."""
     return _set_policy(request, registry.GLOBAL_SCOPE, body)
 
 
-@router.get("/models/{name}/release-policy")
+@router.get("/models/{name}/release-policy", response_model=schemas.ReleasePolicyDoc, tags=["release-policy"], **_OUT)
 def get_model_release_policy(name: str, request: Request) -> dict[str, Any]:
     with _store(request).db.session() as s:
         return registry.policy_doc(s, name)
 
 
-@router.put("/models/{name}/release-policy")
+@router.put("/models/{name}/release-policy", response_model=schemas.ReleasePolicyDoc, tags=["release-policy"], **_OUT)
 def put_model_release_policy(name: str, body: ReleasePolicyBody, request: Request) -> dict[str, Any]:
     """A model's override; it may be set before the model's first version is published."""
     if not _ID.match(name) or name == registry.GLOBAL_SCOPE:
@@ -682,7 +703,9 @@ def put_model_release_policy(name: str, body: ReleasePolicyBody, request: Reques
     return _set_policy(request, name, body)
 
 
-@router.delete("/models/{name}/release-policy")
+@router.delete(
+    "/models/{name}/release-policy", response_model=schemas.ReleasePolicyDoc, tags=["release-policy"], **_OUT
+)
 def delete_model_release_policy(name: str, request: Request) -> dict[str, Any]:
     who = _who(request)
     with _store(request).db.session() as s:
@@ -752,7 +775,7 @@ def plan_dict(p: RolloutPlan, waves: list[float]) -> dict[str, Any]:
     }
 
 
-@router.post("/rollouts/plan")
+@router.post("/rollouts/plan", response_model=schemas.RolloutPlanPreview, tags=["rollouts"], **_OUT)
 def plan_rollout(body: RolloutCreate, request: Request) -> dict[str, Any]:
     """``rollout start --dry-run``: the devices each wave would move on today's fleet; starts nothing."""
     with _store(request).db.session() as s:
@@ -769,7 +792,7 @@ def plan_rollout(body: RolloutCreate, request: Request) -> dict[str, Any]:
         }
 
 
-@router.post("/rollouts", status_code=201)
+@router.post("/rollouts", status_code=201, response_model=schemas.RolloutStarted, tags=["rollouts"], **_OUT)
 def start_rollout(body: RolloutCreate, request: Request) -> dict[str, Any]:
     st = _store(request)
     who = _who(request)
@@ -822,13 +845,13 @@ def start_rollout(body: RolloutCreate, request: Request) -> dict[str, Any]:
     return out
 
 
-@router.get("/rollouts")
+@router.get("/rollouts", response_model=list[schemas.Rollout], tags=["rollouts"], **_OUT)
 def list_rollouts(request: Request) -> list[dict[str, Any]]:
     with _store(request).db.session() as s:
         return [rollout_dict(s, r) for r in s.scalars(select(Rollout).order_by(Rollout.created_at.desc()))]
 
 
-@router.get("/rollouts/{rollout_id}")
+@router.get("/rollouts/{rollout_id}", response_model=schemas.RolloutDetail, tags=["rollouts"], **_OUT)
 def get_rollout(rollout_id: str, request: Request) -> dict[str, Any]:
     with _store(request).db.session() as s:
         r = s.get(Rollout, rollout_id)
@@ -849,7 +872,15 @@ def _action(action: str) -> Any:
 
 
 for _a in ("pause", "resume", "abort", "rollback"):
-    router.add_api_route(f"/rollouts/{{rollout_id}}/{_a}", _action(_a), methods=["POST"], name=f"{_a}_rollout")
+    router.add_api_route(
+        f"/rollouts/{{rollout_id}}/{_a}",
+        _action(_a),
+        methods=["POST"],
+        name=f"{_a}_rollout",
+        response_model=schemas.RolloutAction,
+        tags=["rollouts"],
+        **_OUT,
+    )
 
 
 def metrics_response(request: Request) -> Response:

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgefleet.bench.tiers import TierProfile, get_tier
-from edgefleet.errors import ConfigError
+from edgefleet.errors import ConfigError, yaml_error_message
 
 __all__ = [
     "AccuracyPolicy",
@@ -181,5 +181,5 @@ def load_policy(path: str | Path) -> ResolvedPolicy:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p} is not valid YAML: {str(err).splitlines()[0]}")
+        raise ConfigError(f"{yaml_error_message(str(p), err)} (not valid YAML)")
     return parse_policy(raw, str(p), p.parent)

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import psutil
 
+from edgefleet._fs import atomic_write
 from edgefleet.bench.paired import time_paired
 from edgefleet.bench.tiers import TierProfile, get_tier, host_isa_features
 from edgefleet.config import RuntimeSettings
@@ -183,13 +184,6 @@ def _primary_output(session: OrtSession) -> str:
         if spec.dtype.startswith("float"):
             return spec.name
     raise ModelError("the model has no floating-point output to evaluate (metrics read the first float output)")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def optimize(
@@ -364,7 +358,7 @@ def optimize(
     chosen.status = "chosen"
     chosen.reason = reason
 
-    _write_atomic(out_path, out_bytes)
+    atomic_write(out_path, out_bytes, mkdir=True)
     note("done", 1.0)
     report = OptimizeReport(
         model=source,
@@ -390,7 +384,7 @@ def optimize(
         time_spent_s=round(clock.elapsed, 3),
     )
     if report_path is not None:
-        _write_atomic(Path(report_path), report.model_dump_json(indent=2).encode())
+        atomic_write(Path(report_path), report.model_dump_json(indent=2).encode(), mkdir=True)
     return report
 
 

@@ -3,7 +3,7 @@
 Every latency ratio and metric drop in it is measured against ``baseline`` (``"input"``): the user's model as
 given, loaded as the agent loads it. It is the first entry of ``candidates`` and the output when nothing beats it.
 
-Field names the gate reads are a contract (docs/CONTRACTS.md): ``baseline_metrics`` {overall, per_slice, metric},
+Field names the gate reads are a contract (docs/gate.md): ``baseline_metrics`` {overall, per_slice, metric},
 ``chosen`` {recipe, metrics, latency, size_bytes, op_coverage, nodes_excluded}, ``candidates``, ``reason``,
 ``time_spent_s``.
 """
@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
+from rich.text import Text
 
 from edgefleet.bench.env import Environment, emulation_of
 from edgefleet.bench.stats import PairedComparison
@@ -150,8 +151,11 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 def table(report: OptimizeReport) -> Table:
     """One row per candidate: metric and drop, worst slice, latency ratio with CI, size, op coverage, status — each
     relative to the input model, whose row comes first."""
+    # names, slices and reasons come from the user's model, data and tier files: cells are Text, never markup
     t = Table(
-        title=f"optimize · {report.metric} · tier {report.tier} · chosen: {report.chosen.name} · vs your input model"
+        title=Text(
+            f"optimize · {report.metric} · tier {report.tier} · chosen: {report.chosen.name} · vs your input model"
+        )
     )
     cols = ("candidate", report.metric, "drop", "worst slice", "ratio vs input (95% CI)", "size", "quantized", "status")
     for col in cols:
@@ -171,14 +175,19 @@ def table(report: OptimizeReport) -> Table:
         quant = "–" if cov is None else f"{len(cov.quantized)}/{len(cov.quantized) + len(cov.float)}"
         style = "bold green" if c.status == "chosen" else ("dim" if c.status in ("pruned", "skipped") else "")
         t.add_row(
-            c.name,
-            _fmt(m.overall if m else None, ".4f"),
-            _fmt(base - m.overall if m else None, "+.4f"),
-            "–" if worst is None else f"{worst[0]}: {worst[1]:.3f}",
-            ratio,
-            "–" if c.size_bytes is None else f"{c.size_bytes / report.input_size_bytes:.2f}x",
-            quant,
-            f"{c.status}" + (f": {c.reason}" if c.reason and c.status != "chosen" else ""),
+            *(
+                Text(cell)
+                for cell in (
+                    c.name,
+                    _fmt(m.overall if m else None, ".4f"),
+                    _fmt(base - m.overall if m else None, "+.4f"),
+                    "–" if worst is None else f"{worst[0]}: {worst[1]:.3f}",
+                    ratio,
+                    "–" if c.size_bytes is None else f"{c.size_bytes / report.input_size_bytes:.2f}x",
+                    quant,
+                    f"{c.status}" + (f": {c.reason}" if c.reason and c.status != "chosen" else ""),
+                )
+            ),
             style=style,
         )
     return t

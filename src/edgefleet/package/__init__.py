@@ -1,7 +1,14 @@
 """The model package ``.efpkg``: manifest, model (optionally encrypted), golden vectors, drift
-reference and ML-BOM in one reproducible tar, content-addressed by its SHA-256."""
+reference and ML-BOM in one reproducible tar, content-addressed by its SHA-256.
 
-from edgefleet.package.build import build_package, source_date_epoch
+Building is imported on first use (PEP 562): a device opens and checks packages but never builds one, and the
+builder's ML-BOM library (cyclonedx, the ``tools`` extra) is not installed there.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from edgefleet.package.compat import check_requirements
 from edgefleet.package.keys import (
     DeviceKeyPair,
@@ -23,6 +30,9 @@ from edgefleet.package.manifest import (
     parse_manifest,
 )
 from edgefleet.package.reader import OpenedPackage, open_package
+
+if TYPE_CHECKING:
+    from edgefleet.package.build import build_package, source_date_epoch
 
 __all__ = [
     "DeviceKeyPair",
@@ -46,3 +56,11 @@ __all__ = [
     "public_key_hex",
     "source_date_epoch",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("build_package", "source_date_epoch"):
+        from edgefleet.package import build
+
+        return getattr(build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import io
-import os
 import tarfile
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from edgefleet._fs import atomic_write
 from edgefleet.errors import PackageError, UsageError
 
 __all__ = ["MEMBERS", "read_members", "write_tar"]
@@ -37,24 +36,10 @@ def write_tar(out: Path, members: Mapping[str, bytes], mtime: int) -> None:
             info.type = tarfile.REGTYPE
             tar.addfile(info, io.BytesIO(data))
     out = Path(out)
-    tmp: str | None = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        atomic_write(out, buf.getvalue(), mode=0o644, mkdir=True)
     except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         raise UsageError(f"cannot write {out}: {err.strerror or err}")
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_members(path: Path) -> dict[str, bytes]:

@@ -7,7 +7,6 @@ bytes), in ``*.pub`` files, enrollment requests and ``edgefleet package --encryp
 from __future__ import annotations
 
 import hashlib
-import os
 import stat
 from pathlib import Path
 from typing import NamedTuple
@@ -15,6 +14,7 @@ from typing import NamedTuple
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from edgefleet._fs import atomic_write
 from edgefleet.errors import DecryptionError, UsageError
 
 __all__ = [
@@ -51,16 +51,7 @@ def key_id(public_hex: str) -> str:
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Write a secret with mode 0600 from the first byte on (never readable by others, whatever the umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(path, data, mode=0o600, mkdir=True)
 
 
 def generate_device_keypair(directory: Path, *, name: str = "device", overwrite: bool = False) -> DeviceKeyPair:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import ssl
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
+from edgefleet._fs import atomic_write
 from edgefleet.errors import DownloadError, RepositoryError, UsageError, VerificationError
 from edgefleet.repository.status import TargetInfo
 from edgefleet.transport import check_url, verify_arg
@@ -297,21 +297,7 @@ def fetch_package(
     with contextlib.closing(client), tempfile.TemporaryDirectory(prefix="edgefleet-fetch-") as staging:
         downloaded = client.download(target, staging)
         open_package(downloaded, device_key=device_key)
-        tmp: str | None = None
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{target}.", suffix=".part")
-            os.close(fd)
-            shutil.copyfile(downloaded, tmp)
-            os.chmod(tmp, 0o644)
-            final = out_dir / target
-            os.replace(tmp, final)
+            return atomic_write(out_dir / target, downloaded, mode=0o644, mkdir=True)
         except OSError as err:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
             raise UsageError(f"cannot write {target} into {out_dir}: {err.strerror or err}")
-        except BaseException:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-            raise
-    return final

@@ -1,6 +1,6 @@
 """The signing side of the TUF repository (``tuf.api.metadata``): init, publish, refresh, status, key rotation.
 
-Layout (CONTRACTS.md): ``metadata/`` (``root.json`` + ``N.root.json``, ``timestamp.json``, ``N.snapshot.json``,
+Layout (docs/repository.md): ``metadata/`` (``root.json`` + ``N.root.json``, ``timestamp.json``, ``N.snapshot.json``,
 ``N.targets.json``; consistent snapshots), ``targets/<sha256>.<name>``, ``keys/`` (private, 0600) and
 ``repository.json`` (expiry periods). Serve only ``metadata/`` and ``targets/``. Root keys belong in a separate
 folder (``root_keys_dir``, offline): nothing an online server signs needs them (docs/security/keys.md).
@@ -14,9 +14,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +34,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
+from edgefleet._fs import atomic_write
 from edgefleet.errors import ConflictError, RepositoryError, UsageError
 from edgefleet.repository import _keys
 from edgefleet.repository.status import (
@@ -91,22 +89,8 @@ def _now() -> datetime:
 
 
 def _atomic_write(path: Path, data: bytes | Path) -> None:
-    """``data``'s bytes (or a file's, copied in chunks, never held whole) at ``path``, durably and atomically."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if isinstance(data, Path):
-                with data.open("rb") as f:
-                    shutil.copyfileobj(f, fh, 1 << 20)
-            else:
-                fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # 0644: the repository's files are published (served over HTTP, copied to a USB stick) as they are.
+    atomic_write(path, data, mode=0o644)
 
 
 class Repository:

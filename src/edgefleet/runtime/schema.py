@@ -7,37 +7,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from edgefleet.dtypes import ONNX_TO_NUMPY, ORT_TO_NUMPY
 from edgefleet.errors import InputValidationError
 
-__all__ = ["TensorSpec", "describe", "validate_feeds"]
-
-# ONNX element type -> numpy dtype name, for the types edge models use.
-ONNX_TO_NUMPY = {
-    1: "float32",
-    2: "uint8",
-    3: "int8",
-    5: "int16",
-    6: "int32",
-    7: "int64",
-    9: "bool",
-    10: "float16",
-    11: "float64",
-    12: "uint32",
-    13: "uint64",
-}
-ORT_TO_NUMPY = {
-    "tensor(float)": "float32",
-    "tensor(uint8)": "uint8",
-    "tensor(int8)": "int8",
-    "tensor(int16)": "int16",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-    "tensor(bool)": "bool",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(uint32)": "uint32",
-    "tensor(uint64)": "uint64",
-}
+__all__ = ["ONNX_TO_NUMPY", "ORT_TO_NUMPY", "TensorSpec", "describe", "validate_feeds"]
 
 
 class TensorSpec(BaseModel):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 
 from edgefleet.controlplane.rollout import wave_bucket
 from edgefleet.errors import EdgefleetError
@@ -68,7 +69,7 @@ class _Stages:
         t = time.monotonic()
         what = fn()
         self.times[name] = round(time.monotonic() - t, 2)
-        self.say(f"[bold green]✓[/] {name:<10} {what}  [dim]({self.times[name]:.1f} s)[/]")
+        self.say(f"[bold green]✓[/] {name:<10} {escape(what)}  [dim]({self.times[name]:.1f} s)[/]")
 
 
 def big_table_model(model: bytes, mb: int) -> bytes:
@@ -269,6 +270,8 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
         # commit, and a 10 s bake left the canary 166 requests (paused as inconclusive: honest, but no demo).
         base = {
             "bake_s": 20,
+            # under load the sample can come in after the bake: the wave waits for it (bounded) instead of pausing
+            "max_sample_wait_s": 60,
             "min_devices": 2,
             "min_requests": 200,
             "auto_rollback": True,
@@ -295,7 +298,7 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
             st.times[f"rollout {version}"] = round(time.monotonic() - t, 2)
             say(
                 f"[bold {'green' if ro['state'] == 'completed' else 'yellow'}]✓[/] rollout {version}: "
-                f"{ro['state']} in wave {ro['wave']} of {waves} — {ro['reason']}  "
+                f"{ro['state']} in wave {ro['wave']} of {escape(str(waves))} — {escape(str(ro['reason']))}  "
                 f"[dim]({st.times[f'rollout {version}']:.1f} s)[/]"
             )
         bad = rollouts["3.0.0"]
@@ -305,7 +308,8 @@ async def _fleet_part(o: DemoOptions, work: Path, st: _Stages, pkgs: dict[str, P
         await _wait_served(fleet, received, "3.0.0", None, 120)
         summary.update(await _summarize(fleet, rollouts, received, back_at, tiers, canary))
         if o.keep_running:
-            say(f"[bold]dashboard:[/] {server.url}/  (admin token in {work / 'server' / 'admin-token'}); Ctrl-C ends")
+            token_file = escape(str(work / "server" / "admin-token"))
+            say(f"[bold]dashboard:[/] {escape(server.url)}/  (admin token in {token_file}); Ctrl-C ends")
             with __import__("contextlib").suppress(asyncio.CancelledError, KeyboardInterrupt):
                 await asyncio.Event().wait()
         return summary
@@ -406,7 +410,7 @@ def run_demo(o: DemoOptions, say: Say) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "pipeline.log"
     st = _Stages(say)
-    say(f"[bold]edgefleet demo[/] in {work}  (tool output: {log})")
+    say(f"[bold]edgefleet demo[/] in {escape(str(work))}  (tool output: {escape(str(log))})")
     from edgefleet.data import save_calls
     from edgefleet.examples import digits, train_digits_mlp
 

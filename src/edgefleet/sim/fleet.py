@@ -23,10 +23,11 @@ import numpy as np
 from edgefleet.agent.worker import FAULT_ENV
 from edgefleet.config import AgentSettings
 from edgefleet.controlplane.client import answer_of
+from edgefleet.dtypes import OIP_TO_DTYPE
 from edgefleet.errors import EdgefleetError
 from edgefleet.protocol import AgentState, DeviceConfig
 from edgefleet.sim.link import LinkStats
-from edgefleet.sim.lite import SharedModels, SimAgent, install_shared_health_check
+from edgefleet.sim.lite import SharedModels, SimAgent
 from edgefleet.sim.server import die_with_parent, edgefleet_command, free_port
 from edgefleet.sim.spec import DevicePlan
 
@@ -40,7 +41,6 @@ _UPDATING = {
     AgentState.staged.value,
     AgentState.health_check.value,
 }
-_OIP_DTYPE = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32, "UINT8": np.uint8}
 
 
 @dataclass
@@ -144,8 +144,6 @@ class Fleet:
             for f in p.faults:
                 if f.kind == "crash" and f.value:
                     self.pool.crash_versions.setdefault(p.index, set()).add(f.value)
-        if any(not p.full for p in self.plans):
-            install_shared_health_check(self.pool)
         for done, p in enumerate(self.plans, 1):
             tok = await self._api.post("/api/v1/enrollment-tokens", json={"tier": p.tier.name, "group": GROUP})
             tok.raise_for_status()
@@ -242,7 +240,7 @@ class Fleet:
             for s in r.json()["inputs"]:
                 shape = [d if d > 0 else 1 for d in s["shape"]]
                 feeds[s["name"]] = (
-                    np.random.default_rng(0).random(shape).astype(_OIP_DTYPE.get(s["datatype"], np.float32))
+                    np.random.default_rng(0).random(shape).astype(OIP_TO_DTYPE.get(s["datatype"], "float32"))
                 )
             self._feeds[name] = feeds
         return name, self._traffic_call(self._feeds[name])

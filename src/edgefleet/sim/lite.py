@@ -1,6 +1,8 @@
 """Lightweight agents: the real :class:`edgefleet.agent.Agent` (state machine, slots, TUF updater, probation,
 telemetry buffer) hosted many to a process, with one shared in-process model per package instead of a worker
-process each, and the device's link (:mod:`edgefleet.sim.link`) as its HTTP transport.
+process each, and the device's link (:mod:`edgefleet.sim.link`) as its HTTP transport — to the control plane and
+the TUF repository alike. All through the agent's injection points: its backend factory, transport and health
+check.
 
 What a shared model cannot do, it emulates, and says so: a worker crash (the ``crash`` fault) is an exception
 on every call plus the agent's crash callback; a memory limit is an estimate (worker base + twice the model
@@ -13,6 +15,7 @@ import asyncio
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,19 +23,18 @@ from typing import Any
 import httpx
 import numpy as np
 
-import edgefleet.agent.agent as agent_module
 from edgefleet.agent import Agent, ModelInfo, WorkerSpec
 from edgefleet.agent.backend import InProcessBackend
-from edgefleet.agent.driftcount import DriftCounter
+from edgefleet.agent.edges import HealthCheck
 from edgefleet.agent.healthcheck import HealthResult, check_latency
-from edgefleet.agent.worker import package_info
+from edgefleet.agent.worker import package_info, run_golden
 from edgefleet.config import AgentSettings
 from edgefleet.errors import WorkerUnavailable
 from edgefleet.protocol import DeviceConfig, Hardware
 from edgefleet.sim.link import LinkStats, SimLink
 from edgefleet.sim.spec import DevicePlan
 
-__all__ = ["SharedModels", "SimAgent", "install_shared_health_check"]
+__all__ = ["SharedBackend", "SharedModels", "SimAgent", "shared_health_check"]
 
 WORKER_BASE_MB = 100  # a worker process with numpy + onnxruntime loaded, measured on this kind of machine
 
@@ -107,7 +109,7 @@ class SharedBackend(InProcessBackend):
         if self.on_crash is not None:
             self.on_crash(reason)
 
-    async def start(self) -> ModelInfo:
+    async def load(self) -> tuple[Any, ModelInfo, Any, Any]:
         try:
             loaded = await self.pool.aload(self.spec.path)
         except Exception as err:
@@ -117,10 +119,7 @@ class SharedBackend(InProcessBackend):
         except WorkerUnavailable as err:
             self._crash(str(err))
             raise
-        self._model, self._opened, self.info = loaded.model, loaded.opened, loaded.info
-        ref = loaded.opened.reference
-        self._drift = DriftCounter(ref) if ref is not None else None
-        return loaded.info
+        return loaded.model, loaded.info, loaded.opened, loaded.opened.reference
 
     async def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> tuple[dict[str, Any], float]:
         if self.info is not None and self.info.version in self.pool.crash_versions.get(self.device, set()):
@@ -129,37 +128,25 @@ class SharedBackend(InProcessBackend):
         return await super().infer(feeds, outputs)
 
 
-_POOL: SharedModels | None = None
-_real_health_check = agent_module.run_health_check
+def shared_health_check(pool: SharedModels) -> HealthCheck:
+    """The agent's health check (golden vectors + latency budget) on ``pool``'s shared model, not a fresh worker:
+    500 agents updating must not start 500 worker processes."""
 
+    async def check(spec: WorkerSpec, budget_ms_for: Callable[[ModelInfo], float | None]) -> HealthResult:
+        try:
+            loaded = await pool.aload(spec.path)
+            pool.check_memory(loaded, spec.memory_mb)
+            golden = run_golden(loaded.model, loaded.opened)
+        except Exception as err:
+            return HealthResult(False, f"health check failed: {err}")
+        ok, p95, why = check_latency(golden["latencies_s"], budget_ms_for(loaded.info))
+        return HealthResult(ok, why if ok else f"health check failed: {why}", p95, loaded.info)
 
-async def _shared_health_check(spec: WorkerSpec, budget_ms_for: object, timeout_s: float = 120.0) -> HealthResult:
-    """The agent's health check (golden vectors + latency budget) on the shared model, not a fresh worker."""
-    assert _POOL is not None
-    try:
-        loaded = await _POOL.aload(spec.path)
-        _POOL.check_memory(loaded, spec.memory_mb)
-        from edgefleet.agent import worker
-
-        golden = worker._golden(loaded.model, loaded.opened)
-    except Exception as err:
-        return HealthResult(False, f"health check failed: {err}")
-    budget = budget_ms_for(loaded.info) if callable(budget_ms_for) else None
-    ok, p95, why = check_latency(golden["latencies_s"], budget)
-    return HealthResult(ok, why if ok else f"health check failed: {why}", p95, loaded.info)
-
-
-def install_shared_health_check(pool: SharedModels) -> None:
-    """In a process that hosts only lightweight agents, their pre-switch health check uses the shared model —
-    500 agents updating must not start 500 worker processes. Full agents run in their own processes and are not
-    affected."""
-    global _POOL
-    _POOL = pool
-    agent_module.run_health_check = _shared_health_check
+    return check
 
 
 class SimAgent(Agent):
-    """A real agent whose link is simulated and whose hardware is its tier's."""
+    """A real agent whose link is simulated, whose model is shared and whose hardware is its tier's."""
 
     def __init__(
         self,
@@ -172,30 +159,16 @@ class SimAgent(Agent):
         config: DeviceConfig | None = None,
     ) -> None:
         self.plan = plan
-        self._link = SimLink(plan, stats, transport)
-        self._sim_cp: Any = None
+        self.link = SimLink(plan, stats, transport)
+        t = plan.tier
         super().__init__(
             settings,
             backend_factory=lambda spec, on_crash: SharedBackend(spec, on_crash, pool, plan.index),
+            transport=self.link,
+            health_check=shared_health_check(pool),
             serve_http=False,
             config=config,
-        )
-
-    # The agent creates its control-plane client inside its check-in loop; intercepting the attribute gives the
-    # client this device's link without a hook in the agent.
-    @property
-    def cp(self) -> Any:
-        return self._sim_cp
-
-    @cp.setter
-    def cp(self, client: Any) -> None:
-        if client is not None:
-            old = client.http
-            client.http = httpx.AsyncClient(timeout=old.timeout, transport=self._link)
-        self._sim_cp = client
-
-    def _hardware(self) -> Hardware:
-        t = self.plan.tier
-        return Hardware(
-            arch=t.arch, cpu_count=t.cpu_threads, memory_mb=self.plan.memory_mb, chipset=t.chipset, emulates=t.name
+            hardware=Hardware(
+                arch=t.arch, cpu_count=t.cpu_threads, memory_mb=plan.memory_mb, chipset=t.chipset, emulates=t.name
+            ),
         )

@@ -21,6 +21,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from edgefleet import durations
 from edgefleet.bench.tiers import TierProfile, default_tiers
 from edgefleet.errors import UsageError
 
@@ -39,13 +40,10 @@ PROCESS_ONLY = frozenset({"disk-full", "power-loss"})
 FAULT_KINDS = ("flaky", "cut", "slow", "clock-skew", "memory", "crash", "disk-full", "power-loss")
 
 
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``500ms``, ``10m``, ``1h``, ``-2h`` → seconds."""
-    m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", text)
-    if not m:
-        raise UsageError(f"cannot read duration {text!r}: use e.g. 500ms, 90s, 10m, 1h")
-    unit = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}[m.group(2)]
-    return float(m.group(1)) * unit
+def parse_duration(text: str, flag: str | None = None) -> float:
+    """``90``, ``90s``, ``500ms``, ``10m``, ``1h30m``, ``-2h`` → seconds (:mod:`edgefleet.durations`; negative: a
+    clock running behind)."""
+    return durations.parse_duration(text, flag=flag, allow_negative=True)
 
 
 def parse_tiers(spec: str | None, total: int, known: dict[str, TierProfile] | None = None) -> dict[str, int]:
@@ -117,7 +115,7 @@ def parse_faults(spec: str | None) -> list[Fault]:
             if not 0 <= p <= 1:
                 raise UsageError(f"flaky={v}: the fraction must be in [0, 1]")
         elif kind in ("cut", "slow", "clock-skew"):
-            parse_duration(v or "")
+            parse_duration(v or "", f"--faults {kind}")
         elif kind == "memory" and not (v or "").isdigit():
             raise UsageError(f"memory={v}: give the device memory in MB, e.g. memory=128")
         who = who.strip() or "1"

@@ -1,0 +1,444 @@
+"""The response bodies of the operator API (``/api/v1``), as pydantic models: the OpenAPI document's schemas and
+what the Python SDK (:mod:`edgefleet.sdk`) returns.
+
+The routes build plain dicts (the dashboard renders the same dicts); FastAPI validates each against its route's
+model here and serializes only the keys the dict had (``response_model_exclude_unset``), so a body is exactly what
+it was before these models existed. Every model forbids unknown keys: a key a route starts returning without its
+model saying so fails the tests, instead of vanishing from the body or from the schema. Timestamps stay the ISO
+strings the routes write (a ``datetime`` field would re-format them). Stored documents a client sends in (a gate
+verdict, a bench report, a manifest, evidence records) are free-form objects.
+
+This module imports pydantic and the wire protocol only: the SDK uses it without FastAPI or SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgefleet.protocol import DesiredState
+
+__all__ = [
+    "ApiToken",
+    "ApiTokenCreated",
+    "ApiTokenRevoked",
+    "ApiTokenRotated",
+    "AuditEntry",
+    "CompatCell",
+    "CompatCleared",
+    "Device",
+    "DeviceDetail",
+    "DeviceKey",
+    "EnrollmentToken",
+    "FleetKpis",
+    "Group",
+    "GroupRotation",
+    "Model",
+    "ModelVersion",
+    "ModelVersionDetail",
+    "ReleasePolicyDoc",
+    "Rollout",
+    "RolloutAction",
+    "RolloutDetail",
+    "RolloutPlanPreview",
+    "RolloutStarted",
+    "WhoAmI",
+]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------------------------------------ tokens
+
+
+class WhoAmI(_Out):
+    name: str
+    role: str | None
+
+
+class ApiToken(_Out):
+    id: int
+    name: str
+    role: str
+    created_at: str
+    expires_at: str | None
+    never_expires: bool
+    status: Literal["active", "expired", "revoked"]
+    revoked: bool
+    replaced_by: int | None = Field(description="the token that replaced this one, once rotated")
+
+
+class ApiTokenCreated(ApiToken):
+    token: str = Field(description="the secret: shown once, only its hash is stored")
+
+
+class ApiTokenRotated(ApiTokenCreated):
+    replaces: int
+    old_valid_until: str
+
+
+class ApiTokenRevoked(_Out):
+    id: int
+    revoked: bool
+
+
+class AuditEntry(_Out):
+    id: int
+    at: str
+    actor: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------------ fleet KPIs
+
+
+class FleetDevices(_Out):
+    total: int
+    active: int
+    revoked: int
+    overdue: int
+    overdue_ids: list[str]
+
+
+class LatencyKpi(_Out):
+    model: str
+    version: str
+    tier: str
+    p95_ms: float | None
+    requests: int
+    error_rate: float | None
+
+
+class DriftKpi(_Out):
+    model: str
+    version: str
+    feature: str
+    psi: float | None = Field(description="None below the minimum sample")
+    n: int
+    status: str = Field(description="ok, alert, or 'not enough data'")
+
+
+class DriftAlert(_Out):
+    model: str
+    version: str
+    feature: str
+    psi: float | None
+
+
+class RolloutKpi(_Out):
+    rollout_id: str
+    model: str
+    version: str
+    state: str
+    wave: int
+    devices_moved: int
+    time_to_halt_s: float | None
+    time_to_rollback_s: float | None
+    devices_restored: int
+    step_error: str | None
+
+
+class FleetKpis(_Out):
+    at: str
+    devices: FleetDevices
+    latency: list[LatencyKpi]
+    crash_free_rate: float | None
+    update_success_rate: float | None
+    updates: dict[str, int] = Field(description="update outcome → count over the window")
+    fragmentation: dict[str, int] = Field(description="tier → distinct model versions served")
+    fragmentation_index: int
+    drift: list[DriftKpi]
+    drift_alerts: list[DriftAlert]
+    rollouts: list[RolloutKpi]
+
+
+# ------------------------------------------------------------------------------------------------ compat
+
+
+class CompatCell(_Out):
+    tier: str
+    runtime_version: str
+    model: str
+    version: str
+    status: str
+    failing_devices: list[str]
+    evidence: list[dict[str, Any]]
+
+
+class CompatCleared(CompatCell):
+    previous_status: str
+
+
+# ------------------------------------------------------------------------------------------------ devices
+
+
+class EnrollmentToken(_Out):
+    token: str = Field(description="the one-time enrollment token: shown once")
+    tier: str
+    group: str | None
+    expires_at: str
+    root_version: int | None = Field(description="the TUF root version the token pins")
+
+
+class ServedModel(_Out):
+    model: str | None
+    version: str | None
+    model_sha256: str | None
+
+
+class DesiredModel(_Out):
+    model: str | None
+    version: str | None
+    rollout_id: str | None
+
+
+class Pin(_Out):
+    model: str | None
+    version: str
+
+
+class Device(_Out):
+    device_id: str
+    tier: str
+    group: str | None
+    runtime: str
+    runtime_version: str
+    agent_version: str
+    chipset: str | None
+    memory_mb: int | None
+    hardware: dict[str, Any]
+    state: str | None
+    state_reason: str | None
+    served: ServedModel
+    desired: DesiredModel
+    pinned: Pin | None
+    enrolled_at: str
+    last_seen: str | None
+    overdue: bool
+    revoked: bool
+    dropped_records: int
+    clock_offset_s: float | None
+    clock_skewed: bool
+    invalid_reports: int
+    last_invalid_report: str | None
+    last_invalid_at: str | None
+    decommissioned: bool
+    decommissioned_at: str | None
+    wipe_sent_at: str | None
+    public_key: str
+    previous_public_key: str | None
+    credential_rotation_pending: bool
+    key_rotation_pending: bool
+
+
+class DeviceDetail(Device):
+    desired_state: DesiredState | None = Field(
+        None, description="what the device is told on its next check-in (absent until this server has rendered it)"
+    )
+
+
+class DeviceKey(_Out):
+    device_id: str
+    tier: str
+    group: str | None
+    public_key: str
+    key_id: str
+
+
+class GroupRotation(_Out):
+    group: str
+    key: bool
+    devices: list[str] = Field(description="the devices asked to rotate")
+
+
+class Group(_Out):
+    name: str
+    channel: str | None
+    config: dict[str, Any] | None
+    pinned: Pin | None
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+class ModelVersion(_Out):
+    model: str
+    version: str
+    channel: str
+    target: str
+    package_sha256: str
+    model_sha256: str
+    length: int
+    requirements: dict[str, Any]
+    lineage: dict[str, Any]
+    gate: Any = Field(description="the attached gate verdict's outcome, if any")
+    created_at: str
+    drift_features: list[str] | None
+
+
+class PolicyValues(_Out):
+    require_gate: bool
+    require_bench: bool
+
+
+class PolicySource(_Out):
+    require_gate: str = Field(description="default, global or model")
+    require_bench: str
+
+
+class ReleaseOverride(_Out):
+    at: str
+    actor: str
+    overrode: str | None
+    reason: str | None
+
+
+class ReleaseStatus(_Out):
+    allowed: bool
+    refusal: str | None
+    policy: PolicyValues
+    policy_source: PolicySource
+    package_sha256: str
+    gate: dict[str, Any] | None
+    gate_bound: dict[str, Any] | None
+    gate_matches_package: bool
+    bench: dict[str, Any] | None
+    overrides: list[ReleaseOverride]
+
+
+class ModelVersionDetail(_Out):
+    model: str
+    version: str
+    channel: str
+    target: str
+    package_sha256: str
+    model_sha256: str
+    length: int
+    requirements: dict[str, Any]
+    lineage: dict[str, Any]
+    gate: dict[str, Any] | None = Field(description="the attached gate verdict, whole")
+    created_at: str
+    evidence: dict[str, Any] | None
+    drift_features: list[str] | None
+    bench: dict[str, Any] | None = Field(description="the attached bench report, whole")
+    manifest: dict[str, Any]
+    release: ReleaseStatus
+
+
+class Model(_Out):
+    model: str
+    versions: list[ModelVersion]
+    channels: dict[str, str] = Field(description="channel → the newest version in it")
+
+
+class PolicyOverride(_Out):
+    require_gate: bool | None
+    require_bench: bool | None
+    updated_by: str
+    updated_at: str
+
+
+class ReleasePolicyDoc(_Out):
+    model_config = ConfigDict(populate_by_name=True)
+
+    model: str | None
+    effective: PolicyValues
+    source: PolicySource
+    default: PolicyValues
+    global_: PolicyOverride | None = Field(alias="global")
+    models: dict[str, PolicyOverride]
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+
+
+class Rollout(_Out):
+    rollout_id: str
+    model: str
+    version: str
+    tier: str | None
+    channel: str | None
+    state: str
+    wave: int
+    # echoed from the stored policy document, whatever it holds: a rollout whose policy no longer parses must
+    # still be shown (with its step_error), not answered with a 500
+    waves: Any = Field(description="the wave percentages of the rollout's policy")
+    reason: str | None
+    created_at: str
+    created_by: str
+    wave_started_at: str
+    blocked: str | None
+    step_error: str | None
+
+
+class RolloutDeviceEntry(_Out):
+    device_id: str
+    wave: int
+    previous_version: str | None
+    reverted: bool
+
+
+class RolloutTransition(_Out):
+    model_config = ConfigDict(populate_by_name=True)
+
+    seq: int
+    from_: str = Field(alias="from")
+    to: str
+    wave: int
+    reason: str
+    actor: str
+    at: str
+
+
+class RolloutDetail(Rollout):
+    policy: dict[str, Any]
+    devices: list[RolloutDeviceEntry]
+    transitions: list[RolloutTransition]
+
+
+class PlanWave(_Out):
+    wave: int
+    percent: float
+    devices: list[str]
+
+
+class Plan(_Out):
+    waves: list[PlanWave]
+    devices: int
+    already_on_version: list[str]
+    excluded: dict[str, str] = Field(description="device → why it is never targeted")
+    blocked: str | None
+
+
+class RolloutStarted(Rollout):
+    plan: Plan
+    warning: str | None
+
+
+class ReleaseVerdict(_Out):
+    allowed: bool
+    refusal: str | None
+
+
+class RolloutPlanPreview(_Out):
+    model: str
+    version: str
+    tier: str | None
+    channel: str | None
+    waves: list[PlanWave]
+    devices: int
+    already_on_version: list[str]
+    excluded: dict[str, str] = Field(description="device → why it is never targeted")
+    blocked: str | None
+    release: ReleaseVerdict
+
+
+class RolloutAction(_Out):
+    rollout_id: str
+    state: str
+    reason: str | None
