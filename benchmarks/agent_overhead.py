@@ -132,6 +132,12 @@ def run_client(url: str, model: str, x: np.ndarray, binary: bool, concurrency: i
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument(
+        "--edgefleet",
+        type=Path,
+        help="the edgefleet executable to measure (default: this venv's); e.g. one of a device-only venv, "
+        "`pip install -c constraints.txt .` (docs/install.md), to compare its idle RSS",
+    )
     ap.add_argument("--null-server", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--uvicorn-null-server", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -174,7 +180,7 @@ def main() -> None:
     raw_wall = time.perf_counter() - t0
     rp50, rp99 = _pct(raw)
 
-    exe = str(Path(sys.executable).with_name("edgefleet"))
+    exe = str(a.edgefleet or Path(sys.executable).with_name("edgefleet"))
     null_port, agent_port, uvi_port = _free_port(), _free_port(), _free_port()
     null = subprocess.Popen([sys.executable, __file__, "--null-server", str(null_port)])
     uvi = subprocess.Popen([sys.executable, __file__, "--uvicorn-null-server", str(uvi_port)])
@@ -206,6 +212,10 @@ def main() -> None:
         ap_ = psutil.Process(agent.pid)
         agent_rss = ap_.memory_info().rss / 2**20
         worker_rss = sum(c.memory_info().rss for c in ap_.children(recursive=True)) / 2**20
+        # RSS also counts the shared libraries' file pages the kernel mapped around each fault, which depends on
+        # what the page cache holds; USS (pages only this process has) is what a second model would add
+        agent_uss = ap_.memory_full_info().uss / 2**20
+        worker_uss = sum(c.memory_full_info().uss for c in ap_.children(recursive=True)) / 2**20
         bare = subprocess.Popen([sys.executable, "-c", "import numpy, onnxruntime, time; time.sleep(5)"])
         time.sleep(2.5)
         bare_rss = psutil.Process(bare.pid).memory_info().rss / 2**20
@@ -238,9 +248,11 @@ def main() -> None:
         )
     print(f"cold start to first inference: {first * 1000:.0f} ms" if first else "cold start: no answer in 60 s")
     print(
-        f"idle RSS: agent {agent_rss:.1f} MB, worker {worker_rss:.1f} MB; bare python+onnxruntime {bare_rss:.1f} MB "
+        f"idle RSS ({exe}): agent {agent_rss:.1f} MB, worker {worker_rss:.1f} MB; "
+        f"bare python+onnxruntime {bare_rss:.1f} MB "
         f"(worker budget = bare + model + 15 MB = {bare_rss + model.stat().st_size / 2**20 + 15:.1f} MB)"
     )
+    print(f"idle USS (private memory): agent {agent_uss:.1f} MB, worker {worker_uss:.1f} MB")
 
 
 if __name__ == "__main__":

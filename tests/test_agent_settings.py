@@ -56,6 +56,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _parse(*args: str) -> AgentSettings:
     app = typer.Typer()
+    app.callback()(lambda: None)  # a group, as in the real CLI, even with this module's single command
     register(app)
     command = typer.main.get_command(app).commands["agent"]  # type: ignore[attr-defined]
     with command.make_context("agent", list(args)) as ctx:
@@ -126,6 +127,7 @@ def test_no_server_is_a_clear_usage_error() -> None:
     from typer.testing import CliRunner
 
     app = typer.Typer()
+    app.callback()(lambda: None)
     register(app)
     res = CliRunner().invoke(app, ["agent"], env={"COLUMNS": "200"})
     assert res.exit_code != 0 and isinstance(res.exception, UsageError)

@@ -18,13 +18,13 @@ if TYPE_CHECKING:
     from edgefleet.config import AgentSettings
 
 
-def _logging() -> None:
+def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request at INFO: one line per check-in would bury what the agent itself says.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-async def _until_signal(stop: asyncio.Event) -> None:
+async def until_signal(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -184,12 +184,12 @@ def register(app: typer.Typer) -> None:
         verify_arg(settings.ca_file)
         if settings.root is not None and not settings.root.is_file():
             raise UsageError(f"--root {settings.root} does not exist")
-        _logging()
+        setup_logging()
 
         async def main() -> int:
             a = Agent(settings)
             # a signal stops it, and so does the agent itself (decommissioned, credential refused)
-            await _until_signal(a.stop_requested)
+            await until_signal(a.stop_requested)
             await a.start()
             try:
                 await a.stop_requested.wait()
@@ -200,36 +200,3 @@ def register(app: typer.Typer) -> None:
         code = asyncio.run(main())
         if code:
             raise typer.Exit(code)
-
-    @app.command("serve")
-    def serve(
-        path: Path = typer.Argument(..., help="A package (.efpkg) or an ONNX model (.onnx)."),
-        host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-        port: int = typer.Option(8081, help="Port of the OIP v2 API."),
-        device_key: Path | None = typer.Option(None, help="Device private key, for an encrypted package."),
-        memory_mb: int | None = typer.Option(None, min=16, help="Kill the worker when its RSS exceeds this."),
-        intra_op_threads: int = typer.Option(1, min=1, help="onnxruntime threads per inference call."),
-    ) -> None:
-        """Serve one model over the Open Inference Protocol v2, with no control plane."""
-        from edgefleet.agent import serve_standalone
-
-        if not path.is_file():
-            raise UsageError(f"{path} does not exist")
-        if path.suffix not in (".efpkg", ".onnx"):
-            raise UsageError(f"{path} is neither a .efpkg package nor an .onnx model")
-        _logging()
-
-        async def main() -> None:
-            stop = asyncio.Event()
-            await _until_signal(stop)
-            await serve_standalone(
-                path,
-                host=host,
-                port=port,
-                device_key=device_key,
-                memory_mb=memory_mb,
-                intra_op_threads=intra_op_threads,
-                stop=stop,
-            )
-
-        asyncio.run(main())

@@ -42,7 +42,8 @@ _GROUPS: dict[str, tuple[str, ...]] = {
     "bench": ("bench",),
     "gate": ("gate",),
     "optimize": ("optimize",),
-    "agent": ("agent", "serve"),
+    "agent": ("agent",),
+    "serve": ("serve",),
     "server": ("server", "devices", "rollout", "fleet", "audit", "models", "tokens"),
     "sim": ("simulate", "demo"),
 }
