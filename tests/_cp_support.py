@@ -86,7 +86,7 @@ class CP:
         self.settings = ServerSettings(db=db_url, repo=tmp / "repo", overdue_after_s=3600)
         self.app: FastAPI = create_app(self.settings)
         self.admin = (tmp / "admin-token").read_text().strip()
-        self.store = self.app.state.store
+        self.store = self.app.state.context.store
         # A real HTTP server on loopback; lifespan off, so no background loop races the test's own reconciles.
         port = free_port()
         self.server = uvicorn.Server(

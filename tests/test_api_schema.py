@@ -15,10 +15,10 @@ from pydantic import TypeAdapter
 
 from _cp_support import CP, build_pkg
 from edgefleet.controlplane import apidocs, devices
+from edgefleet.controlplane.api.rollouts import rollout_dict
 from edgefleet.controlplane.auth import MATRIX, Access, effective_routes
 from edgefleet.controlplane.db import Device, Rollout
 from edgefleet.controlplane.reconciler import reconcile_once
-from edgefleet.controlplane.routes import rollout_dict
 
 A = "/api/v1"
 TAGS = {"tokens", "audit", "fleet", "devices", "groups", "models", "release-policy", "rollouts", "compat", "enrollment"}

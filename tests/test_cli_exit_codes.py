@@ -5,7 +5,6 @@ duration grammar; validation errors in full."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -278,6 +277,9 @@ def test_yaml_errors_keep_line_and_column(tmp_path: Path, capsys: Capsys, mlp_pa
 def test_shell_completion_is_offered(capsys: Capsys) -> None:
     code, out, _ = run_cli(capsys, "--help")
     assert code == 0 and "--install-completion" in out and "--show-completion" in out
-    env = {**os.environ, "SHELL": "/bin/bash"}
-    proc = subprocess.run([EXE, "--show-completion", "bash"], env=env, capture_output=True, text=True, timeout=60)
+    # the shell is detected from the parent process (not $SHELL, not an argument): run it from bash, as a user does;
+    # under make or CI the parent would be sh, which has no completion (`; exit $?` keeps bash from exec-ing it away)
+    proc = subprocess.run(
+        ["bash", "-c", f"'{EXE}' --show-completion; exit $?"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and "_EDGEFLEET_COMPLETE" in proc.stdout, proc.stdout + proc.stderr

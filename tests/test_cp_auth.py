@@ -55,8 +55,8 @@ def test_a_route_without_entry_refuses_to_build(tmp_path: Path) -> None:
         ServerSettings(db=f"sqlite:///{tmp_path / 'b.db'}", repo=tmp_path / "repo2"), routers=[(r, Access.viewer)]
     )
     assert ok.state.matrix[("GET", "/api/v1/sneaky")] is Access.viewer
-    app.state.store.db.dispose()
-    ok.state.store.db.dispose()
+    app.state.context.db.dispose()
+    ok.state.context.db.dispose()
 
 
 def _concrete(path: str) -> str:
@@ -187,11 +187,11 @@ def test_rotation_issues_a_new_secret_and_retires_the_old_after_its_grace(cp: CP
 def test_rotating_a_never_expiring_token_keeps_it_never_expiring(cp: CP, tmp_path: Path) -> None:
     app = create_app(ServerSettings(db=f"sqlite:///{tmp_path / 'n.db'}", repo=tmp_path / "repo", admin_token="efa_cfg"))
     try:
-        with app.state.store.db.session() as s:
+        with app.state.context.db.session() as s:
             row = s.scalar(select(ApiToken).where(ApiToken.name == "admin (settings)"))
             assert row is not None and row.expires_at is None
     finally:
-        app.state.store.db.dispose()
+        app.state.context.db.dispose()
     t = cp.api("POST", "/api/v1/tokens", json={"role": "admin", "name": "spare"})
     with cp.store.db.session() as s:  # as an admin token made before tokens expired
         s.execute(update(ApiToken).where(ApiToken.id == t["id"]).values(expires_at=None))

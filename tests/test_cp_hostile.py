@@ -24,10 +24,10 @@ from sqlalchemy import func, select
 
 from _cp_support import CP, SimDevice, build_pkg, pg_schema_url
 from edgefleet.controlplane import kpi
-from edgefleet.controlplane.checkin import store_report
 from edgefleet.controlplane.db import Database, Device, ReportBatch, TelemetryRow, UpdateEventRow
 from edgefleet.controlplane.devices import CLOCK_SKEW_S
 from edgefleet.controlplane.reconciler import reconcile_once
+from edgefleet.controlplane.reports import store_report
 from edgefleet.protocol import (
     MAX_COUNT,
     MAX_CPU_PERCENT,

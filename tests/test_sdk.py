@@ -4,6 +4,7 @@ policy, and a session against a real server on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 import typing
@@ -17,8 +18,8 @@ from pydantic import TypeAdapter
 
 import edgefleet
 from _cp_support import CP, build_pkg, gate_verdict
+from edgefleet import apierrors, sdk
 from edgefleet import errors as e
-from edgefleet import sdk
 from edgefleet.config import ServerSettings
 from edgefleet.controlplane.app import create_app
 from edgefleet.controlplane.auth import effective_routes
@@ -30,7 +31,7 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     d = tmp_path_factory.mktemp("sdk-app")
     a = create_app(ServerSettings(db=f"sqlite:///{d / 'cp.db'}", repo=d / "repo"))
     yield a
-    a.state.store.db.dispose()
+    a.state.context.db.dispose()
 
 
 def _operator_ops(spec: dict[str, Any]) -> set[tuple[str, str]]:
@@ -142,12 +143,40 @@ def test_each_sdk_method_calls_the_route_the_table_names(tmp_path: Path) -> None
         (503, {"detail": "upstream down"}, e.ServerUnreachable, "upstream down"),
     ],
 )
-def test_errors_come_back_as_edgefleet_errors(status: int, body: Any, cls: type, message: str) -> None:
+@pytest.mark.parametrize("client", ["sdk", "cli-helpers", "async"])
+def test_errors_come_back_as_edgefleet_errors(
+    status: int, body: Any, cls: type, message: str, client: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One table for every operator API client: the SDK, the CLI's helper client and an async caller (the
+    simulator) mapping its own ``httpx.AsyncClient``'s answers."""
     fixed = httpx.MockTransport(lambda r: httpx.Response(status, json=body))
-    c = sdk.Client("http://127.0.0.1:1", "t", transport=fixed)
     with pytest.raises(cls, match=re.escape(message)) as err:
-        c.devices.list()
+        if client == "sdk":
+            sdk.Client("http://127.0.0.1:1", "t", transport=fixed).devices.list()
+        elif client == "cli-helpers":
+            from edgefleet.controlplane import client as helpers
+
+            c = helpers.Client("http://127.0.0.1:1", "t")
+            monkeypatch.setattr(c, "_http", httpx.Client(base_url=c.server, transport=fixed))
+            c.get("/api/v1/devices")
+        else:
+
+            async def ask() -> None:
+                async with httpx.AsyncClient(base_url="http://127.0.0.1:1", transport=fixed) as ac:
+                    r = await ac.get("/api/v1/devices")
+                raise apierrors.error_of(r)
+
+            asyncio.run(ask())
     assert type(err.value) is cls and f"(HTTP {status})" in str(err.value)
+
+
+def test_an_error_page_that_is_not_json_is_one_line() -> None:
+    page = "<html>\n<body>502 Bad Gateway</body>\n</html>\n"
+    err = apierrors.error_of(httpx.Response(502, text=page))
+    assert type(err) is e.ServerUnreachable
+    assert str(err) == "<html> <body>502 Bad Gateway</body> </html> (HTTP 502)"
+    err = apierrors.error_of(httpx.Response(500, content=b""))
+    assert type(err) is e.ServerError and str(err) == "the control plane failed: Internal Server Error (HTTP 500)"
 
 
 def test_a_server_that_cannot_be_reached_or_is_not_edgefleet_says_so() -> None:
@@ -156,6 +185,10 @@ def test_a_server_that_cannot_be_reached_or_is_not_edgefleet_says_so() -> None:
 
     with pytest.raises(e.ServerUnreachable, match=r"cannot reach the control plane at http://127\.0\.0\.1:1"):
         sdk.Client("http://127.0.0.1:1", "t", transport=httpx.MockTransport(down)).fleet.kpis()
+    from edgefleet.controlplane import client as helpers
+
+    with pytest.raises(e.ServerUnreachable, match=r"cannot reach the control plane at http://127\.0\.0\.1:1"):
+        helpers.Client("http://127.0.0.1:1", "t").get("/api/v1/fleet")
     html = httpx.MockTransport(lambda r: httpx.Response(200, text="<html>", headers={"content-type": "text/html"}))
     with pytest.raises(e.EdgefleetError, match=re.escape("not JSON: is http://127.0.0.1:1 an edgefleet control plane")):
         sdk.Client("http://127.0.0.1:1", "t", transport=html).whoami()

@@ -43,7 +43,7 @@ Exit codes (``docs/cli.md`` holds the same table)::
     │   ├── ServerError                 the control plane answered 5xx (exit 70: its bug, not the user's)
     │   ├── InvalidReportError          a device report the wire format refuses (nothing of it is stored)
     │   └── TooLargeError               a request body over its size cap
-    ├── RolloutError                    (exit 2)
+    ├── RolloutError                    a rollout that conflicts with the fleet's state (exit 3, HTTP 409)
     │   └── IncompatibleError           the package does not support a device's tier or runtime
     └── AgentError                      (exit 1)
         ├── UpdateError                 an update that was refused or failed (reason reported)
@@ -182,7 +182,8 @@ class TooLargeError(RegistryError):
 
 
 class RolloutError(EdgefleetError):
-    exit_code = EXIT_USAGE
+    # the control plane answers these with 409, like a ConflictError: the same exit code for the same answer
+    exit_code = EXIT_NOT_FOUND
 
 
 class IncompatibleError(RolloutError):

@@ -31,6 +31,7 @@ import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from edgefleet import errors as e
+from edgefleet.apierrors import error_of, unreachable
 from edgefleet.controlplane.rollout import RolloutPolicy
 from edgefleet.controlplane.schemas import (
     ApiToken,
@@ -59,7 +60,7 @@ from edgefleet.controlplane.schemas import (
     WhoAmI,
 )
 from edgefleet.protocol import API_PREFIX, DeviceConfig
-from edgefleet.transport import check_url, untrusted_hint, verify_arg
+from edgefleet.transport import check_url, verify_arg
 
 __all__ = ["OPERATIONS", "UNSET", "Client"]
 
@@ -113,48 +114,6 @@ def _adapter(tp: Hashable) -> TypeAdapter[Any]:
     return adapter
 
 
-_BY_STATUS: dict[int, type[e.EdgefleetError]] = {
-    401: e.AuthError,
-    403: e.ForbiddenError,
-    404: e.NotFoundError,
-    409: e.ConflictError,
-    413: e.TooLargeError,
-    # a proxy in front of a control plane that is down or slow: the server is unreachable, not broken
-    502: e.ServerUnreachable,
-    503: e.ServerUnreachable,
-    504: e.ServerUnreachable,
-}
-
-
-def error_of(r: httpx.Response) -> e.EdgefleetError:
-    """The :mod:`edgefleet.errors` exception an error response stands for, with the server's message."""
-    body: Any = None
-    try:
-        body = r.json()
-    except ValueError:
-        pass
-    detail: Any = body.get("detail") if isinstance(body, dict) else None
-    if isinstance(detail, list):  # FastAPI's request validation: one "field: message" per problem
-        detail = "; ".join(
-            f"{'.'.join(str(x) for x in d.get('loc', []))}: {d.get('msg')}" if isinstance(d, dict) else str(d)
-            for d in detail
-        )
-    if not detail:
-        detail = r.text.strip()[:500] or r.reason_phrase
-    named = getattr(e, str(body.get("error")), None) if isinstance(body, dict) else None
-    cls: type[e.EdgefleetError]
-    if isinstance(named, type) and issubclass(named, e.EdgefleetError):
-        cls = named
-    elif r.status_code in _BY_STATUS:
-        cls = _BY_STATUS[r.status_code]
-    elif 400 <= r.status_code < 500:
-        cls = e.UsageError
-    else:
-        cls = e.ServerError
-        detail = f"the control plane failed: {detail}"
-    return cls(f"{detail} (HTTP {r.status_code})")
-
-
 def _drop_none(**kw: Any) -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
@@ -164,6 +123,10 @@ class Client:
 
     ``server`` is the base URL (``https://edgefleet.example.com``); ``token`` an operator API token. Use it as a
     context manager, or call :meth:`close`."""
+
+    # what to do about a TLS certificate this client does not trust; a wrapper that takes its CA elsewhere (the
+    # CLI: an environment variable) says so instead
+    _untrusted_fix = "pass ca_file= the CA file that signed it"
 
     def __init__(
         self,
@@ -223,8 +186,7 @@ class Client:
         try:
             r = self._http.request(method, url, **kw)
         except httpx.HTTPError as exc:
-            hint = untrusted_hint(exc, "pass ca_file= the CA file that signed it")
-            raise e.ServerUnreachable(f"cannot reach the control plane at {self.server}: {exc}{hint}") from exc
+            raise unreachable(self.server, exc, self._untrusted_fix) from exc
         if r.status_code >= 400:
             raise error_of(r)
         try:

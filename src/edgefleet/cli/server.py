@@ -7,15 +7,22 @@ token is given."""
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 
 from edgefleet.cli._output import cell, console, escape, print_json
 from edgefleet.durations import parse_duration
-from edgefleet.errors import UsageError, validation_summary
+from edgefleet.errors import AuthError, UsageError, validation_summary
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from edgefleet.controlplane.schemas import RolloutPlanPreview
+    from edgefleet.sdk import Client
 
 ServerOpt = typer.Option(None, "--server", envvar="EDGEFLEET_SERVER", help="Control plane URL [http://127.0.0.1:8700].")
 TokenOpt = typer.Option(
@@ -35,10 +42,29 @@ fleet_app = typer.Typer(help="Fleet health: KPIs, the compatibility matrix.", no
 tokens_app = typer.Typer(help="Operator API tokens (admin only).", no_args_is_help=True)
 
 
-def _client(server: str | None, token: str | None) -> Any:
-    from edgefleet.controlplane.client import Client
+def _client(server: str | None, token: str | None) -> Client:
+    """The SDK's client for ``--server``/``--api-token``, resolved as every operator client resolves them."""
+    from edgefleet.controlplane.client import CA_FILE_ENV, resolve_connection
+    from edgefleet.sdk import Client
 
-    return Client(server, token)
+    class CliClient(Client):
+        _untrusted_fix = f"set {CA_FILE_ENV} to the CA file that signed it"
+
+    conn = resolve_connection(server, token)
+    if not conn.token:
+        raise AuthError(
+            f"no API token for {conn.server}: pass --api-token or set EDGEFLEET_API_TOKEN (a server on this "
+            "machine writes its admin token to ./admin-token)"
+        )
+    return CliClient(conn.server, conn.token, ca_file=conn.ca_file, insecure_http=conn.insecure_http)
+
+
+def _dump(value: BaseModel | list[Any]) -> Any:
+    """A response model (or a list of them) as the JSON the server sent: field names as on the wire, and only the
+    keys it sent (a default the model fills in is not the server's answer)."""
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    return value.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
 ForceOpt = typer.Option(
@@ -78,6 +104,18 @@ def _say(text: str, json_: bool, doc: Any) -> None:
 # ------------------------------------------------------------------------------------------------ server
 
 
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
 def server(
     db: str = typer.Option(None, "--db", help="SQLAlchemy URL, postgresql://… for scale [sqlite:///edgefleet.db]."),
     repo: Path = typer.Option(
@@ -96,11 +134,23 @@ def server(
         help="Behind a TLS-terminating proxy: trust X-Forwarded-* headers from these addresses (comma-separated, "
         "or *) (default: none trusted).",
     ),
+    log_level: LogLevel = typer.Option(
+        LogLevel.info, "--log-level", case_sensitive=False, help="Least severe log record written to stderr."
+    ),
+    log_format: LogFormat = typer.Option(
+        LogFormat.text,
+        "--log-format",
+        case_sensitive=False,
+        help="text for a person; json: one object per line (time, level, logger, message, exc_info).",
+    ),
 ) -> None:
     """Run the control plane: registry, check-ins, rollouts, KPIs, TUF repository under /tuf/."""
+    import logging
+
     import uvicorn
 
     from edgefleet.config import ServerSettings
+    from edgefleet.controlplane import logs
     from edgefleet.controlplane.app import admin_token_path, create_app
     from edgefleet.transport import check_server_tls, is_loopback
 
@@ -121,27 +171,32 @@ def server(
     except ValidationError as err:
         raise UsageError(f"invalid server settings: {validation_summary(err)}") from None
     tls = check_server_tls(settings.tls_cert, settings.tls_key)
+    # before the app is built: building it already logs (the admin token file, where root keys sit)
+    log_config = logs.configure(log_level.value, log_format.value)
+    log = logging.getLogger(__name__)
     app = create_app(settings)
     scheme = "https" if tls else "http"
-    console.print(
-        f"edgefleet control plane on {scheme}://{settings.host}:{settings.port}  "
-        f"db={app.state.store.db.url.split('@')[-1]}  repo={settings.repo}  "
-        f"admin token file: {admin_token_path(settings)}",
-        highlight=False,
-        markup=False,
+    log.info(
+        "edgefleet control plane on %s://%s:%s  db=%s  repo=%s  admin token file: %s",
+        scheme,
+        settings.host,
+        settings.port,
+        app.state.context.db.url.split("@")[-1],
+        settings.repo,
+        admin_token_path(settings),
     )
     if not tls and settings.forwarded_allow_ips is None and not is_loopback(settings.host):
-        console.print(
-            f"warning: cleartext http on {settings.host}: tokens cross the network unencrypted; give --tls-cert/"
-            "--tls-key, or run behind a TLS proxy with --forwarded-allow-ips (docs/security/tls.md)",
-            highlight=False,
-            markup=False,
+        log.warning(
+            "cleartext http on %s: tokens cross the network unencrypted; give --tls-cert/--tls-key, or run behind "
+            "a TLS proxy with --forwarded-allow-ips (docs/security/tls.md)",
+            settings.host,
         )
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
-        log_level="warning",
+        log_config=log_config,
+        log_level=log_level.value,
         access_log=False,
         ssl_certfile=str(settings.tls_cert) if tls else None,
         ssl_keyfile=str(settings.tls_key) if tls else None,
@@ -164,20 +219,20 @@ def devices_token(
     json_: bool = JsonOpt,
 ) -> None:
     """Make a one-time, expiring enrollment token."""
-    body = {"tier": tier, "group": group, "expires_s": parse_duration(expires, flag="--expires", allow_zero=False)}
+    expires_s = parse_duration(expires, flag="--expires", allow_zero=False)
     with _client(server_, token) as c:
-        out = c.post("/api/v1/enrollment-tokens", body)
+        out = c.enrollment.create_token(tier, group=group, expires_s=expires_s)
     if json_:
-        print_json(out)
+        print_json(_dump(out))
     else:
-        console.print(out["token"], markup=False, soft_wrap=True)
+        console.print(out.token, markup=False, soft_wrap=True)
 
 
 @devices_app.command("list")
 def devices_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """The inventory: tier, runtime, served version, last seen, overdue."""
     with _client(server_, token) as c:
-        rows = c.get("/api/v1/devices")
+        rows = _dump(c.devices.list())
     if json_:
         print_json(rows)
         return
@@ -211,7 +266,7 @@ def devices_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = 
 def devices_show(device_id: str, server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """One device, with the desired state it is served."""
     with _client(server_, token) as c:
-        doc = c.get(f"/api/v1/devices/{device_id}")
+        doc = _dump(c.devices.get(device_id))
     if json_:
         print_json(doc)
     else:
@@ -229,7 +284,7 @@ def devices_keys(
     """The X25519 public keys of active devices, to encrypt a package for (`package --encrypt-for-group`)."""
     params = {k: v for k, v in (("tier", tier), ("group", group)) if v is not None}
     with _client(server_, token) as c:
-        rows = c.get("/api/v1/devices/keys", params=params)
+        rows = _dump(c.devices.keys(tier=tier, group=group))
     if json_:
         print_json(rows)
         return
@@ -251,24 +306,24 @@ def devices_pin(
 ) -> None:
     """Pin a device to a version: rollouts leave it alone."""
     with _client(server_, token) as c:
-        out = c.post(f"/api/v1/devices/{device_id}/pin", {"version": version, "model": model})
-    _say(f"pinned {device_id} to {version}", json_, out)
+        out = c.devices.pin(device_id, version, model=model)
+    _say(f"pinned {device_id} to {version}", json_, _dump(out))
 
 
 @devices_app.command("unpin")
 def devices_unpin(device_id: str, server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """Remove a device's pin."""
     with _client(server_, token) as c:
-        out = c.post(f"/api/v1/devices/{device_id}/unpin")
-    _say(f"unpinned {device_id}", json_, out)
+        out = c.devices.unpin(device_id)
+    _say(f"unpinned {device_id}", json_, _dump(out))
 
 
 @devices_app.command("revoke")
 def devices_revoke(device_id: str, server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """Revoke a device's credential: it stops working at once."""
     with _client(server_, token) as c:
-        out = c.post(f"/api/v1/devices/{device_id}/revoke")
-    _say(f"revoked {device_id}", json_, out)
+        out = c.devices.revoke(device_id)
+    _say(f"revoked {device_id}", json_, _dump(out))
 
 
 @devices_app.command("decommission")
@@ -277,22 +332,25 @@ def devices_decommission(
 ) -> None:
     """Retire a device: its record stays for the audit, its next check-in wipes it, its credential then stops."""
     with _client(server_, token) as c:
-        out = c.post(f"/api/v1/devices/{device_id}/decommission")
-    _say(f"decommissioned {device_id}: it wipes itself on its next check-in", json_, out)
+        out = c.devices.decommission(device_id)
+    _say(f"decommissioned {device_id}: it wipes itself on its next check-in", json_, _dump(out))
 
 
 def _rotate(what: str, device_id: str | None, group: str | None, server_: str, token: str, json_: bool) -> None:
     if (device_id is None) == (group is None):
         raise UsageError("name one device (ID) or one --group")
+    out: BaseModel
     with _client(server_, token) as c:
         if device_id is not None:
-            out = c.post(f"/api/v1/devices/{device_id}/rotate-{what}")
-            ids = [out["device_id"]]
+            rotate = c.devices.rotate_key if what == "key" else c.devices.rotate_credential
+            one = rotate(device_id)
+            out, ids = one, [one.device_id]
         else:
-            out = c.post(f"/api/v1/groups/{group}/rotate-credential", params={"key": what == "key"})
-            ids = out["devices"]
+            assert group is not None
+            many = c.groups.rotate_credentials(group, key=what == "key")
+            out, ids = many, many.devices
     if json_:
-        print_json(out)
+        print_json(_dump(out))
     else:
         console.print(
             f"asked {len(ids)} device(s) to rotate their {what}: each does it at its next check-in",
@@ -384,55 +442,48 @@ def rollout_start(
         raise UsageError(f"bad rollout policy: {validation_summary(exc)}") from None
     except ValueError as exc:  # parse_percent
         raise UsageError(f"bad rollout policy: {' '.join(str(exc).split())}") from None
-    body = {
-        "model": name,
-        "version": version,
-        "tier": tier,
-        "channel": channel,
-        "policy": policy.model_dump(mode="json"),
-        "force": force,
-        "reason": reason,
-    }
     with _client(server_, token) as c:
-        out = c.post("/api/v1/rollouts/plan" if dry_run else "/api/v1/rollouts", body)
+        if dry_run:
+            plan = c.rollouts.plan(name, version, tier=tier, channel=channel, policy=policy)
+        else:
+            started = c.rollouts.start(
+                name, version, tier=tier, channel=channel, policy=policy, force=force, reason=reason
+            )
     if json_:
-        print_json(out)
+        print_json(_dump(plan if dry_run else started))
         return
     if dry_run:
-        _print_plan(out, f"{name} {version}")
+        _print_plan(plan, f"{name} {version}")
         return
-    console.print(f"rollout {out['rollout_id']} of {name} {version}: {out['state']}", markup=False)
-    if out.get("warning"):
-        console.print(f"[yellow]warning:[/] {escape(out['warning'])}")
+    console.print(f"rollout {started.rollout_id} of {name} {version}: {started.state}", markup=False)
+    if started.warning:
+        console.print(f"[yellow]warning:[/] {escape(started.warning)}")
 
 
-def _print_plan(p: dict[str, Any], what: str) -> None:
-    console.print(
-        f"dry run: a rollout of {what} would move {p['devices']} device(s); nothing was started", markup=False
-    )
+def _print_plan(p: RolloutPlanPreview, what: str) -> None:
+    console.print(f"dry run: a rollout of {what} would move {p.devices} device(s); nothing was started", markup=False)
     _table(
-        [{"wave": w["wave"], "percent": w["percent"], "devices": ", ".join(w["devices"]) or "-"} for w in p["waves"]],
+        [{"wave": w.wave, "percent": w.percent, "devices": ", ".join(w.devices) or "-"} for w in p.waves],
         ["wave", "percent", "devices"],
         title="waves",
     )
-    if p["already_on_version"]:
-        console.print(f"already on the version: {', '.join(p['already_on_version'])}", markup=False)
-    if p["excluded"]:
+    if p.already_on_version:
+        console.print(f"already on the version: {', '.join(p.already_on_version)}", markup=False)
+    if p.excluded:
         _table(
-            [{"device_id": k, "why": v} for k, v in p["excluded"].items()], ["device_id", "why"], title="never targeted"
+            [{"device_id": k, "why": v} for k, v in p.excluded.items()], ["device_id", "why"], title="never targeted"
         )
-    if p["blocked"]:
-        console.print(f"[yellow]warning:[/] {escape(p['blocked'])}")
-    release = p.get("release") or {}
-    if release.get("refusal"):
-        console.print(f"[yellow]warning: the release policy refuses it:[/] {escape(release['refusal'])}")
+    if p.blocked:
+        console.print(f"[yellow]warning:[/] {escape(p.blocked)}")
+    if p.release is not None and p.release.refusal:
+        console.print(f"[yellow]warning: the release policy refuses it:[/] {escape(p.release.refusal)}")
 
 
 @rollout_app.command("list")
 def rollout_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """All rollouts, newest first."""
     with _client(server_, token) as c:
-        rows = c.get("/api/v1/rollouts")
+        rows = _dump(c.rollouts.list())
     if json_:
         print_json(rows)
     else:
@@ -443,7 +494,7 @@ def rollout_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = 
 def rollout_status(rollout_id: str, server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """One rollout: wave, devices moved, every transition with its reason."""
     with _client(server_, token) as c:
-        r = c.get(f"/api/v1/rollouts/{rollout_id}")
+        r = _dump(c.rollouts.get(rollout_id))
     if json_:
         print_json(r)
         return
@@ -466,8 +517,8 @@ def _rollout_action(action: str) -> Any:
         json_: bool = JsonOpt,
     ) -> None:
         with _client(server_, token) as c:
-            out = c.post(f"/api/v1/rollouts/{rollout_id}/{action}", {"reason": reason})
-        _say(f"{rollout_id}: {out['state']}", json_, out)
+            out = getattr(c.rollouts, action)(rollout_id, reason=reason)
+        _say(f"{rollout_id}: {out.state}", json_, _dump(out))
 
     cmd.__doc__ = {
         "pause": "Halt a rollout (devices keep what they run).",
@@ -489,7 +540,7 @@ for _a in ("pause", "resume", "abort", "rollback"):
 def models_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """Models and their versions with channel and gate verdict."""
     with _client(server_, token) as c:
-        rows = c.get("/api/v1/models")
+        rows = _dump(c.models.list())
     if json_:
         print_json(rows)
         return
@@ -506,7 +557,7 @@ def models_show(
 ) -> None:
     """A model, or one version with lineage, gate verdict and bench results."""
     with _client(server_, token) as c:
-        doc = c.get(f"/api/v1/models/{name}" + (f"/versions/{version}" if version else ""))
+        doc = _dump(c.models.version(name, version) if version else c.models.get(name))
     if json_:
         print_json(doc)
     else:
@@ -526,8 +577,8 @@ def models_promote(
 ) -> None:
     """Promote a version along dev → canary → stable (the release policy must admit it)."""
     with _client(server_, token) as c:
-        out = c.post(f"/api/v1/models/{name}/versions/{version}/promote", {"to": to, "force": force, "reason": reason})
-    _say(f"{name} {version} is now in {out['channel']}", json_, out)
+        out = c.models.promote(name, version, to=to, force=force, reason=reason)
+    _say(f"{name} {version} is now in {out.channel}", json_, _dump(out))
 
 
 @models_app.command("attach")
@@ -545,7 +596,7 @@ def models_attach(
 ) -> None:
     """Attach release evidence to NAME VERSION: a gate verdict, bound to the SHA-256 of the package it judged,
     and/or bench results. The server refuses evidence for another package or model."""
-    from edgefleet.controlplane.client import attach_evidence, judged_package, read_bench_report, read_gate_verdict
+    from edgefleet.controlplane.client import judged_package, read_bench_report, read_gate_verdict
 
     if gate is None and bench is None:
         raise UsageError("give --gate gate.json and/or --bench bench.json")
@@ -565,6 +616,28 @@ def models_attach(
         print_json(release)
         return
     _print_release(f"{name} {version}", release)
+
+
+def attach_evidence(
+    c: Client,
+    name: str,
+    version: str,
+    *,
+    gate: dict[str, Any] | None = None,
+    bench: dict[str, Any] | None = None,
+    package_sha256: str | None = None,
+) -> dict[str, Any]:
+    """Send a gate verdict (bound to ``package_sha256``) and/or a bench report; returns the version's release
+    status after the last one, as the server sent it."""
+    detail = None
+    if bench is not None:
+        detail = c.models.attach_bench(name, version, bench)
+    if gate is not None:
+        detail = c.models.attach_gate(name, version, gate, package_sha256=package_sha256)
+    if detail is None or detail.release is None:
+        return {}
+    release: dict[str, Any] = _dump(detail.release)
+    return release
 
 
 def _print_release(what: str, r: dict[str, Any]) -> None:
@@ -592,16 +665,17 @@ def models_policy(
     """Show or set the release policy: what a version needs before it is promoted or rolled out. Setting it
     needs an admin token."""
     changes = {k: v for k, v in (("require_gate", require_gate), ("require_bench", require_bench)) if v is not None}
-    path = "/api/v1/release-policy" if name is None else f"/api/v1/models/{name}/release-policy"
     if inherit and (name is None or changes):
         raise UsageError("--inherit drops a model's override: give NAME and no --require-* flag")
     with _client(server_, token) as c:
+        rp = c.release_policy
         if inherit:
-            out = c.delete(path)
+            doc = rp.clear_model(name)
         elif changes:
-            out = c.put(path, {**changes, "reason": reason})
+            doc = rp.set(**changes, reason=reason) if name is None else rp.set_model(name, **changes, reason=reason)
         else:
-            out = c.get(path)
+            doc = rp.get() if name is None else rp.get_model(name)
+    out = _dump(doc)
     if json_:
         print_json(out)
         return
@@ -626,7 +700,7 @@ def models_policy(
 def fleet_status(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """Fleet KPIs: p95 per version and tier, crash-free rate, update success, fragmentation, drift, overdue."""
     with _client(server_, token) as c:
-        k = c.get("/api/v1/fleet")
+        k = _dump(c.fleet.kpis())
     if json_:
         print_json(k)
         return
@@ -670,15 +744,13 @@ def fleet_compat_clear(
     json_: bool = JsonOpt,
 ) -> None:
     """Clear a compatibility cell: its failures stop blocking the tier; only evidence from now on counts."""
-    body = {"tier": tier, "runtime_version": runtime_version, "model": model, "version": version, "reason": reason}
     with _client(server_, token) as c:
-        out = c.post("/api/v1/compat/clear", body)
+        out = c.compat.clear(tier=tier, runtime_version=runtime_version, model=model, version=version, reason=reason)
     if json_:
-        print_json(out)
+        print_json(_dump(out))
     else:
         console.print(
-            f"{model} {version} on tier {tier} with runtime {runtime_version}: {out['previous_status']} -> "
-            f"{out['status']}",
+            f"{model} {version} on tier {tier} with runtime {runtime_version}: {out.previous_status} -> {out.status}",
             markup=False,
         )
 
@@ -691,7 +763,7 @@ def audit(
 ) -> None:
     """The append-only audit log: every mutating call and every rollout transition."""
     with _client(server_, token) as c:
-        rows = c.get("/api/v1/audit", params={"limit": limit})
+        rows = _dump(c.audit.list(limit=limit))
     if json_:
         print_json(rows)
         return
@@ -715,15 +787,13 @@ def tokens_create(
     """Create an operator API token (shown once). It expires: rotate it with `edgefleet tokens rotate ID`."""
     if role not in ("admin", "operator", "viewer"):
         raise UsageError(f"unknown role {role!r}: use admin, operator or viewer")
-    body: dict[str, Any] = {"role": role, "name": name}
-    if expires is not None:
-        body["expires_s"] = parse_duration(expires, flag="--expires", allow_zero=False)
+    expires_s = None if expires is None else parse_duration(expires, flag="--expires", allow_zero=False)
     with _client(server_, token) as c:
-        out = c.post("/api/v1/tokens", body)
+        out = c.tokens.create(role, name=name, expires_s=expires_s)
     if json_:
-        print_json(out)
+        print_json(_dump(out))
     else:
-        console.print(out["token"], highlight=False, markup=False, soft_wrap=True)
+        console.print(out.token, highlight=False, markup=False, soft_wrap=True)
 
 
 @tokens_app.command("rotate")
@@ -742,17 +812,16 @@ def tokens_rotate(
     json_: bool = JsonOpt,
 ) -> None:
     """Issue a new secret for a token's name and role (shown once); the old one stops after --grace."""
-    body: dict[str, Any] = {"grace_s": parse_duration(grace, flag="--grace")}
-    if expires is not None:
-        body["expires_s"] = parse_duration(expires, flag="--expires", allow_zero=False)
+    grace_s = parse_duration(grace, flag="--grace")
+    expires_s = None if expires is None else parse_duration(expires, flag="--expires", allow_zero=False)
     with _client(server_, token) as c:
-        out = c.post(f"/api/v1/tokens/{token_id}/rotate", body)
+        out = c.tokens.rotate(token_id, grace_s=grace_s, expires_s=expires_s)
     if json_:
-        print_json(out)
+        print_json(_dump(out))
         return
-    console.print(out["token"], highlight=False, markup=False, soft_wrap=True)
+    console.print(out.token, highlight=False, markup=False, soft_wrap=True)
     console.print(
-        f"token {out['id']} replaces token {out['replaces']}, which works until {out['old_valid_until']}",
+        f"token {out.id} replaces token {out.replaces}, which works until {_dump(out)['old_valid_until']}",
         highlight=False,
         markup=False,
         style="dim",
@@ -763,7 +832,7 @@ def tokens_rotate(
 def tokens_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """API tokens (never their secrets), with their expiry ("never": the bootstrap or configured admin token)."""
     with _client(server_, token) as c:
-        rows = c.get("/api/v1/tokens")
+        rows = _dump(c.tokens.list())
     if json_:
         print_json(rows)
         return

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -26,7 +27,8 @@ from starlette.staticfiles import StaticFiles
 
 from edgefleet import __version__
 from edgefleet.config import ServerSettings
-from edgefleet.controlplane import apidocs, checkin, dashboard, errors, reconciler, repo_service, routes
+from edgefleet.controlplane import api, apidocs, dashboard, errors, loops
+from edgefleet.controlplane.api import checkin
 from edgefleet.controlplane.auth import (
     MATRIX,
     Access,
@@ -37,6 +39,7 @@ from edgefleet.controlplane.auth import (
     hash_secret,
     new_secret,
 )
+from edgefleet.controlplane.context import ServerContext
 from edgefleet.controlplane.db import ApiToken, Database, utcnow
 from edgefleet.controlplane.metrics import ServerMetrics
 from edgefleet.controlplane.repo_service import RepoService
@@ -45,13 +48,15 @@ from edgefleet.protocol import Report
 
 __all__ = ["admin_token_path", "create_app"]
 
+log = logging.getLogger(__name__)
+
 
 def admin_token_path(settings: ServerSettings) -> Path:
     """``<repo>/../admin-token`` (docs/controlplane.md)."""
     return settings.repo.resolve().parent / "admin-token"
 
 
-def _bootstrap_admin(db: Database, settings: ServerSettings, log: object) -> Path | None:
+def _bootstrap_admin(db: Database, settings: ServerSettings) -> Path | None:
     """Make sure an admin can log in. Returns the token file written on first start, else None."""
     with db.session() as s:
         if settings.admin_token:
@@ -124,20 +129,20 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
     db = Database(settings.db)
     db.migrate()
     store = Store(settings, db, RepoService(settings.repo, passphrase=settings.repo_passphrase))
-    written = _bootstrap_admin(db, settings, store.log)
+    written = _bootstrap_admin(db, settings)
     if written is not None:
-        store.log(f"admin API token written to {written} (mode 0600)")
+        log.info("admin API token written to %s (mode 0600)", written)
     for warning in store.repo.warnings:  # where root keys sit (docs/security/keys.md)
-        store.log(f"warning: {warning}")
+        log.warning("%s", warning)
     store.sync()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store.bind_loop()
         tasks = [
-            asyncio.create_task(checkin.flush_loop(store)),
-            asyncio.create_task(reconciler.loop(store)),
-            asyncio.create_task(repo_service.refresh_loop(store.repo, settings.metadata_refresh_s, store.log)),
+            asyncio.create_task(loops.flush_loop(store)),
+            asyncio.create_task(loops.reconcile_loop(store)),
+            asyncio.create_task(loops.refresh_loop(store.repo, settings.metadata_refresh_s)),
         ]
         try:
             yield
@@ -158,9 +163,8 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
         docs_url=None,
         redoc_url=None,
     )
-    app.state.store = store
-    app.state.settings = settings
-    app.state.metrics = ServerMetrics(store)
+    # what handlers use of this server: the ``server_context`` dependency hands it to them
+    app.state.context = ServerContext(store, ServerMetrics(store))
     errors.install(app)
 
     @app.get("/healthz", tags=["meta"])
@@ -170,15 +174,15 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
     @app.get(
         "/metrics",
         tags=["meta"],
-        dependencies=[Depends(authorize), Security(routes.API_TOKEN)],
+        dependencies=[Depends(authorize), Security(api.API_TOKEN)],
         response_model=None,
         response_class=PlainTextResponse,
     )
     def metrics(request: Request) -> object:
-        return routes.metrics_response(request)
+        return api.metrics_response(request)
 
     app.include_router(checkin.router)
-    app.include_router(routes.router)
+    app.include_router(api.router)
     app.include_router(dashboard.router)  # the browser dashboard at / (its routes are in auth.MATRIX)
     app.include_router(apidocs.router)  # /docs and /redoc (in auth.MATRIX, public)
     matrix = dict(MATRIX)

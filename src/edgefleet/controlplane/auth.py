@@ -12,9 +12,7 @@ with a route missing from it, and :func:`authorize` refuses a request whose rout
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +24,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.routing import BaseRoute, Mount, Route
 
+from edgefleet.controlplane.context import context_of
+from edgefleet.controlplane.credentials import hash_secret, new_secret
 from edgefleet.controlplane.db import ApiToken, utcnow
 from edgefleet.errors import AuthError, ConfigError, ForbiddenError
 
@@ -136,14 +136,6 @@ MATRIX: dict[tuple[str, str], Access] = {
 }
 
 
-def new_secret(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_urlsafe(32)}"
-
-
-def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
 def bearer(request: Request) -> str | None:
     h = request.headers.get("authorization")
     if not h:
@@ -246,7 +238,7 @@ async def authorize(request: Request) -> Principal:
     token = bearer(request)
     if token is None:
         raise AuthError("missing API token: pass --api-token or set EDGEFLEET_API_TOKEN")
-    store = request.app.state.store
+    store = context_of(request).store
 
     def lookup() -> Principal:
         with store.db.session() as s:

@@ -9,37 +9,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import httpx
 
-from edgefleet.errors import (
-    AuthError,
-    ConflictError,
-    EdgefleetError,
-    ForbiddenError,
-    InvalidReportError,
-    NotFoundError,
-    PackageError,
-    ServerError,
-    ServerUnreachable,
-    TooLargeError,
-    UsageError,
-)
-from edgefleet.transport import check_url, untrusted_hint, verify_arg
+from edgefleet.apierrors import error_of, unreachable
+from edgefleet.errors import UsageError
+from edgefleet.transport import check_url, verify_arg
 
 __all__ = [
     "CA_FILE_ENV",
     "DEFAULT_SERVER",
     "INSECURE_HTTP_ENV",
     "Client",
+    "Connection",
     "answer_of",
     "attach_evidence",
     "judged_package",
     "read_bench_report",
     "read_gate_verdict",
+    "resolve_connection",
     "resolve_token",
     "sha256_file",
     "upload_package",
@@ -48,19 +40,6 @@ __all__ = [
 DEFAULT_SERVER = "http://127.0.0.1:8700"
 CA_FILE_ENV = "EDGEFLEET_CA_FILE"
 INSECURE_HTTP_ENV = "EDGEFLEET_INSECURE_HTTP"
-_BY_STATUS: dict[int, type[EdgefleetError]] = {
-    401: AuthError,
-    403: ForbiddenError,
-    404: NotFoundError,
-    409: ConflictError,
-    413: TooLargeError,
-    422: UsageError,
-    400: UsageError,
-    # a proxy in front of a control plane that is down or slow: the server is unreachable, not broken
-    502: ServerUnreachable,
-    503: ServerUnreachable,
-    504: ServerUnreachable,
-}
 
 
 def resolve_token(server: str, token: str | None, token_file: Path | None = None) -> str | None:
@@ -81,20 +60,9 @@ def resolve_token(server: str, token: str | None, token_file: Path | None = None
 
 def answer_of(r: httpx.Response) -> Any:
     """A control-plane response's body (JSON or text), or its error as the matching :class:`EdgefleetError` with
-    the server's one-line detail — for this client and for async callers with their own ``httpx.AsyncClient``."""
+    the server's one-line detail (:func:`edgefleet.apierrors.error_of`, the mapping every client shares)."""
     if r.status_code >= 400:
-        body: Any = None
-        try:
-            body = r.json()
-            detail = body.get("detail") if isinstance(body, dict) else body
-        except ValueError:
-            detail = r.text
-        if isinstance(detail, list):  # FastAPI validation errors
-            detail = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
-        cls = _BY_STATUS.get(r.status_code, ServerError if r.status_code >= 500 else EdgefleetError)
-        if r.status_code == 422 and isinstance(body, dict) and body.get("error", "").endswith("Error"):
-            cls = InvalidReportError if body["error"] == "InvalidReportError" else PackageError
-        raise cls(f"{detail} (HTTP {r.status_code})")
+        raise error_of(r)
     if r.headers.get("content-type", "").startswith("application/json"):
         return r.json()
     return r.text
@@ -109,6 +77,33 @@ def _env_flag(name: str) -> bool:
     raise UsageError(f"{name}={os.environ[name]!r}: use 1 or 0")
 
 
+@dataclass(frozen=True)
+class Connection:
+    """Where an operator command goes and as whom: what :func:`resolve_connection` found."""
+
+    server: str
+    token: str | None
+    ca_file: str | None
+    insecure_http: bool
+
+
+def resolve_connection(
+    server: str | None,
+    token: str | None,
+    *,
+    ca_file: Path | str | None = None,
+    insecure_http: bool | None = None,
+) -> Connection:
+    """The one resolution every operator client of the CLI follows: ``server`` else ``EDGEFLEET_SERVER`` else
+    :data:`DEFAULT_SERVER`; the token of :func:`resolve_token`; ``ca_file`` and ``insecure_http`` default to
+    ``EDGEFLEET_CA_FILE`` and ``EDGEFLEET_INSECURE_HTTP``. The URL is checked against the transport policy here."""
+    url = (server or os.environ.get("EDGEFLEET_SERVER") or DEFAULT_SERVER).rstrip("/")
+    allow = _env_flag(INSECURE_HTTP_ENV) if insecure_http is None else insecure_http
+    check_url(url, allow, allow_with=f"{INSECURE_HTTP_ENV}=1")
+    ca = str(ca_file) if ca_file is not None else os.environ.get(CA_FILE_ENV) or None
+    return Connection(url, resolve_token(url, token), ca, allow)
+
+
 class Client:
     """``ca_file`` and ``insecure_http`` default to ``EDGEFLEET_CA_FILE`` and ``EDGEFLEET_INSECURE_HTTP``."""
 
@@ -121,11 +116,10 @@ class Client:
         ca_file: Path | str | None = None,
         insecure_http: bool | None = None,
     ) -> None:
-        self.server = (server or os.environ.get("EDGEFLEET_SERVER") or DEFAULT_SERVER).rstrip("/")
-        allow = _env_flag(INSECURE_HTTP_ENV) if insecure_http is None else insecure_http
-        check_url(self.server, allow, allow_with=f"{INSECURE_HTTP_ENV}=1")
-        verify = verify_arg(ca_file if ca_file is not None else os.environ.get(CA_FILE_ENV) or None)
-        self.token = resolve_token(self.server, token)
+        conn = resolve_connection(server, token, ca_file=ca_file, insecure_http=insecure_http)
+        self.server = conn.server
+        verify = verify_arg(conn.ca_file)
+        self.token = conn.token
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout, verify=verify)
 
@@ -142,8 +136,7 @@ class Client:
         try:
             r = self._http.request(method, path, **kw)
         except httpx.HTTPError as exc:
-            hint = untrusted_hint(exc, f"set {CA_FILE_ENV} to the CA file that signed it")
-            raise ServerUnreachable(f"cannot reach the control plane at {self.server}: {exc}{hint}") from exc
+            raise unreachable(self.server, exc, f"set {CA_FILE_ENV} to the CA file that signed it") from exc
         return answer_of(r)
 
     def get(self, path: str, **kw: Any) -> Any:

@@ -23,7 +23,7 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from edgefleet.bench.tiers import TierProfile, default_tiers, emulation_reason
-from edgefleet.controlplane.auth import hash_secret, new_secret
+from edgefleet.controlplane.credentials import hash_secret, new_secret
 from edgefleet.controlplane.db import Device, DeviceGroup, EnrollmentToken, ModelVersion, utcnow
 from edgefleet.errors import AuthError, ConflictError, NotFoundError
 from edgefleet.protocol import DesiredState, DeviceConfig, EnrollRequest, Hardware

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from edgefleet import errors as e
@@ -42,5 +46,20 @@ async def _handle(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status_code=code, headers=headers)
 
 
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, without echoing the input: its own handler encodes a body that is not UTF-8 (``b"\\x84l"``) by
+    decoding it and answered 500 instead. Where and why each part failed is what a client needs."""
+    assert isinstance(exc, RequestValidationError)
+    detail: list[Any] = []
+    for err in exc.errors():
+        part = {k: v for k, v in err.items() if k != "input"}
+        try:
+            detail.append(jsonable_encoder(part))
+        except (UnicodeDecodeError, TypeError, ValueError):
+            detail.append({"loc": [str(x) for x in part.get("loc", ())], "msg": str(part.get("msg", "invalid"))})
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(e.EdgefleetError, _handle)
+    app.add_exception_handler(RequestValidationError, _invalid_request)

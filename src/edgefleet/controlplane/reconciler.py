@@ -12,7 +12,7 @@ when events and windows were *received* — never on the devices' own timestamps
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import os
 import socket
 import traceback
@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from edgefleet.controlplane import audit, compat, registry
 from edgefleet.controlplane.db import (
@@ -75,6 +74,8 @@ __all__ = [
     "step",
     "transition",
 ]
+
+log = logging.getLogger(__name__)
 
 STEPPED = (RolloutState.running.value, RolloutState.blocked.value)
 MAX_STEP_ERROR = 4000
@@ -450,7 +451,7 @@ def reconcile_once(store: Store, actor: str | None = None) -> list[str]:
                     r.step_error = None  # this step went through: the last one's error is history
         except Exception as exc:  # one rollout's bad data must not stall every other rollout
             first = (str(exc).splitlines() or [""])[0]
-            store.log(f"rollout {rid}: step failed: {type(exc).__name__}: {first}")
+            log.error("rollout %s: step failed: %s: %s", rid, type(exc).__name__, first)
             _keep_step_error(store, rid, exc)
             continue
         store.refresh(res.touched)
@@ -468,7 +469,7 @@ def _keep_step_error(store: Store, rollout_id: str, exc: Exception) -> None:
             if r is not None:
                 r.step_error = text
     except Exception as again:  # the database itself is failing: the log line above is all there is
-        store.log(f"rollout {rollout_id}: could not record its step error: {again}")
+        log.error("rollout %s: could not record its step error: %s", rollout_id, again)
 
 
 _ALLOWED: dict[str, tuple[set[str], RolloutState]] = {
@@ -504,15 +505,3 @@ def operator_action(
         result = {"rollout_id": r.id, "state": r.state, "reason": r.reason}
     store.refresh(touched)
     return result
-
-
-async def loop(store: Store) -> None:
-    while True:
-        await store.wait_wake(store.settings.reconcile_interval_s)
-        try:
-            for t in await run_in_threadpool(reconcile_once, store):
-                store.log(t)
-            # reports wake the loop; this spacing keeps a burst of them from reconciling back to back
-            await asyncio.sleep(min(0.5, store.settings.reconcile_interval_s))
-        except Exception as exc:  # keep reconciling; the failure is logged and retried next round
-            store.log(f"reconcile failed: {exc}")

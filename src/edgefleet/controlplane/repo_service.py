@@ -3,11 +3,8 @@ timestamp and snapshot re-signed before they expire by a background task."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from starlette.concurrency import run_in_threadpool
 
 from edgefleet.errors import PackageError
 
@@ -71,15 +68,3 @@ class RepoService:
 
     def status(self) -> Any:
         return self._repo.status()
-
-
-async def refresh_loop(service: RepoService, interval_s: float, log: Any) -> None:
-    """Re-sign timestamp/snapshot near expiry on a timer, so devices never meet expired metadata."""
-    while True:
-        try:
-            roles = await run_in_threadpool(service.refresh)
-            if roles:
-                log(f"re-signed TUF metadata: {', '.join(roles)}")
-        except Exception as exc:  # keep the loop alive; the next round retries and `repo status` warns
-            log(f"TUF metadata refresh failed: {exc}")
-        await asyncio.sleep(interval_s)

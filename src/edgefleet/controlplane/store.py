@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 from collections.abc import Iterable
 
 from edgefleet.config import ServerSettings
-from edgefleet.controlplane.checkin import CheckinCache, flush_seen
+from edgefleet.controlplane.checkin_cache import CheckinCache, flush_seen
 from edgefleet.controlplane.db import Database
 from edgefleet.controlplane.repo_service import RepoService
 
@@ -59,7 +58,3 @@ class Store:
             async with asyncio.timeout(timeout):
                 await self._wake.wait()
         self._wake.clear()
-
-    @staticmethod
-    def log(message: str) -> None:
-        print(f"edgefleet server: {message}", file=sys.stderr, flush=True)

@@ -21,10 +21,10 @@ import httpx
 import numpy as np
 
 from edgefleet.agent.worker import FAULT_ENV
+from edgefleet.apierrors import error_of
 from edgefleet.config import AgentSettings
-from edgefleet.controlplane.client import answer_of
 from edgefleet.dtypes import OIP_TO_DTYPE
-from edgefleet.errors import EdgefleetError
+from edgefleet.errors import EdgefleetError, ServerUnreachable
 from edgefleet.protocol import AgentState, DeviceConfig
 from edgefleet.sim.link import LinkStats
 from edgefleet.sim.lite import SharedModels, SimAgent
@@ -386,8 +386,14 @@ class Fleet:
                 break
             except httpx.TransportError as err:
                 if method != "GET" or attempt:
-                    raise EdgefleetError(f"{method} {path}: the server did not answer ({err or type(err).__name__})")
-        return answer_of(r)
+                    raise ServerUnreachable(
+                        f"{method} {path}: the server did not answer ({err or type(err).__name__})"
+                    ) from err
+        if r.status_code >= 400:
+            raise error_of(r)  # the mapping every operator API client shares: the CLI's exit codes follow
+        if r.headers.get("content-type", "").startswith("application/json"):
+            return r.json()
+        return r.text
 
     def summary(self) -> dict[str, Any]:
         s = self.stats

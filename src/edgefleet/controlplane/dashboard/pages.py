@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from edgefleet import __version__
 from edgefleet.controlplane import reconciler
+from edgefleet.controlplane.context import context_of
 from edgefleet.controlplane.dashboard import session, views
 from edgefleet.controlplane.dashboard.charts import bar_chart, line_chart
 from edgefleet.controlplane.errors import status_for
@@ -112,7 +113,7 @@ def _page(request: Request, template: str, gather: Any) -> Response:
     v = _guard(request)
     if isinstance(v, Response):
         return v
-    store = request.app.state.store
+    store = context_of(request).store
     try:
         with store.db.session() as s:
             ctx = gather(s, store.settings)
@@ -201,7 +202,7 @@ def _action(action: str) -> Any:
         if v.via_cookie and not hmac.compare_digest(form.get("csrf", ""), v.csrf):
             return render(request, "error.html", v, 403, title="Not allowed", message="stale or missing form token")
         reason = (form.get("reason") or "").strip()[:2000] or f"{action} from the dashboard by {v.principal.actor}"
-        store = request.app.state.store
+        store = context_of(request).store
         try:
             await run_in_threadpool(reconciler.operator_action, store, rollout_id, action, v.principal.actor, reason)
         except EdgefleetError as exc:

@@ -42,6 +42,7 @@ from edgefleet.controlplane.auth import (
     token_principal,
     token_refusal,
 )
+from edgefleet.controlplane.context import context_of
 from edgefleet.controlplane.db import ApiToken, DashboardSession, Database, utcnow
 from edgefleet.errors import AuthError, ForbiddenError
 
@@ -90,12 +91,12 @@ def csrf_token(session_id: str) -> str:
 
 
 def _settings(request: Request) -> ServerSettings:
-    st: ServerSettings = request.app.state.store.settings
+    st: ServerSettings = context_of(request).settings
     return st
 
 
 def _db(request: Request) -> Database:
-    db: Database = request.app.state.store.db
+    db: Database = context_of(request).db
     return db
 
 

@@ -1,8 +1,8 @@
 """What each dashboard page shows, gathered from the control plane's own query functions.
 
 The figures come from the same code as the API (``kpi.fleet_kpis``, ``registry``, ``compat.matrix``,
-``routes.rollout_dict``, ``devices.device_dict``), so the page and ``/api/v1/...`` cannot disagree. What the API has
-no endpoint for — p95 over time, per-wave canary-vs-control figures — is computed here with the same pure
+``api.rollouts.rollout_dict``, ``devices.device_dict``), so the page and ``/api/v1/...`` cannot disagree. What the
+API has no endpoint for — p95 over time, per-wave canary-vs-control figures — is computed here with the same pure
 functions the reconciler uses (``rollout.cohort_stats``, ``rollout.judge``, merged DDSketches).
 """
 
@@ -212,7 +212,7 @@ def wave_metrics(s: Session, r: Rollout, *, now: datetime | None = None) -> list
 
 
 def rollout_page(s: Session, rollout_id: str) -> dict[str, Any]:
-    from edgefleet.controlplane.routes import rollout_dict  # the API's own serialisation of a rollout
+    from edgefleet.controlplane.api.rollouts import rollout_dict  # the API's own serialisation of a rollout
 
     r = s.get(Rollout, rollout_id)
     if r is None:
@@ -230,7 +230,7 @@ def rollout_page(s: Session, rollout_id: str) -> dict[str, Any]:
 
 
 def rollouts_index(s: Session) -> list[dict[str, Any]]:
-    from edgefleet.controlplane.routes import rollout_dict
+    from edgefleet.controlplane.api.rollouts import rollout_dict
 
     return [rollout_dict(s, r) for r in s.scalars(select(Rollout).order_by(Rollout.created_at.desc()))]
 

@@ -1,0 +1,55 @@
+"""The compatibility matrix: tier x runtime version x model version; an operator clears a cell."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+
+from edgefleet.controlplane import audit, compat, schemas
+from edgefleet.controlplane.api._shared import _OUT, _In, _who
+from edgefleet.controlplane.context import Context
+
+router = APIRouter()
+
+
+class CompatClear(_In):
+    tier: str = Field(min_length=1, max_length=64)
+    runtime_version: str = Field(max_length=64)
+    model: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=64)
+    reason: str | None = Field(None, max_length=2000)
+
+
+@router.get("/compat", response_model=list[schemas.CompatCell], tags=["compat"], **_OUT)
+def get_compat(ctx: Context, model: str | None = None) -> list[dict[str, Any]]:
+    with ctx.store.db.session() as s:
+        rows = compat.matrix(s)
+        return [r for r in rows if model is None or r["model"] == model]
+
+
+@router.post("/compat/clear", response_model=schemas.CompatCleared, tags=["compat"], **_OUT)
+def clear_compat(body: CompatClear, request: Request, ctx: Context) -> dict[str, Any]:
+    """An operator clears a cell: its evidence stays, only what arrives from now on counts."""
+    who = _who(request)
+    with ctx.store.db.session() as s:
+        out = compat.clear(
+            s,
+            tier=body.tier,
+            runtime_version=body.runtime_version,
+            model=body.model,
+            version=body.version,
+            actor=who.actor,
+        )
+        audit.record(
+            s,
+            who.actor,
+            "compat.clear",
+            f"{body.model}:{body.version}",
+            tier=body.tier,
+            runtime_version=body.runtime_version,
+            previous_status=out["previous_status"],
+            reason=body.reason,
+        )
+    return out

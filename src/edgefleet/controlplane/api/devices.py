@@ -1,0 +1,133 @@
+"""Enrolled devices: pins, groups, revocation, credential and key rotation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import Field
+
+from edgefleet.controlplane import audit, devices, schemas
+from edgefleet.controlplane.api._shared import _OUT, _In, _who
+from edgefleet.controlplane.context import Context
+from edgefleet.controlplane.db import (
+    utcnow,
+)
+
+router = APIRouter()
+
+
+class PinBody(_In):
+    version: str = Field(min_length=1, max_length=64)
+    model: str | None = Field(None, max_length=128)
+
+
+class DeviceGroupBody(_In):
+    group: str | None = Field(None, max_length=128)
+
+
+@router.get("/devices", response_model=list[schemas.Device], tags=["devices"], **_OUT)
+def list_devices(ctx: Context) -> list[dict[str, Any]]:
+    st = ctx.store
+    with st.db.session() as s:
+        now = utcnow()
+        return [
+            devices.device_dict(d, overdue_after_s=st.settings.overdue_after_s, now=now)
+            for d in devices.list_devices(s)
+        ]
+
+
+# registered before /devices/{device_id}, which would otherwise take "keys" for a device id
+@router.get("/devices/keys", response_model=list[schemas.DeviceKey], tags=["devices"], **_OUT)
+def device_keys(
+    ctx: Context,
+    tier: str | None = Query(None, max_length=64),
+    group: str | None = Query(None, max_length=128),
+) -> list[dict[str, Any]]:
+    """The public keys of the active devices matching the filters: what ``package --encrypt-for-group`` uses."""
+    with ctx.store.db.session() as s:
+        return devices.public_keys(s, tier, group)
+
+
+@router.get("/devices/{device_id}", response_model=schemas.DeviceDetail, tags=["devices"], **_OUT)
+def get_device(device_id: str, ctx: Context) -> dict[str, Any]:
+    st = ctx.store
+    with st.db.session() as s:
+        d = devices.get_device(s, device_id)
+        out = devices.device_dict(d, overdue_after_s=st.settings.overdue_after_s)
+    entry = st.cache.entries.get(device_id)
+    if entry is not None:
+        import json
+
+        out["desired_state"] = json.loads(entry.body)
+    return out
+
+
+def _device_change(
+    request: Request, ctx: Context, device_id: str, action: str, fn: Any, **detail: Any
+) -> dict[str, Any]:
+    st = ctx.store
+    with st.db.session() as s:
+        d = fn(s)
+        audit.record(s, _who(request).actor, action, device_id, **detail)
+        out = devices.device_dict(d, overdue_after_s=st.settings.overdue_after_s)
+    st.refresh([device_id])
+    return out
+
+
+@router.post("/devices/{device_id}/pin", response_model=schemas.Device, tags=["devices"], **_OUT)
+def pin_device(device_id: str, body: PinBody, request: Request, ctx: Context) -> dict[str, Any]:
+    return _device_change(
+        request,
+        ctx,
+        device_id,
+        "device.pin",
+        lambda s: devices.pin(s, device_id, body.model, body.version),
+        model=body.model,
+        version=body.version,
+    )
+
+
+@router.post("/devices/{device_id}/unpin", response_model=schemas.Device, tags=["devices"], **_OUT)
+def unpin_device(device_id: str, request: Request, ctx: Context) -> dict[str, Any]:
+    return _device_change(request, ctx, device_id, "device.unpin", lambda s: devices.pin(s, device_id, None, None))
+
+
+@router.post("/devices/{device_id}/revoke", response_model=schemas.Device, tags=["devices"], **_OUT)
+def revoke_device(device_id: str, request: Request, ctx: Context) -> dict[str, Any]:
+    return _device_change(request, ctx, device_id, "device.revoke", lambda s: devices.revoke(s, device_id))
+
+
+@router.post("/devices/{device_id}/decommission", response_model=schemas.Device, tags=["devices"], **_OUT)
+def decommission_device(device_id: str, request: Request, ctx: Context) -> dict[str, Any]:
+    """Retire the device: revoked, kept for the audit, told to wipe itself on its next check-in."""
+    return _device_change(request, ctx, device_id, "device.decommission", lambda s: devices.decommission(s, device_id))
+
+
+@router.post("/devices/{device_id}/rotate-credential", response_model=schemas.Device, tags=["devices"], **_OUT)
+def rotate_device_credential(device_id: str, request: Request, ctx: Context) -> dict[str, Any]:
+    return _device_change(
+        request,
+        ctx,
+        device_id,
+        "device.rotate_credential",
+        lambda s: devices.request_rotation(s, device_id=device_id)[0],
+    )
+
+
+@router.post("/devices/{device_id}/rotate-key", response_model=schemas.Device, tags=["devices"], **_OUT)
+def rotate_device_key(device_id: str, request: Request, ctx: Context) -> dict[str, Any]:
+    return _device_change(
+        request,
+        ctx,
+        device_id,
+        "device.rotate_key",
+        lambda s: devices.request_rotation(s, device_id=device_id, key=True)[0],
+    )
+
+
+@router.post("/devices/{device_id}/group", response_model=schemas.Device, tags=["devices"], **_OUT)
+def set_device_group(device_id: str, body: DeviceGroupBody, request: Request, ctx: Context) -> dict[str, Any]:
+    return _device_change(
+        request, ctx, device_id, "device.group", lambda s: devices.set_group(s, device_id, body.group), group=body.group
+    )

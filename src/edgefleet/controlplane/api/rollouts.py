@@ -1,0 +1,201 @@
+"""Staged rollouts gated on runtime metrics: plan, start, pause, roll back."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+from sqlalchemy import select
+
+from edgefleet.controlplane import audit, reconciler, registry, schemas
+from edgefleet.controlplane.api._shared import _OUT, _In, _Override, _release_check, _who
+from edgefleet.controlplane.context import Context
+from edgefleet.controlplane.db import (
+    Rollout,
+    RolloutDevice,
+    RolloutTransition,
+    utcnow,
+)
+from edgefleet.controlplane.rollout import RolloutPlan, RolloutPolicy, RolloutState
+from edgefleet.errors import ConflictError, NotFoundError
+
+router = APIRouter()
+
+
+class RolloutCreate(_Override):
+    model: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=64)
+    tier: str | None = Field(None, max_length=64)
+    channel: str | None = Field(None, pattern="^(dev|canary|stable)$")
+    policy: RolloutPolicy = Field(default_factory=RolloutPolicy)
+
+
+class ActionBody(_In):
+    reason: str | None = Field(None, max_length=2000)
+
+
+def rollout_dict(s: Any, r: Rollout, *, full: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "rollout_id": r.id,
+        "model": r.model,
+        "version": r.version,
+        "tier": r.tier,
+        "channel": r.channel,
+        "state": r.state,
+        "wave": r.wave,
+        "waves": r.policy.get("waves"),
+        "reason": r.reason,
+        "created_at": r.created_at.isoformat(),
+        "created_by": r.created_by,
+        "wave_started_at": r.wave_started_at.isoformat(),
+        "blocked": r.reason if r.state == RolloutState.blocked.value else None,
+        # the last error of this rollout's own reconcile step (None once a step goes through again)
+        "step_error": r.step_error,
+    }
+    if full:
+        out["policy"] = r.policy
+        out["devices"] = [
+            {"device_id": x.device_id, "wave": x.wave, "previous_version": x.previous_version, "reverted": x.reverted}
+            for x in s.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == r.id))
+        ]
+        out["transitions"] = [
+            {
+                "seq": t.seq,
+                "from": t.from_state,
+                "to": t.to_state,
+                "wave": t.wave,
+                "reason": t.reason,
+                "actor": t.actor,
+                "at": t.at.isoformat(),
+            }
+            for t in s.scalars(
+                select(RolloutTransition).where(RolloutTransition.rollout_id == r.id).order_by(RolloutTransition.seq)
+            )
+        ]
+    return out
+
+
+_ACTIVE = (RolloutState.running.value, RolloutState.paused.value, RolloutState.blocked.value)
+
+
+def plan_dict(p: RolloutPlan, waves: list[float]) -> dict[str, Any]:
+    return {
+        "waves": [
+            {"wave": i, "percent": pct, "devices": list(ids)}
+            for i, (pct, ids) in enumerate(zip(waves, p.waves, strict=True))
+        ],
+        "devices": p.devices,
+        "already_on_version": list(p.already),
+        "excluded": dict(sorted(p.excluded.items())),
+        "blocked": p.blocked,
+    }
+
+
+@router.post("/rollouts/plan", response_model=schemas.RolloutPlanPreview, tags=["rollouts"], **_OUT)
+def plan_rollout(body: RolloutCreate, ctx: Context) -> dict[str, Any]:
+    """``rollout start --dry-run``: the devices each wave would move on today's fleet; starts nothing."""
+    with ctx.store.db.session() as s:
+        mv = registry.get_version(s, body.model, body.version)
+        p = reconciler.plan(s, body.model, body.version, tier=body.tier, channel=body.channel, policy=body.policy)
+        refusal = registry.release_refusal_of(s, mv)
+        return {
+            "model": body.model,
+            "version": body.version,
+            "tier": body.tier,
+            "channel": body.channel,
+            **plan_dict(p, body.policy.waves),
+            "release": {"allowed": refusal is None, "refusal": refusal},
+        }
+
+
+@router.post("/rollouts", status_code=201, response_model=schemas.RolloutStarted, tags=["rollouts"], **_OUT)
+def start_rollout(body: RolloutCreate, request: Request, ctx: Context) -> dict[str, Any]:
+    st = ctx.store
+    who = _who(request)
+    with st.db.session() as s:
+        mv = registry.get_version(s, body.model, body.version)
+        forced = _release_check(s, mv, body, who, "rollout.start")
+        active = s.scalar(select(Rollout.id).where(Rollout.model == body.model, Rollout.state.in_(_ACTIVE)))
+        if active is not None:
+            raise ConflictError(f"rollout {active} of {body.model} is still active: finish, abort or roll it back")
+        now = utcnow()
+        r = Rollout(
+            id="ro-" + secrets.token_hex(6),
+            model=body.model,
+            version=body.version,
+            tier=body.tier,
+            channel=body.channel,
+            policy=body.policy.model_dump(mode="json"),
+            state=RolloutState.draft.value,
+            wave=0,
+            wave_started_at=now,
+            created_by=who.actor,
+            created_at=now,
+        )
+        s.add(r)
+        s.flush()
+        audit.record(
+            s,
+            who.actor,
+            "rollout.start",
+            r.id,
+            model=body.model,
+            version=body.version,
+            tier=body.tier,
+            channel=body.channel,
+            policy=r.policy,
+            forced=forced is not None,
+        )
+        why = f"started by {who.actor}"
+        if forced is not None:
+            why += f", overriding the release policy: {(body.reason or '').strip()}"
+        reconciler.transition(s, r, RolloutState.running, why, who.actor)
+        p = reconciler.plan(s, body.model, body.version, tier=body.tier, channel=body.channel, policy=body.policy)
+        if p.blocked is not None:
+            # say so now: the operator who started it is the one to hear that it reaches no device
+            reconciler.transition(s, r, RolloutState.blocked, p.blocked, who.actor)
+        out = rollout_dict(s, r)
+        out["plan"] = plan_dict(p, body.policy.waves)
+        out["warning"] = p.blocked
+    st.wake()
+    return out
+
+
+@router.get("/rollouts", response_model=list[schemas.Rollout], tags=["rollouts"], **_OUT)
+def list_rollouts(ctx: Context) -> list[dict[str, Any]]:
+    with ctx.store.db.session() as s:
+        return [rollout_dict(s, r) for r in s.scalars(select(Rollout).order_by(Rollout.created_at.desc()))]
+
+
+@router.get("/rollouts/{rollout_id}", response_model=schemas.RolloutDetail, tags=["rollouts"], **_OUT)
+def get_rollout(rollout_id: str, ctx: Context) -> dict[str, Any]:
+    with ctx.store.db.session() as s:
+        r = s.get(Rollout, rollout_id)
+        if r is None:
+            raise NotFoundError(f"no rollout {rollout_id}: `edgefleet rollout list` shows them")
+        return rollout_dict(s, r, full=True)
+
+
+def _action(action: str) -> Any:
+    def handler(rollout_id: str, request: Request, ctx: Context, body: ActionBody | None = None) -> dict[str, Any]:
+        st = ctx.store
+        out = reconciler.operator_action(st, rollout_id, action, _who(request).actor, body.reason if body else None)
+        st.wake()
+        return out
+
+    handler.__name__ = f"{action}_rollout"
+    return handler
+
+
+for _a in ("pause", "resume", "abort", "rollback"):
+    router.add_api_route(
+        f"/rollouts/{{rollout_id}}/{_a}",
+        _action(_a),
+        methods=["POST"],
+        name=f"{_a}_rollout",
+        response_model=schemas.RolloutAction,
+        tags=["rollouts"],
+        **_OUT,
+    )
