@@ -95,6 +95,7 @@ def test_text_is_the_default_and_error_level_keeps_info_out(tmp_path: Path) -> N
     assert "edgefleet control plane on" not in err and "root key written" not in err, err
 
 
+@pytest.mark.process
 def test_log_options_refuse_unknown_values_in_one_line() -> None:
     for flag, value in (("--log-level", "loud"), ("--log-format", "xml")):
         r = subprocess.run([EDGEFLEET, "server", flag, value], capture_output=True, text=True, timeout=60)
