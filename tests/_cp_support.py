@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import event
+from starlette.types import ASGIApp
 
 from conftest import free_port
 from edgefleet.config import ServerSettings
@@ -82,27 +83,39 @@ def sql_statements(cp: CP) -> Iterator[list[str]]:
 class CP:
     """An app on a temp folder with an in-process client (no lifespan: tests drive the reconciler themselves)."""
 
-    def __init__(self, tmp: Path, db_url: str) -> None:
+    def __init__(self, tmp: Path, db_url: str, *, edge: Callable[[ASGIApp], ASGIApp] | None = None) -> None:
+        """``edge`` wraps the app that the loopback server serves (a faulty link, say); ``self.app`` stays the
+        app itself."""
         self.settings = ServerSettings(db=db_url, repo=tmp / "repo", overdue_after_s=3600)
         self.app: FastAPI = create_app(self.settings)
         self.admin = (tmp / "admin-token").read_text().strip()
         self.store = self.app.state.context.store
-        # A real HTTP server on loopback; lifespan off, so no background loop races the test's own reconciles.
-        port = free_port()
+        self.served: ASGIApp = edge(self.app) if edge is not None else self.app
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.serve()
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def serve(self) -> None:
+        """A real HTTP server on loopback; lifespan off, so no background loop races the test's own reconciles."""
         self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+            uvicorn.Config(self.served, host="127.0.0.1", port=self.port, lifespan="off", log_level="warning")
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
+            assert self.thread.is_alive(), f"the control plane could not listen on port {self.port}"
             time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{port}"
-        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def stop_serving(self) -> None:
+        """The server goes away at once, open connections cut (its database stays, as a crashed server's does)."""
+        self.server.should_exit = True
+        self.server.force_exit = True
+        self.thread.join(10)
 
     def close(self) -> None:
         self.http.close()
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.stop_serving()
         self.store.db.dispose()
 
     def h(self, token: str | None = None) -> dict[str, str]:

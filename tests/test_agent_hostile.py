@@ -1,12 +1,15 @@
 """Hostile clients against a running agent and its real inference worker, over raw sockets.
 
-One device (``edgefleet agent`` as a process, the fake control plane, a package in probation with a crash-loop
-threshold of ONE crash, ``--memory-mb 256``, short HTTP timeouts through ``EDGEFLEET_AGENT_HTTP_*``) takes every
-attack of docs/agent.md's "Limits of the local API": long URLs, huge headers, half-sent requests, idle keep-alive
-connections, more connections than allowed, no file descriptors left (EMFILE), a 24 MiB JSON infer, deep nesting,
-huge numbers, bad UTF-8, tensors larger than the device, and hypothesis-fuzzed requests. Each gets a 4xx with a
-JSON error (or a close, for timeouts and limits); afterwards the same worker process answers a normal infer, and
-no crash was counted — not by probation (one crash would have rolled the device back), not in telemetry.
+One device (``edgefleet agent`` as a process, enrolled in the real control plane on loopback behind the test edge
+of ``tests/_fleet_support.py``, which only serves it here: the attacks are on the agent's local API; a package in
+probation with a crash-loop threshold of ONE crash, ``--memory-mb 256``, short HTTP timeouts through
+``EDGEFLEET_AGENT_HTTP_*``) takes every attack of docs/agent.md's "Limits of the local API": long URLs, huge
+headers, half-sent requests, idle keep-alive connections, more connections than allowed, no file descriptors left
+(EMFILE), a 24 MiB JSON infer, deep nesting, huge numbers, bad UTF-8, tensors larger than the device, and
+hypothesis-fuzzed requests. Each gets a 4xx with a JSON error (or a close, for timeouts and limits); afterwards the
+same worker process answers a normal infer, and no crash was counted — not by probation (one crash would have
+rolled the device back), not in the telemetry windows and events the control plane stored, not in the state it
+keeps for the device.
 
 The agent's own HTTP path (before a worker takes the port) runs the same protocol; it is checked in process with
 a handler that parks answers. The frames between agent and worker are checked to carry no code.
@@ -34,7 +37,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent_support import AgentProc, FakeControlPlane, make_packages, make_repo, state_of
+from _fleet_support import AgentProc, Fleet, make_packages, state_of
 from conftest import free_port, starts_processes
 from edgefleet.agent import frames
 from edgefleet.agent.httpserver import HTTPLimits, serve_http
@@ -149,7 +152,7 @@ def _wait_closed(socks: list[socket.socket], deadline_s: float) -> list[bytes]:
 
 
 class Device:
-    def __init__(self, agent: AgentProc, cp: FakeControlPlane) -> None:
+    def __init__(self, agent: AgentProc, cp: Fleet) -> None:
         self.agent, self.cp, self.port = agent, cp, agent.port
         self.worker_pid = self._serving_worker()
 
@@ -185,30 +188,38 @@ class Device:
 @starts_processes
 def device(tmp_path_factory: pytest.TempPathFactory, mlp_path: Path, digits: Any) -> Iterator[Device]:
     tmp = tmp_path_factory.mktemp("hostile")
-    pkgs = make_packages(mlp_path, digits.x_test, tmp, ["1.0.0"])
-    cp = FakeControlPlane(free_port(), make_repo(tmp / "repo", list(pkgs.values())), tmp / "cp.json")
-    cp.start()
-    # Probation for the whole module, and one crash is a crash loop: any worker death rolls the device back.
-    cp.desire(
-        "digits", "1.0.0", probation_requests=10**9, probation_seconds=3600, crash_loop_crashes=1, max_error_rate=1.0
-    )
-    agent = AgentProc(cp.url, tmp / "dev", free_port(), memory_mb=MEMORY_MB)
-    agent.start(env=LIMITS_ENV)
+    cp = Fleet(tmp / "cp")
     try:
-        agent.wait_until(lambda: state_of(agent.data_dir).get("state") == "probation", what="probation")
-        agent.wait_until(lambda: agent.serving() == "1.0.0", what="v1 serving")
-        dev = Device(agent, cp)
-        dev.infer_ok()
-        yield dev
-        # Telemetry: every window the device reported since it started says no worker crashed or restarted.
-        agent.wait_until(lambda: len(cp.stats()["windows"]) >= 2, what="telemetry windows")
-        stats = cp.stats()
-        assert all(w["worker_crashes"] == 0 and w["worker_restarts"] == 0 for w in stats["windows"])
-        assert not [e for e in stats["events"] if e["kind"] == "worker_crashed"]
-        dev.assert_unharmed()
+        cp.publish(*make_packages(mlp_path, digits.x_test, tmp, ["1.0.0"]).values())
+        agent = AgentProc(cp.url, cp.enrollment_token(), tmp / "dev", free_port(), memory_mb=MEMORY_MB)
+        agent.start(env=LIMITS_ENV)
+        try:
+            agent.wait_until(lambda: cp.device_ids(), what="enrollment")
+            # Probation for the whole module, and one crash is a crash loop: any worker death rolls the device back.
+            cp.pin(
+                "1.0.0",
+                probation_requests=10**9,
+                probation_seconds=3600,
+                crash_loop_crashes=1,
+                max_error_rate=1.0,
+            )
+            agent.wait_until(lambda: state_of(agent.data_dir).get("state") == "probation", what="probation")
+            agent.wait_until(lambda: agent.serving() == "1.0.0", what="v1 serving")
+            dev = Device(agent, cp)
+            dev.infer_ok()
+            yield dev
+            # What the control plane stored: every window the device reported since it started says no worker
+            # crashed or restarted, no crash event arrived, and the device still reports probation.
+            agent.wait_until(lambda: len(cp.windows()) >= 2, what="telemetry windows")
+            windows = cp.windows()
+            assert all(w["worker_crashes"] == 0 and w["worker_restarts"] == 0 for w in windows), windows
+            assert not [e for e in cp.events() if e[0] in ("worker_crashed", "rolled_back")], cp.events()
+            agent.wait_until(lambda: cp.record()["state"] == "probation", what="probation on the device record")
+            dev.assert_unharmed()
+        finally:
+            agent.stop()
     finally:
-        agent.stop()
-        cp.kill()
+        cp.close()
 
 
 # ---------------------------------------------------------------- size limits

@@ -1,6 +1,7 @@
 """The agent's state file survives what a device's disk and a downgrade do to it (``agent/state.py``): a newer
 agent's fields are ignored, an unreadable file falls back to the previous step's copy, then to the slot files on
-disk; :meth:`StateStore.load` never raises, and a real agent over a garbage state file serves its model."""
+disk; :meth:`StateStore.load` never raises, and a real agent over a garbage state file serves its model (its
+control plane, the real one, unreachable behind the faulty edge of ``tests/_fleet_support.py``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_support import AgentProc, FakeControlPlane, install, make_packages, make_repo
+from _fleet_support import AgentProc, Fleet, install, make_packages
 from conftest import free_port
 from edgefleet import examples
 from edgefleet.agent.state import PersistedState, SlotInfo, StateStore
@@ -169,14 +170,15 @@ def test_a_missing_state_file_with_models_on_disk_is_rebuilt(tmp_path: Path, pkg
 @pytest.mark.process
 @pytest.mark.timeout(240)
 def test_a_real_agent_over_a_garbage_state_file_serves(tmp_path: Path, pkgs: dict[str, Path]) -> None:
-    cp = FakeControlPlane(free_port(), make_repo(tmp_path / "repo", [pkgs["1.0.0"]]), tmp_path / "cp.json")
-    cp.start()
-    cp.configure(offline=True)  # a device that cannot reach anyone: what it serves comes from its disk alone
+    fleet = Fleet(tmp_path / "cp")
+    fleet.publish(pkgs["1.0.0"])
+    token = fleet.enrollment_token()  # minted before the link goes down: the admin API is behind the edge too
+    fleet.faults.offline = True  # a device that cannot reach anyone: what it serves comes from its disk alone
     data = tmp_path / "device"
     install(data, pkgs["1.0.0"])
     garbage = b"\x7fELF\x00\x00 not a state file"
     (data / "state.json").write_bytes(garbage)
-    agent = AgentProc(cp.url, data, free_port())
+    agent = AgentProc(fleet.url, token, data, free_port())
     try:
         agent.start()
         agent.wait_until(lambda: agent.serving() == "1.0.0", 120, "the agent to serve 1.0.0 over a garbage state")
@@ -190,4 +192,4 @@ def test_a_real_agent_over_a_garbage_state_file_serves(tmp_path: Path, pkgs: dic
         agent.wait_until(lambda: agent.serving() == "1.0.0", 120, "the agent to serve 1.0.0 over a newer state")
     finally:
         agent.stop()
-        cp.kill()
+        fleet.close()

@@ -4,9 +4,12 @@ as a rollback with its refusal and event; a failure that may be transient is ret
 counted across restarts; a download never writes past the signed length; a cancelled update is one ``cancelled``
 event; a batch the control plane refuses (413, 422) is dropped and counted; each update step is logged.
 
-Real objects throughout: the worker process, the TUF repository served over HTTP by the fake control plane
-(``tests/agent_support.py``), a real HTTP server for the misbehaving downloads, the agent in this process (for
-``caplog`` and the injected transport) or as ``edgefleet agent``.
+Real objects throughout: the worker process; the REAL control plane and its TUF repository
+(``tests/_fleet_support.py``), behind a faulty edge that flips a byte of a download, sends targets slowly or
+turns reports away, as a bad link or an overloaded server would; what it stored is read from its database. The
+agent runs as ``edgefleet agent`` (over HTTP on loopback), or in this process (for ``caplog`` and its state) with
+the control plane's app behind the same edge as its transport. The misbehaving downloads have their own real
+HTTP server, as no control plane would misbehave that way.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import logging
 import threading
 import time
 import timeit
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,14 +31,13 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent_support import (
+from _fleet_support import (
     AgentProc,
-    FakeControlPlane,
+    Fleet,
     buffered,
     committed_version,
     install,
     make_packages,
-    make_repo,
     running,
     settings,
     state_of,
@@ -43,17 +45,17 @@ from agent_support import (
 )
 from conftest import free_port, starts_processes
 from edgefleet import __version__
-from edgefleet.agent.agent import MAX_UPDATE_ATTEMPTS
 from edgefleet.agent.backend import InProcessBackend
 from edgefleet.agent.buffer import TelemetryBuffer
 from edgefleet.agent.driftcount import DriftCounter
 from edgefleet.agent.metrics import AgentMetrics
+from edgefleet.agent.pipeline import MAX_UPDATE_ATTEMPTS
 from edgefleet.agent.state import Pending, PersistedState, SlotInfo, recover, refusal_key
 from edgefleet.agent.supervisor import Supervisor
 from edgefleet.agent.updater import MAX_RESTARTS, download_resumable, should_update
 from edgefleet.agent.worker import WorkerSpec
 from edgefleet.errors import VerificationError
-from edgefleet.protocol import AgentState, DesiredState
+from edgefleet.protocol import AgentState, DesiredState, Report
 from edgefleet.telemetry.drift import DriftAccumulator, build_reference
 
 FAST: dict[str, Any] = {"probation_seconds": 0.2, "probation_requests": 1000}
@@ -67,24 +69,53 @@ def pkgs(tmp_path_factory: pytest.TempPathFactory, mlp_path: Path, digits: Any) 
 
 @pytest.fixture
 @starts_processes
-def cp(tmp_path: Path, pkgs: dict[str, Path]) -> Iterator[FakeControlPlane]:
-    repo = make_repo(tmp_path / "repo", list(pkgs.values()))
-    f = FakeControlPlane(free_port(), repo, tmp_path / "cp.json")
-    f.start()
+def cp(tmp_path: Path, pkgs: dict[str, Path]) -> Iterator[Fleet]:
+    f = Fleet(tmp_path / "cp")
+    f.publish(*pkgs.values())
     yield f
-    f.kill()
+    f.close()
+
+
+IN_PROCESS = "http://control-plane.test"  # never resolved: an in-process agent's transport is the app itself
 
 
 def _x(digits: Any) -> np.ndarray:
     return np.asarray(digits.x_test, dtype=np.float32)
 
 
-def _events(cp: FakeControlPlane, version: str | None = None) -> list[dict[str, Any]]:
-    return [e for e in cp.stats()["events"] if version is None or e["version"] == version]
+def _events(cp: Fleet, version: str | None = None) -> list[tuple[str, str | None, str | None]]:
+    """(kind, version, reason) of the update events the control plane stored (of ``version``)."""
+    return [e for e in cp.events() if version is None or e[1] == version]
 
 
-def _target_stat(cp: FakeControlPlane, key: str, version: str) -> int:
-    return sum(v for k, v in cp.stats()[key].items() if k.endswith(f"digits-{version}.efpkg"))
+def _kinds(cp: Fleet, version: str | None = None) -> list[str]:
+    return [k for k, _, _ in _events(cp, version)]
+
+
+def _target_stat(cp: Fleet, key: str, version: str) -> int:
+    """Target GETs (``gets``) or bytes (``bytes``) of ``version`` that crossed the edge."""
+    counts = cp.faults.gets if key == "gets" else cp.faults.bytes
+    return sum(v for k, v in counts.items() if k.endswith(f"digits-{version}.efpkg"))
+
+
+def _in_process(cp: Fleet, data: Path, **kw: Any) -> Any:
+    """Settings of an agent in this process that enrolls with ``cp`` through its transport."""
+    return settings(data, IN_PROCESS, cp.enrollment_token(), **kw)
+
+
+async def _enrolled(a: Any) -> None:
+    """The in-process agent ``a`` has its identity: the control plane knows the device, and can pin it."""
+    await until(lambda: a.identity.get("device_id"), what="enrollment")
+
+
+async def _admin(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """An operator's call (over loopback HTTP) off the agent's event loop, which goes on checking in meanwhile."""
+    return await asyncio.to_thread(fn, *args, **kw)
+
+
+def _device(cp: Fleet, tmp_path: Path) -> AgentProc:
+    """``edgefleet agent`` that enrolls with ``cp`` over HTTP once started."""
+    return AgentProc(cp.url, cp.enrollment_token(), tmp_path / "dev", free_port())
 
 
 # ---------------------------------------------------------------- 1. drift leaves the device
@@ -163,13 +194,14 @@ def test_worker_process_drift_over_its_control_socket_resets_per_window(pkgs: di
     assert len(third) == len(reference.features) and all(s.n == 3 for s in third)
 
 
-def test_a_real_agent_reports_drift_in_every_window(cp: FakeControlPlane, tmp_path: Path, digits: Any) -> None:
+def test_a_real_agent_reports_drift_in_every_window(cp: Fleet, tmp_path: Path, digits: Any) -> None:
     """The worker serves HTTP itself (ADR 0032): drift is counted there, after each answer."""
-    cp.desire("digits", "1.0.0", **FAST)
-    agent = AgentProc(cp.url, tmp_path / "dev", free_port())
+    agent = _device(cp, tmp_path)
     agent.start()
     n = 12
     try:
+        agent.wait_until(lambda: cp.device_ids(), what="enrollment")
+        cp.pin("1.0.0", **FAST)
         agent.wait_until(lambda: agent.serving() == "1.0.0", what="v1 serving")
         x = _x(digits)
         with httpx.Client() as client:
@@ -177,12 +209,12 @@ def test_a_real_agent_reports_drift_in_every_window(cp: FakeControlPlane, tmp_pa
                 body = {"inputs": [{"name": "X", "shape": [1, 64], "datatype": "FP32", "data": x[i].tolist()}]}
                 client.post(f"{agent.url}/v2/models/digits/infer", json=body).raise_for_status()
         agent.wait_until(
-            lambda: sum(w["requests"] for w in cp.stats()["windows"]) == n and len(cp.stats()["windows"]) >= 4,
-            what="the windows of those requests",
+            lambda: sum(w["requests"] for w in cp.windows()) == n and len(cp.windows()) >= 4,
+            what="the windows of those requests (as the control plane stored them)",
         )
     finally:
         agent.stop()
-    windows = cp.stats()["windows"]
+    windows = cp.windows()
     assert sum(w["requests"] for w in windows) == n
     for w in windows:
         drift = {d["feature"]: d for d in w["drift"]}
@@ -237,70 +269,76 @@ def test_recover_after_repeated_deaths_in_probation_records_the_refusal() -> Non
     assert not should_update(s, desired, busy=False)  # the same version is not installed again
 
 
-def test_agent_deaths_in_probation_roll_back_with_refusal_and_event(cp: FakeControlPlane, tmp_path: Path) -> None:
-    cp.desire("digits", "1.0.0", **FAST)
-    agent = AgentProc(cp.url, tmp_path / "dev", free_port())
+def test_agent_deaths_in_probation_roll_back_with_refusal_and_event(cp: Fleet, tmp_path: Path) -> None:
+    agent = _device(cp, tmp_path)
     agent.start()
     try:
+        agent.wait_until(lambda: cp.device_ids(), what="enrollment")
+        cp.pin("1.0.0", **FAST)
         agent.wait_until(lambda: committed_version(agent.data_dir) == "1.0.0", what="v1 committed")
-        cp.desire("digits", "2.0.0", rollout="r2", probation_seconds=600, probation_requests=10**6)
+        r2 = cp.rollout("2.0.0", probation_seconds=600, probation_requests=10**6)
         for resumes in (0, 1, 2):
-            agent.wait_until(
-                lambda r=resumes: (
-                    state_of(agent.data_dir).get("state") == "probation"
-                    and state_of(agent.data_dir).get("probation_resumes") == r
-                    and agent.serving() == "2.0.0"
-                ),
-                what=f"v2 in probation, resumed {resumes} times",
-            )
+
+            def in_probation(r: int = resumes) -> bool:
+                s = state_of(agent.data_dir)
+                return s.get("state") == "probation" and s.get("probation_resumes") == r and agent.serving() == "2.0.0"
+
+            agent.wait_until(in_probation, what=f"v2 in probation, resumed {resumes} times")
             agent.kill()  # a death in probation
             agent.start()
         agent.wait_until(lambda: state_of(agent.data_dir).get("state") == "rolled_back", what="the rollback")
         agent.wait_until(lambda: agent.serving() == "1.0.0", what="v1 back")
-        agent.wait_until(lambda: any(e["kind"] == "rolled_back" for e in _events(cp, "2.0.0")), what="the event")
-        cp.desire("digits", "2.0.0", rollout="r2", **FAST)  # still asked for: it must not come back
+        agent.wait_until(lambda: "rolled_back" in _kinds(cp, "2.0.0"), what="the event")
+        # Still asked for, now with a probation it would pass (no reconcile runs: the rollout has not judged the
+        # rollback): it must not come back.
+        cp.configure_group(**FAST)
+        desired = cp.record()["desired_state"]
+        assert (desired["version"], desired["rollout_id"]) == ("2.0.0", r2), desired
         time.sleep(1.5)
         assert agent.serving() == "1.0.0"
     finally:
         agent.stop()
     s = state_of(agent.data_dir)
-    assert s["state"] == "rolled_back" and refusal_key("r2", "digits-2.0.0.efpkg") in s["refused"]
+    assert s["state"] == "rolled_back" and refusal_key(r2, "digits-2.0.0.efpkg") in s["refused"]
     events = _events(cp, "2.0.0")
-    failures = [e for e in events if e["kind"] in FAILURES]
-    assert len(failures) == 1 and failures[0]["kind"] == "rolled_back"
-    assert "restarted repeatedly during probation" in failures[0]["reason"]
-    assert [e["kind"] for e in events].count("download_started") == 1
+    failures = [e for e in events if e[0] in FAILURES]
+    assert len(failures) == 1 and failures[0][0] == "rolled_back"
+    assert "restarted repeatedly during probation" in (failures[0][2] or "")
+    assert _kinds(cp, "2.0.0").count("download_started") == 1
 
 
 # ---------------------------------------------------------------- 3. bounded retries, counted across restarts
 
 
-def _corrupt_target(cp: FakeControlPlane, version: str) -> None:
-    target = next((cp.repo / "targets").glob(f"*.digits-{version}.efpkg"))
+def _corrupt_target(cp: Fleet, version: str) -> None:
+    """The repository's copy altered after signing, on the control plane's disk: every download of it fails."""
+    target = next((cp.settings.repo / "targets").glob(f"*.digits-{version}.efpkg"))
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
 
 
 def test_one_corrupted_download_is_retried_and_every_step_logged(
-    cp: FakeControlPlane, tmp_path: Path, pkgs: dict[str, Path], caplog: pytest.LogCaptureFixture
+    cp: Fleet, tmp_path: Path, pkgs: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="edgefleet.agent")
-    cp.configure(corrupt=1)
-    cp.desire("digits", "1.0.0", **FAST)
+    cp.faults.corrupt = 1  # a byte flipped on the link in the next target download
     data = tmp_path / "dev"
 
     async def go() -> None:
-        async with running(settings(data, cp.url), backend_factory=InProcessBackend):
+        async with running(_in_process(cp, data), transport=cp.transport(), backend_factory=InProcessBackend) as a:
+            await _enrolled(a)
+            await _admin(cp.pin, "1.0.0", **FAST)
             await until(lambda: committed_version(data) == "1.0.0", what="v1 committed")
-            await until(lambda: any(e["kind"] == "committed" for e in _events(cp)), what="the report")
+            await until(lambda: "committed" in _kinds(cp), what="the report")
 
     asyncio.run(go())
-    events = _events(cp, "1.0.0")
-    assert [e["kind"] for e in events].count("download_started") == 2
-    assert not [e for e in events if e["kind"] in FAILURES]
-    assert _target_stat(cp, "gets", "1.0.0") == 2
-    assert all(cp.stats()["sent_at"])  # the agent's clock at send, on every report
+    kinds = _kinds(cp, "1.0.0")
+    assert kinds.count("download_started") == 2
+    assert not [k for k in kinds if k in FAILURES]
+    assert cp.faults.corrupt == 0 and _target_stat(cp, "gets", "1.0.0") == 2
+    reports = cp.faults.reports
+    assert reports and all(r.sent_at for r in reports)  # the agent's clock at send, on every report
     size = pkgs["1.0.0"].stat().st_size
     t = "digits-1.0.0.efpkg"
     for step in (
@@ -317,55 +355,62 @@ def test_one_corrupted_download_is_retried_and_every_step_logged(
         assert step in caplog.text, step
 
 
-def test_hash_mismatch_is_retried_a_bounded_number_of_times_across_a_restart(
-    cp: FakeControlPlane, tmp_path: Path
-) -> None:
+def test_hash_mismatch_is_retried_a_bounded_number_of_times_across_a_restart(cp: Fleet, tmp_path: Path) -> None:
     _corrupt_target(cp, "1.0.0")
     data = tmp_path / "dev"
-    # A slow check-in first: the second attempt must not start before this agent stops.
-    cp.desire("digits", "1.0.0", checkin_interval_s=5.0)
+    rollout: list[str] = []
 
     async def first() -> None:
-        async with running(settings(data, cp.url), backend_factory=InProcessBackend):
+        async with running(_in_process(cp, data), transport=cp.transport(), backend_factory=InProcessBackend) as a:
+            await _enrolled(a)
+            # A slow check-in (and so a slow retry) first: the second attempt must not start before this agent
+            # stops.
+            rollout.append(await _admin(cp.rollout, "1.0.0", checkin_interval_s=5.0))
             await until(lambda: (state_of(data).get("pending") or {}).get("failures") == 1, what="attempt 1 failed")
 
     asyncio.run(first())
     s = state_of(data)
     assert s["pending"]["failures"] == 1 and s["state"] == "idle" and "attempt 1 of" in s["reason"]
-    cp.desire("digits", "1.0.0")
+    assert _target_stat(cp, "gets", "1.0.0") == 1
+    cp.configure_group()  # the fast loops again; the same rollout is still desired
 
     async def second() -> None:
-        async with running(settings(data, cp.url), backend_factory=InProcessBackend):
+        # the same device (its identity is on disk): the token is not used again
+        async with running(_in_process(cp, data), transport=cp.transport(), backend_factory=InProcessBackend):
             await until(lambda: state_of(data).get("state") == "rolled_back", what="the refusal")
-            await until(lambda: any(e["kind"] == "refused" for e in _events(cp)), what="the report")
+            await until(lambda: "refused" in _kinds(cp), what="the report")
             await asyncio.sleep(1.0)  # check-ins go on: no fourth attempt
 
     asyncio.run(second())
+    assert len(cp.device_ids()) == 1
     s = state_of(data)
     assert f"attempt {MAX_UPDATE_ATTEMPTS} of {MAX_UPDATE_ATTEMPTS}" in s["reason"]
-    assert refusal_key("r1", "digits-1.0.0.efpkg") in s["refused"]
+    assert refusal_key(rollout[0], "digits-1.0.0.efpkg") in s["refused"]
     assert _target_stat(cp, "gets", "1.0.0") == MAX_UPDATE_ATTEMPTS  # the count survived the restart
-    failures = [e for e in _events(cp) if e["kind"] in FAILURES]
-    assert [e["kind"] for e in failures] == ["refused"]
+    assert [k for k in _kinds(cp) if k in FAILURES] == ["refused"]
 
 
-def test_metadata_expired_by_a_skewed_clock_is_retried_not_refused(cp: FakeControlPlane, tmp_path: Path) -> None:
+def test_metadata_expired_by_a_skewed_clock_is_retried_not_refused(cp: Fleet, tmp_path: Path) -> None:
+    """The device's clock is ahead of the repository's (here: the control plane's timestamp is signed to have
+    expired an hour ago, which is what such a device sees); then the two agree again."""
     from edgefleet.repository import Repository
 
-    Repository(cp.repo).resign("timestamp", expires=datetime.now(UTC) - timedelta(hours=1))
-    cp.desire("digits", "1.0.0", checkin_interval_s=0.5, **FAST)
+    repo = cp.settings.repo  # the control plane's own repository, on its disk
+    Repository(repo).resign("timestamp", expires=datetime.now(UTC) - timedelta(hours=1))
     data = tmp_path / "dev"
 
     async def go() -> None:
-        async with running(settings(data, cp.url), backend_factory=InProcessBackend):
+        async with running(_in_process(cp, data), transport=cp.transport(), backend_factory=InProcessBackend) as a:
+            await _enrolled(a)
+            await _admin(cp.pin, "1.0.0", checkin_interval_s=0.5, **FAST)
             await until(lambda: (state_of(data).get("pending") or {}).get("failures") == 1, what="attempt 1 failed")
             assert "expired" in state_of(data)["reason"]
-            Repository(cp.repo).resign("timestamp")  # the clock (here: the repository) is right again
+            await _admin(Repository(repo).resign, "timestamp")  # the clock (here: the repository) is right again
             await until(lambda: committed_version(data) == "1.0.0", what="v1 committed")
 
     asyncio.run(go())
     assert not state_of(data)["refused"]
-    assert not [e for e in _events(cp) if e["kind"] in FAILURES]
+    assert not [k for k in _kinds(cp) if k in FAILURES]
 
 
 # ---------------------------------------------------------------- 4. downloads bounded by the signed length
@@ -440,25 +485,29 @@ def test_download_starts_over_a_bounded_number_of_times(misbehaving: str, tmp_pa
 # ---------------------------------------------------------------- 5. cancelled is not failed
 
 
-def test_desired_state_changed_during_the_download_is_one_cancelled_event(cp: FakeControlPlane, tmp_path: Path) -> None:
+def test_desired_state_changed_during_the_download_is_one_cancelled_event(cp: Fleet, tmp_path: Path) -> None:
     data = tmp_path / "dev"
-    cp.desire("digits", "1.0.0", **FAST)
 
     async def go() -> None:
-        async with running(settings(data, cp.url), backend_factory=InProcessBackend):
+        async with running(_in_process(cp, data), transport=cp.transport(), backend_factory=InProcessBackend) as a:
+            await _enrolled(a)
+            await _admin(cp.pin, "1.0.0", **FAST)
             await until(lambda: committed_version(data) == "1.0.0", what="v1 committed")
-            cp.configure(throttle=0.05)
-            cp.desire("digits", "2.0.0", rollout="r2", **FAST)
+            # v2 comes slowly (9 s for its ~70 KB, until lifted): the desired state moves on to v3 while it downloads.
+            cp.faults.throttle = 0.5
+            await _admin(cp.rollout, "2.0.0", **FAST)
             await until(lambda: _target_stat(cp, "bytes", "2.0.0") > 0, what="v2 downloading")
-            cp.desire("digits", "3.0.0", rollout="r3", **FAST)
-            cp.configure(throttle=0.0)
+            await _admin(cp.rollout, "3.0.0", **FAST)
+            # Slow until the agent has heard of v3 (its transport hands it v2's bytes only once all are sent).
+            await until(lambda: a.desired is not None and a.desired.version == "3.0.0", what="v3 desired")
+            cp.faults.throttle = 0.0
             await until(lambda: committed_version(data) == "3.0.0", what="v3 committed")
-            await until(lambda: any(e["kind"] == "committed" for e in _events(cp, "3.0.0")), what="the report")
+            await until(lambda: "committed" in _kinds(cp, "3.0.0"), what="the report")
 
     asyncio.run(go())
-    assert [e["kind"] for e in _events(cp, "2.0.0")] == ["download_started", "cancelled"]
-    assert "changed during the download" in _events(cp, "2.0.0")[-1]["reason"]
-    assert not [e for e in _events(cp) if e["kind"] in FAILURES]
+    assert _kinds(cp, "2.0.0") == ["download_started", "cancelled"]
+    assert "changed during the download" in (_events(cp, "2.0.0")[-1][2] or "")
+    assert not [k for k in _kinds(cp) if k in FAILURES]
     s = state_of(data)
     assert s["refused"] == [] and s["state"] == "committed"
 
@@ -466,50 +515,50 @@ def test_desired_state_changed_during_the_download_is_one_cancelled_event(cp: Fa
 # ---------------------------------------------------------------- 7. reports the server refuses, metrics
 
 
-def _mock_control_plane(statuses: list[int]) -> tuple[httpx.MockTransport, list[dict[str, Any]], list[dict[str, Any]]]:
-    accepted: list[dict[str, Any]] = []
-    rejected: list[dict[str, Any]] = []
-    desired = {"device_id": "d1", "config": {"version": 1, "checkin_interval_s": 0.1, "telemetry_interval_s": 0.05}}
+class _Sent(httpx.AsyncBaseTransport):
+    """Keeps the body of every report the agent sends (by batch id), the ones the edge turns away too, before
+    passing it on."""
 
-    def handle(request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("/desired"):
-            return httpx.Response(200, json=desired)
-        if request.url.path.endswith("/report"):
-            body = json.loads(request.content)
-            if statuses:
-                rejected.append(body)
-                return httpx.Response(statuses.pop(0), json={"error": "refused (test)"})
-            accepted.append(body)
-            return httpx.Response(200, json={"accepted_batch_ids": [body["batch_id"]]})
-        return httpx.Response(404, json={"error": "not found"})
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.reports: dict[str, dict[str, Any]] = {}
 
-    return httpx.MockTransport(handle), accepted, rejected
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path.endswith("/report"):
+            body = json.loads(await request.aread())
+            self.reports[body["batch_id"]] = body
+        return await self.inner.handle_async_request(request)
 
 
 def _metric(text: str, name: str) -> Any:
     return next(f for f in text_string_to_metric_families(text) if f.name == name)
 
 
-def test_refused_batches_are_dropped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_refused_batches_are_dropped_and_counted(cp: Fleet, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = tmp_path / "dev"
-    data.mkdir()
-    identity = {"device_id": "d1", "credential": "c", "tier": "t", "repository_url": "http://repo.invalid"}
-    (data / "identity.json").write_text(json.dumps(identity))
-    transport, accepted, rejected = _mock_control_plane([413, 422])
+    # The first two reports are turned away, as too large (413) and invalid (422), before the app sees them.
+    cp.faults.reject_reports = [413, 422]
+    cp.configure_group(checkin_interval_s=0.1, telemetry_interval_s=0.05)  # windows to report, quickly
+    sent = _Sent(cp.transport())
+
+    def accepted() -> list[Report]:
+        return cp.faults.reports  # the reports that reached the control plane
 
     async def go() -> str:
-        async with running(settings(data, "http://cp.invalid"), transport=transport) as a:
-            await until(lambda: len(accepted) >= 2, what="accepted reports after the refused ones")
+        async with running(_in_process(cp, data), transport=sent) as a:
+            await until(lambda: len(accepted()) >= 2, what="accepted reports after the refused ones")
             return a.service.metrics.render().decode()
 
     metrics = asyncio.run(go())
-    assert len(rejected) == 2
+    assert [r["status"] for r in cp.faults.rejected] == [413, 422] and not cp.faults.reject_reports
+    rejected = [sent.reports[r["batch_id"]] for r in cp.faults.rejected]
     lost = sum(len(r["telemetry"]) + len(r["events"]) for r in rejected)
     assert lost >= 2
-    resent = {r["batch_id"] for r in rejected} & {a["batch_id"] for a in accepted}
+    resent = {r["batch_id"] for r in rejected} & {a.batch_id for a in accepted()}
     assert not resent  # never sent again
-    assert accepted[-1]["dropped_records"] == lost
-    assert all(a["sent_at"] for a in accepted)
+    assert accepted()[-1].dropped_records == lost
+    assert cp.record()["dropped_records"] == lost  # as the control plane stored it
+    assert all(a.sent_at for a in accepted())
     dropped = _metric(metrics, "edgefleet_agent_telemetry_dropped_records")
     assert dropped.type == "counter" and dropped.samples[0].value == lost
     assert caplog.text.count("dropped") >= 2 and "413" in caplog.text and "422" in caplog.text

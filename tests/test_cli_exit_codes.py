@@ -105,7 +105,7 @@ def test_70_internal_error_is_one_line_never_a_traceback(monkeypatch: pytest.Mon
     def bug(*_: Any) -> Any:
         raise KeyError("a bug\nwith a second line")
 
-    monkeypatch.setattr(server_cli, "_client", bug)
+    monkeypatch.setattr(server_cli, "client", bug)
     monkeypatch.delenv("EDGEFLEET_DEBUG", raising=False)
     code, _, err = run_cli(capsys, "devices", "list")
     line = _one_line(err, 70, code)

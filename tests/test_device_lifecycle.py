@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import select
 
 from _cp_support import CP, build_pkg
-from agent_support import install
+from _fleet_support import install
 from conftest import free_port
 from edgefleet.agent import identity
 from edgefleet.agent.agent import EXIT_CREDENTIAL_REFUSED, EXIT_DECOMMISSIONED, REFUSED

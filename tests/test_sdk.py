@@ -143,22 +143,16 @@ def test_each_sdk_method_calls_the_route_the_table_names(tmp_path: Path) -> None
         (503, {"detail": "upstream down"}, e.ServerUnreachable, "upstream down"),
     ],
 )
-@pytest.mark.parametrize("client", ["sdk", "cli-helpers", "async"])
+@pytest.mark.parametrize("client", ["sdk", "async"])
 def test_errors_come_back_as_edgefleet_errors(
     status: int, body: Any, cls: type, message: str, client: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One table for every operator API client: the SDK, the CLI's helper client and an async caller (the
-    simulator) mapping its own ``httpx.AsyncClient``'s answers."""
+    """One table for every operator API client: the SDK (which the CLI uses) and an async caller (the simulator)
+    mapping its own ``httpx.AsyncClient``'s answers."""
     fixed = httpx.MockTransport(lambda r: httpx.Response(status, json=body))
     with pytest.raises(cls, match=re.escape(message)) as err:
         if client == "sdk":
             sdk.Client("http://127.0.0.1:1", "t", transport=fixed).devices.list()
-        elif client == "cli-helpers":
-            from edgefleet.controlplane import client as helpers
-
-            c = helpers.Client("http://127.0.0.1:1", "t")
-            monkeypatch.setattr(c, "_http", httpx.Client(base_url=c.server, transport=fixed))
-            c.get("/api/v1/devices")
         else:
 
             async def ask() -> None:
@@ -185,10 +179,10 @@ def test_a_server_that_cannot_be_reached_or_is_not_edgefleet_says_so() -> None:
 
     with pytest.raises(e.ServerUnreachable, match=r"cannot reach the control plane at http://127\.0\.0\.1:1"):
         sdk.Client("http://127.0.0.1:1", "t", transport=httpx.MockTransport(down)).fleet.kpis()
-    from edgefleet.controlplane import client as helpers
+    from edgefleet.cli.connection import client
 
     with pytest.raises(e.ServerUnreachable, match=r"cannot reach the control plane at http://127\.0\.0\.1:1"):
-        helpers.Client("http://127.0.0.1:1", "t").get("/api/v1/fleet")
+        client("http://127.0.0.1:1", "t").fleet.kpis()  # as the CLI builds it
     html = httpx.MockTransport(lambda r: httpx.Response(200, text="<html>", headers={"content-type": "text/html"}))
     with pytest.raises(e.EdgefleetError, match=re.escape("not JSON: is http://127.0.0.1:1 an edgefleet control plane")):
         sdk.Client("http://127.0.0.1:1", "t", transport=html).whoami()

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from _fleet_support import running, until
 from _package_helpers import assert_refused, run_cli
-from agent_support import running, until
 from conftest import free_port, starts_processes
 from edgefleet.config import AgentSettings
 from edgefleet.errors import DownloadError, UsageError
@@ -311,14 +311,15 @@ def test_cleartext_to_another_machine_is_refused_unless_allowed(
 
     # Allowed when asked for (nothing listens there, so only the constructors run), and loopback always is.
     from edgefleet.agent.updater import ControlPlaneClient
-    from edgefleet.controlplane.client import Client
+    from edgefleet.cli.connection import client
+    from edgefleet.sdk import Client
 
     Client(remote, "t", insecure_http=True).close()
     monkeypatch.setenv("EDGEFLEET_INSECURE_HTTP", "1")
-    Client(remote, "t").close()
+    client(remote, "t").close()
     monkeypatch.setenv("EDGEFLEET_INSECURE_HTTP", "maybe")
     with pytest.raises(UsageError, match="EDGEFLEET_INSECURE_HTTP='maybe': use 1 or 0"):
-        Client(remote, "t")
+        client(remote, "t")
     asyncio.run(ControlPlaneClient(remote, insecure_http=True).aclose())
     for url in ("http://127.0.0.1:8700", "http://127.9.9.9", "http://localhost:1", "http://[::1]:8700"):
         assert check_url(url) == url

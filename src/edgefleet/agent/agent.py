@@ -1,8 +1,9 @@
 """The device agent: ties the state machine, slots, updater, worker supervisor, OIP server and telemetry together.
 
 One asyncio task per loop (check-in, telemetry, upload, probation), all thin: the decisions they act on are pure
-functions in ``state.py``, ``updater.py`` and ``probation.py``. :class:`Agent` runs in-process too, without the
-HTTP server and with another backend (``backend_factory``), which is how a fleet simulator hosts many agents.
+functions in ``state.py``, ``updater.py`` and ``probation.py``, and an update runs state by state in ``pipeline.py``.
+:class:`Agent` runs in-process too, without the HTTP server and with another backend (``backend_factory``), which
+is how a fleet simulator hosts many agents.
 
 What the control plane hears: every telemetry window carries the drift histograms of the inputs served in it
 (taken from the backend as the window closes; a window also closes at each switch of the serving model, so its
@@ -27,7 +28,7 @@ import os
 import platform
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 import psutil
@@ -41,12 +42,12 @@ from edgefleet.agent.edges import Clock, HealthCheck, SystemClock
 from edgefleet.agent.healthcheck import run_health_check
 from edgefleet.agent.httpserver import HTTPLimits, serve_http
 from edgefleet.agent.oip import OIPApp
+from edgefleet.agent.pipeline import MAX_UPDATE_ATTEMPTS, UpdatePipeline
 from edgefleet.agent.probation import ProbationStats, decide, latency_budget_ms
 from edgefleet.agent.service import InferenceService
 from edgefleet.agent.slots import SlotStore
 from edgefleet.agent.standalone import serve_standalone
 from edgefleet.agent.state import (
-    Pending,
     PersistedState,
     SlotInfo,
     StateStore,
@@ -57,11 +58,9 @@ from edgefleet.agent.state import (
 from edgefleet.agent.supervisor import Supervisor
 from edgefleet.agent.telemetry import WindowAccumulator
 from edgefleet.agent.updater import (
-    Cancelled,
     ControlPlaneClient,
     Offline,
     ReportRejected,
-    download_resumable,
     jittered,
     should_update,
 )
@@ -69,7 +68,6 @@ from edgefleet.agent.worker import ModelInfo, WorkerSpec
 from edgefleet.config import AgentSettings
 from edgefleet.errors import (
     AuthError,
-    DownloadError,
     EdgefleetError,
     RegistryError,
     UsageError,
@@ -101,13 +99,8 @@ __all__ = [
     "serve_standalone",
 ]
 
-if TYPE_CHECKING:
-    from edgefleet.repository import TufClient
-
 log = logging.getLogger("edgefleet.agent")
 
-MAX_UPDATE_ATTEMPTS = 3  # attempts at an update whose failure may be transient, before it becomes a refusal
-RETRY_MAX_S = 600.0  # the longest wait between two attempts
 DRIFT_TIMEOUT_S = 5.0  # a worker that cannot answer for its histograms in this time does not hold a window up
 EXIT_DECOMMISSIONED = 10  # the control plane decommissioned this device and it wiped itself
 EXIT_CREDENTIAL_REFUSED = 11  # revoked or decommissioned, and no new token to enroll again with
@@ -181,7 +174,6 @@ class Agent:
         self._etag: str | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._update_task: asyncio.Task[None] | None = None
-        self._tuf_client: TufClient | None = None
         self._probation: ProbationStats | None = None
         self._probation_crash: str | None = None  # the last worker crash seen during probation
         self._offline_since: float | None = None
@@ -189,7 +181,7 @@ class Agent:
         self._stopped = asyncio.Event()
         self._server: Any = None
         self._counted = (0, 0)
-        self._retry: tuple[str, float] | None = None  # (refusal key, monotonic time) of the next attempt allowed
+        self.pipeline = UpdatePipeline(self)
         self._dropped_seen = self.buffer.dropped
         self.service.metrics.dropped.inc(self._dropped_seen)  # cumulative across restarts, like the reports
         self.port: int | None = None
@@ -213,7 +205,7 @@ class Agent:
         suspect = rolled_back_in_recovery(loaded, self.state)
         if suspect is not None:
             reason = self.state.reason or "rolled back"
-            self._event(EventKind.rolled_back, reason, suspect.model, suspect.version, suspect.rollout_id)
+            self.event(EventKind.rolled_back, reason, suspect.model, suspect.version, suspect.rollout_id)
             log.warning("rolled back %s: %s", suspect.target, reason)
         if self.state.active is not None:
             await self._serve_slot(self.state.active)
@@ -280,15 +272,15 @@ class Agent:
 
     # ------------------------------------------------------------------ serving
 
-    def _spec(self, slot: SlotInfo) -> WorkerSpec:
+    def spec(self, slot: SlotInfo) -> WorkerSpec:
         return WorkerSpec(
             self.slots.path(slot.slot),
-            self._key_for(self.slots.path(slot.slot)),
+            self.key_for(self.slots.path(slot.slot)),
             memory_mb=self.settings.memory_mb,
             intra_op_threads=self.settings.intra_op_threads,
         )
 
-    def _key_for(self, package: Path) -> Path | None:
+    def key_for(self, package: Path) -> Path | None:
         """The device key that opens ``package``: after a key rotation, a package built for the old key still
         opens with the retired one."""
         return identity.key_for_package(self.data_dir, package)
@@ -321,9 +313,9 @@ class Agent:
             self._probation.crash_times.append(self.clock.monotonic())
             self._probation_crash = reason
         a = self.state.active
-        self._event(EventKind.worker_crashed, reason, a.model if a else None, a.version if a else None)
+        self.event(EventKind.worker_crashed, reason, a.model if a else None, a.version if a else None)
 
-    async def _start_backend(self, spec: WorkerSpec) -> tuple[Backend, ModelInfo]:
+    async def start_backend(self, spec: WorkerSpec) -> tuple[Backend, ModelInfo]:
         backend = self.backend_factory(spec, self._on_crash)
         try:
             info = await backend.start()
@@ -335,7 +327,7 @@ class Agent:
     async def _serve_slot(self, slot: SlotInfo) -> bool:
         """Serve ``slot``; on failure answer 503 with the reason (the supervisor keeps retrying)."""
         try:
-            backend, info = await self._start_backend(self._spec(slot))
+            backend, info = await self.start_backend(self.spec(slot))
         except WorkerUnavailable as err:
             self.service.clear(f"the model in slot {slot.slot} does not start: {err}")
             return False
@@ -365,7 +357,7 @@ class Agent:
 
     # ------------------------------------------------------------------ events, reports
 
-    def _event(
+    def event(
         self,
         kind: EventKind,
         reason: str | None = None,
@@ -386,7 +378,7 @@ class Agent:
         self.service.metrics.updates.labels(kind.value).inc()
         self._upload_now.set()
 
-    def _save(self, s: PersistedState) -> None:
+    def save(self, s: PersistedState) -> None:
         self.store.save(s)
         self.state = s
 
@@ -707,7 +699,7 @@ class Agent:
                 d = self.desired
                 if d is not None and (d.wipe or d.rotate_credential or d.rotate_key) and await self._lifecycle(d):
                     return
-                due = d is None or self._retry_due(d)
+                due = d is None or self.pipeline.retry_due(d)
                 if d is not None and due and should_update(self.state, d, self._update_task is not None):
                     self._update_task = asyncio.get_running_loop().create_task(self._update(d))
             except Offline as err:
@@ -733,274 +725,28 @@ class Agent:
                 }
             )
 
-    # ------------------------------------------------------------------ update
-
-    def _still_wanted(self, target: str) -> bool:
-        return self.desired is not None and self.desired.target == target
-
-    def _retry_due(self, d: DesiredState) -> bool:
-        r = self._retry
-        return r is None or r[0] != refusal_key(d.rollout_id, d.target or "") or self.clock.monotonic() >= r[1]
+    # ------------------------------------------------------------------ update (agent/pipeline.py)
 
     async def _update(self, d: DesiredState) -> None:
         try:
-            await self._do_update(d)
+            await self.pipeline.run(d)
         except Offline as err:
             self._offline(err)  # keep the partial download; the next check-in resumes it
-        except Cancelled as err:
-            self._cancel(d, str(err))
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:  # an update must never take the agent down
-            log.exception("update to %s failed", d.target)
-            self._retry_or_refuse(d, f"update failed: {type(err).__name__}: {err}")
         finally:
             self._update_task = None
-            if self._tuf_client is not None:
-                # its https connections to the repository are released once the update ends, whichever way
-                self._tuf_client.close()
-                self._tuf_client = None
 
-    def _settled(self, s: PersistedState, reason: str) -> PersistedState:
-        """No update in flight: the committed slot serves (or nothing, on a first install)."""
-        return s.with_(
-            state=AgentState.committed if s.committed is not None else AgentState.idle,
-            reason=reason,
-            pending=None,
-            active=s.committed,
-        )
-
-    def _cancel(self, d: DesiredState, why: str) -> None:
-        """The desired state moved on: the update is abandoned, which is not a failure (no refusal: the same
-        version may be asked for again)."""
-        self._save(self._settled(self.state, f"cancelled: {why}"))
-        self.slots.clear_downloads()
-        self._event(EventKind.cancelled, why, d.model, d.version, d.rollout_id)
-        log.info("update to %s cancelled: %s", d.target, why)
-
-    def _retry_or_refuse(self, d: DesiredState, reason: str) -> None:
-        """A failure that may be transient (a corrupted download, metadata that looks expired to a skewed clock,
-        a full disk): try again later, up to :data:`MAX_UPDATE_ATTEMPTS` attempts in all, counted in the state
-        file so that a restart does not reset them; then it is a refusal."""
-        s = self.state
-        pending = s.pending if s.pending is not None and s.pending.target == d.target else None
-        if pending is None and d.model and d.version and d.target:  # failed before its first save
-            pending = Pending(model=d.model, version=d.version, target=d.target, rollout_id=d.rollout_id)
-        attempts = (pending.failures if pending is not None else 0) + 1
-        self.slots.clear_downloads()  # a corrupted or oversized download is not resumed
-        if attempts >= MAX_UPDATE_ATTEMPTS or pending is None:
-            self._refuse(d, f"{reason} (attempt {attempts} of {MAX_UPDATE_ATTEMPTS})", EventKind.refused)
-            return
-        if pending.slot is not None and not self.slots.path(pending.slot).exists():
-            pending = pending.model_copy(update={"slot": None})
-        st = self._settled(s, f"update to {d.version} failed (attempt {attempts} of {MAX_UPDATE_ATTEMPTS}): {reason}")
-        self._save(st.with_(pending=pending.model_copy(update={"failures": attempts})))
-        delay = min(RETRY_MAX_S, self.config.checkin_interval_s * 2**attempts)
-        self._retry = (refusal_key(d.rollout_id, d.target or ""), self.clock.monotonic() + delay)
-        log.warning(
-            "update to %s failed (attempt %d of %d), trying again in %.0f s: %s",
-            d.target,
-            attempts,
-            MAX_UPDATE_ATTEMPTS,
-            delay,
-            reason,
-        )
-
-    def _refuse(self, d: DesiredState, reason: str, kind: EventKind) -> None:
-        """The update failed for good: one event of ``kind`` (the failure's own), never retried in this rollout."""
-        assert d.target is not None
-        s = self.state
-        key = refusal_key(d.rollout_id, d.target)
-        self._save(
-            s.with_(
-                state=AgentState.rolled_back,
-                reason=reason,
-                pending=None,
-                active=s.committed,
-                refused=[*s.refused[-50:], key],
-            )
-        )
-        self._event(kind, reason, d.model, d.version, d.rollout_id)
-        if s.committed is None:
-            self.service.clear(reason)
-        self.slots.clear_downloads()
-        log.warning("update to %s failed (%s): %s", d.target, kind.value, reason)
-
-    def _tuf_fetcher(self, repository_url: str, loop: asyncio.AbstractEventLoop) -> Any:
-        """With an injected transport, an http(s) repository is read through it too (on this loop, over the
-        control plane client's connections); None: the TUF client's own fetcher (the network, or a folder)."""
-        if self.transport is None or self.cp is None or not repository_url.startswith(("http://", "https://")):
-            return None
-        from edgefleet.agent.loopfetch import LoopFetcher
-
-        return LoopFetcher(self.cp.http, loop)
-
-    async def _do_update(self, d: DesiredState) -> None:
-        assert d.target and d.model and d.version
-        from edgefleet.package import check_requirements, open_package
-        from edgefleet.repository import TufClient
-
-        loop = asyncio.get_running_loop()
-        s = self.state
-        if s.pending is not None and s.pending.target == d.target:
-            pending = s.pending
-            if pending.rollout_id != d.rollout_id:  # a new rollout of the same target starts a fresh count
-                pending = pending.model_copy(update={"rollout_id": d.rollout_id, "failures": 0})
-        else:
-            pending = Pending(
-                model=d.model,
-                version=d.version,
-                target=d.target,
-                package_sha256=d.package_sha256,
-                rollout_id=d.rollout_id,
-            )
-        staged = pending.slot is not None and self.slots.path(pending.slot).exists()
-        self._save(s.with_(state=AgentState.downloading, reason=None, pending=pending))
-        self._event(EventKind.download_started, None, d.model, d.version, d.rollout_id)
-        log.info(
-            "update to %s (rollout %s), attempt %d of %d",
-            d.target,
-            d.rollout_id,
-            pending.failures + 1,
-            MAX_UPDATE_ATTEMPTS,
-        )
-        tuf_dir = self.data_dir / "tuf"
-        root = tuf_dir / "trusted_root.json"
-        fetcher = self._tuf_fetcher(self.identity["repository_url"], loop)
+    async def close_window_before_switch(self) -> None:
         try:
-            client = TufClient(
-                tuf_dir / "metadata",
-                self.identity["repository_url"],
-                root.read_bytes() if not (tuf_dir / "metadata" / "root.json").exists() else None,
-                fetcher=fetcher,
-                ca_file=self.settings.ca_file,
-                # an injected transport is not the network and brings its own policy, as for the control plane
-                insecure_http=self.settings.insecure_http or fetcher is not None,
-            )
-            self._tuf_client = client
-            await loop.run_in_executor(None, client.refresh)
-        except DownloadError as err:
-            # the repository cannot be reached: transient, unlike a verification failure, so not a refusal
-            raise Offline(f"repository unreachable: {err}")
-        except EdgefleetError as err:
-            self._retry_or_refuse(d, f"refused: {err}")
-            return
-        try:
-            info = await loop.run_in_executor(None, client.target_info, d.target)
-        except EdgefleetError as err:
-            self._retry_or_refuse(d, f"refused: {err}")
-            return
-        if staged:
-            assert pending.slot is not None
-            path = self.slots.path(pending.slot)
-            log.info("%s is staged in slot %s already", d.target, pending.slot)
-        else:
-            url = await loop.run_in_executor(None, client.target_url, d.target)
-            assert self.cp is not None
-            partial = self.slots.partial(d.target)
-            have = partial.stat().st_size if partial.exists() else 0
-            log.info("downloading %s: %d bytes%s", d.target, info.length, f", resuming at {have}" if have else "")
-            t0 = self.clock.monotonic()
-            try:
-                path = await download_resumable(
-                    self.cp.http,
-                    url,
-                    partial,
-                    length=info.length,
-                    keep_going=lambda: self._still_wanted(d.target or ""),
-                )
-            except (DownloadError, VerificationError) as err:
-                self._retry_or_refuse(d, f"refused: {err}")
-                return
-            log.info("downloaded %s: %d bytes in %.1f s", d.target, info.length, self.clock.monotonic() - t0)
-        self._save(self.state.with_(state=AgentState.verifying))
-        try:
-            await loop.run_in_executor(None, client.verify_file, d.target, path)
-        except EdgefleetError as err:
-            path.unlink(missing_ok=True)
-            self._retry_or_refuse(d, f"refused: the download does not match the signed metadata: {err}")
-            return
-        try:
-            opened = await loop.run_in_executor(None, lambda: open_package(path, device_key=self._key_for(path)))
-        except EdgefleetError as err:
-            # The bytes are the signed ones: opening them again would fail the same way.
-            self._refuse(d, f"refused: {err}", EventKind.refused)
-            return
-        reasons = check_requirements(
-            opened.manifest,
-            tier=self.identity.get("tier"),
-            runtime_version=runtime_version(),
-            memory_mb=self.settings.memory_mb,
-        )
-        if reasons:
-            self._refuse(d, "refused: incompatible: " + "; ".join(reasons), EventKind.refused)
-            return
-        self._event(EventKind.verified, None, d.model, d.version, d.rollout_id)
-        log.info("verified %s: length and sha256 %s match the signed metadata", d.target, info.sha256[:16])
-        if not staged:
-            slot = self.slots.idle_slot(self.state)
-            self.slots.stage(path, slot)
-            pending = pending.model_copy(
-                update={"slot": slot, "model_sha256": opened.model_sha256, "package_sha256": info.sha256}
-            )
-            log.info("staged %s in slot %s", d.target, slot)
-        self._save(self.state.with_(state=AgentState.staged, pending=pending))
-        self._event(EventKind.staged, None, d.model, d.version, d.rollout_id)
-        await self._health_and_switch(d, pending)
+            await self._drift_and_close()
+        except Exception:  # a window lost is bad; a switch that does not happen is worse
+            log.exception("the telemetry window before the switch could not be closed")
 
-    async def _health_and_switch(self, d: DesiredState, pending: Pending) -> None:
-        assert pending.slot is not None
-        self._save(self.state.with_(state=AgentState.health_check))
-        cand = SlotInfo(
-            slot=pending.slot,
-            model=pending.model,
-            version=pending.version,
-            target=pending.target,
-            model_sha256=pending.model_sha256,
-            package_sha256=pending.package_sha256,
-            rollout_id=pending.rollout_id,
-        )
-        spec = self._spec(cand)
-        tier = self.identity.get("tier")
-        cfg = self.config
-        log.info("health check of %s: golden vectors and latency in a fresh worker", d.target)
-        result = await self.health_check(spec, lambda i: latency_budget_ms(i.metrics, tier, cfg.p95_budget_ms))
-        if not result.ok:
-            self._refuse(d, result.reason, EventKind.health_check_failed)
-            return
-        self._event(EventKind.health_check_passed, result.reason, d.model, d.version, d.rollout_id)
-        log.info("health check of %s passed: %s", d.target, result.reason)
-        if not self._still_wanted(d.target or ""):
-            # The desired state moved on while the health check ran (a halted rollout, say): switching now would
-            # serve a version nobody wants, and would have to be undone on the next check-in.
-            self._cancel(d, "the desired state changed during the health check")
-            return
-        try:
-            backend, info = await self._start_backend(spec)
-        except WorkerUnavailable as err:
-            self._refuse(d, f"the new model does not start: {err}", EventKind.rolled_back)
-            return
-        # The switch: one atomic rename of the state file makes the candidate the active slot.
-        self._save(self.state.with_(state=AgentState.probation, active=cand, probation_resumes=0))
-        if self.backend is not None:
-            try:
-                await self._drift_and_close()  # the old model's last window, before probation counts anything
-            except Exception:
-                log.exception("the telemetry window before the switch could not be closed")
-        self._probation = ProbationStats(self.clock.monotonic())
+    async def switch_to(self, backend: Backend, info: ModelInfo, probation: ProbationStats) -> None:
+        """Serve the candidate, on probation from now on (the window before it closed already)."""
+        self._probation = probation
         self._probation_crash = None
-        self.service.listener = self._probation.observe
+        self.service.listener = probation.observe
         await self._swap_backend(backend, info, close=False)
-        self._event(EventKind.switched, None, d.model, d.version, d.rollout_id)
-        log.info(
-            "switched to %s; probation: %d requests or %g s, at most %d worker crashes in %g s, error rate %g",
-            d.target,
-            cfg.probation_requests,
-            cfg.probation_seconds,
-            cfg.crash_loop_crashes - 1,
-            cfg.crash_loop_window_s,
-            cfg.max_error_rate,
-        )
 
     # ------------------------------------------------------------------ probation
 
@@ -1029,13 +775,13 @@ class Agent:
         a = s.active
         self._probation = None
         self.service.listener = None
-        self._save(s.with_(state=AgentState.committed, reason=None, committed=a, pending=None, probation_resumes=0))
+        self.save(s.with_(state=AgentState.committed, reason=None, committed=a, pending=None, probation_resumes=0))
         self.slots.clear_downloads()
         try:
             await self._prune_keys()  # the package replaced may have been the last one built for a retired key
         except Exception:
             log.exception("pruning retired device keys failed; they are kept")
-        self._event(
+        self.event(
             EventKind.committed, reason, a.model if a else None, a.version if a else None, a.rollout_id if a else None
         )
         log.info("committed %s: %s", a.target if a else None, reason)
@@ -1046,7 +792,7 @@ class Agent:
         self._probation = None
         self.service.listener = None
         key = refusal_key(a.rollout_id, a.target or "") if a else None
-        self._save(
+        self.save(
             s.with_(
                 state=AgentState.rolled_back,
                 reason=reason,
@@ -1055,7 +801,7 @@ class Agent:
                 refused=[*s.refused[-50:], *([key] if key else [])],
             )
         )
-        self._event(
+        self.event(
             EventKind.rolled_back, reason, a.model if a else None, a.version if a else None, a.rollout_id if a else None
         )
         log.warning("rolled back %s: %s", a.target if a else None, reason)

@@ -54,6 +54,14 @@ def cell(value: object) -> Text:
     return Text("" if value is None else str(value))
 
 
+def wire(value: BaseModel | list[Any]) -> Any:
+    """A response model (or a list of them) as the JSON the server sent: field names as on the wire, and only the
+    keys it sent (a default the model fills in is not the server's answer)."""
+    if isinstance(value, list):
+        return [wire(v) for v in value]
+    return value.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
 def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, BaseModel):
         return obj.model_dump(mode="json")

@@ -12,7 +12,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 from rich.table import Table
 
-from edgefleet.cli._output import cell, console, escape, print_json
+from edgefleet.cli._output import cell, console, escape, print_json, wire
 from edgefleet.data import CallData, load_calls
 from edgefleet.errors import UsageError, validation_summary, yaml_error_message
 from edgefleet.package import GoldenTolerance, Lineage, OpenedPackage, Requirements, build_package, open_package
@@ -291,13 +291,11 @@ def _fleet_keys(server: str | None, token: str | None, group: str | None, tier: 
     asked for: ``[]``. A scope with no such device is refused: a package nobody can open is a mistake."""
     if group is None and tier is None:
         return []
-    from edgefleet.controlplane.client import Client
+    from edgefleet.cli.connection import client
 
+    with client(server, token) as c:
+        rows = wire(c.devices.keys(tier=tier, group=group))
     params = {k: v for k, v in (("group", group), ("tier", tier)) if v is not None}
-    with Client(server, token) as c:
-        rows = c.get("/api/v1/devices/keys", params=params)
-    if not isinstance(rows, list):
-        raise UsageError(f"the control plane at {c.server} answered no key list: is it an edgefleet server?")
     scope = _fleet_scope(group, tier)
     if not rows:
         raise UsageError(

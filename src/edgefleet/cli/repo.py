@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 
-from edgefleet.cli._output import cell, console, err_console, escape, print_json
+from edgefleet.cli._output import cell, console, err_console, escape, print_json, wire
 from edgefleet.durations import parse_timedelta
 from edgefleet.errors import UsageError
 from edgefleet.repository import ROLES, Repository, RepoStatus, default_root_keys_dir, fetch_package
@@ -271,32 +272,32 @@ def publish_command(
     if (repo is None) == (server is None):
         raise UsageError("give exactly one of --repo DIR (sign locally) or --server URL (upload to a control plane)")
     if server is not None:
-        # The control plane signs with its own online keys; its client module owns the upload.
-        from edgefleet.controlplane import client
+        # The control plane signs with its own online keys: the upload goes through the SDK.
+        from edgefleet.cli.connection import client
+        from edgefleet.cli.evidence import (
+            attach_evidence,
+            judged_package,
+            print_release,
+            read_bench_report,
+            read_gate_verdict,
+        )
 
         # every file is read and checked before the upload, so a wrong one publishes nothing
-        verdict = client.read_gate_verdict(gate) if gate is not None else None
-        report = client.read_bench_report(bench) if bench is not None else None
-        sha = client.judged_package(verdict, package) if verdict is not None and package.is_file() else None
-        result = client.upload_package(server, api_token, package)
-        if verdict is not None or report is not None:
-            with client.Client(server, api_token) as c:
-                result["release"] = client.attach_evidence(
+        verdict = read_gate_verdict(gate) if gate is not None else None
+        report = read_bench_report(bench) if bench is not None else None
+        sha = judged_package(verdict, package) if verdict is not None and package.is_file() else None
+        with client(server, api_token, timeout=300.0) as c:
+            result: dict[str, Any] = wire(c.models.publish(package))
+            if verdict is not None or report is not None:
+                result["release"] = attach_evidence(
                     c, result["model"], result["version"], gate=verdict, bench=report, package_sha256=sha
                 )
         if as_json:
             print_json(result)
             return
-        console.print(f"uploaded {package} to {server}", markup=False)
-        release = result.get("release")
-        if release is not None:
-            what = f"{result['model']} {result['version']}"
-            if release.get("allowed"):
-                console.print(f"{what}: evidence attached; the release policy admits it", markup=False)
-            else:
-                console.print(
-                    f"{escape(what)}: evidence attached; [yellow]still refused:[/] {escape(release.get('refusal'))}"
-                )
+        console.print(f"uploaded {package} to {c.server}", markup=False)
+        if "release" in result:
+            print_release(f"{result['model']} {result['version']}", result["release"])
         return
     if gate is not None or bench is not None:
         raise UsageError("--gate and --bench attach evidence on a control plane: use them with --server URL")

@@ -14,15 +14,16 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from edgefleet.cli._output import cell, console, escape, print_json
+from edgefleet.cli._output import cell, console, escape, print_json, wire
+from edgefleet.cli.connection import client
+from edgefleet.cli.evidence import attach_evidence, judged_package, print_release, read_bench_report, read_gate_verdict
 from edgefleet.durations import parse_duration
-from edgefleet.errors import AuthError, UsageError, validation_summary
+from edgefleet.errors import UsageError, validation_summary
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from edgefleet.controlplane.schemas import RolloutPlanPreview
-    from edgefleet.sdk import Client
 
 ServerOpt = typer.Option(None, "--server", envvar="EDGEFLEET_SERVER", help="Control plane URL [http://127.0.0.1:8700].")
 TokenOpt = typer.Option(
@@ -40,31 +41,6 @@ models_app = typer.Typer(
 )
 fleet_app = typer.Typer(help="Fleet health: KPIs, the compatibility matrix.", no_args_is_help=True)
 tokens_app = typer.Typer(help="Operator API tokens (admin only).", no_args_is_help=True)
-
-
-def _client(server: str | None, token: str | None) -> Client:
-    """The SDK's client for ``--server``/``--api-token``, resolved as every operator client resolves them."""
-    from edgefleet.controlplane.client import CA_FILE_ENV, resolve_connection
-    from edgefleet.sdk import Client
-
-    class CliClient(Client):
-        _untrusted_fix = f"set {CA_FILE_ENV} to the CA file that signed it"
-
-    conn = resolve_connection(server, token)
-    if not conn.token:
-        raise AuthError(
-            f"no API token for {conn.server}: pass --api-token or set EDGEFLEET_API_TOKEN (a server on this "
-            "machine writes its admin token to ./admin-token)"
-        )
-    return CliClient(conn.server, conn.token, ca_file=conn.ca_file, insecure_http=conn.insecure_http)
-
-
-def _dump(value: BaseModel | list[Any]) -> Any:
-    """A response model (or a list of them) as the JSON the server sent: field names as on the wire, and only the
-    keys it sent (a default the model fills in is not the server's answer)."""
-    if isinstance(value, list):
-        return [_dump(v) for v in value]
-    return value.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
 ForceOpt = typer.Option(
@@ -220,10 +196,10 @@ def devices_token(
 ) -> None:
     """Make a one-time, expiring enrollment token."""
     expires_s = parse_duration(expires, flag="--expires", allow_zero=False)
-    with _client(server_, token) as c:
+    with client(server_, token) as c:
         out = c.enrollment.create_token(tier, group=group, expires_s=expires_s)
     if json_:
-        print_json(_dump(out))
+        print_json(wire(out))
     else:
         console.print(out.token, markup=False, soft_wrap=True)
 
@@ -231,8 +207,8 @@ def devices_token(
 @devices_app.command("list")
 def devices_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """The inventory: tier, runtime, served version, last seen, overdue."""
-    with _client(server_, token) as c:
-        rows = _dump(c.devices.list())
+    with client(server_, token) as c:
+        rows = wire(c.devices.list())
     if json_:
         print_json(rows)
         return
@@ -265,8 +241,8 @@ def devices_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = 
 @devices_app.command("show")
 def devices_show(device_id: str, server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """One device, with the desired state it is served."""
-    with _client(server_, token) as c:
-        doc = _dump(c.devices.get(device_id))
+    with client(server_, token) as c:
+        doc = wire(c.devices.get(device_id))
     if json_:
         print_json(doc)
     else:
@@ -283,8 +259,8 @@ def devices_keys(
 ) -> None:
     """The X25519 public keys of active devices, to encrypt a package for (`package --encrypt-for-group`)."""
     params = {k: v for k, v in (("tier", tier), ("group", group)) if v is not None}
-    with _client(server_, token) as c:
-        rows = _dump(c.devices.keys(tier=tier, group=group))
+    with client(server_, token) as c:
+        rows = wire(c.devices.keys(tier=tier, group=group))
     if json_:
         print_json(rows)
         return
@@ -305,25 +281,25 @@ def devices_pin(
     json_: bool = JsonOpt,
 ) -> None:
     """Pin a device to a version: rollouts leave it alone."""
-    with _client(server_, token) as c:
+    with client(server_, token) as c:
         out = c.devices.pin(device_id, version, model=model)
-    _say(f"pinned {device_id} to {version}", json_, _dump(out))
+    _say(f"pinned {device_id} to {version}", json_, wire(out))
 
 
 @devices_app.command("unpin")
 def devices_unpin(device_id: str, server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """Remove a device's pin."""
-    with _client(server_, token) as c:
+    with client(server_, token) as c:
         out = c.devices.unpin(device_id)
-    _say(f"unpinned {device_id}", json_, _dump(out))
+    _say(f"unpinned {device_id}", json_, wire(out))
 
 
 @devices_app.command("revoke")
 def devices_revoke(device_id: str, server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """Revoke a device's credential: it stops working at once."""
-    with _client(server_, token) as c:
+    with client(server_, token) as c:
         out = c.devices.revoke(device_id)
-    _say(f"revoked {device_id}", json_, _dump(out))
+    _say(f"revoked {device_id}", json_, wire(out))
 
 
 @devices_app.command("decommission")
@@ -331,16 +307,16 @@ def devices_decommission(
     device_id: str, server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt
 ) -> None:
     """Retire a device: its record stays for the audit, its next check-in wipes it, its credential then stops."""
-    with _client(server_, token) as c:
+    with client(server_, token) as c:
         out = c.devices.decommission(device_id)
-    _say(f"decommissioned {device_id}: it wipes itself on its next check-in", json_, _dump(out))
+    _say(f"decommissioned {device_id}: it wipes itself on its next check-in", json_, wire(out))
 
 
 def _rotate(what: str, device_id: str | None, group: str | None, server_: str, token: str, json_: bool) -> None:
     if (device_id is None) == (group is None):
         raise UsageError("name one device (ID) or one --group")
     out: BaseModel
-    with _client(server_, token) as c:
+    with client(server_, token) as c:
         if device_id is not None:
             rotate = c.devices.rotate_key if what == "key" else c.devices.rotate_credential
             one = rotate(device_id)
@@ -350,7 +326,7 @@ def _rotate(what: str, device_id: str | None, group: str | None, server_: str, t
             many = c.groups.rotate_credentials(group, key=what == "key")
             out, ids = many, many.devices
     if json_:
-        print_json(_dump(out))
+        print_json(wire(out))
     else:
         console.print(
             f"asked {len(ids)} device(s) to rotate their {what}: each does it at its next check-in",
@@ -442,7 +418,7 @@ def rollout_start(
         raise UsageError(f"bad rollout policy: {validation_summary(exc)}") from None
     except ValueError as exc:  # parse_percent
         raise UsageError(f"bad rollout policy: {' '.join(str(exc).split())}") from None
-    with _client(server_, token) as c:
+    with client(server_, token) as c:
         if dry_run:
             plan = c.rollouts.plan(name, version, tier=tier, channel=channel, policy=policy)
         else:
@@ -450,7 +426,7 @@ def rollout_start(
                 name, version, tier=tier, channel=channel, policy=policy, force=force, reason=reason
             )
     if json_:
-        print_json(_dump(plan if dry_run else started))
+        print_json(wire(plan if dry_run else started))
         return
     if dry_run:
         _print_plan(plan, f"{name} {version}")
@@ -482,8 +458,8 @@ def _print_plan(p: RolloutPlanPreview, what: str) -> None:
 @rollout_app.command("list")
 def rollout_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """All rollouts, newest first."""
-    with _client(server_, token) as c:
-        rows = _dump(c.rollouts.list())
+    with client(server_, token) as c:
+        rows = wire(c.rollouts.list())
     if json_:
         print_json(rows)
     else:
@@ -493,8 +469,8 @@ def rollout_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = 
 @rollout_app.command("status")
 def rollout_status(rollout_id: str, server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """One rollout: wave, devices moved, every transition with its reason."""
-    with _client(server_, token) as c:
-        r = _dump(c.rollouts.get(rollout_id))
+    with client(server_, token) as c:
+        r = wire(c.rollouts.get(rollout_id))
     if json_:
         print_json(r)
         return
@@ -516,9 +492,9 @@ def _rollout_action(action: str) -> Any:
         token: str = TokenOpt,
         json_: bool = JsonOpt,
     ) -> None:
-        with _client(server_, token) as c:
+        with client(server_, token) as c:
             out = getattr(c.rollouts, action)(rollout_id, reason=reason)
-        _say(f"{rollout_id}: {out.state}", json_, _dump(out))
+        _say(f"{rollout_id}: {out.state}", json_, wire(out))
 
     cmd.__doc__ = {
         "pause": "Halt a rollout (devices keep what they run).",
@@ -539,8 +515,8 @@ for _a in ("pause", "resume", "abort", "rollback"):
 @models_app.command("list")
 def models_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """Models and their versions with channel and gate verdict."""
-    with _client(server_, token) as c:
-        rows = _dump(c.models.list())
+    with client(server_, token) as c:
+        rows = wire(c.models.list())
     if json_:
         print_json(rows)
         return
@@ -556,8 +532,8 @@ def models_show(
     json_: bool = JsonOpt,
 ) -> None:
     """A model, or one version with lineage, gate verdict and bench results."""
-    with _client(server_, token) as c:
-        doc = _dump(c.models.version(name, version) if version else c.models.get(name))
+    with client(server_, token) as c:
+        doc = wire(c.models.version(name, version) if version else c.models.get(name))
     if json_:
         print_json(doc)
     else:
@@ -576,9 +552,9 @@ def models_promote(
     json_: bool = JsonOpt,
 ) -> None:
     """Promote a version along dev → canary → stable (the release policy must admit it)."""
-    with _client(server_, token) as c:
+    with client(server_, token) as c:
         out = c.models.promote(name, version, to=to, force=force, reason=reason)
-    _say(f"{name} {version} is now in {out.channel}", json_, _dump(out))
+    _say(f"{name} {version} is now in {out.channel}", json_, wire(out))
 
 
 @models_app.command("attach")
@@ -596,8 +572,6 @@ def models_attach(
 ) -> None:
     """Attach release evidence to NAME VERSION: a gate verdict, bound to the SHA-256 of the package it judged,
     and/or bench results. The server refuses evidence for another package or model."""
-    from edgefleet.controlplane.client import judged_package, read_bench_report, read_gate_verdict
-
     if gate is None and bench is None:
         raise UsageError("give --gate gate.json and/or --bench bench.json")
     verdict = read_gate_verdict(gate) if gate is not None else None
@@ -610,41 +584,12 @@ def models_attach(
                 f"{gate} does not say which package it judged: pass --package PKG (the .efpkg it judged), "
                 "or gate with `edgefleet gate --package PKG`"
             )
-    with _client(server_, token) as c:
+    with client(server_, token) as c:
         release = attach_evidence(c, name, version, gate=verdict, bench=report, package_sha256=sha)
     if json_:
         print_json(release)
         return
-    _print_release(f"{name} {version}", release)
-
-
-def attach_evidence(
-    c: Client,
-    name: str,
-    version: str,
-    *,
-    gate: dict[str, Any] | None = None,
-    bench: dict[str, Any] | None = None,
-    package_sha256: str | None = None,
-) -> dict[str, Any]:
-    """Send a gate verdict (bound to ``package_sha256``) and/or a bench report; returns the version's release
-    status after the last one, as the server sent it."""
-    detail = None
-    if bench is not None:
-        detail = c.models.attach_bench(name, version, bench)
-    if gate is not None:
-        detail = c.models.attach_gate(name, version, gate, package_sha256=package_sha256)
-    if detail is None or detail.release is None:
-        return {}
-    release: dict[str, Any] = _dump(detail.release)
-    return release
-
-
-def _print_release(what: str, r: dict[str, Any]) -> None:
-    if r.get("allowed"):
-        console.print(f"{what}: evidence attached; the release policy admits it", markup=False)
-    else:
-        console.print(f"{escape(what)}: evidence attached; [yellow]still refused:[/] {escape(r.get('refusal'))}")
+    print_release(f"{name} {version}", release)
 
 
 @models_app.command("policy")
@@ -667,7 +612,7 @@ def models_policy(
     changes = {k: v for k, v in (("require_gate", require_gate), ("require_bench", require_bench)) if v is not None}
     if inherit and (name is None or changes):
         raise UsageError("--inherit drops a model's override: give NAME and no --require-* flag")
-    with _client(server_, token) as c:
+    with client(server_, token) as c:
         rp = c.release_policy
         if inherit:
             doc = rp.clear_model(name)
@@ -675,7 +620,7 @@ def models_policy(
             doc = rp.set(**changes, reason=reason) if name is None else rp.set_model(name, **changes, reason=reason)
         else:
             doc = rp.get() if name is None else rp.get_model(name)
-    out = _dump(doc)
+    out = wire(doc)
     if json_:
         print_json(out)
         return
@@ -699,8 +644,8 @@ def models_policy(
 @fleet_app.command("status")
 def fleet_status(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """Fleet KPIs: p95 per version and tier, crash-free rate, update success, fragmentation, drift, overdue."""
-    with _client(server_, token) as c:
-        k = _dump(c.fleet.kpis())
+    with client(server_, token) as c:
+        k = wire(c.fleet.kpis())
     if json_:
         print_json(k)
         return
@@ -744,10 +689,10 @@ def fleet_compat_clear(
     json_: bool = JsonOpt,
 ) -> None:
     """Clear a compatibility cell: its failures stop blocking the tier; only evidence from now on counts."""
-    with _client(server_, token) as c:
+    with client(server_, token) as c:
         out = c.compat.clear(tier=tier, runtime_version=runtime_version, model=model, version=version, reason=reason)
     if json_:
-        print_json(_dump(out))
+        print_json(wire(out))
     else:
         console.print(
             f"{model} {version} on tier {tier} with runtime {runtime_version}: {out.previous_status} -> {out.status}",
@@ -762,8 +707,8 @@ def audit(
     json_: bool = JsonOpt,
 ) -> None:
     """The append-only audit log: every mutating call and every rollout transition."""
-    with _client(server_, token) as c:
-        rows = _dump(c.audit.list(limit=limit))
+    with client(server_, token) as c:
+        rows = wire(c.audit.list(limit=limit))
     if json_:
         print_json(rows)
         return
@@ -788,10 +733,10 @@ def tokens_create(
     if role not in ("admin", "operator", "viewer"):
         raise UsageError(f"unknown role {role!r}: use admin, operator or viewer")
     expires_s = None if expires is None else parse_duration(expires, flag="--expires", allow_zero=False)
-    with _client(server_, token) as c:
+    with client(server_, token) as c:
         out = c.tokens.create(role, name=name, expires_s=expires_s)
     if json_:
-        print_json(_dump(out))
+        print_json(wire(out))
     else:
         console.print(out.token, highlight=False, markup=False, soft_wrap=True)
 
@@ -814,14 +759,14 @@ def tokens_rotate(
     """Issue a new secret for a token's name and role (shown once); the old one stops after --grace."""
     grace_s = parse_duration(grace, flag="--grace")
     expires_s = None if expires is None else parse_duration(expires, flag="--expires", allow_zero=False)
-    with _client(server_, token) as c:
+    with client(server_, token) as c:
         out = c.tokens.rotate(token_id, grace_s=grace_s, expires_s=expires_s)
     if json_:
-        print_json(_dump(out))
+        print_json(wire(out))
         return
     console.print(out.token, highlight=False, markup=False, soft_wrap=True)
     console.print(
-        f"token {out.id} replaces token {out.replaces}, which works until {_dump(out)['old_valid_until']}",
+        f"token {out.id} replaces token {out.replaces}, which works until {wire(out)['old_valid_until']}",
         highlight=False,
         markup=False,
         style="dim",
@@ -831,8 +776,8 @@ def tokens_rotate(
 @tokens_app.command("list")
 def tokens_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
     """API tokens (never their secrets), with their expiry ("never": the bootstrap or configured admin token)."""
-    with _client(server_, token) as c:
-        rows = _dump(c.tokens.list())
+    with client(server_, token) as c:
+        rows = wire(c.tokens.list())
     if json_:
         print_json(rows)
         return

@@ -47,7 +47,7 @@ def _simulate(
         api_token = own.admin_token
         console.print(f"started edgefleet server on {server} (workspace {work})", markup=False)
     elif not api_token:
-        from edgefleet.controlplane.client import resolve_token
+        from edgefleet.cli.connection import resolve_token
 
         api_token = resolve_token(server, None)
         if not api_token:
