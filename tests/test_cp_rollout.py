@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -35,6 +36,7 @@ from edgefleet.controlplane.rollout import (
     plan_rollout,
     plan_wave,
     rollback_targets,
+    silent_devices,
     success_rate,
     update_outcome,
     wave_bucket,
@@ -671,3 +673,24 @@ def test_a_wave_short_of_its_sample_waits_up_to_max_sample_wait_then_pauses() ->
     assert act(P.bake_s, j=full).action is Action.advance
     failed = Judgement(Outcome.failed, ("update failures",))
     assert act(P.bake_s + 1, j=failed).action is Action.pause
+
+
+def test_a_device_silent_with_the_update_past_the_timeout_is_a_failure() -> None:
+    moved = datetime(2026, 1, 1, 12, 0)
+    later = moved + timedelta(seconds=30)
+    at = {"bricked": moved, "offline": moved, "done": moved, "slow": moved, "aware": moved}
+    seen = {
+        "bricked": later,  # took the update, then nothing
+        "offline": moved - timedelta(minutes=5),  # never saw the update: not judged by it
+        "done": later,
+        "slow": later,
+        "aware": later.replace(tzinfo=UTC),  # PostgreSQL hands back aware times
+    }
+    now = moved + timedelta(seconds=901)
+    assert silent_devices(at, seen, ["done"], now=now, timeout_s=900) == {"bricked", "slow", "aware"}
+    assert silent_devices(at, seen, ["done"], now=moved + timedelta(seconds=899), timeout_s=900) == set()
+    assert silent_devices(at, seen | {"never": None}, [], now=now, timeout_s=0) == set()  # 0: off
+    assert silent_devices({"never": moved}, {"never": None}, [], now=now, timeout_s=900) == set()
+    # the wave is judged with them, and the reason says they went silent
+    j = judge(replace(good(), failed=2, silent=2), None, P)
+    assert j.outcome is Outcome.failed and "2 of them silent past the 900 s device timeout" in j.reason

@@ -375,6 +375,12 @@ def rollout_start(
         "--sample-wait",
         help="How much longer than the bake a wave short of --min-devices/--min-requests waits before it pauses.",
     ),
+    device_timeout: str = typer.Option(
+        "15m",
+        "--device-timeout",
+        help="A moved device that checked in but reported no commit or failure this long after the move counts as "
+        "failed (0: never).",
+    ),
     min_devices: int = typer.Option(3, "--min-devices", help="Committed devices needed to judge a wave."),
     min_requests: int = typer.Option(100, "--min-requests", help="Inference requests needed to judge a wave."),
     max_failure: str = typer.Option("5%", "--max-failure", help="Update failures + rollbacks allowed."),
@@ -402,11 +408,13 @@ def rollout_start(
         raise UsageError(f"--waves {waves!r}: give comma-separated percentages ending at 100, e.g. 1,10,50,100")
     bake_s = parse_duration(bake, flag="--bake")
     sample_wait_s = parse_duration(sample_wait, flag="--sample-wait")
+    device_timeout_s = parse_duration(device_timeout, flag="--device-timeout")
     try:
         policy = RolloutPolicy(
             waves=wave_list,
             bake_s=bake_s,
             max_sample_wait_s=sample_wait_s,
+            device_timeout_s=device_timeout_s,
             min_devices=min_devices,
             min_requests=min_requests,
             max_failure=parse_percent(max_failure),

@@ -17,7 +17,7 @@ import os
 import socket
 import traceback
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -52,9 +52,11 @@ from edgefleet.controlplane.rollout import (
     decide,
     eligibility,
     judge,
+    naive_utc,
     plan_rollout,
     plan_wave,
     rollback_targets,
+    silent_devices,
     update_outcome,
 )
 from edgefleet.errors import ConflictError, NotFoundError
@@ -228,18 +230,13 @@ def window_facts(
             crashes=w.worker_crashes,
             latency=SketchData.model_validate(w.latency) if w.latency else SketchData(),
             tier=w.tier,
-            end=_naive(w.received_at).replace(tzinfo=UTC).timestamp(),
+            end=naive_utc(w.received_at).replace(tzinfo=UTC).timestamp(),
             drift=_summaries(w.drift, None if drift_features is None else drift_features.get(w.version, ())),
         )
         for w in s.scalars(q)
         if since_by_device is None
-        or (w.device_id in since_by_device and _naive(w.received_at) >= _naive(since_by_device[w.device_id]))
+        or (w.device_id in since_by_device and naive_utc(w.received_at) >= naive_utc(since_by_device[w.device_id]))
     ]
-
-
-def _naive(t: datetime) -> datetime:
-    # SQLite hands datetimes back without a zone, PostgreSQL with one; all are stored in UTC.
-    return t.replace(tzinfo=None) if t.tzinfo is not None else t
 
 
 def _revert(s: Session, r: Rollout, now: datetime) -> set[str]:
@@ -267,6 +264,7 @@ def wave_cohorts(
     *,
     already_serving: Iterable[str] = (),
     until: datetime | None = None,
+    device_timeout_s: float = 0.0,
 ) -> tuple[CohortStats, CohortStats | None]:
     """The treatment (``moved``) and the control (``control_ids``; None when empty) of a rollout as the reconciler
     judges them — the dashboard shows the same, with ``until`` for a past wave.
@@ -275,7 +273,8 @@ def wave_cohorts(
     CPU load) is judged on the device, and what fails there arrives as an update failure. The control covers the
     same stretch of time (from the first commit on), so a host's or a network's load weighs on both cohorts alike
     instead of on whichever was measured later. ``already_serving`` devices had nothing to install and count as
-    committed from the start."""
+    committed from the start. A moved device silent past ``device_timeout_s`` (judged at ``until``, or now) counts
+    as failed (:func:`~edgefleet.controlplane.rollout.silent_devices`)."""
     moved, control_ids = set(moved), set(control_ids)
     # the server's receive time decides what belongs to the rollout; an event of another rollout of the same
     # version is not this one's evidence (events without a rollout id come from clients that send none)
@@ -298,6 +297,22 @@ def wave_cohorts(
     for i in already_serving:
         committed_at.setdefault(i, r.created_at)
     failed = {dev for dev, o in outcomes.items() if o in (UpdateOutcome.failed, UpdateOutcome.rolled_back)}
+    silent: set[str] = set()
+    if device_timeout_s > 0 and moved:
+        rows = s.execute(
+            select(RolloutDevice.device_id, RolloutDevice.moved_at, Device.last_seen)
+            .join(Device, Device.id == RolloutDevice.device_id)
+            .where(RolloutDevice.rollout_id == r.id, RolloutDevice.device_id.in_(moved))
+        ).all()
+        known = {dev for dev, o in outcomes.items() if o is not None} | set(committed_at)
+        silent = silent_devices(
+            {dev: at for dev, at, _ in rows},
+            {dev: seen for dev, _, seen in rows},
+            known,
+            now=until or utcnow(),
+            timeout_s=device_timeout_s,
+        )
+        failed |= silent
     committed = set(committed_at) - failed
     reference = drift_reference(s, r.model, r.version)
     treatment = cohort_stats(
@@ -316,7 +331,8 @@ def wave_cohorts(
         failed=len(failed),
         reference=reference,
     )
-    control_since = min(committed_at.values(), key=_naive, default=r.created_at)
+    treatment = replace(treatment, silent=len(silent))
+    control_since = min(committed_at.values(), key=naive_utc, default=r.created_at)
     comparable: dict[str | None, Iterable[str]] = {}
     if reference is not None and control_ids:
         # The control runs other versions, whose counts fall in their own references' bins: only features binned
@@ -399,7 +415,9 @@ def step(s: Session, r: Rollout, actor: str, now: datetime | None = None) -> Ste
 
     # a device that already served the version when it was moved has nothing to install: it counts as committed
     already = {i for i in moved if devs[i].served_model == r.model and devs[i].served_version == r.version}
-    treatment, control = wave_cohorts(s, r, moved, control_ids, already_serving=already)
+    treatment, control = wave_cohorts(
+        s, r, moved, control_ids, already_serving=already, device_timeout_s=policy.device_timeout_s
+    )
     verdict = judge(treatment, control, policy)
     decision = decide(
         state=RolloutState(r.state),

@@ -27,6 +27,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -54,10 +55,12 @@ __all__ = [
     "eligibility",
     "is_cancellation",
     "judge",
+    "naive_utc",
     "outcome_counts",
     "plan_rollout",
     "plan_wave",
     "rollback_targets",
+    "silent_devices",
     "success_rate",
     "update_outcome",
     "wave_bucket",
@@ -112,6 +115,11 @@ class RolloutPolicy(BaseModel):
     # waits up to this long more before it pauses as inconclusive: installs and traffic that arrive late (a slow
     # link, a busy host) are evidence worth waiting for, and the wave still passes only on the full sample.
     max_sample_wait_s: float = Field(0.0, ge=0)
+    # A moved device that has checked in since it was moved (so it holds the new desired state) but has reported
+    # neither a commit nor a failure this long after the move counts as an update failure: a device bricked by an
+    # update goes silent, and silence must not read as "still in progress" for ever. 0 turns it off. The default
+    # leaves room for a large download on a slow link plus the agent's 60 s probation.
+    device_timeout_s: float = Field(900.0, ge=0)
     # A p95 regression must also be a shift of the typical telemetry window, not a few windows hit by a burst: the
     # treatment's per-window p95s must rank above the control's (one-sided Mann-Whitney p below this), over at least
     # ``min_latency_windows`` windows of the tier in each cohort (ADR 0095).
@@ -285,6 +293,35 @@ def plan_rollout(
     return RolloutPlan(tuple(out), already, excluded, blocked_reason(ds, tier=tier, channel=channel))
 
 
+def silent_devices(
+    moved_at: Mapping[str, datetime],
+    last_seen: Mapping[str, datetime | None],
+    outcome_known: Iterable[str],
+    *,
+    now: datetime,
+    timeout_s: float,
+) -> set[str]:
+    """The moved devices that count as failed for silence: checked in after their move (they hold the new desired
+    state), no outcome reported, and moved more than ``timeout_s`` ago. A device not seen since its move never got
+    the update and is not judged by it; ``timeout_s`` 0 turns the rule off."""
+    if timeout_s <= 0:
+        return set()
+    known = set(outcome_known)
+    out = set()
+    for dev, at in moved_at.items():
+        seen = last_seen.get(dev)
+        if dev in known or seen is None or naive_utc(seen) <= naive_utc(at):
+            continue
+        if (naive_utc(now) - naive_utc(at)).total_seconds() > timeout_s:
+            out.add(dev)
+    return out
+
+
+def naive_utc(t: datetime) -> datetime:
+    """SQLite hands datetimes back without a zone, PostgreSQL with one; all are stored in UTC."""
+    return t.replace(tzinfo=None) if t.tzinfo is not None else t
+
+
 def rollback_targets(moved: Iterable[tuple[str, bool]]) -> list[str]:
     """Devices whose desired state must go back to A: every moved device not reverted yet."""
     return sorted(device_id for device_id, reverted in moved if not reverted)
@@ -297,7 +334,8 @@ def rollback_targets(moved: Iterable[tuple[str, bool]]) -> list[str]:
 class CohortStats:
     devices: int = 0  # devices in the cohort (targeted, for the treatment)
     committed: int = 0  # devices that committed the new version
-    failed: int = 0  # update failures + on-device rollbacks
+    failed: int = 0  # update failures + on-device rollbacks + devices silent past the device timeout
+    silent: int = 0  # of ``failed``, devices that went silent with the update (``RolloutPolicy.device_timeout_s``)
     reporting: int = 0  # devices with telemetry in the judged period
     crash_free: int = 0  # of those, devices with no worker crash
     requests: int = 0
@@ -469,7 +507,11 @@ def judge(treatment: CohortStats, control: CohortStats | None, policy: RolloutPo
     fails: list[str] = []
     denom = max(treatment.devices, policy.min_devices)
     if treatment.failed and treatment.failed / denom > policy.max_failure:
-        fails.append(f"update failures {treatment.failed}/{treatment.devices} devices exceed {policy.max_failure:.0%}")
+        silent = f", {treatment.silent} of them silent past the {policy.device_timeout_s:g} s device timeout"
+        fails.append(
+            f"update failures {treatment.failed}/{treatment.devices} devices exceed {policy.max_failure:.0%}"
+            + (silent if treatment.silent else "")
+        )
     enough = treatment.committed >= policy.min_devices and treatment.requests >= policy.min_requests
     if fails:
         return Judgement(Outcome.failed, tuple(fails))

@@ -193,7 +193,9 @@ def wave_metrics(s: Session, r: Rollout, *, now: datetime | None = None) -> list
         until = starts.get(i + 1) or end_of_rollout
         ids = sorted(x.device_id for x in moved if x.wave <= i)
         already = {x.device_id for x in moved if x.wave <= i and x.previous_version == r.version}
-        canary, control = wave_cohorts(s, r, ids, control_ids, already_serving=already, until=until)
+        canary, control = wave_cohorts(
+            s, r, ids, control_ids, already_serving=already, until=until, device_timeout_s=policy.device_timeout_s
+        )
         verdict = judge(canary, control, policy)
         out.append(
             {
