@@ -209,6 +209,12 @@ class DeviceConfig(_Wire):
     crash_loop_window_s: float = Field(60.0, gt=0, description="... within W seconds roll back")
     max_error_rate: float = Field(0.05, ge=0, le=1)
     p95_budget_ms: float | None = Field(None, gt=0, description="probation p95 budget; else the manifest's")
+    # Delivery controls. Left out of the rendered document when unset (see controlplane/devices.py ``render``):
+    # agents that predate them refuse unknown fields.
+    download_rate_bps: int | None = Field(None, gt=0, description="cap on a package download's bytes per second")
+    download_stagger_s: float = Field(
+        0.0, ge=0, description="a new download starts within this many seconds, spread over the fleet by device"
+    )
     flags: dict[Str128, bool | int | float | Str2000] = Field(default_factory=dict, max_length=256)
 
 

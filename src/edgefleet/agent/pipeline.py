@@ -29,7 +29,7 @@ from edgefleet.agent.probation import ProbationStats, latency_budget_ms
 from edgefleet.agent.service import InferenceService
 from edgefleet.agent.slots import SlotStore
 from edgefleet.agent.state import Pending, PersistedState, SlotInfo, refusal_key
-from edgefleet.agent.updater import Cancelled, ControlPlaneClient, Offline, download_resumable
+from edgefleet.agent.updater import Cancelled, ControlPlaneClient, Offline, download_resumable, stagger_delay
 from edgefleet.agent.worker import ModelInfo, WorkerSpec
 from edgefleet.config import AgentSettings
 from edgefleet.errors import DownloadError, EdgefleetError, VerificationError, WorkerUnavailable
@@ -233,11 +233,26 @@ class UpdatePipeline:
         assert h.cp is not None
         partial = h.slots.partial(d.target)
         have = partial.stat().st_size if partial.exists() else 0
-        log.info("downloading %s: %d bytes%s", d.target, info.length, f", resuming at {have}" if have else "")
+        cfg = h.config
+        delay = 0.0 if have else stagger_delay(str(h.identity.get("device_id")), d.target, cfg.download_stagger_s)
+        if delay:
+            log.info("download of %s starts in %.1f s (staggered over %g s)", d.target, delay, cfg.download_stagger_s)
+            await h.clock.sleep(delay)
+            if not self.still_wanted(d.target):
+                raise Cancelled("the desired state changed before the download started")
+        cap = f", at most {cfg.download_rate_bps} bytes/s" if cfg.download_rate_bps else ""
+        log.info("downloading %s: %d bytes%s%s", d.target, info.length, f", resuming at {have}" if have else "", cap)
         t0 = h.clock.monotonic()
         try:
             path = await download_resumable(
-                h.cp.http, url, partial, length=info.length, keep_going=lambda: self.still_wanted(d.target or "")
+                h.cp.http,
+                url,
+                partial,
+                length=info.length,
+                keep_going=lambda: self.still_wanted(d.target or ""),
+                rate_bps=cfg.download_rate_bps,
+                monotonic=h.clock.monotonic,
+                sleep=h.clock.sleep,
             )
         except (DownloadError, VerificationError) as err:
             raise Retry(f"refused: {err}")

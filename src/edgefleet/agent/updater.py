@@ -9,10 +9,12 @@ never writes past the signed length: more data is a :class:`~edgefleet.errors.Ve
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -40,7 +42,9 @@ __all__ = [
     "ReportRejected",
     "download_resumable",
     "jittered",
+    "pace_delay",
     "should_update",
+    "stagger_delay",
 ]
 
 log = logging.getLogger("edgefleet.agent")
@@ -174,6 +178,26 @@ def _err(r: httpx.Response) -> str:
         return r.text[:300]
 
 
+def pace_delay(received: int, elapsed_s: float, rate_bps: int) -> float:
+    """How long to wait after ``received`` bytes in ``elapsed_s`` so the average stays at or under ``rate_bps``."""
+    return max(0.0, received / rate_bps - elapsed_s)
+
+
+def stagger_delay(device_id: str, target: str, stagger_s: float) -> float:
+    """When, within ``stagger_s`` of learning of ``target``, this device starts downloading it: spread evenly over
+    a fleet by a hash of the two (so a wave does not hit the repository at once), and the same after a restart."""
+    if stagger_s <= 0:
+        return 0.0
+    digest = hashlib.sha256(f"{device_id}|{target}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * stagger_s
+
+
+def _chunk_for(rate_bps: int | None) -> int:
+    """Read size: a capped download reads in pieces of at most a tenth of a second's worth, so the rate holds over
+    short stretches too, not only on average (and never below 1 KiB)."""
+    return CHUNK if rate_bps is None else max(1024, min(CHUNK, rate_bps // 10))
+
+
 async def download_resumable(
     http: httpx.AsyncClient,
     url: str,
@@ -185,6 +209,9 @@ async def download_resumable(
     backoff_max_s: float = 10.0,
     max_restarts: int = MAX_RESTARTS,
     keep_going: Callable[[], bool] = lambda: True,
+    rate_bps: int | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> Path:
     """Fetch ``url`` into ``partial``, continuing from its current size with an HTTP Range request.
 
@@ -193,7 +220,9 @@ async def download_resumable(
     (:class:`~edgefleet.errors.VerificationError`, the partial file removed), as is one that makes the download
     start over from byte 0 more than ``max_restarts`` times. Stops on a 4xx (:class:`DownloadError`), after
     ``retries`` failed attempts in a row (:class:`Offline`), or as soon as ``keep_going()`` is false
-    (:class:`Cancelled`)."""
+    (:class:`Cancelled`). With ``rate_bps``, reading is paced to at most that many bytes per second
+    (:func:`pace_delay`; a reader that waits makes TCP slow the sender down), on every connection, resumed ones
+    included."""
     failures = 0
     restarts = 0
 
@@ -236,8 +265,9 @@ async def download_resumable(
                         f"more than the signed length of {length}"
                     )
                 size = have
+                t0 = monotonic()
                 with open(partial, "ab" if resumed else "wb") as f:
-                    async for chunk in r.aiter_raw(CHUNK):
+                    async for chunk in r.aiter_raw(_chunk_for(rate_bps)):
                         if size + len(chunk) > length:
                             f.close()
                             partial.unlink(missing_ok=True)
@@ -247,6 +277,8 @@ async def download_resumable(
                             )
                         f.write(chunk)
                         size += len(chunk)
+                        if rate_bps is not None and (wait := pace_delay(size - have, monotonic() - t0, rate_bps)):
+                            await sleep(wait)
                         if not keep_going():
                             f.flush()
                             raise Cancelled("the desired state changed during the download")

@@ -433,6 +433,7 @@ def desired_state(d: Device, group: DeviceGroup | None, versions: dict[tuple[str
 
 
 _LIFECYCLE = ("rotate_credential", "rotate_key", "wipe")
+_DELIVERY_UNSET: dict[str, object] = {"download_rate_bps": None, "download_stagger_s": 0.0}
 
 
 def etag_of(body: bytes) -> str:
@@ -444,6 +445,9 @@ def render(ds: DesiredState) -> bytes:
     for k in _LIFECYCLE:  # absent unless set: agents older than these fields refuse unknown ones
         if not doc[k]:
             del doc[k]
+    for k, unset in _DELIVERY_UNSET.items():  # the same for the delivery controls of the config document
+        if doc["config"].get(k) == unset:
+            del doc["config"][k]
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
