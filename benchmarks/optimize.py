@@ -86,7 +86,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, model, calib, ev, metric in _cases(d):
             t0 = time.perf_counter()
-            r = optimize(model, calib, ev, Path(tmp) / f"{name}.onnx", metric=metric, time_budget_s=args.budget)  # type: ignore[arg-type]
+            r = optimize(model, calib, ev, Path(tmp) / f"{name}.onnx", metric=metric, time_budget_s=args.budget)
             wall = time.perf_counter() - t0
             line, ok = _row(name, r, wall)
             print(line, flush=True)

@@ -133,6 +133,15 @@ def test_no_production_report_skips_unless_required() -> None:
             _report({"metric": "agreement", "overall": 0.95}, output=PROD_SHA, model="e" * 64),
             "scores each model against its own input model",
         ),
+        # so do CTC text agreement, the worst call's cosine and a user's metric (it is handed the input's outputs)
+        *(
+            (
+                _report({"metric": m, "overall": 0.99}),
+                _report({"metric": m, "overall": 0.95}, output=PROD_SHA, model="e" * 64),
+                "scores each model against its own input model",
+            )
+            for m in ("ctc", "cosine-min", "my_metrics:cer")
+        ),
         # no candidate scores
         (None, PROD, "no optimize report given"),
         ({"chosen": {}}, PROD, "lacks an overall score in chosen.metrics"),

@@ -20,7 +20,8 @@ import numpy as np
 from edgefleet._fs import atomic_write
 from edgefleet.errors import DataError
 
-__all__ = ["CallData", "from_batch", "from_feeds", "load_calls", "save_calls"]
+__all__ = ["STREAMS_KEY", "CallData", "from_batch", "from_feeds", "load_calls", "save_calls"]
+STREAMS_KEY = "streams"  # the stream-id array of a data file (closed-loop evaluation of recurrent models)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class CallData:
     labels: np.ndarray | None = None
     slices: np.ndarray | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    # A stream id per call (calls of a stream in order) for closed-loop evaluation of recurrent models; None: one.
+    streams: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -43,6 +46,8 @@ class CallData:
         for what, arr in (("labels", self.labels), ("slices", self.slices)):
             if arr is not None and len(arr) != n:
                 raise DataError(f"{what} has {len(arr)} entries but the data holds {n} calls")
+        if self.streams is not None and (np.ndim(self.streams) != 1 or len(self.streams) != n):
+            raise DataError(f"streams must hold one id per call ({n}), not shape {list(np.shape(self.streams))}")
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -61,6 +66,7 @@ class CallData:
             inputs={k: v[idx] for k, v in self.inputs.items()},
             labels=None if self.labels is None else self.labels[idx],
             slices=None if self.slices is None else self.slices[idx],
+            streams=None if self.streams is None else self.streams[idx],
         )
 
     def batched(self, batch: int, axis: int = 0) -> dict[str, np.ndarray]:
@@ -110,14 +116,15 @@ def save_calls(
     slices: np.ndarray | None = None,
     labels_key: str = "labels",
     slices_key: str = "slices",
+    streams: np.ndarray | None = None,
 ) -> Path:
-    """Write per-call arrays (plus optional labels and slice ids) to ``path`` atomically."""
-    data = CallData(dict(inputs), labels, slices)
+    """Write per-call arrays (plus optional labels, slice ids and stream ids under ``streams``) atomically."""
+    data = CallData(dict(inputs), labels, slices, streams=streams)
     arrays = dict(data.inputs)
-    for key, arr in ((labels_key, labels), (slices_key, slices)):
+    for key, arr in ((labels_key, labels), (slices_key, slices), (STREAMS_KEY, streams)):
         if arr is not None:
             if key in arrays:
-                raise DataError(f"{key!r} is both a model input and the labels/slices key; pick another key")
+                raise DataError(f"{key!r} is both a model input and the labels/slices/streams key; pick another key")
             arrays[key] = np.asarray(arr)
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
@@ -130,8 +137,10 @@ def load_calls(
     input_names: Sequence[str] | None = None,
     labels_key: str | None = None,
     slices_key: str | None = None,
+    streams_key: str | None = None,
 ) -> CallData:
-    """Read a per-call ``.npz``. With ``input_names``, every name must be present; other arrays are extras."""
+    """Read a per-call ``.npz``. With ``input_names``, every name must be present; other arrays are extras. An
+    array ``streams_key`` (``STREAMS_KEY`` in the CLI) that is no model input holds stream ids; absent: one stream."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file {p} does not exist")
@@ -142,6 +151,9 @@ def load_calls(
         raise DataError(f"{p} is not a readable .npz file: {err}")
     labels = _pop(arrays, labels_key, p, "labels")
     slices = _pop(arrays, slices_key, p, "slices")
+    streams = None
+    if streams_key is not None and streams_key in arrays and streams_key not in (input_names or ()):
+        streams = arrays.pop(streams_key)
     if input_names is None:
         inputs, extras = arrays, {}
     else:
@@ -152,7 +164,7 @@ def load_calls(
             )
         inputs = {n: arrays[n] for n in input_names}
         extras = {k: v for k, v in arrays.items() if k not in inputs}
-    return CallData(inputs, labels, slices, extras)
+    return CallData(inputs, labels, slices, extras, streams=streams)
 
 
 def _pop(arrays: dict[str, np.ndarray], key: str | None, path: Path, what: str) -> np.ndarray | None:

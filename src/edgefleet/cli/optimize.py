@@ -8,7 +8,7 @@ import typer
 
 from edgefleet._fs import atomic_write
 from edgefleet.cli._output import console, err_console, escape, print_json, progress, report_error
-from edgefleet.data import load_calls
+from edgefleet.data import STREAMS_KEY, load_calls
 from edgefleet.errors import EdgefleetError
 
 
@@ -28,8 +28,12 @@ def optimize_cmd(
     metric: str | None = typer.Option(
         None,
         "--metric",
-        help="top1 | agreement | cosine | sqnr (default: top1 with labels, else agreement, when the output has a "
-        "class axis; required for embeddings and other feature outputs).",
+        help="top1 | agreement | cosine | cosine-min | sqnr | ctc | module:function | path/to/file.py:function "
+        "(default: top1 with labels, else agreement, when the output has a class axis; required for embeddings and "
+        "other feature outputs; ctc for CTC sequence outputs). See docs/optimize.md, Metrics.",
+    ),
+    ctc_blank: int | None = typer.Option(
+        None, "--ctc-blank", help="Blank index for --metric ctc (default: the model's ctc_blank metadata, else 0)."
     ),
     max_accuracy_drop: float = typer.Option(0.01, "--max-accuracy-drop", help="Largest allowed metric drop."),
     max_slice_drop: float | None = typer.Option(
@@ -37,16 +41,27 @@ def optimize_cmd(
     ),
     tier: str | None = typer.Option(None, "--tier", help="Tier name or YAML file (default: this host)."),
     time_budget: float = typer.Option(120.0, "--time-budget", help="Seconds the search may take."),
+    calib_limit: int = typer.Option(
+        128,  # edgefleet.optimize.calibration.DEFAULT_CALIB_LIMIT (not imported: it loads onnxruntime)
+        "--calib-limit",
+        help="Most calibration calls used; a larger CALIB is sampled evenly, first and last call included.",
+    ),
     no_prune: bool = typer.Option(False, "--no-prune", help="Measure even recipes known to be slow on the tier."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    state: list[str] | None = typer.Option(
+        None,
+        "--state",
+        help="INPUT=OUTPUT: a recurrent state input and the output feeding it on the next call (repeatable; default: "
+        "the model's edgefleet.state metadata). Streams (the data's 'streams' array) are then evaluated closed-loop.",
+    ),
 ) -> None:
     """Write the fastest candidate (graph-optimized float, FP16, dynamic or static INT8, with sensitive nodes kept
     in float) that stays within --max-accuracy-drop on EVAL and that a paired A/B calls faster than MODEL as given;
     else MODEL itself, byte for byte. The .npz files hold one array per model input whose first axis indexes calls."""
     try:
         _run(
-            model, calib, eval_path, out, report, labels, slices, metric, max_accuracy_drop, max_slice_drop, tier,
-            time_budget, no_prune, as_json,
+            model, calib, eval_path, out, report, labels, slices, metric, ctc_blank, max_accuracy_drop,
+            max_slice_drop, tier, time_budget, no_prune, as_json, state or None, calib_limit=calib_limit,
         )  # fmt: skip
     except EdgefleetError as err:
         # main.run() does this too; catching here keeps the one-line error when the app is invoked directly.
@@ -63,17 +78,21 @@ def _run(
     labels: str | None,
     slices: str | None,
     metric: str | None,
+    ctc_blank: int | None,
     max_accuracy_drop: float,
     max_slice_drop: float | None,
     tier: str | None,
     time_budget: float,
     no_prune: bool,
     as_json: bool,
+    state: list[str] | None = None,
+    calib_limit: int = 128,
 ) -> None:
     from edgefleet.bench.env import describe_host, emulation_of, fingerprint
     from edgefleet.bench.tiers import get_tier
     from edgefleet.optimize.api import host_tier, model_input_names, optimize
     from edgefleet.optimize.report import table, with_host
+    from edgefleet.optimize.stateful import model_state_pairs
 
     profile = host_tier() if tier is None else get_tier(tier)
     env = fingerprint()
@@ -85,15 +104,20 @@ def _run(
             "latency ratios are this host's"
         )
     names = model_input_names(model)
-    calib_data = load_calls(calib, input_names=names)
-    eval_data = load_calls(eval_path, input_names=names, labels_key=labels, slices_key=slices)
+    # state arrays are optional: without them each stream's first call starts from zeros
+    stateless = [n for n in names if n not in {i for i, _ in model_state_pairs(model, state)}]
+    calib_data = load_calls(calib, input_names=stateless, streams_key=STREAMS_KEY)
+    eval_data = load_calls(
+        eval_path, input_names=stateless, labels_key=labels, slices_key=slices, streams_key=STREAMS_KEY
+    )
     with progress("optimizing", total=1.0, to=err_console if as_json else console) as update:
         result = optimize(
             model,
             calib_data,
             eval_data,
             out,
-            metric=metric,  # type: ignore[arg-type]  # validated by optimize()
+            metric=metric,
+            ctc_blank=ctc_blank,
             max_accuracy_drop=max_accuracy_drop,
             max_slice_drop=max_slice_drop,
             tier=profile,
@@ -101,6 +125,8 @@ def _run(
             prune=not no_prune,
             report_path=report,
             progress=lambda what, frac: update(what, min(frac, 1.0)),
+            state=state,
+            calib_limit=calib_limit,
         )
     if result.host is None:
         result = with_host(result, profile, env)

@@ -32,8 +32,10 @@ __all__ = [
     "production_checks",
 ]
 
-# Scored against the model's own input rather than labels: equal only for two models with the same input.
-_RELATIVE_METRICS = frozenset({"agreement", "cosine", "sqnr"})
+# Only top1 is scored against labels alone. Every other metric — agreement, cosine, cosine-min, sqnr, ctc, and a
+# user's own (it is handed the input model's outputs, so it may score against them) — is scored against the
+# model's own input: two such scores compare only for models optimized from the same input.
+_ABSOLUTE_METRICS = frozenset({"top1"})
 _SLACK = 1e-12  # float noise in a drop exactly at the limit must not fail it
 _LIST = 5  # slices named in one reason
 
@@ -103,7 +105,11 @@ def _comparable(cand: Evaluation, prod: Evaluation) -> str | None:
             f"the candidate is scored by {cand.metric} but production by {prod.metric}; optimize both with one --metric"
         )
     metric = cand.metric or prod.metric
-    if metric in _RELATIVE_METRICS and (cand.input_sha256 is None or cand.input_sha256 != prod.input_sha256):
+    if (
+        metric is not None
+        and metric not in _ABSOLUTE_METRICS
+        and (cand.input_sha256 is None or cand.input_sha256 != prod.input_sha256)
+    ):
         return (
             f"{metric} scores each model against its own input model, and the two were optimized from different "
             "models; evaluate both with labels (--metric top1 --labels KEY) so their scores compare"

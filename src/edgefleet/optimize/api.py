@@ -27,15 +27,33 @@ from edgefleet.bench.tiers import TierProfile, get_tier, host_isa_features
 from edgefleet.config import RuntimeSettings
 from edgefleet.data import CallData
 from edgefleet.errors import DataError, EdgefleetError, ModelError
+from edgefleet.optimize.calibration import DEFAULT_CALIB_LIMIT, CalibrationCache, check_calib_limit, limit_calls
 from edgefleet.optimize.candidates import Recipe, recipe_space
 from edgefleet.optimize.candidates import prune as prune_recipes
 from edgefleet.optimize.default_metric import default_metric, output_facts
-from edgefleet.optimize.evaluate import Metric, MetricValues, call_feed, metric_values, run_calls, within_tolerance
+from edgefleet.optimize.evaluate import (
+    MetricSpec,
+    MetricValues,
+    baseline_values,
+    call_feed,
+    metric_values,
+    within_tolerance,
+)
 from edgefleet.optimize.fallback import search
+from edgefleet.optimize.metrics import resolve_metric
 from edgefleet.optimize.prepare import PreparedModel, load_onnx, prepare
 from edgefleet.optimize.quantize import QuantizeFailed, build_candidate, op_coverage
 from edgefleet.optimize.report import CandidateReport, LatencyResult, OpCoverage, OptimizeReport
 from edgefleet.optimize.select import classify, select, why_none
+from edgefleet.optimize.stateful import (
+    StatePair,
+    check_state_pairs,
+    evaluate_calls,
+    replay_states,
+    resolve_state_pairs,
+    stream_groups,
+    with_initial_state,
+)
 from edgefleet.runtime.onnxruntime import OrtSession, runtime_version
 from edgefleet.runtime.schema import validate_feeds
 
@@ -44,7 +62,6 @@ __all__ = ["CompareLatency", "Progress", "host_tier", "model_input_names", "opti
 Progress = Callable[[str, float], None]  # (what is happening, fraction of the time budget spent)
 # (input session, candidate session, one call's feed, seconds it may take) -> candidate vs input verdict.
 CompareLatency = Callable[[OrtSession, OrtSession, dict[str, np.ndarray], float], LatencyResult]
-_METRICS = ("top1", "agreement", "cosine", "sqnr")
 
 
 def host_tier() -> TierProfile:
@@ -80,7 +97,7 @@ class _Run:
         prepared: PreparedModel,
         calib: CallData,
         eval_data: CallData,
-        metric: Metric,
+        metric: MetricSpec,
         baseline: MetricValues,
         ref: np.ndarray,
         output: str,
@@ -89,7 +106,11 @@ class _Run:
         max_slice_drop: float | None,
     ) -> None:
         self.prepared = prepared
+        # recurrent state pairs: candidates run closed-loop, as the reference did (none: per call)
+        self.state: tuple[StatePair, ...] = ()
         self.calib = calib
+        # activation ranges computed once per calibration method, for every static recipe and fallback trial
+        self.calibration = CalibrationCache(prepared, calib)
         self.eval = eval_data
         self.metric = metric
         self.baseline = baseline
@@ -105,7 +126,7 @@ class _Run:
         t0 = time.perf_counter()
         name = recipe.name
         try:
-            data = build_candidate(self.prepared, recipe, self.calib)
+            data = build_candidate(self.prepared, recipe, self.calibration)
         except QuantizeFailed as err:
             return CandidateReport(name=name, recipe=recipe, status="failed", reason=str(err), time_s=_since(t0))
         cov = op_coverage(onnx.load_from_string(data))
@@ -120,7 +141,7 @@ class _Run:
             reason = "the quantizer quantized no compute op (a successful quantization proves nothing)"
             return CandidateReport(status="no_op", reason=reason, time_s=_since(t0), **common)
         try:
-            out = run_calls(OrtSession(data, self.settings), self.eval, self.output)
+            out = evaluate_calls(OrtSession(data, self.settings), self.eval, self.output, self.state)
         except EdgefleetError as err:
             return CandidateReport(status="failed", reason=str(err), time_s=_since(t0), **common)
         values = metric_values(self.metric, self.ref, out, self.eval)
@@ -192,7 +213,8 @@ def optimize(
     eval: CallData,
     out: str | os.PathLike[str],
     *,
-    metric: Metric | None = None,
+    metric: str | None = None,
+    ctc_blank: int | None = None,
     max_accuracy_drop: float = 0.01,
     max_slice_drop: float | None = None,
     tier: TierProfile | str | None = None,
@@ -202,9 +224,10 @@ def optimize(
     report_path: str | os.PathLike[str] | None = None,
     max_fallback_iterations: int = 12,
     latency_budget_s: float = 5.0,
-    calib_limit: int = 128,
+    calib_limit: int = DEFAULT_CALIB_LIMIT,
     progress: Progress | None = None,
     compare_latency: CompareLatency | None = None,
+    state: Sequence[str] | None = None,
 ) -> OptimizeReport:
     """Write the fastest model within ``max_accuracy_drop`` of ``model`` on ``eval`` to ``out`` and report why.
 
@@ -214,15 +237,18 @@ def optimize(
     (:mod:`edgefleet.optimize.default_metric`); otherwise it must be given. ``recipes`` replaces the recipe space
     (the prepared float candidate is always added); ``prune=False`` turns the instruction-set rules off so only
     measurement refuses a candidate. ``compare_latency`` replaces the paired A/B (:func:`paired_ab`), e.g. to
-    inject verdicts in tests. Raises a :class:`~edgefleet.errors.UsageError` / ``ModelError`` (exit 2) for bad
-    input; a failing recipe is reported, never raised."""
+    inject verdicts in tests. ``state`` (``["in=out", ...]``; default: the model's ``edgefleet.state`` metadata,
+    ``[]``: none) names recurrent state pairs: then every model runs each stream of the data closed-loop, fed its
+    own previous state (:mod:`edgefleet.optimize.stateful`). Raises a :class:`~edgefleet.errors.UsageError` /
+    ``ModelError`` (exit 2) for bad input; a failing recipe is reported, never raised."""
     clock = _Clock(time_budget_s)
     note = progress or (lambda _what, _frac: None)
     ab = compare_latency or paired_ab
     if max_accuracy_drop < 0:
         raise DataError("--max-accuracy-drop must be >= 0")
-    if metric is not None and metric not in _METRICS:
-        raise DataError(f"unknown metric {metric!r}; use one of {', '.join(_METRICS)}")
+    check_calib_limit(calib_limit)
+    # user code imported (and a bad spec refused) before any model is loaded or built
+    spec = None if metric is None else resolve_metric(metric, ctc_blank)
     if metric == "top1" and eval.labels is None:
         raise DataError("metric top1 needs labels in the eval data: pass --labels KEY (or use a label-free metric)")
     tier_profile = _resolve_tier(tier)
@@ -233,23 +259,31 @@ def optimize(
     # The baseline: the model exactly as given, in a session set up as the agent's (the tier's intra-op threads).
     settings = RuntimeSettings(intra_op_threads=tier_profile.intra_op_threads)
     original = OrtSession(data, settings)
+    state_pairs = resolve_state_pairs(state, graph)
+    check_state_pairs(state_pairs, original.inputs, original.outputs)
+    replay = any(i not in calib.inputs and i not in calib.extras for i, _ in state_pairs)
+    calib = with_initial_state(calib, state_pairs, original.inputs)
+    eval = with_initial_state(eval, state_pairs, original.inputs)
     _check_data(calib, original, "calibration")
     _check_data(eval, original, "eval")
+    if replay:  # calibrate the state path on the states the model feeds itself, not on the zeros filled in
+        calib = replay_states(original, calib, state_pairs)
     output = _primary_output(original)
     note("running the input model", clock.elapsed / time_budget_s)
-    ref = run_calls(original, eval, output)
+    ref = evaluate_calls(original, eval, output, state_pairs)
     if metric is None:
         facts = output_facts(graph, output, tuple(int(d) for d in ref.shape[1:]))
-        metric = default_metric(facts, eval.labels is not None)
+        spec = resolve_metric(default_metric(facts, eval.labels is not None))
+    assert spec is not None
+    spec = spec.for_model(graph)  # ctc: the blank from the model's metadata unless given
     del graph  # the run keeps the prepared copy; a second proto of a large model would only hold memory
 
     note("preparing the model", clock.elapsed / time_budget_s)
     prepared = prepare(data, source)
-    calib_used = (
-        calib if len(calib) <= calib_limit else calib.subset(np.linspace(0, len(calib) - 1, calib_limit).astype(int))
-    )
-    baseline = metric_values(metric, ref, ref, eval)
-    run = _Run(prepared, calib_used, eval, metric, baseline, ref, output, settings, max_accuracy_drop, max_slice_drop)
+    calib_used = limit_calls(calib, calib_limit)
+    baseline = baseline_values(spec, ref, eval)
+    run = _Run(prepared, calib_used, eval, spec, baseline, ref, output, settings, max_accuracy_drop, max_slice_drop)
+    run.state = tuple(state_pairs)
     input_cand = CandidateReport(
         name="input",
         recipe=Recipe(kind="input"),
@@ -321,7 +355,7 @@ def optimize(
             fb = search(
                 prepared,
                 start,
-                build_candidate(prepared, start.recipe, calib_used),
+                build_candidate(prepared, start.recipe, run.calibration),
                 run.evaluate,
                 eval.subset(range(min(len(eval), 32))),
                 max_iterations=max_fallback_iterations,
@@ -366,11 +400,18 @@ def optimize(
         output=str(out_path),
         output_sha256=hashlib.sha256(out_bytes).hexdigest(),
         tier=tier_profile.name,
-        metric=metric,
+        metric=spec.name,
+        ctc_blank=spec.blank if spec.name == "ctc" else None,
+        metric_sha256=spec.source_sha256,
         max_accuracy_drop=max_accuracy_drop,
         max_slice_drop=max_slice_drop,
         eval_calls=len(eval),
         calib_calls=len(calib_used),
+        calib_calls_given=len(calib),
+        calib_limit=calib_limit,
+        evaluation="closed_loop" if state_pairs else "per_call",
+        eval_streams=len(stream_groups(eval.streams, len(eval))) if state_pairs else None,
+        state_pairs=[f"{i}={o}" for i, o in state_pairs],
         baseline_metrics=baseline.model_copy(update={"fidelity": None}),
         input_size_bytes=len(data),
         float_size_bytes=len(prepared.data),

@@ -14,25 +14,28 @@ Conventions (docs/optimize.md):
   all calls (flattened); SQNR is capped at 200 dB (identical outputs) so the report stays valid JSON;
 * every metric is a score where higher is better and the input model scores ``baseline``: ``top1`` is accuracy
   against labels, ``agreement`` the share of decisions equal to the input model's, ``cosine`` the cosine
-  similarity, ``sqnr`` is ``1 - noise/signal`` power (so a 0.01 drop means SQNR ≥ 20 dB).
+  similarity, ``sqnr`` is ``1 - noise/signal`` power (so a 0.01 drop means SQNR ≥ 20 dB);
+* ``ctc``, ``cosine-min`` and the user's ``module:function`` live in :mod:`edgefleet.optimize.metrics`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
 from edgefleet.data import CallData
 from edgefleet.errors import DataError
+from edgefleet.optimize.metrics import Metric, MetricSpec, call_user_metric, ctc_score, ctc_sequences, resolve_metric
 from edgefleet.runtime.onnxruntime import OrtSession
 
 __all__ = [
     "Fidelity",
     "Metric",
+    "MetricSpec",
     "MetricValues",
+    "baseline_values",
     "call_feed",
     "decisions",
     "fidelity",
@@ -42,7 +45,6 @@ __all__ = [
     "within_tolerance",
 ]
 
-Metric = Literal["top1", "agreement", "cosine", "sqnr"]
 SQNR_CAP_DB = 200.0
 
 
@@ -57,10 +59,13 @@ class Fidelity(BaseModel):
 
 
 class MetricValues(BaseModel):
-    metric: Metric
+    metric: str = Field(description="a built-in metric name, or the user's module:function spec")
     overall: float
     per_slice: dict[str, float] = Field(default_factory=dict)
     fidelity: Fidelity | None = None
+    sequence_match: float | None = Field(
+        None, description="ctc: share of calls whose decoded sequence equals the input model's"
+    )
 
     @property
     def worst_slice(self) -> tuple[str, float] | None:
@@ -114,9 +119,24 @@ def _labels(data: CallData, preds: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _score(metric: Metric, ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None, idx: np.ndarray) -> float:
+def _score(
+    spec: MetricSpec,
+    ref: np.ndarray,
+    out: np.ndarray,
+    labels: np.ndarray | None,
+    idx: np.ndarray,
+    seqs: tuple[list[list[int]], list[list[int]]] | None = None,
+) -> float:
     if idx.size == 0:
         return float("nan")
+    metric = spec.name
+    if spec.fn is not None:
+        return call_user_metric(spec, ref[idx], out[idx], None if labels is None else labels[idx])
+    if metric == "ctc":
+        assert seqs is not None
+        return ctc_score([seqs[0][i] for i in idx], [seqs[1][i] for i in idx])[0]
+    if metric == "cosine-min":
+        return min(_cosine(ref[i], out[i]) for i in idx)
     if metric == "top1":
         assert labels is not None
         return float(np.mean(decisions(out)[idx] == labels[idx]))
@@ -137,12 +157,34 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(x, y) / (nx * ny))
 
 
-def metric_values(metric: Metric, ref: np.ndarray, out: np.ndarray, data: CallData) -> MetricValues:
-    """Score ``out`` (a candidate's primary output) against labels or the input's ``ref``, overall and per slice."""
-    labels = _labels(data, decisions(out)) if metric == "top1" else None
-    overall = _score(metric, ref, out, labels, np.arange(len(out)))
-    per_slice = {k: _score(metric, ref, out, labels, idx) for k, idx in slice_index(data).items()}
-    return MetricValues(metric=metric, overall=overall, per_slice=per_slice, fidelity=fidelity(ref, out))
+def metric_values(metric: str | MetricSpec, ref: np.ndarray, out: np.ndarray, data: CallData) -> MetricValues:
+    """Score ``out`` (a candidate's primary output) against labels or the input's ``ref``, overall and per slice.
+    A user metric sees the labels as given (or None); ``top1`` needs them."""
+    spec = metric if isinstance(metric, MetricSpec) else resolve_metric(metric)
+    if spec.name == "top1":
+        labels: np.ndarray | None = _labels(data, decisions(out))
+    else:
+        labels = None if spec.fn is None or data.labels is None else np.asarray(data.labels)
+    seqs = None
+    if spec.name == "ctc":
+        blank = 0 if spec.blank is None else spec.blank
+        seqs = (ctc_sequences(ref, blank), ctc_sequences(out, blank))
+    everything = np.arange(len(out))
+    overall = _score(spec, ref, out, labels, everything, seqs)
+    per_slice = {k: _score(spec, ref, out, labels, idx, seqs) for k, idx in slice_index(data).items()}
+    match = None if seqs is None else ctc_score(*seqs)[1]
+    return MetricValues(
+        metric=spec.name, overall=overall, per_slice=per_slice, fidelity=fidelity(ref, out), sequence_match=match
+    )
+
+
+def baseline_values(metric: MetricSpec, ref: np.ndarray, data: CallData) -> MetricValues:
+    """The input model's own scores: every drop is measured from them, so a score that is not a finite number (a
+    user metric returning NaN on identical outputs) would let any candidate through and is refused here."""
+    values = metric_values(metric, ref, ref, data)
+    if not math.isfinite(values.overall):
+        raise DataError(f"metric {metric.name!r} scores the input model itself {values.overall}: no drop to measure")
+    return values
 
 
 def fidelity(ref: np.ndarray, out: np.ndarray) -> Fidelity:

@@ -1,7 +1,9 @@
 """Turn the prepared float model into one candidate per recipe with onnxruntime's quantizers.
 
 The pinned workarounds live here, each with the failure it avoids; everything that can go wrong in a quantizer
-becomes a :class:`QuantizeFailed` carrying one line, so one broken recipe never stops the search.
+becomes a :class:`QuantizeFailed` carrying one line, so one broken recipe never stops the search. Static recipes
+take their activation ranges from a :class:`~edgefleet.optimize.calibration.CalibrationCache` (one calibration pass
+per method, not per recipe).
 """
 
 from __future__ import annotations
@@ -14,20 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_dynamic,
-    quantize_static,
-)
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.calibrate import save_tensors_data
 
 from edgefleet.data import CallData
+from edgefleet.optimize.calibration import CALIBRATION_METHODS, CalibrationCache, CalibrationFailed, CallDataReader
 from edgefleet.optimize.candidates import Recipe
-from edgefleet.optimize.evaluate import call_feed
 from edgefleet.optimize.prepare import COMPUTE_OPS, PreparedModel, compute_nodes
 
 __all__ = [
@@ -38,14 +33,10 @@ __all__ = [
     "float_outputs_for_float_readers",
     "op_coverage",
     "qgemm_float_outputs",
+    "static_options",
 ]
 
 _QTYPE = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-_CALIB = {
-    "minmax": CalibrationMethod.MinMax,
-    "entropy": CalibrationMethod.Entropy,
-    "percentile": CalibrationMethod.Percentile,
-}
 # Ops that only exist in a quantized graph: a node of one of these types is quantized compute.
 _QUANT_OPS = frozenset(
     {
@@ -65,25 +56,6 @@ _QUANT_OPS = frozenset(
 
 class QuantizeFailed(Exception):
     """A recipe the quantizer could not apply to this model (the candidate is reported as failed)."""
-
-
-class CallDataReader(CalibrationDataReader):
-    """Feeds calibration calls one by one: each call is exactly what the model receives."""
-
-    def __init__(self, data: CallData, input_names: list[str]) -> None:
-        self._data = data
-        self._names = input_names
-        self._i = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._i >= len(self._data):
-            return None
-        feed = call_feed(self._data, self._i, self._names)
-        self._i += 1
-        return feed
-
-    def rewind(self) -> None:
-        self._i = 0
 
 
 @dataclass(frozen=True)
@@ -124,8 +96,9 @@ def _walk(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return out
 
 
-def build_candidate(prepared: PreparedModel, recipe: Recipe, calib: CallData) -> bytes:
-    """The candidate model's bytes for ``recipe``; raises :class:`QuantizeFailed` with one line."""
+def build_candidate(prepared: PreparedModel, recipe: Recipe, calib: CallData | CalibrationCache) -> bytes:
+    """The candidate model's bytes for ``recipe``; raises :class:`QuantizeFailed` with one line. ``calib`` is a
+    run's :class:`CalibrationCache` (ranges reused across recipes), or calls to calibrate on for this recipe alone."""
     if recipe.kind == "float":
         return prepared.data
     if recipe.kind == "input":
@@ -141,7 +114,8 @@ def build_candidate(prepared: PreparedModel, recipe: Recipe, calib: CallData) ->
             if recipe.kind == "dynamic":
                 _dynamic(model, recipe, out)
                 return out.read_bytes()
-            _static(model, recipe, calib, out)
+            cache = calib if isinstance(calib, CalibrationCache) else CalibrationCache(prepared, calib)
+            _static(model, recipe, cache, out)
             quantized = onnx.load(str(out))
             if recipe.format == "QDQ":
                 float_outputs_for_float_readers(quantized, prepared.model)
@@ -150,6 +124,8 @@ def build_candidate(prepared: PreparedModel, recipe: Recipe, calib: CallData) ->
             return bytes(quantized.SerializeToString())
     except QuantizeFailed:
         raise
+    except CalibrationFailed as err:
+        raise QuantizeFailed(f"{recipe.calibration} calibration failed: {err}")
     except Exception as err:  # onnxruntime's quantizers raise anything from KeyError to RuntimeError
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise QuantizeFailed(f"{type(err).__name__}: {first[:300]}")
@@ -190,8 +166,16 @@ def _dynamic(model: onnx.ModelProto, r: Recipe, out: Path) -> None:
     )
 
 
-def _static(model: onnx.ModelProto, r: Recipe, calib: CallData, out: Path) -> None:
-    names = [i.name for i in model.graph.input]
+def _static(model: onnx.ModelProto, r: Recipe, cache: CalibrationCache, out: Path) -> None:
+    # onnxruntime's calibration cache file: quantize_static loads these ranges instead of calibrating again.
+    ranges = out.with_name("ranges.json")
+    save_tensors_data(cache.ranges(r), ranges)
+    model, options = static_options(model, r)
+    quantize_static(model, out, None, calibration_cache_path=ranges, **options)
+
+
+def static_options(model: onnx.ModelProto, r: Recipe) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The model to hand ``quantize_static`` for ``r`` and its keyword arguments, calibration data aside."""
     extra: dict[str, Any] = {}
     if r.per_channel:
         # Per-channel Gemm crashes in _adjust_weight_scale_for_int32_bias (onnxruntime #24815).
@@ -199,10 +183,7 @@ def _static(model: onnx.ModelProto, r: Recipe, calib: CallData, out: Path) -> No
         if r.format == "QDQ" and _opset(model) < 13:
             # Per-channel DequantizeLinear needs opset 13's axis attribute; on 12 the graph comes out invalid.
             model = onnx.version_converter.convert_version(model, 13)
-    quantize_static(
-        model,
-        out,
-        CallDataReader(calib, names),
+    return model, dict(
         quant_format=QuantFormat.QDQ if r.format == "QDQ" else QuantFormat.QOperator,
         op_types_to_quantize=list(r.op_types) if r.op_types is not None else None,
         per_channel=r.per_channel,
@@ -210,7 +191,7 @@ def _static(model: onnx.ModelProto, r: Recipe, calib: CallData, out: Path) -> No
         activation_type=_QTYPE[r.activation_type],
         weight_type=_QTYPE[r.weight_type],
         nodes_to_exclude=list(r.nodes_to_exclude),
-        calibrate_method=_CALIB[r.calibration],
+        calibrate_method=CALIBRATION_METHODS[r.calibration],
         extra_options=extra,
     )
 

@@ -29,6 +29,7 @@ __all__ = [
     "OpCoverage",
     "OptimizeReport",
     "Status",
+    "calibration_summary",
     "table",
     "with_host",
 ]
@@ -115,11 +116,21 @@ class OptimizeReport(BaseModel):
     output: str
     output_sha256: str
     tier: str
-    metric: str
-    max_accuracy_drop: float
+    metric: str = Field(description="top1, agreement, cosine, cosine-min, sqnr, ctc, or the user's module:function")
+    ctc_blank: int | None = Field(None, description="the CTC blank index metric ctc decoded with (ctc only)")
+    metric_sha256: str | None = Field(None, description="sha256 of the file defining a user metric (user only)")
+    max_accuracy_drop: float = Field(description="the tolerance: largest allowed drop of metric from the input")
     max_slice_drop: float | None
     eval_calls: int
-    calib_calls: int
+    calib_calls: int = Field(description="calibration calls used: all given, up to calib_limit evenly spaced ones")
+    calib_calls_given: int | None = Field(None, description="calibration calls given (None: an older report)")
+    calib_limit: int | None = Field(None, description="most calibration calls used (--calib-limit)")
+    evaluation: Literal["per_call", "closed_loop"] = Field(
+        "per_call",
+        description="closed_loop: each stream run in order, every model fed its own previous state (state pairs)",
+    )
+    eval_streams: int | None = Field(None, description="streams the closed-loop evaluation ran (closed_loop only)")
+    state_pairs: list[str] = Field(default_factory=list, description="recurrent state pairs INPUT=OUTPUT")
     baseline_metrics: MetricValues
     input_size_bytes: int
     float_size_bytes: int = Field(description="the prepared (graph-optimized) float model")
@@ -148,6 +159,15 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def calibration_summary(used: int, given: int | None, limit: int | None) -> str:
+    """How many calibration calls the ranges came from, out of how many given (and the limit when it bit);
+    ``given`` is None in reports written before it was recorded."""
+    if given is None:
+        return f"calibration: {used} calls"
+    bit = f" (--calib-limit {limit})" if given > used and limit is not None else ""
+    return f"calibration: {used} of {given} calls{bit}"
+
+
 def table(report: OptimizeReport) -> Table:
     """One row per candidate: metric and drop, worst slice, latency ratio with CI, size, op coverage, status — each
     relative to the input model, whose row comes first."""
@@ -155,6 +175,7 @@ def table(report: OptimizeReport) -> Table:
     t = Table(
         title=Text(
             f"optimize · {report.metric} · tier {report.tier} · chosen: {report.chosen.name} · vs your input model"
+            f" · {calibration_summary(report.calib_calls, report.calib_calls_given, report.calib_limit)}"
         )
     )
     cols = ("candidate", report.metric, "drop", "worst slice", "ratio vs input (95% CI)", "size", "quantized", "status")

@@ -60,7 +60,9 @@ class Requirements(_Base):
 class AccuracyLineage(_Base):
     """The accuracy the optimizer measured for the model against its parent, and the tolerance it was held to."""
 
-    metric: str = Field(description="top1, agreement, cosine or sqnr")
+    metric: str = Field(
+        description="the metric: top1, agreement, cosine, cosine-min, sqnr, ctc, or a user metric's spec"
+    )
     parent: float = Field(description="the parent's score (optimize report's baseline_metrics.overall)")
     value: float = Field(description="this model's score (chosen.metrics.overall)")
     drop: float = Field(description="parent - value: positive is worse")
