@@ -677,18 +677,18 @@ def test_a_wave_short_of_its_sample_waits_up_to_max_sample_wait_then_pauses() ->
 
 def test_a_device_silent_with_the_update_past_the_timeout_is_a_failure() -> None:
     moved = datetime(2026, 1, 1, 12, 0)
-    later = moved + timedelta(seconds=30)
-    at = {"bricked": moved, "offline": moved, "done": moved, "slow": moved, "aware": moved}
+    after = moved + timedelta(seconds=30)
+    at = dict.fromkeys(["bricked", "offline", "done", "alive", "aware"], moved)
     seen = {
-        "bricked": later,  # took the update, then nothing
+        "bricked": after,  # took the update, then nothing
         "offline": moved - timedelta(minutes=5),  # never saw the update: not judged by it
-        "done": later,
-        "slow": later,
-        "aware": later.replace(tzinfo=UTC),  # PostgreSQL hands back aware times
+        "done": after,  # reported its outcome
+        "alive": after + timedelta(seconds=880),  # still checking in: downloading, or waiting for its window
+        "aware": after.replace(tzinfo=UTC),  # PostgreSQL hands back aware times
     }
-    now = moved + timedelta(seconds=901)
-    assert silent_devices(at, seen, ["done"], now=now, timeout_s=900) == {"bricked", "slow", "aware"}
-    assert silent_devices(at, seen, ["done"], now=moved + timedelta(seconds=899), timeout_s=900) == set()
+    now = after + timedelta(seconds=901)
+    assert silent_devices(at, seen, ["done"], now=now, timeout_s=900) == {"bricked", "aware"}
+    assert silent_devices(at, seen, ["done"], now=after + timedelta(seconds=899), timeout_s=900) == set()
     assert silent_devices(at, seen | {"never": None}, [], now=now, timeout_s=0) == set()  # 0: off
     assert silent_devices({"never": moved}, {"never": None}, [], now=now, timeout_s=900) == set()
     # the wave is judged with them, and the reason says they went silent

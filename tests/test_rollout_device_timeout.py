@@ -1,5 +1,5 @@
-"""A device that takes an update and goes silent is a failure of its wave once ``device_timeout_s`` has passed —
-not "in progress" for ever. A real ``edgefleet agent`` process against the real control plane
+"""A device that takes an update and goes silent is a failure of its wave once it has been silent for
+``device_timeout_s`` — not "in progress" for ever. A real ``edgefleet agent`` process against the real control plane
 (``tests/_fleet_support.py``) checks in, gets the new desired state and dies for good in the middle of the update
 (its own crash point, as a bricked device would); the reconciler judges the wave with it."""
 
@@ -16,7 +16,7 @@ from conftest import free_port, starts_processes
 from edgefleet.agent.durable import CRASH_EXIT_CODE, CRASHPOINT_ENV
 from edgefleet.controlplane.reconciler import reconcile_once
 
-TIMEOUT_S = 3.0
+TIMEOUT_S = 5.0
 
 
 @pytest.fixture
@@ -43,19 +43,19 @@ def test_a_device_silent_with_the_update_fails_its_wave_at_the_timeout(fleet: Fl
         "rollout_id"
     ]
     reconcile_once(fleet.store)  # the wave moves the device
-    moved = time.monotonic()
     # The device checks in, takes the update and dies in the middle of it, for good.
     agent.start(env={CRASHPOINT_ENV: "state.staged.after_rename"})
     assert agent.wait_exit(60) == CRASH_EXIT_CODE
+    died = time.monotonic()  # its last sign of life was before this
     fleet.store.flush_and_sync()  # its last check-in, as the server's flush loop would write it
     assert fleet.record()["desired"]["version"] == "2.0.0"
 
-    if time.monotonic() - moved < TIMEOUT_S - 1.0:  # well within the timeout it is in progress: no verdict yet
+    if time.monotonic() - died < 1.0:  # silent for far less than the timeout: no verdict yet
         reconcile_once(fleet.store)
         r = fleet.api("GET", f"/api/v1/rollouts/{rid}")
         assert r["state"] == "running", r
-    time.sleep(max(0.0, TIMEOUT_S + 0.5 - (time.monotonic() - moved)))
+    time.sleep(max(0.0, TIMEOUT_S + 0.5 - (time.monotonic() - died)))
     reconcile_once(fleet.store)
     r = fleet.api("GET", f"/api/v1/rollouts/{rid}")
     assert r["state"] == "paused", r
-    assert "update failures 1/1 devices" in r["reason"] and "silent past the 3 s device timeout" in r["reason"], r
+    assert "update failures 1/1 devices" in r["reason"] and "silent past the 5 s device timeout" in r["reason"], r

@@ -378,8 +378,8 @@ def rollout_start(
     device_timeout: str = typer.Option(
         "15m",
         "--device-timeout",
-        help="A moved device that checked in but reported no commit or failure this long after the move counts as "
-        "failed (0: never).",
+        help="A moved device that took the update, then went silent this long without a commit or a failure, counts "
+        "as failed (0: never).",
     ),
     min_devices: int = typer.Option(3, "--min-devices", help="Committed devices needed to judge a wave."),
     min_requests: int = typer.Option(100, "--min-requests", help="Inference requests needed to judge a wave."),

@@ -115,10 +115,10 @@ class RolloutPolicy(BaseModel):
     # waits up to this long more before it pauses as inconclusive: installs and traffic that arrive late (a slow
     # link, a busy host) are evidence worth waiting for, and the wave still passes only on the full sample.
     max_sample_wait_s: float = Field(0.0, ge=0)
-    # A moved device that has checked in since it was moved (so it holds the new desired state) but has reported
-    # neither a commit nor a failure this long after the move counts as an update failure: a device bricked by an
-    # update goes silent, and silence must not read as "still in progress" for ever. 0 turns it off. The default
-    # leaves room for a large download on a slow link plus the agent's 60 s probation.
+    # A moved device that checked in after its move (so it holds the new desired state), then went silent for this
+    # long without reporting a commit or a failure, counts as an update failure: a device bricked by an update goes
+    # quiet, and silence must not read as "still in progress" for ever. 0 turns it off. The default is many
+    # check-in intervals (30 s by default), so a device that misses a few is not failed.
     device_timeout_s: float = Field(900.0, ge=0)
     # A p95 regression must also be a shift of the typical telemetry window, not a few windows hit by a burst: the
     # treatment's per-window p95s must rank above the control's (one-sided Mann-Whitney p below this), over at least
@@ -301,9 +301,11 @@ def silent_devices(
     now: datetime,
     timeout_s: float,
 ) -> set[str]:
-    """The moved devices that count as failed for silence: checked in after their move (they hold the new desired
-    state), no outcome reported, and moved more than ``timeout_s`` ago. A device not seen since its move never got
-    the update and is not judged by it; ``timeout_s`` 0 turns the rule off."""
+    """The moved devices that count as failed for silence: they checked in after their move (so they hold the new
+    desired state), have reported no outcome, and have not been heard from for more than ``timeout_s`` — a device
+    an update bricked goes quiet. A device still checking in is alive (it may be downloading on a slow link or
+    waiting for its maintenance window) and reports its own failures; one not seen since its move never got the
+    update and is not judged by it. ``timeout_s`` 0 turns the rule off."""
     if timeout_s <= 0:
         return set()
     known = set(outcome_known)
@@ -312,7 +314,7 @@ def silent_devices(
         seen = last_seen.get(dev)
         if dev in known or seen is None or naive_utc(seen) <= naive_utc(at):
             continue
-        if (naive_utc(now) - naive_utc(at)).total_seconds() > timeout_s:
+        if (naive_utc(now) - naive_utc(seen)).total_seconds() > timeout_s:
             out.add(dev)
     return out
 
