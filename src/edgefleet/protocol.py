@@ -23,6 +23,7 @@ whoever validates (the server's, for reports).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
@@ -56,11 +57,13 @@ __all__ = [
     "EventKind",
     "Hardware",
     "KeyRotation",
+    "MaintenanceWindow",
     "Report",
     "ReportResponse",
     "ServedModel",
     "TelemetryWindow",
     "UpdateEvent",
+    "parse_window",
     "target_name",
     "validation_message",
 ]
@@ -195,6 +198,61 @@ class EnrollResponse(_Wire):
     )
 
 
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_WINDOW = re.compile(r"^\s*(\S+)\s+(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+
+
+@dataclass(frozen=True)
+class MaintenanceWindow:
+    """A weekly window in the device's local time: it opens at ``start`` (minutes after midnight) on each of
+    ``days`` (0 = Monday) and lasts ``minutes`` (past midnight when it ends at or before it starts)."""
+
+    days: frozenset[int]
+    start: int
+    minutes: int
+
+
+def parse_window(text: str) -> MaintenanceWindow:
+    """``"DAYS HH:MM-HH:MM"``, DAYS being ``daily``, a day (``Sat``), a range (``Mon-Fri``) or a list (``Sat,Sun``);
+    ``22:00-02:00`` runs past midnight into the next day. Raises ValueError with what is wrong."""
+    m = _WINDOW.match(text)
+    if m is None:
+        raise ValueError(f"maintenance window {text!r}: write DAYS HH:MM-HH:MM, e.g. 'Mon-Fri 02:00-04:00'")
+    days_text, h1, m1, h2, m2 = m.groups()
+    start, end = int(h1) * 60 + int(m1), int(h2) * 60 + int(m2)
+    if int(h1) > 23 or int(m1) > 59 or int(h2) > 24 or int(m2) > 59 or end > 24 * 60:
+        raise ValueError(f"maintenance window {text!r}: a time is not HH:MM within a day")
+    days: set[int] = set()
+    for part in days_text.lower().split(","):
+        if part == "daily":
+            days.update(range(7))
+        elif "-" in part and all(p in _DAYS for p in part.split("-", 1)):
+            a, b = (_DAYS.index(p) for p in part.split("-", 1))
+            days.update(range(a, b + 1) if a <= b else [*range(a, 7), *range(0, b + 1)])
+        elif part in _DAYS:
+            days.add(_DAYS.index(part))
+        else:
+            raise ValueError(f"maintenance window {text!r}: {part!r} is not daily, a day (Mon … Sun) or a range")
+    return MaintenanceWindow(frozenset(days), start, (end - start) % (24 * 60) or 24 * 60)
+
+
+def _windows(v: list[str]) -> list[str]:
+    for w in v:
+        parse_window(w)
+    return v
+
+
+def _timezone(v: str | None) -> str | None:
+    if v is not None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone {v!r} is not an IANA time zone name (e.g. Europe/Berlin)") from None
+    return v
+
+
 class DeviceConfig(_Wire):
     """Configuration that ships apart from models, versioned per device group.
 
@@ -214,6 +272,14 @@ class DeviceConfig(_Wire):
     download_rate_bps: int | None = Field(None, gt=0, description="cap on a package download's bytes per second")
     download_stagger_s: float = Field(
         0.0, ge=0, description="a new download starts within this many seconds, spread over the fleet by device"
+    )
+    maintenance_windows: Annotated[list[Str128], AfterValidator(_windows)] = Field(
+        default_factory=list,
+        max_length=32,
+        description="switch to a new version only inside one of these ('Mon-Fri 02:00-04:00'); none: any time",
+    )
+    timezone: Annotated[Str64 | None, AfterValidator(_timezone)] = Field(
+        None, description="the IANA time zone the windows are in (default UTC)"
     )
     flags: dict[Str128, bool | int | float | Str2000] = Field(default_factory=dict, max_length=256)
 

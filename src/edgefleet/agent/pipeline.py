@@ -1,5 +1,6 @@
-"""One update, one method per state of the state machine (``state.py``): downloading → verifying → staged →
-health_check → probation (the switch), ending in committed, rolled_back (refused, failed) or a cancellation.
+"""One update, one method per state of the state machine (``state.py``): downloading → verifying → staged (where
+it waits for a maintenance window, if the group has them) → health_check → probation (the switch), ending in
+committed, rolled_back (refused, failed) or a cancellation.
 
 Each step either returns what the next one needs or ends the update by raising: :class:`Retry` (a failure that
 may be transient, such as a corrupted download or metadata that looks expired to a skewed clock: tried again,
@@ -30,6 +31,7 @@ from edgefleet.agent.service import InferenceService
 from edgefleet.agent.slots import SlotStore
 from edgefleet.agent.state import Pending, PersistedState, SlotInfo, refusal_key
 from edgefleet.agent.updater import Cancelled, ControlPlaneClient, Offline, download_resumable, stagger_delay
+from edgefleet.agent.windows import next_open, window_zone
 from edgefleet.agent.worker import ModelInfo, WorkerSpec
 from edgefleet.config import AgentSettings
 from edgefleet.errors import DownloadError, EdgefleetError, VerificationError, WorkerUnavailable
@@ -127,6 +129,7 @@ class UpdatePipeline:
             path, info = await self.download(d, client, pending, staged)
             opened = await self.verifying(d, client, path)
             pending = self.staged(d, pending, path, opened, info, staged)
+            await self.await_window(d)
             cand, spec = await self.health_check(d, pending)
             await self.switch(d, cand, spec)
         except Retry as err:
@@ -304,6 +307,25 @@ class UpdatePipeline:
         h.save(h.state.with_(state=AgentState.staged, pending=pending))
         h.event(EventKind.staged, None, d.model, d.version, d.rollout_id)
         return pending
+
+    async def await_window(self, d: DesiredState) -> None:
+        """Stay ``staged`` until one of the group's maintenance windows is open (re-read at every look: the
+        operator may change them meanwhile). A device serving nothing has no service to protect and goes on at
+        once. The health check runs after the wait, so it judges the slot as it is when the switch comes."""
+        h = self.host
+        while h.state.committed is not None:
+            cfg = h.config
+            opens = next_open(cfg.maintenance_windows, h.clock.now(), window_zone(cfg.timezone))
+            if opens is None:
+                return
+            reason = f"staged: waiting for the maintenance window that opens at {opens.isoformat(timespec='minutes')}"
+            if h.state.reason != reason:
+                h.save(h.state.with_(reason=reason))
+                log.info("%s: %s", d.target, reason)
+            # wake at the opening, and at least once a minute to see a changed desired state or window
+            await h.clock.sleep(min(60.0, max(0.5, (opens - h.clock.now()).total_seconds())))
+            if not self.still_wanted(d.target or ""):
+                raise Cancelled("the desired state changed while waiting for the maintenance window")
 
     async def health_check(self, d: DesiredState, pending: Pending) -> tuple[SlotInfo, WorkerSpec]:
         """Enter ``health_check``: the staged slot judged (golden vectors and latency, by default in a fresh

@@ -433,7 +433,12 @@ def desired_state(d: Device, group: DeviceGroup | None, versions: dict[tuple[str
 
 
 _LIFECYCLE = ("rotate_credential", "rotate_key", "wipe")
-_DELIVERY_UNSET: dict[str, object] = {"download_rate_bps": None, "download_stagger_s": 0.0}
+_DELIVERY_UNSET: dict[str, object] = {
+    "download_rate_bps": None,
+    "download_stagger_s": 0.0,
+    "maintenance_windows": [],
+    "timezone": None,
+}
 
 
 def etag_of(body: bytes) -> str:
