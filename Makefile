@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint typecheck unit unit-fast test-slow browser-deps clean
+.PHONY: demo test test-fast lint typecheck unit unit-fast test-slow browser-deps system-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP) browser-deps
+unit: $(STAMP) browser-deps system-deps
 	$(BIN)/pytest -m "not slow" --durations=25 $(PYTEST_ARGS)
 
 test: lint typecheck unit
@@ -48,6 +48,11 @@ test-slow: $(STAMP)
 # Debian's Chromium for the dashboard's browser tests (test tools cannot download browsers here).
 browser-deps:
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
+# Debian's packages the tests run for real: promtool (prometheus) checks and unit-tests deploy/prometheus/
+# (tests/test_alerts.py); nginx terminates TLS in front of the server in the recipe of docs/security/tls.md.
+system-deps:
+	(command -v promtool && command -v nginx) >/dev/null || (apt-get update -q && apt-get install -y -q prometheus nginx)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
