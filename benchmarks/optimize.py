@@ -5,7 +5,10 @@ Targets on the 2-core reference machine: an INT8 recipe for the 512-unit MLP at 
 ≤ 0.77) within 0.5 % accuracy; every model within tolerance and none slower than its input (ADR 0071: the output is
 either measured faster than the input or the input itself, byte for byte); each optimized within 120 s.
 Latency is measured as the agent serves: the host tier's ``intra_op_threads`` (1) per call (ADR 0070). The encoder
-has an embedding output, so it runs with ``cosine`` (the default metric would refuse to guess).
+has an embedding output, so it runs with ``cosine`` (the default metric would refuse to guess). Silero VAD (the
+pretrained model the ``silero-vad`` wheel ships) runs twice: per call on the recorded states (``cosine``), and as
+deployed — closed loop over a stream, each model fed its own state (``--state state=stateN``), judged on its
+speech/no-speech decisions (``agreement``).
 
     .venv/bin/python benchmarks/optimize.py [--budget 120]
 """
@@ -25,31 +28,39 @@ from edgefleet.data import CallData
 from edgefleet.optimize import OptimizeReport, optimize
 from edgefleet.optimize._models import digits_cnn, outlier_mlp, silero_calls, tiny_encoder, with_outlier
 
+Case = tuple[str, bytes | Path, CallData, CallData, str, list[str] | None]
 
-def _cases(d: examples.Digits) -> list[tuple[str, bytes | Path, CallData, CallData, str]]:
+
+def _cases(d: examples.Digits) -> list[Case]:
     def flat(x: np.ndarray) -> np.ndarray:
         return x[:, None, :]
 
     tokens = np.random.default_rng(0).standard_normal((264, 1, 32, 128)).astype(np.float32)
 
-    cases: list[tuple[str, bytes | Path, CallData, CallData, str]] = [
+    cases: list[Case] = [
         ("mlp-512x2", examples.train_digits_mlp(hidden=(512, 512)), CallData({"X": flat(d.x_train[:128])}),
-         CallData({"X": flat(d.x_test)}, labels=d.y_test), "top1"),
+         CallData({"X": flat(d.x_test)}, labels=d.y_test), "top1", None),
         ("mlp-64", examples.train_digits_mlp(hidden=(64,)), CallData({"X": flat(d.x_train[:128])}),
-         CallData({"X": flat(d.x_test)}, labels=d.y_test), "top1"),
+         CallData({"X": flat(d.x_test)}, labels=d.y_test), "top1", None),
         ("cnn-digits", digits_cnn(d), CallData({"X": d.x_train[:128].reshape(-1, 1, 1, 8, 8)}),
-         CallData({"X": d.x_test.reshape(-1, 1, 1, 8, 8)}, labels=d.y_test), "top1"),
+         CallData({"X": d.x_test.reshape(-1, 1, 1, 8, 8)}, labels=d.y_test), "top1", None),
         ("mlp-outlier", outlier_mlp(d), CallData({"X": with_outlier(d.x_train[:128])[:, None]}),
-         CallData({"X": with_outlier(d.x_test, 1)[:, None]}, labels=d.y_test), "top1"),
+         CallData({"X": with_outlier(d.x_test, 1)[:, None]}, labels=d.y_test), "top1", None),
         ("encoder", tiny_encoder(seq=32, hidden=128, ffn=512), CallData({"X": tokens[:64]}),
-         CallData({"X": tokens[64:]}), "cosine"),
+         CallData({"X": tokens[64:]}), "cosine", None),
     ]  # fmt: skip
     vad = examples.silero_vad_path()
     if vad is not None:
         calls = silero_calls(str(vad), 300)
         cases.append(
             ("silero-vad", vad, CallData({k: v[::2] for k, v in calls.items()}),
-             CallData({k: v[1::2] for k, v in calls.items()}), "cosine")
+             CallData({k: v[1::2] for k, v in calls.items()}), "cosine", None)
+        )  # fmt: skip
+        # as deployed: two streams of audio in order, each model fed its own state from the first chunk on
+        calib, stream = silero_calls(str(vad), 300, seed=0), silero_calls(str(vad), 300, seed=1)
+        cases.append(
+            ("silero-closed", vad, CallData(calib, streams=np.zeros(300, np.int64)),
+             CallData(stream, streams=np.zeros(300, np.int64)), "agreement", ["state=stateN"])
         )  # fmt: skip
     return cases
 
@@ -69,9 +80,10 @@ def _row(name: str, r: OptimizeReport, wall: float) -> tuple[str, bool]:
     never_slower = r.output_sha256 == r.model_sha256 if r.kept_input else lat is not None and lat.verdict == "faster"
     ok = bool(c.within_tolerance) and never_slower
     ok = ok and wall <= r.time_budget_s * 1.1
+    evaluation = "closed loop" if r.evaluation == "closed_loop" else "per call"
     line = (
-        f"{name:12s} chosen={c.name:45s} ratio={ratio:42s} {r.metric} delta={delta:+.4f} "
-        f"size={size:.2f}x wall={wall:.1f}s {'OK' if ok else 'FAIL'}"
+        f"{name:13s} chosen={c.name:45s} ratio={ratio:42s} {r.metric} delta={delta:+.4f} ({evaluation}) "
+        f"size={size:.2f}x calib={r.calib_calls} wall={wall:.1f}s {'OK' if ok else 'FAIL'}"
     )
     return line, ok
 
@@ -84,9 +96,10 @@ def main() -> int:
     all_ok = True
     mlp_target = False
     with tempfile.TemporaryDirectory() as tmp:
-        for name, model, calib, ev, metric in _cases(d):
+        for name, model, calib, ev, metric, state in _cases(d):
             t0 = time.perf_counter()
-            r = optimize(model, calib, ev, Path(tmp) / f"{name}.onnx", metric=metric, time_budget_s=args.budget)
+            out = Path(tmp) / f"{name}.onnx"
+            r = optimize(model, calib, ev, out, metric=metric, time_budget_s=args.budget, state=state)
             wall = time.perf_counter() - t0
             line, ok = _row(name, r, wall)
             print(line, flush=True)

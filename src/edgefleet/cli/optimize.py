@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.text import Text
 
 from edgefleet._fs import atomic_write
 from edgefleet.cli._output import console, err_console, escape, print_json, progress, report_error
@@ -92,6 +93,7 @@ def _run(
     from edgefleet.bench.tiers import get_tier
     from edgefleet.optimize.api import host_tier, model_input_names, optimize
     from edgefleet.optimize.report import table, with_host
+    from edgefleet.optimize.select import CandidateLine
     from edgefleet.optimize.stateful import model_state_pairs
 
     profile = host_tier() if tier is None else get_tier(tier)
@@ -110,7 +112,16 @@ def _run(
     eval_data = load_calls(
         eval_path, input_names=stateless, labels_key=labels, slices_key=slices, streams_key=STREAMS_KEY
     )
-    with progress("optimizing", total=1.0, to=err_console if as_json else console) as update:
+    out_console = err_console if as_json else console
+
+    def report_progress(what: str, frac: float) -> None:
+        if isinstance(what, CandidateLine):  # every candidate's outcome stays on screen, terminal or not
+            out_console.print(Text(what), soft_wrap=True)
+            if not out_console.is_terminal:
+                return  # a log would get the same line twice: once more as the step in progress
+        update(what, min(frac, 1.0))
+
+    with progress("optimizing", total=1.0, to=out_console) as update:
         result = optimize(
             model,
             calib_data,
@@ -124,7 +135,7 @@ def _run(
             time_budget_s=time_budget,
             prune=not no_prune,
             report_path=report,
-            progress=lambda what, frac: update(what, min(frac, 1.0)),
+            progress=report_progress,
             state=state,
             calib_limit=calib_limit,
         )

@@ -41,10 +41,18 @@ from edgefleet.optimize.evaluate import (
 )
 from edgefleet.optimize.fallback import search
 from edgefleet.optimize.metrics import resolve_metric
-from edgefleet.optimize.prepare import PreparedModel, load_onnx, prepare
+from edgefleet.optimize.mixed import keep_float, mixed_recipes, most_sensitive, with_mixed
+from edgefleet.optimize.prepare import PreparedModel, compute_nodes, load_onnx, prepare
 from edgefleet.optimize.quantize import QuantizeFailed, build_candidate, op_coverage
 from edgefleet.optimize.report import CandidateReport, LatencyResult, OpCoverage, OptimizeReport
-from edgefleet.optimize.select import classify, select, why_none
+from edgefleet.optimize.select import (
+    candidate_line,
+    classify,
+    far_out_of_tolerance,
+    screen_indices,
+    select,
+    why_none,
+)
 from edgefleet.optimize.stateful import (
     StatePair,
     check_state_pairs,
@@ -119,7 +127,10 @@ class _Run:
         self.settings = settings
         self.max_drop = max_drop
         self.max_slice_drop = max_slice_drop
-        self.bytes: dict[str, bytes] = {}
+        # keyed by recipe, not name: two fallback trials excluding different nodes share a name ("excl1")
+        self.bytes: dict[Recipe, bytes] = {}
+        # screening (successive halving): these calls first; the rest only for a candidate not far out there
+        self.screen: list[int] | None = None
 
     def evaluate(self, recipe: Recipe) -> CandidateReport:
         """Build and score one recipe (no latency yet)."""
@@ -137,18 +148,33 @@ class _Run:
             op_coverage=OpCoverage(quantized=cov.quantized, float=cov.float),
             nodes_excluded=list(recipe.nodes_to_exclude),
         )
-        if recipe.kind in ("dynamic", "static") and not cov.quantized:
+        if recipe.kind in ("dynamic", "static", "mixed") and not cov.quantized:
             reason = "the quantizer quantized no compute op (a successful quantization proves nothing)"
             return CandidateReport(status="no_op", reason=reason, time_s=_since(t0), **common)
         try:
-            out = evaluate_calls(OrtSession(data, self.settings), self.eval, self.output, self.state)
+            session = OrtSession(data, self.settings)
+            screened = self._screen(session)
+            if isinstance(screened, tuple):
+                far, sub_values = screened
+                assert self.screen is not None
+                return CandidateReport(
+                    status="out_of_tolerance",
+                    reason=far,
+                    metrics=sub_values,
+                    within_tolerance=False,
+                    eval_calls=len(self.screen),
+                    time_s=_since(t0),
+                    **common,
+                )
+            out = self._rest(session, screened)
         except EdgefleetError as err:
             return CandidateReport(status="failed", reason=str(err), time_s=_since(t0), **common)
         values = metric_values(self.metric, self.ref, out, self.eval)
         ok, why = within_tolerance(self.baseline, values, self.max_drop, self.max_slice_drop)
         if ok:
-            self.bytes[name] = data
+            self.bytes[recipe] = data
         return CandidateReport(
+            eval_calls=len(self.eval),
             status="out_of_tolerance" if not ok else "qualified",  # provisional; classify() decides at the end
             reason="" if ok else why,
             metrics=values,
@@ -156,6 +182,29 @@ class _Run:
             time_s=_since(t0),
             **common,
         )
+
+    def _screen(self, session: OrtSession) -> tuple[str, MetricValues] | np.ndarray | None:
+        """Score the screening calls: why the candidate is far out of tolerance there and its scores (the other
+        calls never run), else the screening calls' outputs (None: no screening)."""
+        if self.screen is None:
+            return None
+        sub = self.eval.subset(self.screen)
+        out = evaluate_calls(session, sub, self.output, self.state)
+        values = metric_values(self.metric, self.ref[self.screen], out, sub)
+        base = metric_values(self.metric, self.ref[self.screen], self.ref[self.screen], sub)
+        far = far_out_of_tolerance(base.overall, values.overall, self.max_drop, len(self.screen), values.metric)
+        return out if far is None else (far, values)
+
+    def _rest(self, session: OrtSession, screened: np.ndarray | None) -> np.ndarray:
+        """Every eval call's output; per-call evaluation reuses the screening calls' outputs, closed-loop runs
+        every stream from its start again."""
+        if screened is None or self.screen is None or self.state:
+            return evaluate_calls(session, self.eval, self.output, self.state)
+        rest = np.setdiff1d(np.arange(len(self.eval)), self.screen)
+        out = np.empty((len(self.eval), *screened.shape[1:]), dtype=screened.dtype)
+        out[self.screen] = screened
+        out[rest] = evaluate_calls(session, self.eval.subset(rest), self.output, self.state)
+        return out
 
 
 def _since(t0: float) -> float:
@@ -295,9 +344,21 @@ def optimize(
     )
     feed = call_feed(eval, 0, [s.name for s in original.inputs])
 
+    # Screening (successive halving): every candidate is scored on a quarter of the calls first; one far out of
+    # tolerance there never runs on the rest. Closed-loop: the first calls, so every stream still starts at its start.
+    run.screen = screen_indices(len(eval), prefix=bool(state_pairs))
+
+    def evaluate(r: Recipe) -> CandidateReport:
+        c = run.evaluate(r)
+        note(candidate_line(c, len(eval)), clock.elapsed / time_budget_s)
+        return c
+
     # The prepared float model is a candidate like the others: preparation alone can make a model slower.
-    float_cand = run.evaluate(Recipe(kind="float"))
+    float_cand = evaluate(Recipe(kind="float"))
     space = list(recipes) if recipes is not None else recipe_space(prepared.op_types, tier_profile)
+    if recipes is None:
+        nodes = [(n.name, n.op_type) for n in compute_nodes(prepared.model)]
+        space = with_mixed(space, mixed_recipes(nodes, prepared.op_types))
     space = [r for r in space if r.kind not in ("input", "float")]
     kept, pruned = prune_recipes(space, tier_profile, prepared.op_types, rules=prune)
     cands: list[CandidateReport] = [float_cand]
@@ -309,7 +370,7 @@ def optimize(
             cands.append(CandidateReport(name=r.name, recipe=r, status="skipped", reason="time budget"))
             continue
         note(f"evaluating {r.name} ({i + 1}/{len(kept)})", clock.elapsed / time_budget_s)
-        cands.append(run.evaluate(r))
+        cands.append(evaluate(r))
 
     def measure(c: CandidateReport, share: int) -> None:
         budget = max(0.5, min(latency_budget_s, (clock.left() - latency_budget_s) / max(share, 1)))
@@ -317,12 +378,59 @@ def optimize(
             c.reason = "time budget ran out before its latency was measured"
             return
         note(f"timing {c.name} against your input model", clock.elapsed / time_budget_s)
-        c.latency = ab(original, OrtSession(run.bytes[c.name], settings), feed, budget)
+        c.latency = ab(original, OrtSession(run.bytes[c.recipe], settings), feed, budget)
+        note(candidate_line(c, len(eval)), clock.elapsed / time_budget_s)
 
     # Phase 2: paired latency of every candidate within tolerance.
     pending = [c for c in cands if c.within_tolerance]
     for k, c in enumerate(pending):
         measure(c, len(pending) - k)
+
+    # Phase 3: keep searching while the budget lasts, also when something qualified already: an out-of-tolerance
+    # candidate with its sensitive nodes kept in float may still beat the best so far (a search that stops at the
+    # first passing candidate ships a slower model). Most promising start first; never the prepared float model
+    # (no quantized node to keep in float). Nodes a fallback had to keep in float seed the mixed recipes: one
+    # trial instead of a search of their own.
+    fallback_reason = ""
+    sensitive: list[str] = []
+    reserve = latency_budget_s * 3  # the confirmation A/Bs still need time after the search
+    for start in [c for c in cands if c.within_tolerance is False and c.recipe.kind != "float"]:
+        if clock.left() <= reserve:
+            fallback_reason = fallback_reason or "no time left in the budget for the fallback search"
+            break
+        if start.recipe.kind == "mixed" and sensitive:
+            seeded = keep_float(start.recipe, sensitive)
+            if seeded != start.recipe:
+                trial = evaluate(seeded)
+                trial.derived_from = start.name
+                cands.append(trial)
+                if trial.within_tolerance:
+                    measure(trial, 1)
+                    continue
+        note(f"fallback: ranking nodes of {start.name}", clock.elapsed / time_budget_s)
+        try:
+            start_bytes = build_candidate(prepared, start.recipe, run.calibration)
+        except QuantizeFailed:
+            continue
+        fb = search(
+            prepared,
+            start,
+            start_bytes,
+            evaluate,
+            eval.subset(range(min(len(eval), 32))),
+            max_iterations=max_fallback_iterations,
+            time_left=lambda: clock.left() - reserve,
+        )
+        fallback_reason = fallback_reason or fb.reason
+        start.reason += f"; fallback: {fb.reason}"
+        if fb.best is not None:
+            best = fb.best
+            best.sensitivity = fb.ranking
+            best.derived_from = start.name
+            if best.within_tolerance:
+                measure(best, 1)
+                sensitive = list(best.nodes_excluded) or most_sensitive(fb.ranking, 1)
+            cands.append(best)
 
     def confirm_best() -> int | None:
         """The fastest qualified candidate that a second, independent A/B also calls faster (one A/B alone can be
@@ -332,7 +440,7 @@ def optimize(
             c = cands[idx]
             assert c.latency is not None
             note(f"confirming {c.name}", clock.elapsed / time_budget_s)
-            again = ab(original, OrtSession(run.bytes[c.name], settings), feed, latency_budget_s)
+            again = ab(original, OrtSession(run.bytes[c.recipe], settings), feed, latency_budget_s)
             c.latency.confirmed = again.verdict == "faster"
             if c.latency.confirmed:
                 return idx
@@ -342,43 +450,13 @@ def optimize(
 
     chosen_idx = confirm_best()
 
-    # Phase 3: accuracy-aware fallback, when nothing qualified and an out-of-tolerance candidate might be saved
-    # (not the prepared float model: it has no quantized node to keep in float).
-    fallback_reason = ""
-    broken = [c for c in cands if c.within_tolerance is False and c.recipe.kind != "float"]
-    if chosen_idx is None and broken:
-        if clock.left() <= latency_budget_s * 3:
-            fallback_reason = "no time left in the budget for the fallback search"
-        else:
-            start = broken[0]  # the most promising recipe in speed order
-            note(f"fallback: ranking nodes of {start.name}", clock.elapsed / time_budget_s)
-            fb = search(
-                prepared,
-                start,
-                build_candidate(prepared, start.recipe, run.calibration),
-                run.evaluate,
-                eval.subset(range(min(len(eval), 32))),
-                max_iterations=max_fallback_iterations,
-                time_left=lambda: clock.left() - latency_budget_s * 3,
-            )
-            fallback_reason = fb.reason
-            start.reason += f"; fallback: {fb.reason}"
-            if fb.best is not None:
-                best = fb.best
-                best.sensitivity = fb.ranking
-                best.derived_from = start.name
-                if best.within_tolerance:
-                    measure(best, 1)
-                cands.append(best)
-                chosen_idx = confirm_best()
-
     for c in cands:
         c.status, why = classify(c)
         if c.status != "out_of_tolerance" or not c.reason:
             c.reason = why
     if chosen_idx is not None:
         chosen = cands[chosen_idx]
-        out_bytes = run.bytes[chosen.name]
+        out_bytes = run.bytes[chosen.recipe]
         lat = chosen.latency
         assert lat is not None and lat.median_ratio is not None
         reason = (

@@ -14,11 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgefleet.bench.tiers import TierProfile
 
-__all__ = ["Kind", "Pruned", "Recipe", "prune", "recipe_space"]
+__all__ = ["Kind", "Pruned", "Recipe", "Region", "prune", "recipe_space"]
 
 # ``input`` is the user's model as given: the baseline of every comparison and the output when nothing beats it.
-# It names a report entry, never a recipe to build.
-Kind = Literal["input", "float", "fp16", "dynamic", "static"]
+# It names a report entry, never a recipe to build. ``mixed`` quantizes disjoint node sets (its ``regions``) each
+# with its own static or dynamic recipe (:mod:`edgefleet.optimize.mixed`).
+Kind = Literal["input", "float", "fp16", "dynamic", "static", "mixed"]
 QType = Literal["uint8", "int8"]
 Calibration = Literal["minmax", "entropy", "percentile"]
 
@@ -62,11 +63,16 @@ class Recipe(BaseModel):
     calibration: Calibration = "minmax"
     op_types: tuple[str, ...] | None = Field(None, description="op types to quantize; None = every supported type")
     nodes_to_exclude: tuple[str, ...] = ()
+    regions: tuple[Region, ...] = Field((), description="mixed only: each region's nodes and the recipe they get")
 
     @property
     def name(self) -> str:
         if self.kind in ("input", "float", "fp16"):
             return self.kind
+        if self.kind == "mixed":
+            # Each part's own name (its op types included) keeps the name readable and stable across runs.
+            inner = "; ".join(r.recipe.name for r in self.regions)
+            return f"mixed[{inner}]" + (f"/excl{len(self.nodes_to_exclude)}" if self.nodes_to_exclude else "")
         sign = {"uint8": "U8", "int8": "S8"}
         if self.kind == "dynamic":
             parts = ["dynamic", f"{sign['uint8']}{sign[self.weight_type]}"]
@@ -89,6 +95,19 @@ class Recipe(BaseModel):
 
     def excluding(self, nodes: Iterable[str]) -> Recipe:
         return self.model_copy(update={"nodes_to_exclude": tuple(sorted(set(self.nodes_to_exclude) | set(nodes)))})
+
+
+class Region(BaseModel):
+    """One part of a mixed recipe: the float model's compute nodes ``nodes`` (of op types ``recipe.op_types``) are
+    quantized by ``recipe`` (static or dynamic); the regions of a mixed recipe are disjoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    recipe: Recipe
+    nodes: tuple[str, ...]
+
+
+Recipe.model_rebuild()
 
 
 @dataclass(frozen=True)
@@ -159,6 +178,9 @@ def _capability(r: Recipe, tier: TierProfile) -> str | None:
 
 
 def _slow_rule(r: Recipe, tier: TierProfile, model_ops: set[str]) -> str | None:
+    if r.kind == "mixed":
+        # a mixed recipe is as slow as its slowest part: the same rules, region by region
+        return next((why for g in r.regions if (why := _slow_rule(g.recipe, tier, model_ops))), None)
     convs = set(CONV_OPS) & model_ops if r.op_types is None else set(CONV_OPS) & set(r.op_types) & model_ops
     if r.kind == "dynamic" and convs:
         return "dynamic Conv becomes ConvInteger, which onnxruntime's CPU kernels run 3–6x slower than float"

@@ -79,7 +79,9 @@ def op_coverage(model: onnx.ModelProto) -> Coverage:
         if n.op_type in _QUANT_OPS:
             quantized.append(n.name or n.op_type)
     for n in nodes:
-        if n.op_type in COMPUTE_OPS and any(i in produced_by_dq for i in n.input):
+        # QDQ: data and weight both dequantized (what onnxruntime fuses into a quantized kernel); a float node
+        # fed by one DequantizeLinear (a mixed recipe's float MatMul after a quantized Flatten) stays float.
+        if n.op_type in COMPUTE_OPS and n.input and all(i in produced_by_dq for i in n.input[:2]):
             quantized.append(n.name)
         else:
             floating.append(n.name)
@@ -111,6 +113,8 @@ def build_candidate(prepared: PreparedModel, recipe: Recipe, calib: CallData | C
             if recipe.kind == "fp16":
                 return _fp16(model)
             out = Path(tmp) / "candidate.onnx"
+            if recipe.kind == "mixed":
+                return _mixed(prepared, model, recipe, calib, Path(tmp))
             if recipe.kind == "dynamic":
                 _dynamic(model, recipe, out)
                 return out.read_bytes()
@@ -129,6 +133,65 @@ def build_candidate(prepared: PreparedModel, recipe: Recipe, calib: CallData | C
     except Exception as err:  # onnxruntime's quantizers raise anything from KeyError to RuntimeError
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise QuantizeFailed(f"{type(err).__name__}: {first[:300]}")
+
+
+def _mixed(
+    prepared: PreparedModel, model: onnx.ModelProto, recipe: Recipe, calib: CallData | CalibrationCache, tmp: Path
+) -> bytes:
+    """One quantizer pass per region, each on its own nodes only (every other compute node excluded), static
+    first: its ranges are the float model's tensors, which a dynamic pass before it could rename."""
+    names = [n.name for n in compute_nodes(prepared.model)]
+    known = _names(prepared.model)
+    regions = sorted(recipe.regions, key=lambda g: g.recipe.kind != "static")
+    if not regions or any(g.recipe.kind not in ("static", "dynamic") for g in regions):
+        raise QuantizeFailed("a mixed recipe needs static or dynamic regions")
+    for i, region in enumerate(regions):
+        others = set(names) - set(region.nodes)
+        part = region.recipe.model_copy(
+            update={"nodes_to_exclude": tuple(sorted(others | set(recipe.nodes_to_exclude)))}
+        )
+        out = tmp / f"part{i}.onnx"
+        if part.kind == "dynamic":
+            _dynamic(model, part, out)
+            model = onnx.load(str(out))
+            continue
+        cache = calib if isinstance(calib, CalibrationCache) else CalibrationCache(prepared, calib)
+        _static(model, part, cache, out)
+        model = onnx.load(str(out))
+        if part.format == "QDQ":
+            float_outputs_for_float_readers(model, prepared.model)
+        else:
+            qgemm_float_outputs(model, prepared.model)
+        # Both quantizers name what they add after the tensor they quantize (a Flatten output ``f`` becomes
+        # ``f_quantized`` in either), so the next pass would define a name twice: tag this pass's names.
+        _tag_new_names(model, known, f"__p{i}")
+        known = _names(model)
+    return bytes(model.SerializeToString())
+
+
+def _names(model: onnx.ModelProto) -> set[str]:
+    g = model.graph
+    tensors = {t for n in g.node for t in (*n.input, *n.output)}
+    return tensors | {n.name for n in g.node} | {t.name for t in g.initializer} | {i.name for i in g.input}
+
+
+def _tag_new_names(model: onnx.ModelProto, known: set[str], tag: str) -> None:
+    """Append ``tag`` to every tensor and node name of the main graph not in ``known`` (graph inputs and outputs
+    keep theirs: callers feed and read them by name)."""
+    g = model.graph
+    keep = known | {i.name for i in g.input} | {o.name for o in g.output} | {""}
+
+    def new(name: str) -> str:
+        return name if name in keep else name + tag
+
+    for n in g.node:
+        n.input[:] = [new(t) for t in n.input]
+        n.output[:] = [new(t) for t in n.output]
+        n.name = new(n.name)
+    for t in g.initializer:
+        t.name = new(t.name)
+    for vi in g.value_info:
+        vi.name = new(vi.name)
 
 
 @contextlib.contextmanager
@@ -153,6 +216,9 @@ def _fp16(model: onnx.ModelProto) -> bytes:
 
 
 def _dynamic(model: onnx.ModelProto, r: Recipe, out: Path) -> None:
+    # The dynamic quantizer rewrites a Gemm ``g`` as MatMul ``g_MatMul`` + Add before it matches nodes_to_exclude:
+    # without the second name an excluded Gemm was quantized all the same.
+    excluded = [*r.nodes_to_exclude, *(f"{n}_MatMul" for n in r.nodes_to_exclude)]
     quantize_dynamic(
         model,
         out,
@@ -160,7 +226,7 @@ def _dynamic(model: onnx.ModelProto, r: Recipe, out: Path) -> None:
         per_channel=r.per_channel,
         reduce_range=r.reduce_range,
         weight_type=_QTYPE[r.weight_type],
-        nodes_to_exclude=list(r.nodes_to_exclude),
+        nodes_to_exclude=excluded,
         # Quantizing a MatMul between two activations would need a second dynamic range; not worth it on CPU.
         extra_options={"MatMulConstBOnly": True},
     )

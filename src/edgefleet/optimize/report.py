@@ -100,6 +100,9 @@ class CandidateReport(BaseModel):
     nodes_excluded: list[str] = Field(default_factory=list)
     sensitivity: list[NodeSensitivity] | None = Field(None, description="fallback ranking, for fallback candidates")
     derived_from: str | None = Field(None, description="the out-of-tolerance candidate a fallback started from")
+    eval_calls: int | None = Field(
+        None, description="eval calls it was scored on: fewer than all when screening found it far out of tolerance"
+    )
     time_s: float = 0.0
 
 
