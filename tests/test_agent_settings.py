@@ -31,6 +31,7 @@ CASES: dict[str, tuple[str | None, str, Any, str, Any]] = {
     "chipset": ("--chipset", "rk3308", "rk3308", "bcm2711", "bcm2711"),
     "memory_mb": ("--memory-mb", "256", 256, "512", 512),
     "intra_op_threads": ("--intra-op-threads", "3", 3, "2", 2),
+    "mqtt": ("--mqtt", "mqtt://env:1883", "mqtt://env:1883", "mqtt://flag", "mqtt://flag"),
     "queue_size": (None, "7", 7, "", None),
     "http_max_url_bytes": (None, "4096", 4096, "", None),
     "http_max_header_bytes": (None, "2048", 2048, "", None),

@@ -78,7 +78,8 @@ def populated(mlp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     call("PUT", "/models/{name}/release-policy", path={"name": "digits"}, json={"require_gate": True})
     call("PUT", "/models/{name}/release-policy", path={"name": "other"}, json={"require_bench": None})
     call("DELETE", "/models/{name}/release-policy", path={"name": "other"})
-    call("PUT", "/groups/{name}", path={"name": "lab"}, json={"channel": "stable", "config": {"checkin_interval_s": 5}})
+    lab = {"checkin_interval_s": 5, "remote_logs": True}
+    call("PUT", "/groups/{name}", path={"name": "lab"}, json={"channel": "stable", "config": lab})
     enrolled = call("POST", "/enrollment-tokens", json={"tier": "rpi4", "group": "lab"})
     assert enrolled["group"] == "lab"
     devs = [cp.device("rpi4", group="lab") for _ in range(3)]
@@ -95,6 +96,13 @@ def populated(mlp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     call("POST", "/devices/{device_id}/group", path=one, json={"group": "lab"})
     call("POST", "/devices/{device_id}/rotate-credential", path=one)
     call("POST", "/devices/{device_id}/rotate-key", path=one)
+    call("POST", "/devices/{device_id}/logs/request", path=one, json={"since_s": 600})
+    call("GET", "/devices/{device_id}/logs", path=one)  # asked, not answered yet
+    since = devs[0].desired()["send_logs_since"]
+    answer = {"since": since, "lines": ["2026-01-01T00:00:00Z INFO edgefleet.agent: hello"], "dropped": 0}
+    r = cp.http.post(f"/api/v1/devices/{devs[0].id}/logs", json=answer, headers=cp.h(devs[0].credential))
+    assert r.status_code == 204, r.text
+    call("GET", "/devices/{device_id}/logs", path=one)  # answered
     call("POST", "/groups/{name}/rotate-credential", path={"name": "lab"}, params={"key": "true"})
     call("PUT", "/groups/{name}", path={"name": "lab"}, json={"pinned_model": "digits", "pinned_version": "1.0.0"})
     call("PUT", "/groups/{name}", path={"name": "lab"}, json={"unpin": True})

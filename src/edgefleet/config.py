@@ -3,9 +3,41 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import unquote, urlsplit
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MQTT_PORT = 1883
+
+
+class MqttBroker(NamedTuple):
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+
+
+def mqtt_broker(url: str) -> MqttBroker:
+    """The broker of an ``mqtt://[user[:password]@]host[:port]`` URL (check-in nudges, docs/agent.md); a
+    ValueError names the expected form."""
+    u = urlsplit(url)
+    try:
+        port = MQTT_PORT if u.port is None else u.port
+    except ValueError:
+        port = 0
+    if u.scheme != "mqtt" or not u.hostname or not port or u.path not in ("", "/") or u.query or u.fragment:
+        # the URL itself is not echoed: it may carry a password
+        raise ValueError("not a broker URL: give mqtt://HOST[:PORT] (mqtt://USER:PASSWORD@HOST:PORT)")
+    user = unquote(u.username) if u.username else None
+    return MqttBroker(u.hostname, port, user, unquote(u.password) if u.password is not None else None)
+
+
+def _valid_mqtt(url: str | None) -> str | None:
+    if url is not None:
+        mqtt_broker(url)
+    return url
 
 
 class RuntimeSettings(BaseSettings):
@@ -45,6 +77,9 @@ class ServerSettings(BaseSettings):
     token_expires_s: float = Field(90 * 86400.0, gt=0, description="default lifetime of a new API token")
     cookie_secure: bool = Field(False, description="mark the sign-in cookie Secure even when the request is http")
     max_package_mb: float = Field(2048.0, gt=0, description="largest package upload accepted (413 above)")
+    mqtt: str | None = Field(None, description="mqtt://[USER:PASSWORD@]HOST[:PORT]: publish check-in nudges there")
+
+    _check_mqtt = field_validator("mqtt")(_valid_mqtt)
 
 
 class AgentSettings(BaseSettings):
@@ -67,6 +102,7 @@ class AgentSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8081
     checkin_interval_s: float = Field(30.0, ge=0.05)
+    mqtt: str | None = Field(None, description="mqtt://[USER:PASSWORD@]HOST[:PORT]: check in at once when nudged")
     telemetry_interval_s: float = Field(60.0, ge=0.05)
     buffer_max_records: int = Field(10_000, gt=0)
     tier: str | None = Field(
@@ -93,3 +129,5 @@ class AgentSettings(BaseSettings):
     http_max_tensor_bytes: int | None = Field(
         None, ge=1024, description="decoded inputs of one request; None: device memory / 8"
     )
+
+    _check_mqtt = field_validator("mqtt")(_valid_mqtt)

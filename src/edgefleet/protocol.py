@@ -47,6 +47,7 @@ __all__ = [
     "API_PREFIX",
     "MAX_CLOCK_AHEAD",
     "MAX_COUNT",
+    "MAX_LOG_LINES",
     "MAX_REPORT_BYTES",
     "AgentState",
     "CredentialResponse",
@@ -57,6 +58,7 @@ __all__ = [
     "EventKind",
     "Hardware",
     "KeyRotation",
+    "LogUpload",
     "MaintenanceWindow",
     "Report",
     "ReportResponse",
@@ -267,6 +269,7 @@ class DeviceConfig(_Wire):
     crash_loop_window_s: float = Field(60.0, gt=0, description="... within W seconds roll back")
     max_error_rate: float = Field(0.05, ge=0, le=1)
     p95_budget_ms: float | None = Field(None, gt=0, description="probation p95 budget; else the manifest's")
+    remote_logs: bool = Field(False, description="the group consents to operators reading its devices' log lines")
     # Delivery controls. Left out of the rendered document when unset (see controlplane/devices.py ``render``):
     # agents that predate them refuse unknown fields.
     download_rate_bps: int | None = Field(None, gt=0, description="cap on a package download's bytes per second")
@@ -300,6 +303,9 @@ class DesiredState(_Wire):
     wipe: bool = Field(
         False, description="decommissioned: delete identity, credential, keys and packages, then stop for good"
     )
+    send_logs_since: AwareDatetime | None = Field(
+        None, description="an operator asked for the log lines since then: POST /devices/{id}/logs (remote_logs)"
+    )
 
 
 class CredentialResponse(_Wire):
@@ -308,6 +314,18 @@ class CredentialResponse(_Wire):
 
 class KeyRotation(_Wire):
     public_key: PublicKeyHex
+
+
+MAX_LOG_LINES = 2000
+
+
+class LogUpload(_Wire):
+    """The agent's recent log lines, as an operator asked for them (``DesiredState.send_logs_since``), with the
+    device's secrets scrubbed; the newest :data:`MAX_LOG_LINES` when there were more (``dropped`` says how many)."""
+
+    since: AwareDatetime = Field(description="the order this answers: the desired state's send_logs_since")
+    lines: list[Str2000] = Field(default_factory=list, max_length=MAX_LOG_LINES)
+    dropped: Count = 0
 
 
 class AgentState(StrEnum):

@@ -44,6 +44,7 @@ from edgefleet.controlplane.schemas import (
     Device,
     DeviceDetail,
     DeviceKey,
+    DeviceLogs,
     EnrollmentToken,
     FleetKpis,
     Group,
@@ -329,6 +330,23 @@ class Devices(_Resource):
     @_op("POST", "/devices/{device_id}/rotate-key")
     def rotate_key(self, device_id: str) -> Device:
         return self._post("rotate-key", device_id)
+
+    @_op("POST", "/devices/{device_id}/logs/request")
+    def request_logs(self, device_id: str, *, since_s: float = 3600.0) -> DeviceLogs:
+        """Ask the device for its log lines of the last ``since_s`` seconds (its group must consent:
+        ``remote_logs`` in its configuration document); it answers on its next check-in (see :meth:`logs`)."""
+        return self._c.call(
+            "POST",
+            "/devices/{device_id}/logs/request",
+            DeviceLogs,
+            path_params={"device_id": device_id},
+            json={"since_s": since_s},
+        )
+
+    @_op("GET", "/devices/{device_id}/logs")
+    def logs(self, device_id: str) -> DeviceLogs:
+        """The device's latest upload of log lines, and whether a request is still open."""
+        return self._c.call("GET", "/devices/{device_id}/logs", DeviceLogs, path_params={"device_id": device_id})
 
 
 class Groups(_Resource):

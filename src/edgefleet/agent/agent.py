@@ -27,6 +27,7 @@ import logging
 import os
 import platform
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ from edgefleet.agent.durable import crashpoint
 from edgefleet.agent.edges import Clock, HealthCheck, SystemClock
 from edgefleet.agent.healthcheck import run_health_check
 from edgefleet.agent.httpserver import HTTPLimits, serve_http
+from edgefleet.agent.logring import LogRing
+from edgefleet.agent.nudge import NudgeListener, require_paho, sleep_or_nudge
 from edgefleet.agent.oip import OIPApp
 from edgefleet.agent.pipeline import MAX_UPDATE_ATTEMPTS, UpdatePipeline
 from edgefleet.agent.probation import ProbationStats, decide, latency_budget_ms
@@ -81,6 +84,7 @@ from edgefleet.protocol import (
     EnrollRequest,
     EventKind,
     Hardware,
+    LogUpload,
     Report,
     ServedModel,
     TelemetryWindow,
@@ -130,7 +134,10 @@ class Agent:
       timeout is only a wake-up (events wake it at once) and stays on the event loop's time.
 
     ``serve_http=False`` leaves out the local inference API; ``config`` is the device configuration to start with;
-    ``hardware`` is what enrollment reports (default: this machine's, with the settings' chipset, memory and tier).
+    ``hardware`` is what enrollment reports (default: this machine's, with the settings' chipset, memory and tier);
+    ``keep_logs`` keeps the process's ``edgefleet`` log lines for an operator who asks (default: when the agent
+    serves HTTP, i.e. is the device's own agent — agents embedded many to a process, as in the simulator, would
+    each keep every agent's lines).
     """
 
     def __init__(
@@ -144,6 +151,7 @@ class Agent:
         serve_http: bool = True,
         config: DeviceConfig | None = None,
         hardware: Hardware | None = None,
+        keep_logs: bool | None = None,
     ) -> None:
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
@@ -179,6 +187,8 @@ class Agent:
         self._offline_since: float | None = None
         self._upload_now = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._nudged = asyncio.Event()  # set from MQTT (agent/nudge.py): check in now
+        self.nudges: NudgeListener | None = None
         self._server: Any = None
         self._counted = (0, 0)
         self.pipeline = UpdatePipeline(self)
@@ -189,6 +199,10 @@ class Agent:
         self.exit_message: str | None = None
         self._refusals = 0  # check-ins refused in a row
         self._acted_on: str | None = None  # the ETag of the desired state whose rotation orders were carried out
+        # remote diagnostics: recent log lines in memory (agent/logring.py), sent only when asked and consented to
+        secrets = lambda: (self.settings.token or "", str(self.identity.get("credential") or ""))  # noqa: E731
+        self.logs = LogRing(secrets) if (serve_http if keep_logs is None else keep_logs) else None
+        self._logs_sent_for: datetime | None = None
 
     @property
     def stop_requested(self) -> asyncio.Event:
@@ -198,6 +212,10 @@ class Agent:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        if self.logs is not None:
+            logging.getLogger("edgefleet").addHandler(self.logs)
+        if self.settings.mqtt:
+            require_paho()  # one clear line now, not a warning in every check-in later
         loaded = self.store.load()
         self.state = recover(loaded)
         if self.state != loaded:
@@ -239,6 +257,8 @@ class Agent:
         tasks = [*self._tasks, *([self._update_task] if self._update_task else [])]
         for t in tasks:
             t.cancel()
+        if self.nudges is not None:
+            await asyncio.to_thread(self.nudges.stop)
         # Bounded: a task that swallowed its cancellation (a library awaiting with wait_for, say) is cancelled
         # again rather than awaited for ever; one still running after that is left behind, and said so.
         pending = set(tasks)
@@ -260,6 +280,8 @@ class Agent:
         if self.cp is not None:
             await self.cp.aclose()
         self.buffer.close()
+        if self.logs is not None:
+            logging.getLogger("edgefleet").removeHandler(self.logs)
         if identity.wipe_pending(self.data_dir):
             identity.finish_wipe(self.data_dir)
             log.warning("wiped %s", self.data_dir)
@@ -646,6 +668,23 @@ class Agent:
         self._refusals = 0
         self._etag, self.desired, self._acted_on = None, None, None
 
+    async def _send_logs(self, d: DesiredState) -> None:
+        """Answer an operator's request for this device's log lines, once per request, if its group consents."""
+        since = d.send_logs_since
+        if since is None or self._logs_sent_for == since:
+            return
+        assert self.cp is not None
+        self._logs_sent_for = since
+        if not self.config.remote_logs:  # the server checks consent too; a device does not rely on it alone
+            log.warning("the control plane asked for this device's log lines, but its group does not consent")
+            return
+        if self.logs is None:
+            lines, dropped = [f"this agent is embedded (keep_logs=False) and keeps no log lines; asked at {since}"], 0
+        else:
+            lines, dropped = self.logs.since(since)
+        await self.cp.upload_logs(LogUpload(since=since, lines=lines, dropped=dropped))
+        log.info("sent %d log line(s) since %s to the control plane, as an operator asked", len(lines), since)
+
     async def _lifecycle(self, d: DesiredState) -> bool:
         """Carry out the desired state's lifecycle orders; True when the agent is done (wiped)."""
         assert self.cp is not None
@@ -684,6 +723,7 @@ class Agent:
             try:
                 if self.cp.device_id is None:
                     await self._enroll(self.cp)
+                self._follow_nudges(self.cp)
                 try:
                     desired, self._etag = await self.cp.desired(self._etag)
                 except AuthError as err:
@@ -697,6 +737,8 @@ class Agent:
                 if desired is not None:
                     self._apply(desired)
                 d = self.desired
+                if d is not None and d.send_logs_since is not None:
+                    await self._send_logs(d)
                 if d is not None and (d.wipe or d.rotate_credential or d.rotate_key) and await self._lifecycle(d):
                     return
                 due = d is None or self.pipeline.retry_due(d)
@@ -710,7 +752,28 @@ class Agent:
                 raise
             except Exception:  # the loop that brings updates must outlive any one bad answer
                 log.exception("check-in failed unexpectedly; retrying")
-            await self.clock.sleep(jittered(self.config.checkin_interval_s))
+            if self.nudges is None:
+                await self.clock.sleep(jittered(self.config.checkin_interval_s))
+            else:
+                await sleep_or_nudge(self.clock.sleep(jittered(self.config.checkin_interval_s)), self._nudged)
+
+    def _follow_nudges(self, cp: ControlPlaneClient) -> None:
+        """Listen for nudges as this device: from its first check-in, and afresh when a re-enrollment changed its
+        id (docs/agent.md, "Nudges over MQTT")."""
+        if not self.settings.mqtt or cp.device_id is None:
+            return
+        if self.nudges is not None:
+            if self.nudges.device_id == cp.device_id:
+                return
+            self.nudges.stop()
+        self.nudges = NudgeListener(
+            self.settings.mqtt,
+            cp.device_id,
+            self.identity.get("tier"),
+            self._nudged.set,
+            loop=asyncio.get_running_loop(),
+        )
+        self.nudges.start()
 
     def _apply(self, desired: DesiredState) -> None:
         self.desired = desired

@@ -29,6 +29,7 @@ from edgefleet.protocol import (
     EnrollRequest,
     EnrollResponse,
     KeyRotation,
+    LogUpload,
     Report,
     ReportResponse,
 )
@@ -159,6 +160,15 @@ class ControlPlaneClient:
         """A new credential (the current one works until the new one is first used)."""
         r = await self._request("POST", f"/devices/{self.device_id}/credential", headers=self._auth())
         return CredentialResponse.model_validate_json(r.content).credential
+
+    async def upload_logs(self, upload: LogUpload) -> None:
+        """Send this device's log lines, answering the operator's open request."""
+        await self._request(
+            "POST",
+            f"/devices/{self.device_id}/logs",
+            content=upload.model_dump_json(),
+            headers={**self._auth(), "content-type": "application/json"},
+        )
 
     async def rotate_key(self, public_key: str) -> None:
         """Tell the control plane this device's new X25519 public key."""

@@ -39,7 +39,7 @@ _FIELD_OF = {
 _FLAG_OF = {field: option for option, field in _FIELD_OF.items()}
 # the AgentSettings fields `edgefleet agent` has a flag for; the others come from their variables only
 _FLAGGED = frozenset(
-    {"server", "token", "root", "ca_file", "insecure_http", "data_dir", "host", "port", "checkin_interval_s"}
+    {"server", "token", "root", "ca_file", "insecure_http", "data_dir", "host", "port", "checkin_interval_s", "mqtt"}
     | {"telemetry_interval_s", "memory_mb", "chipset", "tier", "intra_op_threads", "buffer_max_records"}
 )
 
@@ -67,13 +67,14 @@ def _setting_error(err: ValidationError) -> str:
     from edgefleet.config import AgentSettings
 
     first = err.errors()[0]
+    msg = str(first["msg"]).removeprefix("Value error, ")  # pydantic's prefix for a validator's own text
     name = str(first["loc"][0]) if first["loc"] else ""
     if name not in AgentSettings.model_fields:  # a variable read through an alias names itself
-        return f"{name}: {first['msg']}" if name else str(first["msg"])
+        return f"{name}: {msg}" if name else msg
     where = env_names(name)
     if name in _FLAGGED:
         where = ["--" + _FLAG_OF.get(name, name).replace("_", "-"), *where]
-    return f"{' / '.join(where)}: {first['msg']}"
+    return f"{' / '.join(where)}: {msg}"
 
 
 def agent_settings(ctx: typer.Context) -> AgentSettings:
@@ -170,6 +171,12 @@ def register(app: typer.Typer) -> None:
         buffer_max_records: int = option(
             "buffer_max_records", "--buffer-max-records", min=1, help="Telemetry buffer cap (records)."
         ),
+        mqtt: str | None = option(
+            "mqtt",
+            "--mqtt",
+            help="Check in at once when the control plane nudges this device through this MQTT broker, "
+            "mqtt://[USER:PASSWORD@]HOST[:PORT] (docs/agent.md) (default: none; polling only).",
+        ),
     ) -> None:
         """Run the device agent: serve the committed model, apply updates, report telemetry. Every setting can
         also come from its EDGEFLEET_AGENT_* variable (the server from EDGEFLEET_SERVER too); a flag beats it."""
@@ -184,6 +191,10 @@ def register(app: typer.Typer) -> None:
         verify_arg(settings.ca_file)
         if settings.root is not None and not settings.root.is_file():
             raise UsageError(f"--root {settings.root} does not exist")
+        if settings.mqtt:
+            from edgefleet.agent.nudge import require_paho
+
+            require_paho()
         setup_logging()
 
         async def main() -> int:

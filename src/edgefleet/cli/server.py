@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from edgefleet.cli._output import cell, console, escape, print_json, wire
+from edgefleet.cli._output import cell, console, err_console, escape, print_json, wire
 from edgefleet.cli.connection import client
 from edgefleet.cli.evidence import attach_evidence, judged_package, print_release, read_bench_report, read_gate_verdict
 from edgefleet.durations import parse_duration
@@ -110,6 +110,12 @@ def server(
         help="Behind a TLS-terminating proxy: trust X-Forwarded-* headers from these addresses (comma-separated, "
         "or *) (default: none trusted).",
     ),
+    mqtt: str = typer.Option(
+        None,
+        "--mqtt",
+        help="Publish check-in nudges to this broker, mqtt://[USER:PASSWORD@]HOST[:PORT] (docs/controlplane.md) "
+        "(default: none; devices learn changes at their next poll).",
+    ),
     log_level: LogLevel = typer.Option(
         LogLevel.info, "--log-level", case_sensitive=False, help="Least severe log record written to stderr."
     ),
@@ -139,6 +145,7 @@ def server(
         "tls_cert": tls_cert,
         "tls_key": tls_key,
         "forwarded_allow_ips": forwarded_allow_ips,
+        "mqtt": mqtt,
     }
     from pydantic import ValidationError
 
@@ -247,6 +254,59 @@ def devices_show(device_id: str, server_: str = ServerOpt, token: str = TokenOpt
         print_json(doc)
     else:
         _fields(doc, title=f"device {escape(device_id)}")
+
+
+@devices_app.command("logs")
+def devices_logs(
+    device_id: str,
+    since: str = typer.Option("1h", "--since", help="How far back the lines go, e.g. 30m, 2h."),
+    wait: str = typer.Option("2m", "--wait", help="How long to wait for the device's answer (its next check-in)."),
+    last: bool = typer.Option(False, "--last", help="Show the latest upload without asking the device again."),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """A device's recent log lines (its secrets scrubbed on the device). Asks the device, which answers on its next
+    check-in; its group must consent (`remote_logs` in the group's configuration document). Audited."""
+    import time
+
+    from edgefleet.errors import EdgefleetError
+
+    since_s = parse_duration(since, flag="--since", allow_zero=False)
+    wait_s = parse_duration(wait, flag="--wait")
+    with client(server_, token) as c:
+        if last:
+            got = c.devices.logs(device_id)
+        else:
+            asked = c.devices.request_logs(device_id, since_s=since_s)
+            err_console.print(
+                f"asked device {device_id} for its log lines of the last {since}; waiting up to {wait} for its "
+                "next check-in",
+                markup=False,
+                highlight=False,
+            )
+            deadline = time.monotonic() + wait_s
+            while True:
+                got = c.devices.logs(device_id)
+                if got.upload is not None and got.upload.requested_at == asked.requested_at:
+                    break
+                if time.monotonic() >= deadline:
+                    raise EdgefleetError(
+                        f"device {device_id} did not answer within {wait} (it answers on its next check-in: "
+                        f"`edgefleet devices show {device_id}` says when it was last seen); the request stays open, "
+                        f"`edgefleet devices logs {device_id} --last` shows the answer once it comes"
+                    )
+                time.sleep(1.0)
+    if json_:
+        print_json(wire(got))
+        return
+    if got.upload is None:
+        console.print(f"device {device_id} has sent no log lines yet", markup=False, highlight=False)
+        return
+    for line in got.upload.lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if got.upload.dropped:
+        err_console.print(f"({got.upload.dropped} older line(s) left out)", markup=False, highlight=False)
 
 
 @devices_app.command("keys")

@@ -27,7 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from edgefleet import __version__
 from edgefleet.config import ServerSettings
-from edgefleet.controlplane import api, apidocs, dashboard, errors, loops
+from edgefleet.controlplane import api, apidocs, dashboard, errors, loops, nudge
 from edgefleet.controlplane.api import checkin
 from edgefleet.controlplane.auth import (
     MATRIX,
@@ -135,6 +135,7 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
     for warning in store.repo.warnings:  # where root keys sit (docs/security/keys.md)
         log.warning("%s", warning)
     store.sync()
+    store.nudger = nudge.from_url(settings.mqtt)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -151,6 +152,8 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             store.flush_and_sync()
+            if store.nudger is not None:
+                store.nudger.close()
             db.dispose()
 
     app = FastAPI(

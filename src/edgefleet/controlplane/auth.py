@@ -71,6 +71,7 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("GET", f"{A}/devices/{{device_id}}/desired"): Access.device,
     ("POST", f"{A}/devices/{{device_id}}/report"): Access.device,
     ("POST", f"{A}/devices/{{device_id}}/credential"): Access.device,
+    ("POST", f"{A}/devices/{{device_id}}/logs"): Access.device,
     ("POST", f"{A}/devices/{{device_id}}/key"): Access.device,
     ("GET", "/metrics"): Access.viewer,
     ("GET", f"{A}/whoami"): Access.viewer,
@@ -96,6 +97,9 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("POST", f"{A}/devices/{{device_id}}/decommission"): Access.operator,
     ("POST", f"{A}/devices/{{device_id}}/rotate-credential"): Access.operator,
     ("POST", f"{A}/devices/{{device_id}}/rotate-key"): Access.operator,
+    # a device's log lines may say more than its inventory: operators ask for and read them, both audited
+    ("POST", f"{A}/devices/{{device_id}}/logs/request"): Access.operator,
+    ("GET", f"{A}/devices/{{device_id}}/logs"): Access.operator,
     ("POST", f"{A}/groups/{{name}}/rotate-credential"): Access.operator,
     ("PUT", f"{A}/groups/{{name}}"): Access.operator,
     ("POST", f"{A}/packages"): Access.operator,

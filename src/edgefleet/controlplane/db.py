@@ -38,6 +38,7 @@ __all__ = [
     "Database",
     "Device",
     "DeviceGroup",
+    "DeviceLog",
     "EnrollmentToken",
     "ModelVersion",
     "ReleasePolicyRow",
@@ -210,6 +211,22 @@ class Device(Base):
     pending_credential_hash: Mapped[str | None] = mapped_column(String(64), default=None, unique=True, index=True)
     key_rotation_requested_at: Mapped[datetime | None] = mapped_column(default=None)
     previous_public_key: Mapped[str | None] = mapped_column(String(64), default=None)
+    # remote diagnostics: an operator's open request for the log lines since ``logs_since`` (cleared on upload)
+    logs_requested_at: Mapped[datetime | None] = mapped_column(default=None)
+    logs_since: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class DeviceLog(Base):
+    """One upload of a device's log lines, answering an operator's request (secrets scrubbed on the device)."""
+
+    __tablename__ = "device_logs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id"), index=True)
+    requested_at: Mapped[datetime | None] = mapped_column(default=None)
+    since: Mapped[datetime]
+    uploaded_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lines: Mapped[list[Any]] = mapped_column(default=list)
+    dropped: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class ReportBatch(Base):

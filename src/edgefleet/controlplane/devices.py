@@ -14,7 +14,7 @@ import hashlib
 import json
 import secrets
 from collections.abc import Mapping
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session
 
 from edgefleet.bench.tiers import TierProfile, default_tiers, emulation_reason
 from edgefleet.controlplane.credentials import hash_secret, new_secret
-from edgefleet.controlplane.db import Device, DeviceGroup, EnrollmentToken, ModelVersion, utcnow
+from edgefleet.controlplane.db import Device, DeviceGroup, DeviceLog, EnrollmentToken, ModelVersion, utcnow
 from edgefleet.errors import AuthError, ConflictError, NotFoundError
-from edgefleet.protocol import DesiredState, DeviceConfig, EnrollRequest, Hardware
+from edgefleet.protocol import DesiredState, DeviceConfig, EnrollRequest, Hardware, LogUpload
 
 __all__ = [
     "CLOCK_SKEW_S",
@@ -362,6 +362,53 @@ def set_public_key(s: Session, device_id: str, public_key: str) -> Device:
     return d
 
 
+def request_logs(s: Session, device_id: str, since: datetime) -> Device:
+    """Ask a device for its log lines since ``since``: the order goes out with its next desired state. Only for a
+    device whose group consents (its configuration document's ``remote_logs``): operators do not read what a
+    group has not agreed to show."""
+    d = _live(s, device_id)
+    group = s.get(DeviceGroup, d.group) if d.group else None
+    if group is None or not DeviceConfig.model_validate(group.config or {}).remote_logs:
+        where = f"group {d.group}" if d.group else "no group"
+        raise ConflictError(
+            f"device {device_id} is in {where}, which has not consented to remote logs: set remote_logs in the "
+            "group's configuration document (PUT /api/v1/groups/NAME) to allow it"
+        )
+    now = utcnow()
+    d.logs_requested_at, d.logs_since, d.changed_at = now, since, now
+    return d
+
+
+def store_logs(s: Session, device_id: str, upload: LogUpload) -> DeviceLog:
+    """Keep a device's answer to the open request it names; a device cannot send log lines nobody asked for."""
+    d = _live(s, device_id)
+    if d.logs_requested_at is None or d.logs_since is None or _instant(d.logs_since) != _instant(upload.since):
+        raise ConflictError(f"device {device_id} has no open request for log lines since {upload.since.isoformat()}")
+    row = DeviceLog(
+        device_id=device_id,
+        requested_at=d.logs_requested_at,
+        since=upload.since,
+        lines=list(upload.lines),
+        dropped=upload.dropped,
+    )
+    s.add(row)
+    d.logs_requested_at = d.logs_since = None
+    d.changed_at = utcnow()
+    return row
+
+
+def latest_logs(s: Session, device_id: str) -> tuple[Device, DeviceLog | None]:
+    d = get_device(s, device_id)
+    row = s.scalars(
+        select(DeviceLog).where(DeviceLog.device_id == device_id).order_by(DeviceLog.id.desc()).limit(1)
+    ).first()
+    return d, row
+
+
+def _instant(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
 def upsert_group(
     s: Session,
     name: str,
@@ -428,16 +475,18 @@ def desired_state(d: Device, group: DeviceGroup | None, versions: dict[tuple[str
         config=config,
         rotate_credential=d.credential_rotation_requested_at is not None,
         rotate_key=d.key_rotation_requested_at is not None,
+        send_logs_since=_instant(d.logs_since) if d.logs_requested_at is not None and d.logs_since else None,
         wipe=d.decommissioned_at is not None,
     )
 
 
-_LIFECYCLE = ("rotate_credential", "rotate_key", "wipe")
+_LIFECYCLE = ("rotate_credential", "rotate_key", "wipe", "send_logs_since")
 _DELIVERY_UNSET: dict[str, object] = {
     "download_rate_bps": None,
     "download_stagger_s": 0.0,
     "maintenance_windows": [],
     "timezone": None,
+    "remote_logs": False,
 }
 
 

@@ -242,6 +242,21 @@ class DeviceDetail(Device):
     )
 
 
+class LogsUpload(_Out):
+    requested_at: str | None
+    since: str
+    uploaded_at: str
+    lines: list[str] = Field(description="the device's log lines, oldest first, its secrets scrubbed on the device")
+    dropped: int = Field(description="older lines left out: the device keeps and sends at most 2000")
+
+
+class DeviceLogs(_Out):
+    device_id: str
+    requested_at: str | None = Field(description="the open request, if any: the device answers on its next check-in")
+    pending: bool
+    upload: LogsUpload | None = Field(description="the latest answer (none yet: null)")
+
+
 class DeviceKey(_Out):
     device_id: str
     tier: str

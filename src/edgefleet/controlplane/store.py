@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Iterable
 
 from edgefleet.config import ServerSettings
+from edgefleet.controlplane import nudge
 from edgefleet.controlplane.checkin_cache import CheckinCache, flush_seen
 from edgefleet.controlplane.db import Database
 from edgefleet.controlplane.repo_service import RepoService
@@ -21,24 +22,35 @@ class Store:
         self.repo = repo
         self.cache = CheckinCache()
         self._wake: asyncio.Event | None = None
+        # check-in nudges over MQTT (controlplane/nudge.py); None: devices learn changes at their next poll
+        self.nudger: nudge.Nudger | None = None
 
     def refresh(self, device_ids: Iterable[str]) -> None:
         """Recompute the check-in cache for devices this process just changed (committed already)."""
         ids = list(device_ids)
         if ids:
+            before = nudge.etags(self.cache.entries, ids) if self.nudger is not None else {}
             with self.db.session() as s:
                 self.cache.load(s, ids)
+                if self.nudger is not None:
+                    self.nudger.after_refresh(s, before, nudge.etags(self.cache.entries, ids))
 
-    def sync(self) -> None:
+    def sync(self, *, nudge_changed: bool = True) -> None:
+        """Pick up every change since the last sync; ``nudge_changed``: this process made them (a write that
+        changes a whole group), so it nudges their devices. The periodic sync does not: the replica that wrote a
+        change nudges for it, once."""
+        before = nudge.etags(self.cache.entries) if nudge_changed and self.nudger is not None else {}
         with self.db.session() as s:
             self.cache.sync(s)
+            if before and self.nudger is not None:
+                self.nudger.after_refresh(s, before, nudge.etags(self.cache.entries))
 
     def flush_and_sync(self) -> None:
         seen = self.cache.take_seen()
         if seen:
             with self.db.session() as s:
                 flush_seen(s, seen)
-        self.sync()
+        self.sync(nudge_changed=False)
 
     def bind_loop(self) -> None:
         self._wake = asyncio.Event()

@@ -41,6 +41,7 @@ from edgefleet.protocol import (
     EnrollRequest,
     EnrollResponse,
     KeyRotation,
+    LogUpload,
     Report,
     ReportResponse,
     validation_message,
@@ -308,6 +309,30 @@ async def rotate_key(device_id: str, body: KeyRotation, request: Request) -> Key
 
     await run_in_threadpool(record)
     return KeyRotation(public_key=body.public_key)
+
+
+@router.post(
+    "/devices/{device_id}/logs",
+    status_code=204,
+    responses={**_AUTH_RESPONSES, 409: {"description": "no open request for these lines, or the device is retired"}},
+    openapi_extra=_DEVICE_SECURITY,
+)
+async def upload_logs(device_id: str, body: LogUpload, request: Request) -> Response:
+    """The calling device's log lines, answering the operator's open request (``send_logs_since``)."""
+    store = context_of(request).store
+    await _entry(store, device_id, bearer(request))
+
+    def record() -> None:
+        with store.db.session() as s:
+            row = devices.store_logs(s, device_id, body)
+            s.flush()
+            audit.record(
+                s, f"device:{device_id}", "device.logs_uploaded", device_id, lines=len(body.lines), upload=row.id
+            )
+        store.refresh([device_id])
+
+    await run_in_threadpool(record)
+    return Response(status_code=204)
 
 
 def _refused(store: Store, device_id: str, reason: str) -> None:

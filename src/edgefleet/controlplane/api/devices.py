@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -131,3 +132,49 @@ def set_device_group(device_id: str, body: DeviceGroupBody, request: Request, ct
     return _device_change(
         request, ctx, device_id, "device.group", lambda s: devices.set_group(s, device_id, body.group), group=body.group
     )
+
+
+class LogsRequestBody(_In):
+    since_s: float = Field(3600.0, gt=0, le=30 * 86400, description="how far back the lines go, in seconds")
+
+
+@router.post("/devices/{device_id}/logs/request", response_model=schemas.DeviceLogs, tags=["devices"], **_OUT)
+def request_device_logs(device_id: str, body: LogsRequestBody, request: Request, ctx: Context) -> dict[str, Any]:
+    """Ask the device for its recent log lines (its group must consent: ``remote_logs`` in its configuration
+    document). The order goes out with its next desired state; the lines arrive with its answer (GET …/logs)."""
+    st = ctx.store
+    with st.db.session() as s:
+        d = devices.request_logs(s, device_id, utcnow() - timedelta(seconds=body.since_s))
+        audit.record(s, _who(request).actor, "device.logs_request", device_id, since_s=body.since_s)
+        out = _logs_dict(d, None)
+    st.refresh([device_id])
+    return out
+
+
+@router.get("/devices/{device_id}/logs", response_model=schemas.DeviceLogs, tags=["devices"], **_OUT)
+def device_logs(device_id: str, request: Request, ctx: Context) -> dict[str, Any]:
+    """The device's latest upload of log lines, and whether a request is still open. Reading them is audited."""
+    with ctx.store.db.session() as s:
+        d, row = devices.latest_logs(s, device_id)
+        audit.record(s, _who(request).actor, "device.logs_read", device_id, upload=row.id if row else None)
+        return _logs_dict(d, row)
+
+
+def _logs_dict(d: Any, row: Any) -> dict[str, Any]:
+    def iso(t: Any) -> str | None:
+        return t.isoformat() if t is not None else None
+
+    return {
+        "device_id": d.id,
+        "requested_at": iso(d.logs_requested_at),
+        "pending": d.logs_requested_at is not None,
+        "upload": None
+        if row is None
+        else {
+            "requested_at": iso(row.requested_at),
+            "since": iso(row.since),
+            "uploaded_at": iso(row.uploaded_at),
+            "lines": list(row.lines),
+            "dropped": row.dropped,
+        },
+    }
