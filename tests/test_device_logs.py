@@ -53,6 +53,19 @@ def test_the_ring_keeps_recent_lines_and_sends_the_newest_within_the_cap() -> No
     assert ring.since(datetime.now(UTC) + timedelta(seconds=1)) == ([], 0)
 
 
+class _LosesFirstUpload(httpx.AsyncBaseTransport):
+    """The link loses the device's first upload of log lines (the rest reaches the control plane)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner, self.lost = inner, 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path.endswith("/logs") and not self.lost:
+            self.lost += 1
+            raise httpx.ConnectError("the link dropped the upload (test)", request=request)
+        return await self.inner.handle_async_request(request)
+
+
 @pytest.fixture
 @starts_processes
 def fleet(tmp_path: Path) -> Any:
@@ -69,9 +82,10 @@ def test_an_operator_reads_a_consenting_devices_logs(
     caplog.set_level(logging.INFO, logger="edgefleet")  # as `edgefleet agent` logs: its info lines are kept too
     token = fleet.enrollment_token()
     conf = settings(tmp_path / "dev", "http://control-plane.test", token)
+    link = _LosesFirstUpload(fleet.transport())  # a lost upload is sent again on the next check-in
 
     async def go() -> tuple[dict[str, Any], str, tuple[int, str, str]]:
-        async with running(conf, transport=fleet.transport(), backend_factory=InProcessBackend, keep_logs=True) as a:
+        async with running(conf, transport=link, backend_factory=InProcessBackend, keep_logs=True) as a:
             await until(lambda: fleet.device_ids() and a.identity.get("credential"), 30, "enrollment")
             dev = fleet.device_ids()[0]
             credential = str(a.identity["credential"])
@@ -114,6 +128,7 @@ def test_an_operator_reads_a_consenting_devices_logs(
             return got, credential, cli
 
     got, credential, (code, out, err) = asyncio.run(go())
+    assert link.lost == 1
     lines = got["upload"]["lines"]
     assert not got["pending"] and any("enrolled as" in line for line in lines), lines
     careless = next(line for line in lines if "debug: token" in line)

@@ -674,8 +674,8 @@ class Agent:
         if since is None or self._logs_sent_for == since:
             return
         assert self.cp is not None
-        self._logs_sent_for = since
         if not self.config.remote_logs:  # the server checks consent too; a device does not rely on it alone
+            self._logs_sent_for = since
             log.warning("the control plane asked for this device's log lines, but its group does not consent")
             return
         if self.logs is None:
@@ -683,6 +683,7 @@ class Agent:
         else:
             lines, dropped = self.logs.since(since)
         await self.cp.upload_logs(LogUpload(since=since, lines=lines, dropped=dropped))
+        self._logs_sent_for = since  # only once it arrived: a failed upload is tried again on the next check-in
         log.info("sent %d log line(s) since %s to the control plane, as an operator asked", len(lines), since)
 
     async def _lifecycle(self, d: DesiredState) -> bool:
