@@ -79,7 +79,10 @@ def test_an_operator_reads_a_consenting_devices_logs(
 ) -> None:
     from edgefleet.agent import InProcessBackend
 
-    caplog.set_level(logging.INFO, logger="edgefleet")  # as `edgefleet agent` logs: its info lines are kept too
+    # as `edgefleet agent` logs: its info lines are kept too (set on the agent's logger itself, whatever level
+    # another test left there)
+    caplog.set_level(logging.INFO, logger="edgefleet")
+    caplog.set_level(logging.INFO, logger="edgefleet.agent")
     token = fleet.enrollment_token()
     conf = settings(tmp_path / "dev", "http://control-plane.test", token)
     link = _LosesFirstUpload(fleet.transport())  # a lost upload is sent again on the next check-in

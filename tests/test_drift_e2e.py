@@ -42,9 +42,9 @@ def _drift_rows(fleet_doc: dict[str, Any], version: str) -> list[dict[str, Any]]
 @pytest.mark.process
 @pytest.mark.timeout(300)
 def test_shifted_inputs_show_as_fleet_drift_and_halt_a_rollout(
-    tmp_path: Path, mlp_path: Path, digits: examples.Digits
+    tmp_path: Path, mlp_path: Path, digits: examples.Digits, caplog: pytest.LogCaptureFixture
 ) -> None:
-    logging.getLogger("edgefleet.agent").setLevel(logging.CRITICAL)
+    caplog.set_level(logging.CRITICAL, logger="edgefleet.agent")  # quiet, and restored for the tests after this
     samples = CallData({"X": digits.x_train[:32, None, :]})
     reference = CallData({"X": digits.x_test[:, None, :]})
     pkgs = {

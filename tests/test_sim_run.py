@@ -39,8 +39,10 @@ async def _until(pred: Callable[[], Awaitable[bool]], timeout: float) -> bool:
 
 @pytest.mark.process
 @pytest.mark.timeout(240)
-def test_every_fault_kind_with_full_and_lightweight_agents(tmp_path: Path, mlp_path: Path) -> None:
-    logging.getLogger("edgefleet.agent").setLevel(logging.CRITICAL)
+def test_every_fault_kind_with_full_and_lightweight_agents(
+    tmp_path: Path, mlp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.CRITICAL, logger="edgefleet.agent")  # quiet, and restored for the tests after this
     pkg = build_package(
         mlp_path,
         tmp_path / "digits-1.0.0.efpkg",

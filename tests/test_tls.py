@@ -388,6 +388,7 @@ def nginx_server_block(docs: str) -> str:
     raise AssertionError("docs/security/tls.md has no complete nginx server block")
 
 
+@pytest.mark.process
 def test_nginx_terminates_tls_in_front_of_the_control_plane(tmp_path: Path) -> None:
     nginx = shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None

@@ -545,8 +545,14 @@ def run_demo(o: DemoOptions, say: Say) -> dict[str, Any]:
     st.run("gate", gate)
     pkgs = {v: pk / f"digits-{v}.efpkg" for v in ("1.0.0", "2.0.0", "3.0.0")}
     # the lightweight agents log through this process; their events reach the server, the console stays readable
-    logging.getLogger("edgefleet.agent").setLevel(logging.CRITICAL)
-    summary = asyncio.run(_fleet_part(o, work, st, pkgs, say))
+    # (the level is put back afterwards: the demo may run inside a longer-lived process, a test session say)
+    agent_log = logging.getLogger("edgefleet.agent")
+    level = agent_log.level
+    agent_log.setLevel(logging.CRITICAL)
+    try:
+        summary = asyncio.run(_fleet_part(o, work, st, pkgs, say))
+    finally:
+        agent_log.setLevel(level)
     summary["stage_seconds"] = st.times
     summary["total_seconds"] = round(time.monotonic() - t0, 1)
     return summary
