@@ -50,9 +50,11 @@ browser-deps:
 	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
 
 # Debian's packages the tests run for real: promtool (prometheus) checks and unit-tests deploy/prometheus/
-# (tests/test_alerts.py); nginx terminates TLS in front of the server in the recipe of docs/security/tls.md.
+# (tests/test_alerts.py); nginx terminates TLS in front of the server in the recipe of docs/security/tls.md;
+# haproxy balances two replicas (deploy/haproxy, tests/test_scale_out.py).
 system-deps:
-	(command -v promtool && command -v nginx) >/dev/null || (apt-get update -q && apt-get install -y -q prometheus nginx)
+	(command -v promtool && command -v nginx && command -v haproxy) >/dev/null || \
+		(apt-get update -q && apt-get install -y -q prometheus nginx haproxy)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

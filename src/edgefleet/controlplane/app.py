@@ -21,7 +21,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request, Security
 from pydantic.json_schema import models_json_schema
 from sqlalchemy import or_, select
-from starlette.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
@@ -47,6 +48,8 @@ from edgefleet.controlplane.store import Store
 from edgefleet.protocol import Report
 
 __all__ = ["admin_token_path", "create_app"]
+
+READY_TIMEOUT_S = 3.0  # a database slower than this to answer SELECT 1 makes the replica not ready
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +175,19 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
 
     @app.get("/healthz", tags=["meta"])
     async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
         return {"status": "ok", "version": __version__}
+
+    @app.get("/health/ready", tags=["meta"], responses={503: {"description": "the database does not answer"}})
+    async def ready() -> JSONResponse:
+        """Readiness, for a load balancer: this replica reaches its database within a few seconds. A replica that
+        does not still answers check-ins from memory, but should get no operator traffic or reports."""
+        try:
+            await asyncio.wait_for(run_in_threadpool(store.db.ping), READY_TIMEOUT_S)
+        except Exception as exc:  # whatever the driver raises, or the timeout: not ready, and why
+            why = (str(exc).splitlines() or [""])[0][:200] or type(exc).__name__
+            return JSONResponse({"status": "not ready", "reason": f"database: {why}"}, status_code=503)
+        return JSONResponse({"status": "ready", "version": __version__})
 
     @app.get(
         "/metrics",

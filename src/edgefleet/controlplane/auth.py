@@ -62,6 +62,7 @@ A = "/api/v1"
 # (method, path template) → access. Mounts use method "MOUNT".
 MATRIX: dict[tuple[str, str], Access] = {
     ("GET", "/healthz"): Access.public,
+    ("GET", "/health/ready"): Access.public,
     ("GET", "/openapi.json"): Access.public,
     ("GET", "/docs"): Access.public,
     ("GET", "/docs/oauth2-redirect"): Access.public,

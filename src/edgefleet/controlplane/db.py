@@ -24,6 +24,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -369,6 +370,9 @@ def normalize_url(url: str) -> str:
     return url
 
 
+CONNECT_TIMEOUT_S = 5
+
+
 class Database:
     """Engine + session factory. ``is_sqlite`` tells the reconciler it runs as the single writer."""
 
@@ -380,10 +384,18 @@ class Database:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 10}
         else:
             kwargs["pool_pre_ping"] = True
+            # a database that does not answer fails a request in seconds (503, and /health/ready says so) instead
+            # of holding it, and a worker thread, for the kernel's TCP timeout
+            kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
         self.engine: Engine = create_engine(self.url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def ping(self) -> None:
+        """One round trip to the database; raises what the driver raises when it cannot."""
+        with self.engine.connect() as c:
+            c.execute(text("SELECT 1"))
 
     @contextmanager
     def session(self) -> Iterator[Session]:

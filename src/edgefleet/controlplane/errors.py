@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 
 from edgefleet import errors as e
 
-__all__ = ["STATUS", "install", "status_for"]
+__all__ = ["DB_UNAVAILABLE", "STATUS", "install", "status_for"]
+
+log = logging.getLogger("edgefleet.controlplane")
 
 # Most specific first: the first family an error belongs to decides.
 STATUS: list[tuple[type[e.EdgefleetError], int]] = [
@@ -60,6 +64,27 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+DB_UNAVAILABLE = "the control plane's database is unavailable; retry later"
+RETRY_AFTER_S = 5
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """A database that is down or unreachable is the server's trouble, and passing: 503 with Retry-After (a device
+    keeps its report and sends it again; a load balancer's readiness probe says the same), never a 500 that reads
+    like a bug. What the driver said goes to the log, not to the client."""
+    first = (str(exc).splitlines() or [""])[0][:300]
+    where = f"{request.method} {request.url.path}"
+    log.error("database unavailable answering %s: %s: %s", where, type(exc).__name__, first)
+    return JSONResponse(
+        {"detail": DB_UNAVAILABLE, "error": "DatabaseUnavailable"},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(e.EdgefleetError, _handle)
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    # connection refused, dropped or timed out, and a pool with no connection to give: not a constraint or a bug
+    for family in (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError):
+        app.add_exception_handler(family, _database_unavailable)
