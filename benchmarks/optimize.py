@@ -8,7 +8,10 @@ Latency is measured as the agent serves: the host tier's ``intra_op_threads`` (1
 has an embedding output, so it runs with ``cosine`` (the default metric would refuse to guess). Silero VAD (the
 pretrained model the ``silero-vad`` wheel ships) runs twice: per call on the recorded states (``cosine``), and as
 deployed — closed loop over a stream, each model fed its own state (``--state state=stateN``), judged on its
-speech/no-speech decisions (``agreement``).
+speech/no-speech decisions (``agreement``). PP-OCRv4's text recognizer (the ``rapidocr-onnxruntime`` wheel ships it;
+``pip install --no-deps rapidocr-onnxruntime`` — only its .onnx file is read, so its runtime dependencies are not
+needed) reads lines of handwritten digits from scikit-learn's data set and is judged with ``ctc``: the decoded
+sequences, not per-time-step argmax (skipped with the reason when the wheel is absent).
 
     .venv/bin/python benchmarks/optimize.py [--budget 120]
 """
@@ -16,6 +19,7 @@ speech/no-speech decisions (``agreement``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 import time
@@ -62,7 +66,36 @@ def _cases(d: examples.Digits) -> list[Case]:
             ("silero-closed", vad, CallData(calib, streams=np.zeros(300, np.int64)),
              CallData(stream, streams=np.zeros(300, np.int64)), "agreement", ["state=stateN"])
         )  # fmt: skip
+    rec = _ppocr_rec()
+    if rec is None:
+        print("ppocr-rec: skipped (pip install --no-deps rapidocr-onnxruntime to include it)", flush=True)
+    else:
+        cases.append(("ppocr-rec", rec, _digit_lines(d, 64, seed=0), _digit_lines(d, 64, seed=1), "ctc", None))
     return cases
+
+
+def _ppocr_rec() -> Path | None:
+    """PP-OCRv4's recognizer from the ``rapidocr-onnxruntime`` wheel, found without importing the package (its
+    ``__init__`` needs OpenCV, which reading the model does not)."""
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        p = Path(loc) / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+        if p.is_file():
+            return p
+    return None
+
+
+def _digit_lines(d: examples.Digits, n: int, seed: int, digits: int = 8) -> CallData:
+    """Text lines for the recognizer: ``digits`` handwritten digits side by side, dark on white, 48 pixels high
+    (each 8x8 digit scaled x5), normalized as PP-OCR expects ((x / 255 - 0.5) / 0.5), three channels."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n):
+        img = np.full((48, digits * 40), 255.0)
+        for k, i in enumerate(rng.integers(0, len(d.x_test), digits)):
+            img[4:44, k * 40 : (k + 1) * 40] = 255 - np.kron(d.x_test[i].reshape(8, 8), np.ones((5, 5))) * 255 / 16
+        lines.append(np.repeat(((img / 255 - 0.5) / 0.5)[None, None], 3, axis=1).astype(np.float32))
+    return CallData({"x": np.stack(lines)})
 
 
 def _row(name: str, r: OptimizeReport, wall: float) -> tuple[str, bool]:
