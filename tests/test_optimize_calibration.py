@@ -33,6 +33,7 @@ from edgefleet.optimize.calibration import (
     calibration_indices,
     limit_calls,
 )
+from edgefleet.optimize.candidates import Region
 from edgefleet.optimize.prepare import PreparedModel, prepare
 from edgefleet.optimize.quantize import (
     build_candidate,
@@ -139,7 +140,7 @@ def test_ranges_computed_once_per_method(
     ]
     report = optimize(
         digits_cnn(digits), calib, ev, tmp_path / "out.onnx", metric="cosine", max_accuracy_drop=0.0,
-        recipes=recipes, time_budget_s=120, max_fallback_iterations=3, compare_latency=_verdict(1.0),
+        recipes=recipes, time_budget_s=120, max_fallback_iterations=3, compare_latency=_verdict(0.8),
     )  # fmt: skip
     built = [c for c in report.candidates if c.recipe.kind == "static"]
     assert all(c.status != "failed" for c in built), [c.reason for c in built if c.status == "failed"]
@@ -289,3 +290,25 @@ def test_calibration_summary() -> None:
     assert calibration_summary(16, 40, 16) == "calibration: 16 of 40 calls (--calib-limit 16)"
     assert calibration_summary(10, 10, 16) == "calibration: 10 of 10 calls"
     assert calibration_summary(12, None, None) == "calibration: 12 calls"  # a report written before the field
+
+
+def test_a_histogram_pass_the_budget_cannot_hold_is_skipped_with_its_estimate(digits: examples.Digits) -> None:
+    """Entropy and percentile keep a histogram of every tensor: on a large model the first pass took minutes and
+    broke the time budget. Once the minmax pass is timed, a histogram pass estimated past what the accuracy phase has
+    left is skipped, and the reason gives the estimate; a method already computed costs nothing more."""
+    from edgefleet.optimize.prepare import prepare
+
+    x = digits.x_train.reshape(-1, 1, 1, 8, 8)
+    cache = calibration.CalibrationCache(prepare(digits_cnn(digits)), CallData({"X": x[:16]}))
+    entropy = Recipe(kind="static", calibration="entropy")
+    minmax = Recipe(kind="static")
+    assert optimize_api.calibration_too_slow(entropy, cache, 1.0) is None, "nothing timed yet: nothing to say"
+    cache.ranges(minmax)
+    assert set(cache.seconds) == {"minmax"}
+    cache.seconds["minmax"] = 3.0  # as if the model were large: the estimate is HISTOGRAM_COST times this
+    why = optimize_api.calibration_too_slow(entropy, cache, 30.0)
+    assert why is not None and "entropy calibration estimated at 60 s" in why and "30 s left" in why, why
+    assert optimize_api.calibration_too_slow(entropy, cache, 61.0) is None
+    assert optimize_api.calibration_too_slow(minmax, cache, 0.5) is None, "computed already"
+    mixed = Recipe(kind="mixed", regions=(Region(recipe=entropy, nodes=("a",)),))
+    assert optimize_api.calibration_too_slow(mixed, cache, 30.0) is not None, "a mixed recipe's static part counts"

@@ -5,9 +5,12 @@ model) or closer to float (quantized model), and must not touch a pair that carr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet import examples
@@ -107,3 +110,24 @@ def test_last_gemm_writes_float_and_relus_are_kept(digits: examples.Digits) -> N
         # The hidden Relus still act (dropping the pair that carries a folded Relu would break accuracy).
         assert np.mean(np.argmax(out[1], axis=1) == np.argmax(ref, axis=1)) > 0.97, fmt
         np.testing.assert_allclose(out[1].sum(axis=1), 1.0, rtol=1e-4)
+
+
+def test_preparation_leaves_the_working_directory_clean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime saves a debugging copy of a model whose symbolic shape inference is incomplete (an op it does not
+    know) into the current directory, weights and all: preparing must not leave it in the user's directory."""
+    w = numpy_helper.from_array(np.ones((8, 8), np.float32), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Mystery", ["h"], ["y"], domain="example.custom", name="mystery"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])], [w],
+    )  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.custom", 1)]
+    )
+    monkeypatch.chdir(tmp_path)
+    prepared = prepare(model.SerializeToString())
+    assert any("symbolic inference failed" in n for n in prepared.notes), prepared.notes
+    assert list(tmp_path.iterdir()) == []

@@ -156,6 +156,18 @@ def test_time_paired_reports_the_time_budget() -> None:
     assert run.stopped_by == "time_budget"
 
 
+def test_time_paired_keeps_its_budget_before_min_pairs() -> None:
+    """A slow model (1 s a call here) cannot reach 300 pairs in a 10 s budget: the budget wins, and the comparison
+    of the few pairs measured is inconclusive rather than a verdict."""
+    clock = _FakeClock()
+    run = time_paired(
+        _workload(clock, 1.0, 5), _workload(clock, 0.5, 6), clock=clock, time_budget_s=10.0, min_pairs=300, warmup=2
+    )
+    assert run.stopped_by == "time_budget"
+    assert len(run.baseline_s) <= 8, "stopped within one pair of the budget"
+    assert run.comparison.verdict == "inconclusive"
+
+
 def test_mann_whitney_greater_matches_scipy() -> None:
     scipy_stats = pytest.importorskip("scipy.stats")  # scikit-learn's dependency; not a runtime one
     from edgefleet.bench.stats import mann_whitney_greater

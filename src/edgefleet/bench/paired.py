@@ -37,7 +37,8 @@ def time_paired(
     """Alternate the order within each pair (AB, BA, ...) so neither arm always runs on a warmer cache.
 
     Stops when the verdict is decided with a CI narrower than the thresholds allow to flip it, at ``max_pairs``,
-    or at ``time_budget_s``; ``stopped_by`` says which."""
+    or at ``time_budget_s`` (warm-up excluded; checked after every pair, so also before ``min_pairs``);
+    ``stopped_by`` says which."""
     for _ in range(warmup):
         baseline()
         candidate()
@@ -64,10 +65,13 @@ def time_paired(
             c.append(t1 - t0)
             b.append(t2 - t1)
         i += 1
+        # The budget holds from the first pair on, before ``min_pairs`` too: with a slow model 300 pairs can take
+        # several times the budget. Stopped short, the comparison says so itself (inconclusive under its minimum
+        # of pairs, else a CI as wide as the pairs allow).
+        if clock() - start > time_budget_s:
+            stopped_by = "time_budget"
+            break
         if i >= min_pairs and i % check_every == 0:
-            if clock() - start > time_budget_s:
-                stopped_by = "time_budget"
-                break
             cmp = paired_compare(b, c, slower_threshold=slower_threshold, faster_threshold=faster_threshold, n_boot=500)
             if cmp.ci_low is not None and cmp.ci_high is not None and _decided(cmp):
                 stopped_by = "precision"

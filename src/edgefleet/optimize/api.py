@@ -27,7 +27,13 @@ from edgefleet.bench.tiers import TierProfile, get_tier, host_isa_features
 from edgefleet.config import RuntimeSettings
 from edgefleet.data import CallData
 from edgefleet.errors import DataError, EdgefleetError, ModelError
-from edgefleet.optimize.calibration import DEFAULT_CALIB_LIMIT, CalibrationCache, check_calib_limit, limit_calls
+from edgefleet.optimize.calibration import (
+    DEFAULT_CALIB_LIMIT,
+    HISTOGRAM_COST,
+    CalibrationCache,
+    check_calib_limit,
+    limit_calls,
+)
 from edgefleet.optimize.candidates import Recipe, recipe_space
 from edgefleet.optimize.candidates import prune as prune_recipes
 from edgefleet.optimize.default_metric import default_metric, output_facts
@@ -70,6 +76,10 @@ __all__ = ["CompareLatency", "Progress", "host_tier", "model_input_names", "opti
 Progress = Callable[[str, float], None]  # (what is happening, fraction of the time budget spent)
 # (input session, candidate session, one call's feed, seconds it may take) -> candidate vs input verdict.
 CompareLatency = Callable[[OrtSession, OrtSession, dict[str, np.ndarray], float], LatencyResult]
+# A fallback start is searched only when a short A/B (PROBE_S seconds) puts its median ratio below FASTER_BELOW,
+# the bound a confirmed "faster" verdict needs (bench.stats.paired_compare's default threshold).
+PROBE_S = 1.5
+FASTER_BELOW = 0.97
 
 
 def host_tier() -> TierProfile:
@@ -205,6 +215,21 @@ class _Run:
         out[self.screen] = screened
         out[rest] = evaluate_calls(session, self.eval.subset(rest), self.output, self.state)
         return out
+
+
+def calibration_too_slow(recipe: Recipe, cache: CalibrationCache, left_s: float) -> str | None:
+    """Why ``recipe`` is skipped: its calibration method's first pass is estimated to take longer than the
+    ``left_s`` seconds the accuracy phase has left (a histogram pass on a large model can take minutes)."""
+    statics = [recipe] if recipe.kind == "static" else [g.recipe for g in recipe.regions if g.recipe.kind == "static"]
+    for method in {r.calibration for r in statics}:
+        est = cache.estimate_s(method)
+        if est is not None and est > left_s:
+            return (
+                f"time budget: {method} calibration estimated at {est:.0f} s ({HISTOGRAM_COST:.0f} x the "
+                f"{cache.seconds.get('minmax', 0.0):.1f} s minmax pass), "
+                f"more than the {max(left_s, 0):.0f} s left to evaluate"
+            )
+    return None
 
 
 def _since(t0: float) -> float:
@@ -369,6 +394,10 @@ def optimize(
         if clock.elapsed > time_budget_s * 0.5:
             cands.append(CandidateReport(name=r.name, recipe=r, status="skipped", reason="time budget"))
             continue
+        too_slow = calibration_too_slow(r, run.calibration, time_budget_s * 0.5 - clock.elapsed)
+        if too_slow:
+            cands.append(CandidateReport(name=r.name, recipe=r, status="skipped", reason=too_slow))
+            continue
         note(f"evaluating {r.name} ({i + 1}/{len(kept)})", clock.elapsed / time_budget_s)
         cands.append(evaluate(r))
 
@@ -394,7 +423,11 @@ def optimize(
     fallback_reason = ""
     sensitive: list[str] = []
     reserve = latency_budget_s * 3  # the confirmation A/Bs still need time after the search
-    for start in [c for c in cands if c.within_tolerance is False and c.recipe.kind != "float"]:
+    starts = [c for c in cands if c.within_tolerance is False and c.recipe.kind != "float"]
+    # Closest to tolerance first: the search ends when the budget does, and a candidate that lost a third of the
+    # metric needs far more nodes in float (and keeps less of its speed) than one just over the line.
+    starts.sort(key=lambda c: -(c.metrics.overall if c.metrics is not None else -np.inf))
+    for start in starts:
         if clock.left() <= reserve:
             fallback_reason = fallback_reason or "no time left in the budget for the fallback search"
             break
@@ -411,6 +444,12 @@ def optimize(
         try:
             start_bytes = build_candidate(prepared, start.recipe, run.calibration)
         except QuantizeFailed:
+            continue
+        # Keeping nodes in float never makes a candidate faster than it is with all of them quantized: one not
+        # measured faster than the input now is not worth a search (a short A/B, a fraction of the budget).
+        probe = ab(original, OrtSession(start_bytes, settings), feed, min(latency_budget_s, PROBE_S))
+        if probe.median_ratio is None or probe.median_ratio >= FASTER_BELOW:
+            start.reason += f"; fallback: not searched, not faster with every node quantized ({probe.reason})"
             continue
         fb = search(
             prepared,

@@ -140,8 +140,10 @@ def _pre_process(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
         ]
         for label, kwargs in attempts:
             try:
-                # quant_pre_process prints and logs freely; keep the user's terminal clean.
-                with contextlib.redirect_stdout(io.StringIO()):
+                # quant_pre_process prints and logs freely; keep the user's terminal clean. When symbolic shape
+                # inference comes out incomplete, onnxruntime saves a debugging copy of the model (and its weights,
+                # as <uuid>.data) into the current directory: run it in ours, which goes away.
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.chdir(tmp):
                     quant_pre_process(str(src), str(dst), **kwargs)
                 notes.append(f"pre-processed with ORT graph optimization and {label}")
                 return onnx.load(str(dst))

@@ -1,0 +1,125 @@
+"""The fallback search's decisions, with the evaluation injected: which nodes it keeps in float and how many trials
+it spends. A model with many quantized nodes whose culprits sit anywhere must be rescued in logarithmically many
+trials, and every node that can be quantized again is (the speed of a node kept in float is lost)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgefleet.data import CallData
+from edgefleet.optimize.candidates import Recipe
+from edgefleet.optimize.evaluate import MetricValues
+from edgefleet.optimize.fallback import _needed, search
+from edgefleet.optimize.prepare import PreparedModel, compute_nodes, prepare
+from edgefleet.optimize.report import CandidateReport, OpCoverage
+
+
+def _chain(n: int) -> PreparedModel:
+    """``n`` MatMuls in a row: n quantizable nodes in graph order."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), f"w{i}") for i in range(n)]
+    nodes = [
+        helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], [f"h{i}"], name=f"mm{i}")
+        for i in range(n)
+    ]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info(f"h{n - 1}", TensorProto.FLOAT, [1, 8])], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return prepare(model.SerializeToString())
+
+
+class Oracle:
+    """Within tolerance exactly when every culprit is kept in float; the score falls with each culprit quantized."""
+
+    def __init__(self, culprits: set[str]) -> None:
+        self.culprits = culprits
+        self.trials: list[tuple[str, ...]] = []
+
+    def __call__(self, recipe: Recipe) -> CandidateReport:
+        self.trials.append(recipe.nodes_to_exclude)
+        missed = len(self.culprits - set(recipe.nodes_to_exclude))
+        return CandidateReport(
+            name=recipe.name, recipe=recipe, status="out_of_tolerance" if missed else "qualified",
+            metrics=MetricValues(metric="agreement", overall=1.0 - 0.05 * missed), within_tolerance=not missed,
+            nodes_excluded=list(recipe.nodes_to_exclude),
+        )  # fmt: skip
+
+
+def _start(prepared: PreparedModel, oracle: Oracle) -> CandidateReport:
+    recipe = Recipe(kind="dynamic", op_types=("MatMul",))
+    start = oracle(recipe)
+    start.op_coverage = OpCoverage(quantized=[n.name for n in compute_nodes(prepared.model)])
+    return start
+
+
+@pytest.mark.parametrize("culprits", [{"mm39"}, {"mm3", "mm30"}, {"mm0"}, {"mm17", "mm18", "mm19"}])
+def test_culprits_anywhere_are_kept_in_float_and_nothing_else(culprits: set[str]) -> None:
+    prepared = _chain(40)
+    oracle = Oracle(culprits)
+    start = _start(prepared, oracle)
+    oracle.trials.clear()
+    result = search(
+        prepared, start, b"", oracle, CallData({"x": np.zeros((1, 1, 8), np.float32)}),
+        max_iterations=40, time_left=lambda: math.inf,
+    )  # fmt: skip
+    assert result.best is not None and result.best.within_tolerance
+    assert set(result.best.nodes_excluded) == culprits, "every node that can be quantized again is"
+    # leave-one-out over all 40 nodes alone would cost 40 trials, greedily adding one at a time more still
+    assert len(oracle.trials) <= 13 + 6 * len(culprits), len(oracle.trials)
+
+
+def test_the_iteration_cap_is_kept_and_the_best_so_far_is_within_tolerance() -> None:
+    prepared = _chain(40)
+    oracle = Oracle({"mm5", "mm33"})
+    start = _start(prepared, oracle)
+    oracle.trials.clear()
+    result = search(
+        prepared, start, b"", oracle, CallData({"x": np.zeros((1, 1, 8), np.float32)}),
+        max_iterations=10, time_left=lambda: math.inf,
+    )  # fmt: skip
+    assert len(oracle.trials) == 10
+    assert result.best is not None and result.best.within_tolerance, "doubling reached a passing set in time"
+    assert {"mm5", "mm33"} <= set(result.best.nodes_excluded)
+
+
+def test_no_time_no_trial() -> None:
+    prepared = _chain(6)
+    oracle = Oracle({"mm2"})
+    start = _start(prepared, oracle)
+    oracle.trials.clear()
+    result = search(
+        prepared, start, b"", oracle, CallData({"x": np.zeros((1, 1, 8), np.float32)}),
+        max_iterations=12, time_left=lambda: 0.0,
+    )  # fmt: skip
+    assert oracle.trials == [] and result.best is None
+    assert result.reason == "no fallback trial fit in the time budget"
+
+
+@pytest.mark.parametrize("culprits", [{"c"}, {"a", "h"}, {"b", "c"}, set("abcdefgh")])
+def test_needed_keeps_exactly_the_culprits_and_every_trial_is_one_it_needs(culprits: set[str]) -> None:
+    calls: list[list[str]] = []
+
+    def trial(excluded: list[str]) -> bool:
+        calls.append(excluded)
+        return culprits <= set(excluded)
+
+    assert set(_needed([], list("abcdefgh"), trial, lambda: False)) == culprits
+    assert len(calls) <= 2 * len(culprits) * 3 + 1
+
+
+def test_needed_stops_when_spent_and_keeps_what_is_in_question() -> None:
+    calls: list[list[str]] = []
+
+    def trial(excluded: list[str]) -> bool:
+        calls.append(excluded)
+        return "g" in excluded
+
+    kept = _needed([], list("abcdefgh"), trial, lambda: len(calls) >= 1)
+    assert len(calls) == 1
+    assert "g" in kept and trial(kept), "what the trials could not clear stays in float: still within tolerance"
