@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[all,dev]'
-	# A real pretrained ONNX model shipped inside a wheel (Silero VAD). Its runtime deps (torch) are not
-	# needed to read the .onnx file, so it is installed without them.
-	$(BIN)/pip install -q --no-deps -c constraints.txt silero-vad
+	# Real pretrained models shipped inside wheels: Silero VAD (ONNX) and MediaPipe's face detector (.tflite, for
+	# the LiteRT tests). Their runtime deps (torch, mediapipe's) are not needed to read the model files, so they
+	# are installed without them; nothing imports them.
+	$(BIN)/pip install -q --no-deps -c constraints.txt silero-vad mediapipe
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -86,7 +86,8 @@ class CP:
     def __init__(self, tmp: Path, db_url: str, *, edge: Callable[[ASGIApp], ASGIApp] | None = None) -> None:
         """``edge`` wraps the app that the loopback server serves (a faulty link, say); ``self.app`` stays the
         app itself."""
-        self.settings = ServerSettings(db=db_url, repo=tmp / "repo", overdue_after_s=3600)
+        # No deltas unless a test turns them on (``store.repo.deltas``): the update tests count full-package bytes.
+        self.settings = ServerSettings(db=db_url, repo=tmp / "repo", overdue_after_s=3600, repo_deltas=0)
         self.app: FastAPI = create_app(self.settings)
         self.admin = (tmp / "admin-token").read_text().strip()
         self.store = self.app.state.context.store

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from _cp_support import CP
 from conftest import starts_processes
 from edgefleet.agent.metrics import OUTCOMES, AgentMetrics
+from edgefleet.controlplane.metrics import CHECKIN_ANSWERS
 from edgefleet.controlplane.rollout import RolloutState
 from edgefleet.telemetry.drift import PSI_ALERT
 
@@ -164,6 +165,23 @@ def test_matchers_reads_every_label_matcher() -> None:
         ("b_total", "outcome", "=~", "x|y"),
         ("b_total", "job", "!=", "z"),
     ]
+
+
+def test_each_checkin_answer_is_answered_refused_or_failed_and_alerted_on_as_such() -> None:
+    """Every status the server counts check-ins under belongs to exactly one of the check-in alerts: a new answer
+    has to be placed before it is exported."""
+
+    def answers(alert: str) -> set[str]:
+        (rule,) = [r for r in _rules() if r["alert"] == alert]
+        found = [v for m, k, _, v in matchers(rule["expr"]) if m == "edgefleet_checkins_total" and k == "answer"]
+        assert found, f"{alert} reads no answer of edgefleet_checkins_total"
+        return {a for v in found for a in v.split("|")}
+
+    answered = answers("EdgefleetCheckinsStopped")
+    failed = answers("EdgefleetCheckinErrors")
+    refused = answers("EdgefleetCheckinsRefused")
+    assert (answered, refused, failed) == ({"200", "304"}, {"401", "403"}, {"500", "503"})
+    assert answered | refused | failed == set(CHECKIN_ANSWERS)
 
 
 def _exported(text: str) -> dict[str, dict[str, set[str]]]:

@@ -78,7 +78,7 @@ def populated(mlp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     call("PUT", "/models/{name}/release-policy", path={"name": "digits"}, json={"require_gate": True})
     call("PUT", "/models/{name}/release-policy", path={"name": "other"}, json={"require_bench": None})
     call("DELETE", "/models/{name}/release-policy", path={"name": "other"})
-    lab = {"checkin_interval_s": 5, "remote_logs": True}
+    lab = {"checkin_interval_s": 5, "remote_logs": True, "crash_reports": True}
     call("PUT", "/groups/{name}", path={"name": "lab"}, json={"channel": "stable", "config": lab})
     enrolled = call("POST", "/enrollment-tokens", json={"tier": "rpi4", "group": "lab"})
     assert enrolled["group"] == "lab"
@@ -103,6 +103,12 @@ def populated(mlp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     r = cp.http.post(f"/api/v1/devices/{devs[0].id}/logs", json=answer, headers=cp.h(devs[0].credential))
     assert r.status_code == 204, r.text
     call("GET", "/devices/{device_id}/logs", path=one)  # answered
+    crash = {"crash_id": "c1", "at": since, "reason": "worker exited (exit -11)", "exit_code": -11, "signal": "SIGSEGV"}
+    r = cp.http.post(
+        f"/api/v1/devices/{devs[0].id}/crashes", json={"reports": [crash]}, headers=cp.h(devs[0].credential)
+    )
+    assert r.status_code == 200, r.text
+    call("GET", "/devices/{device_id}/crashes", path=one)
     call("POST", "/groups/{name}/rotate-credential", path={"name": "lab"}, params={"key": "true"})
     call("PUT", "/groups/{name}", path={"name": "lab"}, json={"pinned_model": "digits", "pinned_version": "1.0.0"})
     call("PUT", "/groups/{name}", path={"name": "lab"}, json={"unpin": True})

@@ -139,3 +139,53 @@ def test_a_staged_version_waits_for_the_window_then_switches(
             )
 
     asyncio.run(go())
+
+
+def _step_at(fleet: Fleet, rollout_id: str, now: datetime) -> tuple[str, str]:
+    """One reconciler step of the rollout as if at ``now``: its (state, reason) after."""
+    from edgefleet.controlplane.db import Rollout
+    from edgefleet.controlplane.reconciler import step
+
+    with fleet.store.db.session() as s:
+        r = s.get(Rollout, rollout_id)
+        assert r is not None
+        step(s, r, "test", now=now)
+        return r.state, r.reason or ""
+
+
+def test_a_wave_bakes_from_the_switch_not_from_the_move(
+    fleet: Fleet, tmp_path: Path, mlp_path: Path, digits: Any
+) -> None:
+    """A rollout's wave whose device holds the new version for its window has not begun to bake: hours after the
+    move it is still waiting (never paused as "inconclusive at the bake deadline"), and once the device switches
+    the bake counts from that switch."""
+    from edgefleet.agent import InProcessBackend
+    from edgefleet.controlplane.db import utcnow
+
+    fleet.publish(*make_packages(mlp_path, digits.x_test, tmp_path / "pkgs", ["1.0.0", "2.0.0"]).values())
+    sat = recent_saturday()
+    clock = SetClock(at(sat, 12))
+    conf = settings(tmp_path / "dev", "http://control-plane.test", fleet.enrollment_token())
+    fast: dict[str, Any] = {"probation_seconds": 0.2, "probation_requests": 1000}
+
+    async def go() -> None:
+        async with running(conf, transport=fleet.transport(), clock=clock, backend_factory=InProcessBackend) as a:
+            await until(lambda: fleet.device_ids(), 30, "enrollment")
+            await asyncio.to_thread(fleet.pin, "1.0.0", maintenance_windows=["daily 02:00-04:00"], **fast)
+            await until(lambda: a.state.committed is not None, 60, "v1 committed")
+            rid = await asyncio.to_thread(fleet.rollout, "2.0.0")  # one wave, bake 3600 s
+            await until(lambda: "waiting for the maintenance window" in (a.state.reason or ""), 60, "the wait")
+            state, reason = await asyncio.to_thread(_step_at, fleet, rid, utcnow() + timedelta(hours=2))
+            # not "paused: inconclusive at bake deadline": two hours after the move, the wave has not begun to bake
+            assert state == "running" and reason.startswith("wave 0 inconclusive: need 1 committed"), reason
+            clock.wall = at(sat, 26, 5)  # the window opens: the device switches
+            await until(
+                lambda: a.state.committed is not None and a.state.committed.version == "2.0.0", 60, "v2 committed"
+            )
+            await until(lambda: ("committed", "2.0.0") in [(k, v) for k, v, _ in fleet.events()], 30, "the event")
+            state, reason = await asyncio.to_thread(_step_at, fleet, rid, utcnow() + timedelta(minutes=10))
+            assert state == "running" and reason.startswith("wave 0 baking ("), reason
+            baked = float(reason.split("(")[1].split("/")[0])
+            assert 595 <= baked <= 660, reason
+
+    asyncio.run(go())

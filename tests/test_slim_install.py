@@ -22,7 +22,7 @@ from edgefleet import examples
 
 pytestmark = pytest.mark.process
 
-# What `pip install edgefleet` (no extras) does not bring: the `server`, `tools` and `demo` extras.
+# What `pip install edgefleet` (no extras) does not bring: the `server`, `tools`, `demo` and `s3` extras.
 NOT_ON_A_DEVICE = (
     "fastapi",
     "starlette",
@@ -34,6 +34,8 @@ NOT_ON_A_DEVICE = (
     "cyclonedx",
     "sklearn",
     "skl2onnx",
+    "boto3",  # the `s3` extra: a device reads a repository in a bucket over plain HTTP(S)
+    "botocore",
 )
 
 _HOOK = f"""

@@ -34,7 +34,8 @@ def __getattr__(name: str) -> Any:
 
 
 def load(path: str | os.PathLike[str], *, device_key: Any = None, settings: Any = None) -> Model:
-    """Load a ``.efpkg`` package (verified; decrypted with ``device_key`` if encrypted) or a ``.onnx`` file."""
+    """Load a ``.efpkg`` package (verified; decrypted with ``device_key`` if encrypted) or a bare model file: ``.onnx``,
+    ``.tflite`` (LiteRT) or an OpenVINO IR ``.xml`` with its ``.bin`` beside it."""
     from pathlib import Path  # here, not at import: the lean inference worker imports this package (ADR 0032)
 
     p = Path(path)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MQTT_PORT = 1883
+# Raw telemetry windows and update events are what a rollout's waves are judged on (per device, since the wave
+# began): they must outlive the longest bake, so no retention below a day is accepted (docs/controlplane.md).
+RETENTION_FLOOR_S = 86_400.0
 
 
 class MqttBroker(NamedTuple):
@@ -58,6 +61,22 @@ class ServerSettings(BaseSettings):
 
     db: str = Field("sqlite:///edgefleet.db", description="SQLAlchemy URL; sqlite or postgresql+psycopg")
     repo: Path = Field(Path("tuf-repo"), description="TUF repository folder the server signs and serves")
+    repo_s3: str | None = Field(
+        None,
+        pattern="^s3://[^/]+",
+        description="s3://BUCKET[/PREFIX]: sign the repository into object storage instead of the `repo` folder "
+        "(`repo = s3://...` lands here); needs repo_keys",
+    )
+    repo_keys: Path | None = Field(None, description="folder of the online signing keys [<repo>/keys]")
+    repo_deltas: int = Field(
+        3, ge=0, le=100, description="each upload also publishes deltas from this many previous versions (0: none)"
+    )
+    repository_url: str | None = Field(
+        None,
+        pattern="^https?://",
+        description="base URL devices fetch the repository from (a CDN, the bucket's public endpoint) "
+        "[<public_url>/tuf]",
+    )
     host: str = "127.0.0.1"
     port: int = 8700
     admin_token: str | None = Field(None, description="bootstrap admin API token (else one is generated)")
@@ -78,8 +97,35 @@ class ServerSettings(BaseSettings):
     cookie_secure: bool = Field(False, description="mark the sign-in cookie Secure even when the request is http")
     max_package_mb: float = Field(2048.0, gt=0, description="largest package upload accepted (413 above)")
     mqtt: str | None = Field(None, description="mqtt://[USER:PASSWORD@]HOST[:PORT]: publish check-in nudges there")
+    telemetry_retention_s: float = Field(
+        14 * 86_400.0, description="raw telemetry windows and report batches are deleted this long after arrival"
+    )
+    events_retention_s: float = Field(14 * 86_400.0, description="update events are deleted this long after arrival")
+    rollup_retention_s: float = Field(
+        400 * 86_400.0, description="5-minute telemetry rollups (what the KPIs read) are kept this long"
+    )
+    prune_interval_s: float = Field(3600.0, gt=0, description="how often one replica runs the retention prune")
 
     _check_mqtt = field_validator("mqtt")(_valid_mqtt)
+
+    @field_validator("telemetry_retention_s", "events_retention_s", "rollup_retention_s")
+    @classmethod
+    def _retention_floor(cls, v: float) -> float:
+        if not v >= RETENTION_FLOOR_S:
+            raise ValueError(
+                f"{v:g} s is shorter than {RETENTION_FLOOR_S:g} s (a day): rollouts judge their waves on the raw "
+                "windows and events of each device, which must outlive the longest bake"
+            )
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _repo_in_object_storage(cls, data: Any) -> Any:
+        # `--repo s3://...` or EDGEFLEET_REPO=s3://...: a Path would fold the "//" and name a local folder "s3:"
+        if isinstance(data, dict) and str(data.get("repo", "")).startswith("s3://"):
+            data = dict(data)
+            data.setdefault("repo_s3", data.pop("repo"))
+        return data
 
 
 class AgentSettings(BaseSettings):

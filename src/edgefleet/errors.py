@@ -22,7 +22,8 @@ Exit codes (``docs/cli.md`` holds the same table)::
     │   ├── ConfigError                 settings / policy / tier files that break their schema
     │   └── DataError                   .npz data that does not fit the model
     ├── ModelError                      a model that cannot be loaded or run (exit 2)
-    │   └── InputValidationError        an input of the wrong name, dtype or shape
+    │   ├── InputValidationError        an input of the wrong name, dtype or shape
+    │   └── RuntimeUnavailable          the runtime the model needs (litert, openvino) is not installed here
     ├── PackageError                    a .efpkg that is corrupt, breaks the schema or cannot be decrypted (exit 2)
     │   ├── ManifestError
     │   ├── DecryptionError
@@ -94,6 +95,10 @@ class ModelError(EdgefleetError):
 
 
 class InputValidationError(ModelError):
+    pass
+
+
+class RuntimeUnavailable(ModelError):
     pass
 
 

@@ -7,6 +7,9 @@
   credential; the old one keeps working until the new one is first used (asked for by ``rotate_credential``).
 * ``POST /api/v1/devices/{id}/key`` — :class:`KeyRotation` → :class:`KeyRotation`: the device's new X25519
   public key (asked for by ``rotate_key``).
+* ``POST /api/v1/devices/{id}/crashes`` — :class:`CrashUpload` → :class:`CrashUploadResponse`: the device's
+  worker crash reports (only for a group that consents, ``DeviceConfig.crash_reports``; 409 otherwise). Idempotent
+  by ``crash_id``; a body over :data:`MAX_CRASH_UPLOAD_BYTES` is 413, one these models refuse 422; nothing stored.
 * ``POST /api/v1/devices/{id}/report`` — :class:`Report` → :class:`ReportResponse`. Idempotent by ``batch_id``:
   the server stores each batch once and answers with the ids it has, so a lost answer or a restart mid-upload
   never duplicates or drops data. A body over :data:`MAX_REPORT_BYTES` is refused with 413, a report these
@@ -47,9 +50,15 @@ __all__ = [
     "API_PREFIX",
     "MAX_CLOCK_AHEAD",
     "MAX_COUNT",
+    "MAX_CRASH_REPORTS",
+    "MAX_CRASH_UPLOAD_BYTES",
+    "MAX_FAULT_CHARS",
     "MAX_LOG_LINES",
     "MAX_REPORT_BYTES",
     "AgentState",
+    "CrashReport",
+    "CrashUpload",
+    "CrashUploadResponse",
     "CredentialResponse",
     "DesiredState",
     "DeviceConfig",
@@ -162,6 +171,15 @@ class Hardware(_Wire):
         "simulator): enrollment then needs a token of that tier, the device is labelled emulated, and its "
         "reports never make a compatibility cell verified",
     )
+    runtimes: dict[Str64, Str64] | None = Field(
+        None,
+        max_length=16,
+        description="the runtimes the agent can load a model in, name → version (onnxruntime, litert, openvino); "
+        "null: onnxruntime alone, at runtime_version",
+    )
+    execution_providers: list[Str64] | None = Field(
+        None, max_length=32, description="the onnxruntime execution providers this device has; null: not reported"
+    )
 
 
 PublicKeyHex = Annotated[
@@ -270,6 +288,9 @@ class DeviceConfig(_Wire):
     max_error_rate: float = Field(0.05, ge=0, le=1)
     p95_budget_ms: float | None = Field(None, gt=0, description="probation p95 budget; else the manifest's")
     remote_logs: bool = Field(False, description="the group consents to operators reading its devices' log lines")
+    crash_reports: bool = Field(
+        False, description="the group consents to its devices uploading their worker crash reports"
+    )
     # Delivery controls. Left out of the rendered document when unset (see controlplane/devices.py ``render``):
     # agents that predate them refuse unknown fields.
     download_rate_bps: int | None = Field(None, gt=0, description="cap on a package download's bytes per second")
@@ -306,6 +327,12 @@ class DesiredState(_Wire):
     send_logs_since: AwareDatetime | None = Field(
         None, description="an operator asked for the log lines since then: POST /devices/{id}/logs (remote_logs)"
     )
+    repository_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="base URL of the TUF repository when the server names one (object storage, a CDN): it "
+        "replaces the one the enrollment answer gave, so moving the repository reaches every device",
+    )
 
 
 class CredentialResponse(_Wire):
@@ -326,6 +353,45 @@ class LogUpload(_Wire):
     since: AwareDatetime = Field(description="the order this answers: the desired state's send_logs_since")
     lines: list[Str2000] = Field(default_factory=list, max_length=MAX_LOG_LINES)
     dropped: Count = 0
+
+
+MAX_CRASH_REPORTS = 20  # per upload, and what a device keeps
+MAX_FAULT_CHARS = 16 * 1024  # the tail of a worker's faulthandler traceback
+MAX_CRASH_UPLOAD_BYTES = 2 * 1024 * 1024  # MAX_CRASH_REPORTS full tracebacks, even at 4 bytes a character
+
+
+class CrashReport(_Wire):
+    """One unexpected end of the inference worker, as the agent saw it: how it ended, the Python traceback
+    faulthandler wrote on a fatal signal (none for SIGKILL, which cannot be caught), the worker's last sampled
+    RSS and the model it served. No inputs or outputs: nothing of what the model was asked."""
+
+    crash_id: Id
+    at: Timestamp = Field(description="the device's clock when the agent saw the worker end")
+    reason: Str2000 = Field(description="the supervisor's account, as in the worker_crashed event")
+    exit_code: int | None = Field(None, ge=-255, le=255, description="negative: ended by that signal")
+    signal: Str64 | None = Field(None, description="the signal's name when a signal ended it (SIGSEGV, ...)")
+    fault: Annotated[str, StringConstraints(max_length=MAX_FAULT_CHARS), AfterValidator(_storable)] = Field(
+        "", description="faulthandler's traceback (its tail), the device's secrets scrubbed"
+    )
+    fault_dropped: Count = Field(0, description="characters cut from the head of the traceback")
+    rss_bytes: int | None = Field(None, ge=0, le=MAX_RSS_BYTES, description="the worker's last sampled RSS")
+    rss_age_s: float | None = Field(None, ge=0, le=86400 * 366, description="how long before the end it was sampled")
+    uptime_s: float | None = Field(None, ge=0, le=86400 * 366 * 10, description="how long that worker had run")
+    model: Str128 | None = None
+    version: Str64 | None = None
+    model_sha256: Str64 | None = None
+    agent_version: Str64 | None = None
+    runtime_version: Str64 | None = None
+
+
+class CrashUpload(_Wire):
+    reports: list[CrashReport] = Field(min_length=1, max_length=MAX_CRASH_REPORTS)
+
+
+class CrashUploadResponse(_Wire):
+    accepted_crash_ids: list[Id] = Field(
+        max_length=MAX_CRASH_REPORTS, description="stored now or before: the device may forget them"
+    )
 
 
 class AgentState(StrEnum):
@@ -361,6 +427,10 @@ class UpdateEvent(_Wire):
     version: Str64 | None = None
     rollout_id: Str64 | None = None
     reason: Str2000 | None = None
+    # On ``verified``: what this attempt downloaded (null when it downloaded nothing: the package was staged
+    # already, or an agent that does not count) and, when a delta rebuilt the package, the version it started from.
+    bytes_downloaded: int | None = Field(None, ge=0, le=1 << 53, description="bytes this update attempt downloaded")
+    delta_from: Str64 | None = Field(None, description="the installed version a delta rebuilt the package from")
 
 
 class ServedModel(_Wire):
@@ -419,6 +489,9 @@ class Report(_Wire):
     served: ServedModel = Field(default_factory=ServedModel)
     agent_version: Str64 | None = None
     runtime_version: Str64 | None = None
+    runtimes: dict[Str64, Str64] | None = Field(
+        None, max_length=16, description="as Hardware.runtimes, when they changed since enrollment (an upgrade)"
+    )
     events: list[UpdateEvent] = Field(default_factory=list, max_length=10_000)
     telemetry: list[TelemetryWindow] = Field(default_factory=list, max_length=10_000)
     dropped_records: Count = Field(0, description="telemetry records dropped at the buffer cap, cumulative")

@@ -42,6 +42,7 @@ from edgefleet.controlplane.schemas import (
     CompatCell,
     CompatCleared,
     Device,
+    DeviceCrashes,
     DeviceDetail,
     DeviceKey,
     DeviceLogs,
@@ -66,6 +67,9 @@ from edgefleet.transport import check_url, verify_arg
 __all__ = ["OPERATIONS", "UNSET", "Client"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# items per page when the SDK follows a list route's cursor: the server's maximum, so the fewest round trips
+PAGE_SIZE = 1000
 
 # (HTTP method, full path template) → the SDK method that calls it: "resource.method", or "method" on Client.
 OPERATIONS: dict[tuple[str, str], str] = {}
@@ -181,6 +185,28 @@ class Client:
     ) -> Any:
         """``method`` on ``/api/v1`` + ``path`` (its ``{name}`` parts filled from ``path_params``, each quoted as one
         path segment), the answer validated as ``returns``."""
+        return self._answer(method, *self._send(method, path, path_params, **kw), returns)
+
+    def call_pages(
+        self, path: str, returns: Any, *, params: Mapping[str, Any] | None = None, max_items: int | None = None
+    ) -> builtins.list[Any]:
+        """GET a list route (``returns``: ``list[Model]``) page by page, following ``X-Next-Cursor`` to the last
+        page (or until ``max_items``): the whole list, however the server pages it (docs/api.md, "Pagination")."""
+        out: builtins.list[Any] = []
+        query = {**(params or {}), "limit": PAGE_SIZE}
+        while True:
+            if max_items is not None:
+                query["limit"] = max(1, min(PAGE_SIZE, max_items - len(out)))
+            url, r = self._send("GET", path, None, params=query)
+            out.extend(self._answer("GET", url, r, returns))
+            cursor = r.headers.get("X-Next-Cursor")
+            if not cursor or (max_items is not None and len(out) >= max_items):
+                return out
+            query["cursor"] = cursor
+
+    def _send(
+        self, method: str, path: str, path_params: Mapping[str, str | int] | None, **kw: Any
+    ) -> tuple[str, httpx.Response]:
         url = API_PREFIX + path
         for name, value in (path_params or {}).items():
             url = url.replace("{" + name + "}", _segment(value))
@@ -190,6 +216,9 @@ class Client:
             raise unreachable(self.server, exc, self._untrusted_fix) from exc
         if r.status_code >= 400:
             raise error_of(r)
+        return url, r
+
+    def _answer(self, method: str, url: str, r: httpx.Response, returns: Any) -> Any:
         try:
             data = r.json()
         except ValueError:
@@ -221,7 +250,7 @@ class Tokens(_Resource):
 
     @_op("GET", "/tokens")
     def list(self) -> builtins.list[ApiToken]:
-        return self._c.call("GET", "/tokens", list[ApiToken])
+        return self._c.call_pages("/tokens", list[ApiToken])
 
     @_op("POST", "/tokens")
     def create(self, role: str, *, name: str = "api", expires_s: float | None = None) -> ApiTokenCreated:
@@ -247,9 +276,10 @@ class Audit(_Resource):
     def list(
         self, *, limit: int = 200, action: str | None = None, target: str | None = None
     ) -> builtins.list[AuditEntry]:
-        """The newest ``limit`` entries first, optionally of one ``action`` or ``target``."""
-        params = _drop_none(limit=limit, action=action, target=target)
-        return self._c.call("GET", "/audit", list[AuditEntry], params=params)
+        """The newest ``limit`` entries first, optionally of one ``action`` or ``target`` (as many pages as that
+        takes)."""
+        params = _drop_none(action=action, target=target)
+        return self._c.call_pages("/audit", list[AuditEntry], params=params, max_items=limit)
 
 
 class Fleet(_Resource):
@@ -262,7 +292,7 @@ class Fleet(_Resource):
 class Compat(_Resource):
     @_op("GET", "/compat")
     def matrix(self, *, model: str | None = None) -> builtins.list[CompatCell]:
-        return self._c.call("GET", "/compat", list[CompatCell], params=_drop_none(model=model))
+        return self._c.call_pages("/compat", list[CompatCell], params=_drop_none(model=model))
 
     @_op("POST", "/compat/clear")
     def clear(
@@ -284,12 +314,12 @@ class Enrollment(_Resource):
 class Devices(_Resource):
     @_op("GET", "/devices")
     def list(self) -> builtins.list[Device]:
-        return self._c.call("GET", "/devices", list[Device])
+        return self._c.call_pages("/devices", list[Device])
 
     @_op("GET", "/devices/keys")
     def keys(self, *, tier: str | None = None, group: str | None = None) -> builtins.list[DeviceKey]:
         """The public keys of the active devices matching the filters (what an encrypted package is built for)."""
-        return self._c.call("GET", "/devices/keys", list[DeviceKey], params=_drop_none(tier=tier, group=group))
+        return self._c.call_pages("/devices/keys", list[DeviceKey], params=_drop_none(tier=tier, group=group))
 
     @_op("GET", "/devices/{device_id}")
     def get(self, device_id: str) -> DeviceDetail:
@@ -348,11 +378,23 @@ class Devices(_Resource):
         """The device's latest upload of log lines, and whether a request is still open."""
         return self._c.call("GET", "/devices/{device_id}/logs", DeviceLogs, path_params={"device_id": device_id})
 
+    @_op("GET", "/devices/{device_id}/crashes")
+    def crashes(self, device_id: str, *, limit: int = 50) -> DeviceCrashes:
+        """The worker crash reports the device uploaded (its group must consent: ``crash_reports``), newest
+        first."""
+        return self._c.call(
+            "GET",
+            "/devices/{device_id}/crashes",
+            DeviceCrashes,
+            path_params={"device_id": device_id},
+            params={"limit": limit},
+        )
+
 
 class Groups(_Resource):
     @_op("GET", "/groups")
     def list(self) -> builtins.list[Group]:
-        return self._c.call("GET", "/groups", list[Group])
+        return self._c.call_pages("/groups", list[Group])
 
     @_op("PUT", "/groups/{name}")
     def put(
@@ -405,7 +447,7 @@ class Models(_Resource):
 
     @_op("GET", "/models")
     def list(self) -> builtins.list[Model]:
-        return self._c.call("GET", "/models", list[Model])
+        return self._c.call_pages("/models", list[Model])
 
     @_op("GET", "/models/{name}")
     def get(self, name: str) -> Model:
@@ -540,7 +582,7 @@ class Rollouts(_Resource):
     @_op("GET", "/rollouts")
     def list(self) -> builtins.list[Rollout]:
         """Every rollout, newest first."""
-        return self._c.call("GET", "/rollouts", list[Rollout])
+        return self._c.call_pages("/rollouts", list[Rollout])
 
     @_op("GET", "/rollouts/{rollout_id}")
     def get(self, rollout_id: str) -> RolloutDetail:

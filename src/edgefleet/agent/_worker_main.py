@@ -307,6 +307,14 @@ def _serve_lean(sock: socket.socket, path: str, role: str, threads: int, memory_
     serve_loop(sock, model.run, handle, (InputRefused,), None, info)
 
 
+def _enable_faulthandler(path: str) -> None:
+    # A segfault or abort in the runtime leaves the Python stacks of every thread in this file, which the
+    # supervisor reads into the crash report (agent/crashes.py). SIGTERM is left alone: a stop is not a crash.
+    import faulthandler
+
+    faulthandler.enable(file=open(path, "w"), all_threads=True)  # noqa: SIM115 - open for the process's life
+
+
 def _args(argv: list[str]) -> dict[str, str]:
     """``--name value`` pairs: the supervisor is the only caller (argparse alone costs start-up and memory)."""
     if len(argv) % 2 or not all(k.startswith("--") for k in argv[::2]):
@@ -319,6 +327,8 @@ def _args(argv: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     a = _args(sys.argv[1:] if argv is None else argv)
+    if a.get("fault-file"):
+        _enable_faulthandler(a["fault-file"])
     sock = socket.socket(fileno=int(a["fd"]))
     memory_mb = int(a["memory-mb"]) if a.get("memory-mb") else None
     threads = int(a.get("threads", "1"))

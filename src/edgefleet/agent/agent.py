@@ -38,6 +38,7 @@ from edgefleet import __version__
 from edgefleet.agent import identity
 from edgefleet.agent.backend import Backend, BackendFactory
 from edgefleet.agent.buffer import TelemetryBuffer
+from edgefleet.agent.crashes import CrashStore, WorkerExit, build_report
 from edgefleet.agent.durable import crashpoint
 from edgefleet.agent.edges import Clock, HealthCheck, SystemClock
 from edgefleet.agent.healthcheck import run_health_check
@@ -78,7 +79,9 @@ from edgefleet.errors import (
     WorkerUnavailable,
 )
 from edgefleet.protocol import (
+    MAX_CRASH_REPORTS,
     AgentState,
+    CrashUpload,
     DesiredState,
     DeviceConfig,
     EnrollRequest,
@@ -90,7 +93,7 @@ from edgefleet.protocol import (
     TelemetryWindow,
     UpdateEvent,
 )
-from edgefleet.runtime import runtime_version
+from edgefleet.runtime import available_providers, available_runtimes, runtime_version
 from edgefleet.telemetry.drift import DriftSummary
 
 __all__ = [
@@ -115,10 +118,6 @@ DECOMMISSIONED = (
     "this device was decommissioned by the control plane: its identity, credential, keys and packages are wiped; "
     "to use it again, enroll it with --token NEW_TOKEN"
 )
-
-
-def _process_backend(spec: WorkerSpec, on_crash: Any) -> Backend:
-    return Supervisor(spec, on_crash)
 
 
 class Agent:
@@ -162,7 +161,7 @@ class Agent:
         if identity.wipe_pending(self.data_dir):  # a decommission wipe cut short (power cut): finish it first
             identity.finish_wipe(self.data_dir)
             log.warning("finished wiping %s, as the control plane ordered before the restart", self.data_dir)
-        self.backend_factory = backend_factory or _process_backend
+        self.backend_factory = backend_factory or self._supervised
         self.with_http = serve_http
         self.transport = transport  # the control plane's and the repository's; None: the network
         self.config = config or DeviceConfig(
@@ -203,6 +202,8 @@ class Agent:
         secrets = lambda: (self.settings.token or "", str(self.identity.get("credential") or ""))  # noqa: E731
         self.logs = LogRing(secrets) if (serve_http if keep_logs is None else keep_logs) else None
         self._logs_sent_for: datetime | None = None
+        # worker crash reports (agent/crashes.py): kept on disk, sent while the group consents
+        self.crashes = CrashStore(self.data_dir / "crashes")
 
     @property
     def stop_requested(self) -> asyncio.Event:
@@ -329,6 +330,20 @@ class Agent:
         if gone:
             log.info("deleted retired device key(s) %s: no package on this device needs them", ", ".join(gone))
 
+    def _supervised(self, spec: WorkerSpec, on_crash: Any) -> Backend:
+        return Supervisor(spec, on_crash, fault_file=self.crashes.fault_file, on_exit=self._keep_crash)
+
+    def _keep_crash(self, ex: WorkerExit) -> None:
+        report = build_report(
+            ex,
+            at=self.clock.now(),
+            agent_version=__version__,
+            runtime_version=runtime_version(),
+            secrets=(self.settings.token or "", str(self.identity.get("credential") or "")),
+        )
+        self.crashes.add(report)
+        log.info("kept crash report %s (%s)", report.crash_id, report.signal or f"exit {report.exit_code}")
+
     def _on_crash(self, reason: str) -> None:
         self.service.metrics.crashes.inc()
         if self._probation is not None:
@@ -386,6 +401,9 @@ class Agent:
         model: str | None = None,
         version: str | None = None,
         rollout_id: str | None = None,
+        *,
+        bytes_downloaded: int | None = None,
+        delta_from: str | None = None,
     ) -> None:
         ev = UpdateEvent(
             event_id=uuid.uuid4().hex,
@@ -395,6 +413,8 @@ class Agent:
             version=version,
             rollout_id=rollout_id,
             reason=_clip(reason),
+            bytes_downloaded=bytes_downloaded,
+            delta_from=delta_from,
         )
         self.buffer.add("event", ev.model_dump_json())
         self.service.metrics.updates.labels(kind.value).inc()
@@ -437,6 +457,7 @@ class Agent:
             served=self.served(),
             agent_version=__version__,
             runtime_version=runtime_version(),
+            runtimes=available_runtimes(),
             events=events,
             telemetry=windows,
             dropped_records=self.buffer.dropped,
@@ -579,6 +600,8 @@ class Agent:
             isa_features=host_isa_features() or None,
             # settings.tier is set by --emulate-tier only: a real device learns its tier from its token
             emulates=self.settings.tier,
+            runtimes=available_runtimes(),
+            execution_providers=available_providers(),
         )
 
     async def _enroll(self, cp: ControlPlaneClient, *, previous: str | None = None) -> None:
@@ -686,6 +709,27 @@ class Agent:
         self._logs_sent_for = since  # only once it arrived: a failed upload is tried again on the next check-in
         log.info("sent %d log line(s) since %s to the control plane, as an operator asked", len(lines), since)
 
+    async def _send_crashes(self) -> None:
+        """Upload the crash reports kept here; forget those the control plane acknowledges. A refusal is logged
+        and does not hold up the rest of the check-in."""
+        assert self.cp is not None
+        pending = self.crashes.pending()[:MAX_CRASH_REPORTS]
+        if not pending:
+            return
+        try:
+            answer = await self.cp.upload_crashes(CrashUpload(reports=pending))
+        except ReportRejected as err:  # resending cannot help
+            self.crashes.forget(r.crash_id for r in pending)
+            log.warning("dropped %d crash report(s) the control plane refuses: %s", len(pending), err)
+            return
+        except Offline:
+            raise
+        except EdgefleetError as err:  # consent withdrawn meanwhile, say: kept for later
+            log.warning("crash reports not sent: %s", err)
+            return
+        n = self.crashes.forget(answer.accepted_crash_ids)
+        log.info("sent %d crash report(s) to the control plane", n)
+
     async def _lifecycle(self, d: DesiredState) -> bool:
         """Carry out the desired state's lifecycle orders; True when the agent is done (wiped)."""
         assert self.cp is not None
@@ -740,6 +784,8 @@ class Agent:
                 d = self.desired
                 if d is not None and d.send_logs_since is not None:
                     await self._send_logs(d)
+                if self.config.crash_reports:  # the server checks consent too; a device does not rely on it alone
+                    await self._send_crashes()
                 if d is not None and (d.wipe or d.rotate_credential or d.rotate_key) and await self._lifecycle(d):
                     return
                 due = d is None or self.pipeline.retry_due(d)

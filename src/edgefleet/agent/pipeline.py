@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,7 +37,7 @@ from edgefleet.agent.worker import ModelInfo, WorkerSpec
 from edgefleet.config import AgentSettings
 from edgefleet.errors import DownloadError, EdgefleetError, VerificationError, WorkerUnavailable
 from edgefleet.protocol import AgentState, DesiredState, DeviceConfig, EventKind
-from edgefleet.runtime import runtime_version
+from edgefleet.runtime import available_runtimes, runtime_version
 
 if TYPE_CHECKING:
     from edgefleet.package import OpenedPackage
@@ -88,6 +89,9 @@ class UpdateHost(Protocol):
         model: str | None = None,
         version: str | None = None,
         rollout_id: str | None = None,
+        *,
+        bytes_downloaded: int | None = None,
+        delta_from: str | None = None,
     ) -> None: ...
 
     def spec(self, slot: SlotInfo) -> WorkerSpec: ...
@@ -106,6 +110,10 @@ class UpdatePipeline:
         self.host = host
         self._retry: tuple[str, float] | None = None  # (refusal key, monotonic time) of the next attempt allowed
         self._tuf_client: TufClient | None = None
+        # this attempt's transport: bytes received, the version a delta started from, why a delta was not used
+        self._downloaded: int | None = None
+        self._delta_from: str | None = None
+        self._delta_note: str | None = None
 
     # ------------------------------------------------------------------ when
 
@@ -123,6 +131,7 @@ class UpdatePipeline:
         """Take the device to ``d``; whatever happens, the update ends in one outcome and never raises (but for
         :class:`~edgefleet.agent.updater.Offline`, which the caller reports, and cancellation)."""
         assert d.target and d.model and d.version
+        self._downloaded, self._delta_from, self._delta_note = None, None, None
         try:
             pending, staged = self.downloading(d)
             client = await self.refresh_metadata(d)
@@ -187,11 +196,14 @@ class UpdatePipeline:
         loop = asyncio.get_running_loop()
         tuf_dir = h.data_dir / "tuf"
         root = tuf_dir / "trusted_root.json"
-        fetcher = self._tuf_fetcher(h.identity["repository_url"], loop)
+        # the desired state names the repository where the server moved it (object storage, a CDN); the
+        # metadata already trusted stays: the same repository, signed by the same keys, served elsewhere
+        url = d.repository_url or h.identity["repository_url"]
+        fetcher = self._tuf_fetcher(url, loop)
         try:
             client = TufClient(
                 tuf_dir / "metadata",
-                h.identity["repository_url"],
+                url,
                 root.read_bytes() if not (tuf_dir / "metadata" / "root.json").exists() else None,
                 fetcher=fetcher,
                 ca_file=h.settings.ca_file,
@@ -243,6 +255,9 @@ class UpdatePipeline:
             await h.clock.sleep(delay)
             if not self.still_wanted(d.target):
                 raise Cancelled("the desired state changed before the download started")
+        self._downloaded = 0
+        if not have and (rebuilt := await self.via_delta(d, client, info)) is not None:
+            return rebuilt, info
         cap = f", at most {cfg.download_rate_bps} bytes/s" if cfg.download_rate_bps else ""
         log.info("downloading %s: %d bytes%s%s", d.target, info.length, f", resuming at {have}" if have else "", cap)
         t0 = h.clock.monotonic()
@@ -256,11 +271,87 @@ class UpdatePipeline:
                 rate_bps=cfg.download_rate_bps,
                 monotonic=h.clock.monotonic,
                 sleep=h.clock.sleep,
+                on_bytes=self._count,
             )
         except (DownloadError, VerificationError) as err:
             raise Retry(f"refused: {err}")
         log.info("downloaded %s: %d bytes in %.1f s", d.target, info.length, h.clock.monotonic() - t0)
         return path, info
+
+    def _count(self, n: int) -> None:
+        self._downloaded = (self._downloaded or 0) + n
+
+    async def via_delta(self, d: DesiredState, client: TufClient, info: TargetInfo) -> Path | None:
+        """The target rebuilt from the committed slot's package and a published delta (docs/agent.md, "Delta
+        updates"), checked against the FULL target's signed length and hash before anything uses it. None when the
+        repository has no delta from the installed package, or when the delta fails in any way (download, apply,
+        hash): the reason is logged and reported on the ``verified`` event, and the full package is downloaded."""
+        from edgefleet.package.delta import apply_delta
+
+        assert d.target and d.version
+        h = self.host
+        base = h.state.committed
+        if base is None or base.package_sha256 is None or not h.slots.path(base.slot).exists():
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            delta = await loop.run_in_executor(None, client.delta_for, d.target, base.package_sha256)
+        except EdgefleetError as err:
+            log.info("no delta to %s: %s", d.target, err)
+            return None
+        if delta is None or delta.length >= info.length:
+            return None
+        assert h.cp is not None
+        source = base.version or "?"
+        partial, out = h.slots.partial(delta.name), h.slots.partial(d.target)
+        # rebuilt beside, and in place only once verified: a crash never leaves wrong bytes to resume from
+        rebuilt = out.with_name(f"{d.target}.rebuilt")
+        t0 = h.clock.monotonic()
+        log.info("downloading %s: %d bytes, not %d (delta from %s)", delta.name, delta.length, info.length, source)
+
+        def rebuild(delta_file: Path) -> None:
+            old = h.slots.path(base.slot).read_bytes()
+            new = apply_delta(old, delta_file.read_bytes(), expected_length=info.length)
+            with open(rebuilt, "wb") as f:
+                f.write(new)
+                f.flush()
+                os.fsync(f.fileno())
+
+        try:
+            url = await loop.run_in_executor(None, client.target_url, delta.name)
+            got = await download_resumable(
+                h.cp.http,
+                url,
+                partial,
+                length=delta.length,
+                keep_going=lambda: self.still_wanted(d.target or ""),
+                rate_bps=h.config.download_rate_bps,
+                monotonic=h.clock.monotonic,
+                sleep=h.clock.sleep,
+                on_bytes=self._count,
+            )
+            await loop.run_in_executor(None, client.verify_file, delta.name, got)
+            await loop.run_in_executor(None, rebuild, got)
+            await loop.run_in_executor(None, client.verify_file, d.target, rebuilt)
+            os.replace(rebuilt, out)
+        except (Offline, Cancelled):
+            raise  # the partial delta is kept and resumed, like a package's
+        except (EdgefleetError, OSError) as err:
+            partial.unlink(missing_ok=True)
+            rebuilt.unlink(missing_ok=True)
+            self._delta_note = f"delta from {source} not used ({err}); downloaded the full package"
+            log.warning("update to %s: %s", d.target, self._delta_note)
+            return None
+        partial.unlink(missing_ok=True)
+        self._delta_from = source
+        log.info(
+            "rebuilt %s from %s and a %d-byte delta in %.1f s: length and sha256 match the signed package",
+            d.target,
+            source,
+            delta.length,
+            h.clock.monotonic() - t0,
+        )
+        return out
 
     async def verifying(self, d: DesiredState, client: TufClient, path: Path) -> OpenedPackage:
         """Enter ``verifying``: the bytes match the signed metadata, the package opens, and this device can run
@@ -285,6 +376,7 @@ class UpdatePipeline:
             tier=h.identity.get("tier"),
             runtime_version=runtime_version(),
             memory_mb=h.settings.memory_mb,
+            runtimes=available_runtimes(),
         )
         if reasons:
             raise Refuse("refused: incompatible: " + "; ".join(reasons))
@@ -295,7 +387,15 @@ class UpdatePipeline:
     ) -> Pending:
         """Enter ``staged``: the verified package in the idle slot."""
         h = self.host
-        h.event(EventKind.verified, None, d.model, d.version, d.rollout_id)
+        h.event(
+            EventKind.verified,
+            self._delta_note,
+            d.model,
+            d.version,
+            d.rollout_id,
+            bytes_downloaded=None if staged else self._downloaded,
+            delta_from=self._delta_from,
+        )
         log.info("verified %s: length and sha256 %s match the signed metadata", d.target, info.sha256[:16])
         if not staged:
             slot = h.slots.idle_slot(h.state)
@@ -368,8 +468,10 @@ class UpdatePipeline:
         h.save(h.state.with_(state=AgentState.probation, active=cand, probation_resumes=0))
         if h.backend is not None:
             await h.close_window_before_switch()  # the old model's last window, before probation counts anything
-        await h.switch_to(backend, info, ProbationStats(h.clock.monotonic()))
+        # Recorded before probation starts: under load, probation can end (and record ``committed``) while the
+        # swap still awaits, and the events must say what happened in the order it happened.
         h.event(EventKind.switched, None, d.model, d.version, d.rollout_id)
+        await h.switch_to(backend, info, ProbationStats(h.clock.monotonic()))
         cfg = h.config
         log.info(
             "switched to %s; probation: %d requests or %g s, at most %d worker crashes in %g s, error rate %g",

@@ -2,7 +2,9 @@
 
 A crash is any exit we did not ask for: a segfault, an abort, a failed load, or the RSS watchdog's SIGKILL when
 the worker exceeds ``--memory-mb``. The agent keeps answering (503) while no worker runs. Whether crashes amount
-to a crash loop is decided by probation (``probation.py``), from :attr:`Supervisor.crash_times`.
+to a crash loop is decided by probation (``probation.py``), from :attr:`Supervisor.crash_times`. Given
+``on_exit``, each crash is also described for a crash report (``crashes.py``): the worker's faulthandler file (one
+per worker, from ``fault_file``), its exit code and its last sampled RSS (sampled every ``rss_interval_s``).
 
 Once the service makes it the active backend, the supervisor hands each worker it starts the agent's listening
 socket (:meth:`Supervisor.delegate_http`, ADR 0032): the worker answers HTTP itself and the agent stops
@@ -13,16 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import psutil
 
 from edgefleet.agent.backend import InputError
+from edgefleet.agent.crashes import WorkerExit, read_fault
 from edgefleet.agent.worker import ModelInfo, WorkerProcess, WorkerSpec
 from edgefleet.errors import ModelError, WorkerUnavailable
 from edgefleet.telemetry.drift import DriftSummary
@@ -55,6 +60,9 @@ class Supervisor:
         backoff_max: float = 10.0,
         stable_after_s: float = 30.0,
         watchdog_interval_s: float = 0.05,
+        rss_interval_s: float = 1.0,
+        fault_file: Callable[[], Path] | None = None,
+        on_exit: Callable[[WorkerExit], None] | None = None,
     ) -> None:
         self.spec = spec
         self.on_crash = on_crash
@@ -62,6 +70,10 @@ class Supervisor:
         self.backoff_max = backoff_max
         self.stable_after_s = stable_after_s
         self.watchdog_interval_s = watchdog_interval_s
+        self.rss_interval_s = rss_interval_s
+        self.fault_file = fault_file
+        self.on_exit = on_exit
+        self.rss_sample: tuple[int, float] | None = None  # the running worker's last RSS sample, and when (monotonic)
         self.info: ModelInfo | None = None
         self.worker: WorkerProcess | None = None
         self.crashes = 0
@@ -132,13 +144,22 @@ class Supervisor:
     async def _run(self) -> None:
         attempt = 0
         while not self._stopping:
-            w = WorkerProcess(self.spec)
+            spec = self.spec
+            if self.fault_file is not None and self.on_exit is not None:
+                spec = dataclasses.replace(spec, fault_file=self.fault_file())
+            w = WorkerProcess(spec)
+            self.rss_sample = None
             started = time.monotonic()
             try:
                 self.info = await w.start()
             except Exception as err:
                 if not isinstance(err, WorkerUnavailable):
                     err = WorkerUnavailable(f"the inference worker failed to start: {err}")
+                if w.proc is not None:  # killed by start() if still running: reaped at once, its exit code known
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, w.proc.wait), 10)
+                # a fatal signal while loading left a traceback: a crash to report; a model refused is not
+                self._exited(w, str(err), started, only_faulted=True)
                 self._crash(str(err))
                 if self._first is not None and not self._first.done():
                     self._first.set_exception(err)
@@ -146,7 +167,8 @@ class Supervisor:
                 self.worker = w
                 if self._first is not None and not self._first.done():
                     self._first.set_result(self.info)
-                watchdog = asyncio.get_running_loop().create_task(self._watchdog(w)) if self.spec.memory_mb else None
+                sample = self.spec.memory_mb or self.on_exit is not None
+                watchdog = asyncio.get_running_loop().create_task(self._watchdog(w)) if sample else None
                 self._hand_over(w)
                 await w.closed.wait()
                 if self._http is not None:
@@ -155,12 +177,15 @@ class Supervisor:
                     watchdog.cancel()
                 self.worker = None
                 if self._stopping:
+                    self._discard_fault(w)
                     return
                 if w.proc is not None:
                     await asyncio.get_running_loop().run_in_executor(None, w.proc.wait)
                 code = w.proc.returncode if w.proc else None
                 why = w.close_reason or "worker exited"
-                self._crash(why if code is None or "(exit" in why else f"{why} (exit {code})")
+                why = why if code is None or "(exit" in why else f"{why} (exit {code})"
+                self._exited(w, why, started)
+                self._crash(why)
                 if time.monotonic() - started > self.stable_after_s:
                     attempt = 0
             if self._stopping:
@@ -169,21 +194,54 @@ class Supervisor:
             attempt += 1
             self.restarts += 1
 
+    def _exited(self, w: WorkerProcess, reason: str, started: float, *, only_faulted: bool = False) -> None:
+        """Describe the worker's end for ``on_exit`` (its faulthandler file is read, then deleted)."""
+        fault = read_fault(w.spec.fault_file) if w.spec.fault_file is not None else ""
+        if self.on_exit is None or (only_faulted and not fault.strip()):
+            return
+        now = time.monotonic()
+        code = w.proc.poll() if w.proc is not None else None
+        info = w.info
+        try:
+            self.on_exit(
+                WorkerExit(
+                    reason=reason,
+                    exit_code=code,
+                    fault=fault,
+                    rss_bytes=self.rss_sample[0] if self.rss_sample else None,
+                    rss_age_s=now - self.rss_sample[1] if self.rss_sample else None,
+                    uptime_s=now - started,
+                    model=info.name if info else None,
+                    version=info.version if info else None,
+                    model_sha256=info.model_sha256 if info else None,
+                )
+            )
+        except Exception:  # a report that cannot be kept must not stop the worker's restart
+            log.exception("the worker's crash report could not be kept")
+
+    @staticmethod
+    def _discard_fault(w: WorkerProcess) -> None:
+        if w.spec.fault_file is not None:
+            w.spec.fault_file.unlink(missing_ok=True)
+
     async def _watchdog(self, w: WorkerProcess) -> None:
-        """The emulated device memory: a worker whose RSS exceeds ``memory_mb`` is killed, as the OOM killer would."""
-        assert self.spec.memory_mb is not None and w.pid is not None
-        limit = self.spec.memory_mb * 1024 * 1024
+        """Samples the worker's RSS (for a crash report). The emulated device memory, when set: a worker whose RSS
+        exceeds ``memory_mb`` is killed, as the OOM killer would."""
+        assert w.pid is not None
+        memory_mb = self.spec.memory_mb
+        limit = memory_mb * 1024 * 1024 if memory_mb else None
+        interval = self.watchdog_interval_s if memory_mb else self.rss_interval_s
         try:
             proc = psutil.Process(w.pid)
             while True:
                 rss = proc.memory_info().rss
-                if rss > limit:
-                    w.close_reason = (
-                        f"killed: RSS {rss // 2**20} MB exceeds the device memory of {self.spec.memory_mb} MB"
-                    )
+                if rss:  # a worker that has just died (not yet reaped) reads 0: not a figure to report
+                    self.rss_sample = (rss, time.monotonic())
+                if limit is not None and rss > limit:
+                    w.close_reason = f"killed: RSS {rss // 2**20} MB exceeds the device memory of {memory_mb} MB"
                     w.kill()
                     return
-                await asyncio.sleep(self.watchdog_interval_s)
+                await asyncio.sleep(interval)
         except psutil.Error:
             return
 
@@ -192,9 +250,12 @@ class Supervisor:
         if w is None or w.pid is None:
             return None
         try:
-            return int(psutil.Process(w.pid).memory_info().rss)
+            rss = int(psutil.Process(w.pid).memory_info().rss)
         except psutil.Error:
             return None
+        if rss:
+            self.rss_sample = (rss, time.monotonic())
+        return rss
 
     @property
     def in_flight(self) -> int:
@@ -281,6 +342,7 @@ class Supervisor:
         if self.worker is not None:
             w = self.worker
             await w.stop()
+            self._discard_fault(w)
             if self._http is not None:
                 self._http.on_serving(w, False)
         if self._task is not None:

@@ -24,6 +24,8 @@ from edgefleet.errors import AgentError, AuthError, DownloadError, VerificationE
 from edgefleet.protocol import (
     API_PREFIX,
     AgentState,
+    CrashUpload,
+    CrashUploadResponse,
     CredentialResponse,
     DesiredState,
     EnrollRequest,
@@ -170,6 +172,17 @@ class ControlPlaneClient:
             headers={**self._auth(), "content-type": "application/json"},
         )
 
+    async def upload_crashes(self, upload: CrashUpload) -> CrashUploadResponse:
+        """Send this device's worker crash reports; the answer names those the control plane keeps now."""
+        r = await self._request(
+            "POST",
+            f"/devices/{self.device_id}/crashes",
+            rejectable=True,
+            content=upload.model_dump_json(),
+            headers={**self._auth(), "content-type": "application/json"},
+        )
+        return CrashUploadResponse.model_validate_json(r.content)
+
     async def rotate_key(self, public_key: str) -> None:
         """Tell the control plane this device's new X25519 public key."""
         await self._request(
@@ -222,6 +235,7 @@ async def download_resumable(
     rate_bps: int | None = None,
     monotonic: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    on_bytes: Callable[[int], None] = lambda n: None,
 ) -> Path:
     """Fetch ``url`` into ``partial``, continuing from its current size with an HTTP Range request.
 
@@ -232,7 +246,8 @@ async def download_resumable(
     ``retries`` failed attempts in a row (:class:`Offline`), or as soon as ``keep_going()`` is false
     (:class:`Cancelled`). With ``rate_bps``, reading is paced to at most that many bytes per second
     (:func:`pace_delay`; a reader that waits makes TCP slow the sender down), on every connection, resumed ones
-    included."""
+    included. ``on_bytes`` is told the size of every piece received (what the update cost the link, restarts
+    included)."""
     failures = 0
     restarts = 0
 
@@ -287,6 +302,7 @@ async def download_resumable(
                             )
                         f.write(chunk)
                         size += len(chunk)
+                        on_bytes(len(chunk))
                         if rate_bps is not None and (wait := pace_delay(size - have, monotonic() - t0, rate_bps)):
                             await sleep(wait)
                         if not keep_going():

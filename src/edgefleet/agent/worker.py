@@ -50,6 +50,7 @@ class WorkerSpec:
     role: str = "serve"  # serve | health
     memory_mb: int | None = None
     intra_op_threads: int = 1
+    fault_file: Path | None = None  # where faulthandler writes the worker's traceback on a fatal signal
 
 
 @dataclass
@@ -59,7 +60,8 @@ class ModelInfo:
     model_sha256: str
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
-    platform: str = "onnxruntime"
+    platform: str = "onnxruntime"  # the runtime that serves it: onnxruntime, litert, openvino
+    provider: str = "CPUExecutionProvider"  # what runs it there: an execution provider, an OpenVINO device, ...
     load_seconds: float = 0.0
     metrics: dict[str, Any] = field(default_factory=dict)
     has_golden: bool = False
@@ -77,6 +79,8 @@ def package_info(opened: Any, model: Any, load_seconds: float = 0.0) -> ModelInf
         model_sha256=opened.model_sha256,
         inputs=[s.model_dump() for s in model.inputs],
         outputs=[s.model_dump() for s in model.outputs],
+        platform=model.runtime_name,
+        provider=model.provider,
         metrics=dict(m.metrics or {}),
         has_golden=True,
         load_seconds=load_seconds,
@@ -106,6 +110,8 @@ def _load(spec: WorkerSpec) -> tuple[Any, ModelInfo, Any, Any]:
             model_sha256=model.model_sha256,
             inputs=[s.model_dump() for s in model.inputs],
             outputs=[s.model_dump() for s in model.outputs],
+            platform=model.runtime_name,
+            provider=model.provider,
         )
         reference = None
     info.load_seconds = time.perf_counter() - t0
@@ -275,6 +281,8 @@ class WorkerProcess:
             args += ["--device-key", str(self.spec.device_key)]
         if self.spec.memory_mb:
             args += ["--memory-mb", str(self.spec.memory_mb)]
+        if self.spec.fault_file:
+            args += ["--fault-file", str(self.spec.fault_file)]
         return args
 
     async def start(self, timeout: float = 60.0) -> ModelInfo:

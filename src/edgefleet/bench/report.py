@@ -105,7 +105,8 @@ class Emulation(_Strict):
 
 class CompatEntry(_Strict):
     tier: str
-    runtime_version: str
+    runtime: str = Field("onnxruntime", description="the runtime the model ran on: onnxruntime, litert, openvino")
+    runtime_version: str = Field(description="of that runtime")
     model_sha256: str
     result: Literal["verified", "emulated", "failed"] = Field(
         description="verified: ran on the tier's own hardware; emulated: ran, on a host that is not the tier's "
@@ -146,6 +147,13 @@ class ModelResult(_Strict):
     status: Literal["ok", "failed"]
     error: str | None = None
     inputs: Literal["data", "generated"]
+    runtime: str = Field("onnxruntime", description="the runtime the model ran on: onnxruntime, litert, openvino")
+    runtime_version: str | None = Field(None, description="of that runtime; null: the worker failed before it loaded")
+    provider: str | None = Field(
+        None,
+        description="what ran the model in that runtime: the onnxruntime execution provider actually used (the "
+        "tier's), OpenVINO's device, LiteRT's CPU; null: the worker failed before it loaded",
+    )
     session_create_ms: float | None = None
     first_inference_ms: float | None = None
     cold_start_ms: float | None = None

@@ -41,6 +41,7 @@ class ModelInfo:
     size_bytes: int
     package_sha256: str | None
     opset: dict[str, int]
+    runtime: str = "onnxruntime"  # what the package runs on
 
 
 def model_info(path: Path) -> ModelInfo:
@@ -48,6 +49,7 @@ def model_info(path: Path) -> ModelInfo:
     if not path.is_file():
         raise UsageError(f"model file {path} does not exist")
     package_sha = None
+    runtime = "onnxruntime"
     if path.suffix == ".efpkg":
         try:
             from edgefleet.package import open_package
@@ -55,6 +57,9 @@ def model_info(path: Path) -> ModelInfo:
             raise BenchError("this build cannot read .efpkg packages yet; bench the .onnx file")
         opened = open_package(path)
         data, package_sha = opened.model_bytes, opened.package_sha256
+        runtime = opened.manifest.requirements.runtime
+        if opened.manifest.model_format != "onnx":  # a .tflite or an OpenVINO IR: no ONNX opsets to read
+            return ModelInfo(path, hashlib.sha256(data).hexdigest(), len(data), package_sha, {}, runtime)
     elif path.suffix == ".onnx":
         data = path.read_bytes()
     else:
@@ -66,7 +71,7 @@ def model_info(path: Path) -> ModelInfo:
     except Exception as err:
         raise UsageError(f"{path} is not an ONNX model: {err}")
     opset = {imp.domain: int(imp.version) for imp in proto.opset_import}
-    return ModelInfo(path, hashlib.sha256(data).hexdigest(), len(data), package_sha, opset)
+    return ModelInfo(path, hashlib.sha256(data).hexdigest(), len(data), package_sha, opset, runtime)
 
 
 def worker_command(job_path: Path, result_path: Path) -> list[str]:
@@ -163,7 +168,11 @@ def _result(info: ModelInfo, tier: TierProfile, raw: dict[str, Any], env: Enviro
         emulated_because=because,
         compat=CompatEntry(
             tier=tier.name,
-            runtime_version=env.runtime_version,
+            runtime=info.runtime,
+            # the version that ran it; a worker that failed before loading: onnxruntime's is the environment's
+            runtime_version=str(
+                raw.get("runtime_version") or (env.runtime_version if info.runtime == "onnxruntime" else "unknown")
+            ),
             model_sha256=info.model_sha256,
             result=result,
             reason=error or (f"emulated: {because}" if because else None),

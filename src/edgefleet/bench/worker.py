@@ -70,14 +70,17 @@ def _cpu_s() -> float:
 
 
 def _load(path: str, settings: Any) -> Any:
-    """A runtime Model from an ``.onnx`` file or a package (manifest I/O and processing applied)."""
+    """A runtime Model from a bare model file (``.onnx``, ``.tflite``, an OpenVINO ``.xml``) or a package (manifest
+    I/O and processing applied)."""
     if path.endswith(".efpkg"):
         from edgefleet.package import open_package
 
         return open_package(Path(path)).load(settings)
-    from edgefleet.runtime import Model
+    from edgefleet.runtime import Model, load_model
 
-    return Model(Path(path).read_bytes(), settings=settings)
+    if path.endswith(".onnx"):  # not load_model: its ONNX check would count in session_create_ms
+        return Model(Path(path).read_bytes(), settings=settings)
+    return load_model(path, settings)
 
 
 def _calls(job: WorkerJob, model: Any) -> tuple[Any, str]:
@@ -180,6 +183,9 @@ def _measure(job: WorkerJob, settings: Any) -> dict[str, Any]:
     t3 = time.perf_counter()
     result: dict[str, Any] = {
         "inputs": source,
+        "runtime": model.runtime_name,
+        "runtime_version": model.runtime_version,
+        "provider": model.provider,
         "session_create_ms": (t1 - t0) * 1000,
         "first_inference_ms": (t3 - t2) * 1000,
         "cold_start_ms": (t1 - t0 + t3 - t2) * 1000,

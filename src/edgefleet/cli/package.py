@@ -162,7 +162,9 @@ def _input_names(model: Path, io: _IOFile) -> list[str]:
 
 
 def package_command(
-    model: Path = typer.Argument(..., help="the ONNX model to package"),
+    model: Path = typer.Argument(
+        ..., help="the model to package: .onnx, .tflite, or an OpenVINO IR .xml (its .bin beside it)"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="the .efpkg to write"),
     name: str = typer.Option(..., "--name", help="package name (lower-case letters, digits, . _ -)"),
     version: str = typer.Option(..., "--version", help="semantic version, e.g. 1.2.0"),
@@ -176,7 +178,12 @@ def package_command(
     tier: list[str] = typer.Option([], "--tier", help="allowed device tier; repeat (default: any)"),
     min_memory_mb: int | None = typer.Option(None, "--min-memory-mb", min=1),
     min_runtime_version: str | None = typer.Option(None, "--min-runtime-version", help="e.g. 1.17.0"),
-    provider: list[str] = typer.Option([], "--provider", help="execution provider; repeat (default: CPU)"),
+    provider: list[str] = typer.Option(
+        [], "--provider", help="onnxruntime execution provider, in order of preference; repeat (default: CPU)"
+    ),
+    runtime: str | None = typer.Option(
+        None, "--runtime", help="onnxruntime, litert or openvino (default: the model format's own)"
+    ),
     encrypt_for: list[str] = typer.Option(
         [], "--encrypt-for", help="X25519 public key (hex) or a .pub file to encrypt for; repeat"
     ),
@@ -245,6 +252,8 @@ def package_command(
             req_fields["min_runtime_version"] = min_runtime_version
         if provider:
             req_fields["execution_providers"] = list(provider)
+        if runtime:
+            req_fields["runtime"] = runtime
         requirements = Requirements(**req_fields)
     except ValidationError as err:
         raise UsageError(f"invalid option: {validation_summary(err)}")
@@ -326,7 +335,10 @@ def _table(p: OpenedPackage) -> Table:
     req = [f"{r.runtime} >= {r.min_runtime_version}" if r.min_runtime_version else r.runtime]
     if r.opset is not None:
         req.append(f"opset {r.opset}")
-    req.append("providers " + ", ".join(r.execution_providers))
+    if r.runtime == "onnxruntime":  # the others run on the CPU: no execution providers to prefer
+        req.append("providers " + ", ".join(r.execution_providers))
+    else:
+        req.append(f"model format {m.model_format}")
     if r.min_memory_mb:
         req.append(f"memory >= {r.min_memory_mb} MB")
     req.append("tiers " + (", ".join(r.tiers) if r.tiers else "any"))

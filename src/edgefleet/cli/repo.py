@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,9 @@ from edgefleet.cli._output import cell, console, err_console, escape, print_json
 from edgefleet.durations import parse_timedelta
 from edgefleet.errors import UsageError
 from edgefleet.repository import ROLES, Repository, RepoStatus, default_root_keys_dir, fetch_package
+from edgefleet.repository.repo import DEFAULT_DELTAS
 from edgefleet.repository.status import human_duration
+from edgefleet.repository.storage import is_s3
 
 repo_app = typer.Typer(help="The TUF-signed model repository.", no_args_is_help=True)
 
@@ -27,17 +30,23 @@ def _passphrase(ask: bool, env: str | None, *, confirm: bool = False, what: str 
     return env or None
 
 
-def _root_dir(path: Path, given: Path | None) -> Path | None:
-    """``--root-keys-dir``, else ``<REPO>.root-keys`` when it exists (where `repo init` puts them), else ``None``:
-    the root keys are looked up next to the online keys, as in repositories made before root keys moved out."""
+def _where(value: str) -> Path | str:
+    """A repository argument: ``s3://bucket/prefix`` as given, anything else a folder."""
+    return value if is_s3(value) else Path(value)
+
+
+def _root_dir(path: Path | str, given: Path | None, keys_dir: Path | None = None) -> Path | None:
+    """``--root-keys-dir``, else ``<REPO>.root-keys`` (``<KEYS>.root-keys`` for object storage) when it exists
+    (where `repo init` puts them), else ``None``: the root keys are looked up next to the online keys, as in
+    repositories made before root keys moved out."""
     if given is not None:
         return given
-    default = default_root_keys_dir(path)
+    default = default_root_keys_dir(path, keys_dir)
     return default if default.is_dir() else None
 
 
 def _open(
-    path: Path,
+    path: Path | str,
     keys_dir: Path | None,
     root_keys_dir: Path | None,
     ask: bool,
@@ -49,7 +58,7 @@ def _open(
         path,
         _passphrase(ask, env),
         keys_dir=keys_dir,
-        root_keys_dir=_root_dir(path, root_keys_dir),
+        root_keys_dir=_root_dir(path, root_keys_dir, keys_dir),
         root_passphrase=_passphrase(ask_root, root_env, what="root key passphrase"),
     )
 
@@ -97,15 +106,17 @@ def _show_status(st: RepoStatus, as_json: bool) -> None:
         err_console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
 
 
-_DIR = typer.Argument(..., help="repository folder")
+_DIR = typer.Argument(..., help="repository folder, or s3://BUCKET/PREFIX (object storage; needs --keys DIR)")
 _ASK = typer.Option(False, "--ask-passphrase", help="prompt for the key passphrase")
 _PASS = typer.Option(None, envvar=_PASSPHRASE_ENV, hidden=True)
-_KEYS = typer.Option(None, "--keys", help="folder of the online private keys [REPO/keys]")
+_KEYS = typer.Option(
+    None, "--keys", help="folder of the online private keys [REPO/keys; required for an s3:// repository]"
+)
 _ROOT_DIR = typer.Option(
     None,
     "--root-keys-dir",
-    help="folder of the root private keys, e.g. removable media [REPO.root-keys when it exists, else the --keys "
-    "folder]",
+    help="folder of the root private keys, e.g. removable media [REPO.root-keys (KEYS.root-keys for s3://) when it "
+    "exists, else the --keys folder]",
 )
 _ASK_ROOT = typer.Option(
     False, "--ask-root-passphrase", help="prompt for the root keys' passphrase (default: the key passphrase)"
@@ -115,7 +126,7 @@ _ROOT_PASS = typer.Option(None, envvar=_ROOT_PASSPHRASE_ENV, hidden=True)
 
 @repo_app.command("init")
 def init_command(
-    path: Path = _DIR,
+    path: str = _DIR,
     root_keys: int = typer.Option(1, "--root-keys", min=1, help="number of root keys"),
     root_threshold: int = typer.Option(1, "--root-threshold", min=1, help="root signatures required"),
     expiry: list[str] = typer.Option([], "--expiry", help="ROLE=DURATION, e.g. timestamp=1d; repeat"),
@@ -125,7 +136,8 @@ def init_command(
     root_keys_dir: Path | None = typer.Option(
         None,
         "--root-keys-dir",
-        help="where the root private keys are written, outside the repository (e.g. removable media) [REPO.root-keys]",
+        help="where the root private keys are written, outside the repository (e.g. removable media) [REPO.root-keys; "
+        "KEYS.root-keys for s3://]",
     ),
     ask_root_passphrase: bool = _ASK_ROOT,
     root_passphrase_env: str | None = _ROOT_PASS,
@@ -133,9 +145,10 @@ def init_command(
 ) -> None:
     """Create a repository: root keys with a threshold (written outside the repository, to be kept offline),
     separate targets/snapshot/timestamp keys for the server (files 0600)."""
-    root_dir = root_keys_dir or default_root_keys_dir(path)
+    where = _where(path)
+    root_dir = root_keys_dir or default_root_keys_dir(where, keys_dir)
     repo = Repository.init(
-        path,
+        where,
         root_keys=root_keys,
         root_threshold=root_threshold,
         passphrase=_passphrase(ask_passphrase, passphrase_env, confirm=True),
@@ -147,7 +160,7 @@ def init_command(
     _show_status(repo.status(), as_json)
     if not as_json:
         console.print(
-            f"clients trust {repo.metadata_dir / 'root.json'}; the server needs only {repo.keys_dir} (keep it "
+            f"clients trust {repo.location}/metadata/root.json; the server needs only {repo.keys_dir} (keep it "
             f"private); root keys are in {repo.root_keys_dir}: move them offline (docs/security/keys.md)",
             highlight=False,
             markup=False,
@@ -157,18 +170,20 @@ def init_command(
 
 @repo_app.command("status")
 def status_command(
-    path: Path = _DIR,
+    path: str = _DIR,
     keys_dir: Path | None = _KEYS,
     root_keys_dir: Path | None = _ROOT_DIR,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Versions and expiry dates of every role; warns when one is within 25 % of its period of expiring."""
-    _show_status(Repository(path, keys_dir=keys_dir, root_keys_dir=_root_dir(path, root_keys_dir)).status(), as_json)
+    where = _where(path)
+    repo = Repository(where, keys_dir=keys_dir, root_keys_dir=_root_dir(where, root_keys_dir, keys_dir))
+    _show_status(repo.status(), as_json)
 
 
 @repo_app.command("refresh")
 def refresh_command(
-    path: Path = _DIR,
+    path: str = _DIR,
     force: bool = typer.Option(False, "--force", help="re-sign even if nothing is close to expiring"),
     role: str | None = typer.Option(
         None, "--role", help=f"re-sign only this role now, e.g. root in a key ceremony (one of {', '.join(ROLES)})"
@@ -183,7 +198,7 @@ def refresh_command(
 ) -> None:
     """Re-sign timestamp/snapshot (and targets, root when its keys are at hand) before they expire."""
     repo = _open(
-        path, keys_dir, root_keys_dir, ask_passphrase, passphrase_env, ask_root_passphrase, root_passphrase_env
+        _where(path), keys_dir, root_keys_dir, ask_passphrase, passphrase_env, ask_root_passphrase, root_passphrase_env
     )
     done = repo.resign(role) if role is not None else repo.refresh(force=force)
     if as_json:
@@ -194,7 +209,7 @@ def refresh_command(
 
 @repo_app.command("rotate-key")
 def rotate_command(
-    path: Path = _DIR,
+    path: str = _DIR,
     role: str = typer.Argument(..., help=f"one of {', '.join(ROLES)}"),
     key: str | None = typer.Option(None, "--key", help="rotate only the key whose id starts with this"),
     ask_passphrase: bool = _ASK,
@@ -208,7 +223,7 @@ def rotate_command(
     """Replace a role's key(s) (revoking a compromised one with --key); a new root version signed by the old root
     threshold (and, for root, the new keys) carries the change. Needs the root keys (--root-keys-dir)."""
     repo = _open(
-        path, keys_dir, root_keys_dir, ask_passphrase, passphrase_env, ask_root_passphrase, root_passphrase_env
+        _where(path), keys_dir, root_keys_dir, ask_passphrase, passphrase_env, ask_root_passphrase, root_passphrase_env
     )
     new = repo.rotate_key(role, keyid=key)
     if as_json:
@@ -221,9 +236,13 @@ def rotate_command(
 
 
 @repo_app.command("targets")
-def targets_command(path: Path = _DIR, as_json: bool = typer.Option(False, "--json")) -> None:
+def targets_command(
+    path: str = _DIR,
+    keys_dir: Path | None = _KEYS,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
     """List the signed targets with their manifest summaries."""
-    targets = Repository(path).targets()
+    targets = Repository(_where(path), keys_dir=keys_dir).targets()
     if as_json:
         print_json([t.__dict__ for t in targets])
         return
@@ -232,6 +251,10 @@ def targets_command(path: Path = _DIR, as_json: bool = typer.Option(False, "--js
         t.add_column(col)
     for x in targets:
         req = x.custom.get("requirements", {})
+        delta = x.custom.get("delta")
+        if isinstance(delta, dict):  # a transport for its full package, whose requirements apply
+            t.add_row(cell(x.name), f"{x.length:,}", x.sha256[:16], cell(f"delta to {delta.get('target')}"), "–")
+            continue
         t.add_row(
             cell(x.name),
             f"{x.length:,}",
@@ -251,7 +274,9 @@ def _from_env(ctx: typer.Context, param: str) -> bool:
 def publish_command(
     ctx: typer.Context,
     package: Path = typer.Argument(..., help="the .efpkg to publish"),
-    repo: Path | None = typer.Option(None, "--repo", help="repository folder to sign it into"),
+    repo: str | None = typer.Option(
+        None, "--repo", help="repository folder, or s3://BUCKET/PREFIX with --keys DIR, to sign it into"
+    ),
     server: str | None = typer.Option(
         None, "--server", envvar="EDGEFLEET_SERVER", help="control plane URL (uploads instead of --repo)"
     ),
@@ -260,6 +285,14 @@ def publish_command(
         None, "--gate", help="with --server: attach this verdict of `edgefleet gate --package PKG --json`"
     ),
     bench: Path | None = typer.Option(None, "--bench", help="with --server: attach this BENCH.json"),
+    deltas: int = typer.Option(
+        DEFAULT_DELTAS,
+        "--deltas",
+        min=0,
+        max=100,
+        help="with --repo: also publish deltas from this many previous versions of the model (0: none); a control "
+        "plane uses its own setting (repo_deltas)",
+    ),
     ask_passphrase: bool = _ASK,
     passphrase_env: str | None = _PASS,
     keys_dir: Path | None = _KEYS,
@@ -302,13 +335,18 @@ def publish_command(
     if gate is not None or bench is not None:
         raise UsageError("--gate and --bench attach evidence on a control plane: use them with --server URL")
     assert repo is not None
-    info = Repository(repo, _passphrase(ask_passphrase, passphrase_env), keys_dir=keys_dir).publish(package)
+    signer = Repository(_where(repo), _passphrase(ask_passphrase, passphrase_env), keys_dir=keys_dir)
+    info = signer.publish(package, deltas=0)
+    with console.status("making deltas…") if deltas and not as_json else contextlib.nullcontext():
+        made = signer.publish_deltas(info, deltas)
     if as_json:
-        print_json(info.__dict__)
+        print_json(info.__dict__ | {"deltas": [d.__dict__ for d in made]})
         return
     console.print(
         f"published [bold]{escape(info.name)}[/] ({info.length:,} bytes, sha256 {info.sha256[:16]}…) to {escape(repo)}"
     )
+    for d in made:
+        console.print(f"  delta {escape(d.name)}: {d.length:,} bytes ({d.length / info.length:.1%} of the package)")
 
 
 def fetch_command(

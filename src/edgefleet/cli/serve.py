@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("serve")
     def serve(
-        path: Path = typer.Argument(..., help="A package (.efpkg) or an ONNX model (.onnx)."),
+        path: Path = typer.Argument(
+            ..., help="A package (.efpkg), an ONNX model (.onnx), a LiteRT model (.tflite) or an OpenVINO IR (.xml)."
+        ),
         host: str = typer.Option("127.0.0.1", help="Address to listen on."),
         port: int = typer.Option(8081, help="Port of the OIP v2 API."),
         device_key: Path | None = typer.Option(None, help="Device private key, for an encrypted package."),
@@ -29,8 +31,8 @@ def register(app: typer.Typer) -> None:
 
         if not path.is_file():
             raise UsageError(f"{path} does not exist")
-        if path.suffix not in (".efpkg", ".onnx"):
-            raise UsageError(f"{path} is neither a .efpkg package nor an .onnx model")
+        if path.suffix not in (".efpkg", ".onnx", ".tflite", ".xml"):
+            raise UsageError(f"{path} is neither a .efpkg package nor a .onnx, .tflite or OpenVINO .xml model")
         setup_logging()
 
         async def main() -> None:

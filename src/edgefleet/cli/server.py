@@ -94,8 +94,21 @@ class LogFormat(StrEnum):
 
 def server(
     db: str = typer.Option(None, "--db", help="SQLAlchemy URL, postgresql://… for scale [sqlite:///edgefleet.db]."),
-    repo: Path = typer.Option(
-        None, "--repo", help="TUF repository folder the server signs and serves (default tuf-repo)."
+    repo: str = typer.Option(
+        None,
+        "--repo",
+        help="TUF repository folder the server signs and serves, or s3://BUCKET/PREFIX to sign into object storage "
+        "(endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...; needs --repo-keys and "
+        "--repository-url) (default tuf-repo).",
+    ),
+    repo_keys: Path = typer.Option(
+        None, "--repo-keys", help="Folder of the online signing keys (default REPO/keys; required for s3://)."
+    ),
+    repository_url: str = typer.Option(
+        None,
+        "--repository-url",
+        help="Base URL devices fetch the repository from: a CDN or the bucket's public endpoint "
+        "(default: this server's /tuf).",
     ),
     host: str = typer.Option(None, "--host", help="Address to bind [127.0.0.1]."),
     port: int = typer.Option(None, "--port", min=1, max=65535, help="Port [8700]."),
@@ -139,6 +152,8 @@ def server(
     given: dict[str, Any] = {
         "db": db,
         "repo": repo,
+        "repo_keys": repo_keys,
+        "repository_url": repository_url,
         "host": host,
         "port": port,
         "reconcile_interval_s": reconcile_interval,
@@ -165,7 +180,7 @@ def server(
         settings.host,
         settings.port,
         app.state.context.db.url.split("@")[-1],
-        settings.repo,
+        settings.repo_s3 or settings.repo,
         admin_token_path(settings),
     )
     if not tls and settings.forwarded_allow_ips is None and not is_loopback(settings.host):
@@ -307,6 +322,48 @@ def devices_logs(
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     if got.upload.dropped:
         err_console.print(f"({got.upload.dropped} older line(s) left out)", markup=False, highlight=False)
+
+
+@devices_app.command("crashes")
+def devices_crashes(
+    device_id: str,
+    limit: int = typer.Option(10, "--limit", min=1, max=200, help="How many reports, newest first."),
+    server_: str = ServerOpt,
+    token: str = TokenOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """A device's worker crash reports: how the worker ended, its Python traceback (faulthandler), its last sampled
+    RSS and the model it served. Devices upload them while their group consents (`crash_reports` in the group's
+    configuration document); without it they stay on the device."""
+    with client(server_, token) as c:
+        got = c.devices.crashes(device_id, limit=limit)
+    if json_:
+        print_json(wire(got))
+        return
+    say = lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    if not got.crashes:
+        consent = "" if got.consent else " (its group has not consented to crash reports: set crash_reports)"
+        say(f"device {device_id} has uploaded no crash reports{consent}")
+        return
+    for r in got.crashes:
+        how = r.signal or ("ended" if r.exit_code is None else f"exit {r.exit_code}")
+        rss = "RSS not sampled"
+        if r.rss_bytes is not None:
+            rss = f"RSS {r.rss_bytes / 2**20:.1f} MiB (sampled {r.rss_age_s or 0:.1f} s before)"
+        up = f", up {r.uptime_s:.1f} s" if r.uptime_s is not None else ""
+        say(f"{r.at}  {how}  {r.model or '-'} {r.version or ''}  {rss}{up}")
+        say(f"  {r.reason}")
+        if r.fault:
+            cut = f"  ({r.fault_dropped} earlier character(s) left out)\n" if r.fault_dropped else ""
+            say(cut + "\n".join(f"  | {line}" for line in r.fault.rstrip().splitlines()))
+        else:
+            say("  (no traceback: the signal cannot be caught, or none came)")
+    if not got.consent:
+        err_console.print(
+            "its group no longer consents to crash reports: newer ones stay on the device",
+            markup=False,
+            highlight=False,
+        )
 
 
 @devices_app.command("keys")

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from edgefleet import __version__
 from edgefleet.config import ServerSettings
@@ -45,7 +46,8 @@ from edgefleet.controlplane.db import ApiToken, Database, utcnow
 from edgefleet.controlplane.metrics import ServerMetrics
 from edgefleet.controlplane.repo_service import RepoService
 from edgefleet.controlplane.store import Store
-from edgefleet.protocol import Report
+from edgefleet.errors import UsageError
+from edgefleet.protocol import CrashUpload, Report
 
 __all__ = ["admin_token_path", "create_app"]
 
@@ -55,8 +57,37 @@ log = logging.getLogger(__name__)
 
 
 def admin_token_path(settings: ServerSettings) -> Path:
-    """``<repo>/../admin-token`` (docs/controlplane.md)."""
+    """``<repo>/../admin-token``; with the repository in object storage, ``<repo_keys>/../admin-token``
+    (docs/controlplane.md)."""
+    if settings.repo_s3 is not None and settings.repo_keys is not None:
+        return settings.repo_keys.resolve().parent / "admin-token"
     return settings.repo.resolve().parent / "admin-token"
+
+
+def _repo_service(settings: ServerSettings) -> RepoService:
+    if settings.repo_s3 is None:
+        settings.repo.mkdir(parents=True, exist_ok=True)
+    elif settings.repository_url is None:
+        # the server does not serve a bucket: devices must be told where they can read it
+        raise UsageError(
+            f"the repository {settings.repo_s3} is in object storage: give --repository-url URL, the base URL "
+            "devices read it from (the bucket's public endpoint or a CDN)"
+        )
+    return RepoService(
+        settings.repo,
+        passphrase=settings.repo_passphrase,
+        s3=settings.repo_s3,
+        keys_dir=settings.repo_keys,
+        deltas=settings.repo_deltas,
+    )
+
+
+async def _not_here(scope: Scope, receive: Receive, send: Send) -> None:
+    """``/tuf/`` of a server whose repository is in object storage: the files are in the bucket, not here."""
+    body = b'{"error": "this server signs into object storage: fetch the repository from its repository_url"}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 404, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _bootstrap_admin(db: Database, settings: ServerSettings) -> Path | None:
@@ -106,16 +137,17 @@ DEVICE_CREDENTIAL: dict[str, str] = {
 
 
 def _with_extra_components(app: FastAPI) -> None:
-    """Put :class:`Report` and the device credential scheme among the OpenAPI components. The report route reads
-    its body itself (size cap first), so FastAPI does not see the model, yet clients and fuzzers need its schema;
-    the check-in routes check the credential in their handlers (no dependency on the hot path), so their
-    ``security`` is written by hand and its scheme is added here."""
+    """Put :class:`Report`, :class:`CrashUpload` and the device credential scheme among the OpenAPI components. The
+    report and crash upload routes read their bodies themselves (size cap first), so FastAPI does not see the
+    models, yet clients and fuzzers need their schemas; the check-in routes check the credential in their handlers
+    (no dependency on the hot path), so their ``security`` is written by hand and its scheme is added here."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             doc = generate()
-            _, defs = models_json_schema([(Report, "validation")], ref_template="#/components/schemas/{model}")
+            bodies = [(Report, "validation"), (CrashUpload, "validation")]
+            _, defs = models_json_schema(bodies, ref_template="#/components/schemas/{model}")  # type: ignore[arg-type]
             components = doc.setdefault("components", {})
             schemas = components.setdefault("schemas", {})
             for name, schema in defs.get("$defs", {}).items():
@@ -128,10 +160,10 @@ def _with_extra_components(app: FastAPI) -> None:
 
 
 def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, Access]] = ()) -> FastAPI:
-    settings.repo.mkdir(parents=True, exist_ok=True)
+    repo = _repo_service(settings)
     db = Database(settings.db)
     db.migrate()
-    store = Store(settings, db, RepoService(settings.repo, passphrase=settings.repo_passphrase))
+    store = Store(settings, db, repo)
     written = _bootstrap_admin(db, settings)
     if written is not None:
         log.info("admin API token written to %s (mode 0600)", written)
@@ -145,7 +177,8 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
         store.bind_loop()
         tasks = [
             asyncio.create_task(loops.flush_loop(store)),
-            asyncio.create_task(loops.reconcile_loop(store)),
+            asyncio.create_task(loops.reconcile_loop(store, app.state.context.metrics)),
+            asyncio.create_task(loops.prune_loop(store)),
             asyncio.create_task(loops.refresh_loop(store.repo, settings.metadata_refresh_s)),
         ]
         try:
@@ -210,16 +243,14 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
             matrix.setdefault(key, access)
         app.include_router(r)
     # Only the signed parts of the repository: keys/ must never be served.
-    app.router.routes.append(
-        Mount(
-            "/tuf",
-            routes=[
-                Mount("/metadata", StaticFiles(directory=settings.repo / "metadata", check_dir=False)),
-                Mount("/targets", StaticFiles(directory=settings.repo / "targets", check_dir=False)),
-            ],
-            name="tuf",
-        )
-    )
+    tuf = [
+        Mount("/metadata", StaticFiles(directory=settings.repo / "metadata", check_dir=False)),
+        Mount("/targets", StaticFiles(directory=settings.repo / "targets", check_dir=False)),
+    ]
+    if repo.in_object_storage:
+        app.router.routes.append(Mount("/tuf", app=_not_here, name="tuf"))
+    else:
+        app.router.routes.append(Mount("/tuf", routes=tuf, name="tuf"))
     _with_extra_components(app)
     app.state.matrix = matrix
     app.state.route_paths = {id(route): path for route, path, _ in effective_routes(app.routes)}

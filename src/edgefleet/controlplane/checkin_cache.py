@@ -60,7 +60,8 @@ def _entry_of(d: Device, body: bytes) -> Entry:
 class CheckinCache:
     """Per-process memory of what the hot path needs. Dict reads and writes only: safe from the event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, repository_url: str | None = None) -> None:
+        self.repository_url = repository_url  # named in every desired state when set (object storage, a CDN)
         self.entries: dict[str, Entry] = {}
         self.by_hash: dict[str, str] = {}
         self.seen: dict[str, datetime] = {}
@@ -106,7 +107,7 @@ class CheckinCache:
         if self.misses:
             with self._miss_lock:
                 self.misses.pop(d.id, None)
-        body = devices.render(devices.desired_state(d, group, versions))
+        body = devices.render(devices.desired_state(d, group, versions, repository_url=self.repository_url))
         old = self.entries.get(d.id)
         if old is not None:
             for h in (old.cred_hash, old.pending_hash):

@@ -12,6 +12,11 @@ A cell turns ``failed`` on a failing bench result or on failures from at least `
 but blocks nothing: one device's flaky storage must not shut a tier out. A failed cell stays failed until an
 operator clears it (:func:`clear`), which keeps the evidence and counts only what arrives afterwards.
 
+The runtime axis: a package runs on onnxruntime, LiteRT or OpenVINO (its ``requirements.runtime``), and a device
+reports the runtimes it has (``Hardware.runtimes``, updated by its reports). A cell's runtime column is the bare
+version for onnxruntime — as every cell was before other runtimes — and ``"<runtime> <version>"`` for the others
+(:func:`runtime_axis`), so one column never mixes two runtimes and no stored cell changes meaning.
+
 Only the tier's own hardware verifies. Evidence from a host that merely emulates the tier — a bench result
 ``emulated``, a device enrolled with ``--emulate-tier`` — makes a cell ``emulated`` at best; its failures count
 as any other.
@@ -19,7 +24,7 @@ as any other.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -38,14 +43,41 @@ __all__ = [
     "cell_status",
     "clear",
     "device_problems",
+    "device_runtimes",
     "failed_cells",
     "matrix",
     "record",
     "record_bench",
+    "runtime_axis",
 ]
 
 MAX_EVIDENCE = 20
 FAIL_DEVICES = 2  # the stored status's threshold; a rollout recomputes with its own policy's
+ORT = "onnxruntime"
+
+
+def runtime_axis(runtime: str, version: str) -> str:
+    """The matrix's runtime column for ``runtime`` at ``version``."""
+    return version if runtime == ORT else f"{runtime} {version}"
+
+
+def _axis_runtime(label: str) -> str:
+    name, sep, _ = label.partition(" ")
+    return name if sep else ORT
+
+
+def device_runtimes(d: Device) -> dict[str, str]:
+    """What the device can load, name → version: what it reported, else (older agents) onnxruntime alone."""
+    reported = (d.hardware or {}).get("runtimes")
+    out = {str(k): str(v) for k, v in reported.items()} if isinstance(reported, dict) else {}
+    if d.runtime_version:
+        out[ORT] = d.runtime_version
+    return out
+
+
+def _version_runtime(mv: ModelVersion | None) -> str:
+    req = (mv.manifest or {}).get("requirements") if mv is not None and isinstance(mv.manifest, dict) else None
+    return str(req.get("runtime") or ORT) if isinstance(req, dict) else ORT
 
 
 def _failing(e: dict[str, Any]) -> bool:
@@ -161,6 +193,12 @@ def record(
         d = s.get(Device, str(evidence.get("device_id")))
         if d is not None and (d.hardware or {}).get("emulates"):
             evidence = {**evidence, "emulated": True}
+        if d is not None:
+            # the cell of the runtime the package ran on, at the version this device has of it
+            mv = s.scalar(select(ModelVersion).where(ModelVersion.model == model, ModelVersion.version == version))
+            runtime = _version_runtime(mv)
+            if runtime != ORT:
+                runtime_version = runtime_axis(runtime, device_runtimes(d).get(runtime, "unknown"))
     row = s.get(CompatEntry, (tier, runtime_version, model, version))
     if row is None:
         row = CompatEntry(tier=tier, runtime_version=runtime_version, model=model, version=version, evidence=[])
@@ -200,7 +238,7 @@ def record_bench(s: Session, model: str, version: str, bench: dict[str, Any]) ->
         record(
             s,
             tier=str(c["tier"]),
-            runtime_version=str(c["runtime_version"]),
+            runtime_version=runtime_axis(str(c.get("runtime") or ORT), str(c["runtime_version"])),
             model=model,
             version=version,
             ok=c.get("result") in ("verified", "emulated"),
@@ -222,14 +260,31 @@ def failed_cells(s: Session, model: str, version: str, *, min_devices: int = FAI
 
 
 def device_problems(
-    manifest: Manifest | None, failed: set[tuple[str, str]], *, tier: str, runtime_version: str, memory_mb: int | None
+    manifest: Manifest | None,
+    failed: set[tuple[str, str]],
+    *,
+    tier: str,
+    runtime_version: str,
+    memory_mb: int | None,
+    runtimes: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Why a device cannot take this version: the package's requirements, then the matrix's failures."""
+    """Why a device cannot take this version: the package's requirements (``runtimes``: what the device has,
+    :func:`device_runtimes`; ``None``: onnxruntime ``runtime_version`` alone), then the matrix's failures."""
     out: list[str] = []
+    axis = runtime_version
     if manifest is not None:
-        out.extend(check_requirements(manifest, tier=tier, runtime_version=runtime_version or "0", memory_mb=memory_mb))
-    if (tier, runtime_version) in failed:
-        out.append(f"compatibility matrix: failed on tier {tier} with runtime {runtime_version}")
+        have = dict(runtimes) if runtimes is not None else {ORT: runtime_version or "0"}
+        have[ORT] = have.get(ORT) or "0"
+        out.extend(
+            check_requirements(
+                manifest, tier=tier, runtime_version=runtime_version or "0", memory_mb=memory_mb, runtimes=have
+            )
+        )
+        runtime = manifest.requirements.runtime
+        if runtime != ORT:
+            axis = runtime_axis(runtime, have.get(runtime, "unknown"))
+    if (tier, axis) in failed:
+        out.append(f"compatibility matrix: failed on tier {tier} with runtime {axis}")
     return out
 
 
@@ -237,6 +292,7 @@ def _cell(e: CompatEntry) -> dict[str, Any]:
     live = _live(e.evidence or [])
     return {
         "tier": e.tier,
+        "runtime": _axis_runtime(e.runtime_version),
         "runtime_version": e.runtime_version,
         "model": e.model,
         "version": e.version,
@@ -249,21 +305,28 @@ def _cell(e: CompatEntry) -> dict[str, Any]:
 
 
 def matrix(s: Session, versions: Iterable[ModelVersion] | None = None) -> list[dict[str, Any]]:
-    """Every cell of tier × runtime version (as seen on devices and in evidence) × model version."""
+    """Every cell of tier × runtime version (as seen on devices and in evidence) × model version; a version's
+    cells are those of the runtime its package runs on."""
     entries = {(e.tier, e.runtime_version, e.model, e.version): e for e in s.scalars(select(CompatEntry))}
     combos = {(t, r) for t, r in s.execute(select(Device.tier, Device.runtime_version).distinct())}
+    for tier, hardware in s.execute(select(Device.tier, Device.hardware)):
+        reported = (hardware or {}).get("runtimes")
+        if isinstance(reported, dict):
+            combos |= {(tier, runtime_axis(str(k), str(v))) for k, v in reported.items() if k != ORT}
     combos |= {(k[0], k[1]) for k in entries}
     vs = list(versions) if versions is not None else list(s.scalars(select(ModelVersion)))
     out = []
     for mv in sorted(vs, key=lambda v: (v.model, v.created_at)):
+        runtime = _version_runtime(mv)
         for tier, rt in sorted(combos):
             e = entries.get((tier, rt, mv.model, mv.version))
             if e is not None:
                 out.append(_cell(e))
-            else:
+            elif _axis_runtime(rt) == runtime:
                 out.append(
                     {
                         "tier": tier,
+                        "runtime": runtime,
                         "runtime_version": rt,
                         "model": mv.model,
                         "version": mv.version,

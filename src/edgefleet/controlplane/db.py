@@ -38,15 +38,18 @@ __all__ = [
     "DashboardSession",
     "Database",
     "Device",
+    "DeviceCrash",
     "DeviceGroup",
     "DeviceLog",
     "EnrollmentToken",
+    "JobLease",
     "ModelVersion",
     "ReleasePolicyRow",
     "ReportBatch",
     "Rollout",
     "RolloutDevice",
     "RolloutTransition",
+    "TelemetryRollup",
     "TelemetryRow",
     "UpdateEventRow",
     "utcnow",
@@ -215,6 +218,11 @@ class Device(Base):
     # remote diagnostics: an operator's open request for the log lines since ``logs_since`` (cleared on upload)
     logs_requested_at: Mapped[datetime | None] = mapped_column(default=None)
     logs_since: Mapped[datetime | None] = mapped_column(default=None)
+    # the server's clock at the device's latest telemetry window and latest window with a worker crash: the
+    # crash-free rate of any period ending now is two counts over these, whatever the retention left of the raw
+    # windows (docs/adr/0042-telemetry-rollups-and-retention.md)
+    last_window_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_crash_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class DeviceLog(Base):
@@ -230,11 +238,37 @@ class DeviceLog(Base):
     dropped: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class DeviceCrash(Base):
+    """One worker crash report a device uploaded (its group consenting): ``protocol.CrashReport`` as stored."""
+
+    __tablename__ = "device_crashes"
+    __table_args__ = (UniqueConstraint("device_id", "crash_id", name="uq_device_crash"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id"), index=True)
+    crash_id: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime]  # the device's clock
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    exit_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    signal: Mapped[str | None] = mapped_column(String(64), default=None)
+    fault: Mapped[str] = mapped_column(Text, default="")
+    fault_dropped: Mapped[int] = mapped_column(Integer, default=0)
+    rss_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    rss_age_s: Mapped[float | None] = mapped_column(Float, default=None)
+    uptime_s: Mapped[float | None] = mapped_column(Float, default=None)
+    model: Mapped[str | None] = mapped_column(String(128), default=None)
+    version: Mapped[str | None] = mapped_column(String(64), default=None)
+    model_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    agent_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    runtime_version: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
 class ReportBatch(Base):
     __tablename__ = "report_batches"
     device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id"), primary_key=True)
     batch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # indexed for the retention prune (``retention.prune``), which deletes by it
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class UpdateEventRow(Base):
@@ -249,6 +283,9 @@ class UpdateEventRow(Base):
     version: Mapped[str | None] = mapped_column(String(64), default=None)
     rollout_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
     reason: Mapped[str | None] = mapped_column(Text, default=None)
+    # on ``verified``: what the attempt downloaded, and the version a delta rebuilt the package from (null: full)
+    bytes_downloaded: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    delta_from: Mapped[str | None] = mapped_column(String(64), default=None)
     # the server's clock when the event arrived: waves and KPIs are judged on it, never on the device's ``at``
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
@@ -274,6 +311,38 @@ class TelemetryRow(Base):
     cpu_percent: Mapped[float | None] = mapped_column(Float, default=None)
     rss_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class TelemetryRollup(Base):
+    """Telemetry windows summed per ``bucket`` (start of a ``rollups.BUCKET_S`` slice of the server's clock) ×
+    model × version × tier × ``stripe``: counts, the merged latency sketch and the merged drift bin counts.
+    Written in the transaction that stores the windows (``rollups.add_windows``), so a window is counted once;
+    ``stripe`` (a hash of the device id) spreads concurrent reports over a few rows instead of one hot row."""
+
+    __tablename__ = "telemetry_rollups"
+    bucket: Mapped[datetime] = mapped_column(primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(64), primary_key=True)
+    stripe: Mapped[int] = mapped_column(Integer, primary_key=True)
+    windows: Mapped[int] = mapped_column(BigInteger, default=0)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    worker_crashes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # ``SketchData`` wire form of the merged sketch, and {feature: {bins: merged counts}}
+    latency: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    drift: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class JobLease(Base):
+    """Who runs a periodic job (the retention prune) until when: one replica at a time, taken over when it lapses."""
+
+    __tablename__ = "job_leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), default="")
+    until: Mapped[datetime] = mapped_column(default=utcnow)
+    last_run_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_result: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
 class Rollout(Base):

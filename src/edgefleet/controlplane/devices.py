@@ -1,5 +1,5 @@
 """Devices: enrollment tokens (one-time, expiring; the tier is fixed by the token), enrollment, inventory, overdue
-detection, pinning per device or group, revocation, device groups with their configuration document (§6a), and
+detection, pinning per device or group, revocation, device groups with their configuration document, and
 the desired state each device is served. Also what the server learns about a device's reports beyond their data:
 its clock's offset from the server's, and the reports it refused as invalid.
 
@@ -15,7 +15,6 @@ import json
 import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 from sqlalchemy import func, select, update
@@ -32,7 +31,6 @@ __all__ = [
     "CLOCK_SKEW_S",
     "Enrolled",
     "create_enrollment_token",
-    "current_root",
     "decommission",
     "desired_state",
     "device_dict",
@@ -48,7 +46,6 @@ __all__ = [
     "record_invalid_report",
     "request_rotation",
     "revoke",
-    "root_version_json",
     "set_group",
     "set_public_key",
     "upsert_group",
@@ -61,22 +58,6 @@ _MAX_REASON = 500
 
 # hex digits of the root's sha256 a token carries: 128 bits, out of reach of a second-preimage search
 PIN_HEX = 32
-
-
-def current_root(repo_path: Path) -> tuple[int, bytes]:
-    """The repository's current root: its version and exact bytes."""
-    raw = (repo_path / "metadata" / "root.json").read_bytes()
-    return int(json.loads(raw)["signed"]["version"]), raw
-
-
-def root_version_json(repo_path: Path, version: int) -> bytes:
-    """``metadata/N.root.json``: the root a token pinned, kept by the repository after every rotation."""
-    try:
-        return (repo_path / "metadata" / f"{version}.root.json").read_bytes()
-    except FileNotFoundError:
-        raise ConflictError(
-            f"the TUF root version {version} this token pins is gone from the repository: mint a new token"
-        ) from None
 
 
 def create_enrollment_token(
@@ -450,8 +431,15 @@ def set_group(s: Session, device_id: str, group: str | None) -> Device:
     return d
 
 
-def desired_state(d: Device, group: DeviceGroup | None, versions: dict[tuple[str, str], ModelVersion]) -> DesiredState:
-    """What the device should run: a device pin, else a group pin, else what rollouts set."""
+def desired_state(
+    d: Device,
+    group: DeviceGroup | None,
+    versions: dict[tuple[str, str], ModelVersion],
+    *,
+    repository_url: str | None = None,
+) -> DesiredState:
+    """What the device should run: a device pin, else a group pin, else what rollouts set; ``repository_url``
+    (the server's ``--repository-url``) where devices fetch it."""
     pinned = True
     model: str | None
     version: str | None
@@ -477,16 +465,18 @@ def desired_state(d: Device, group: DeviceGroup | None, versions: dict[tuple[str
         rotate_key=d.key_rotation_requested_at is not None,
         send_logs_since=_instant(d.logs_since) if d.logs_requested_at is not None and d.logs_since else None,
         wipe=d.decommissioned_at is not None,
+        repository_url=repository_url,
     )
 
 
-_LIFECYCLE = ("rotate_credential", "rotate_key", "wipe", "send_logs_since")
+_LIFECYCLE = ("rotate_credential", "rotate_key", "wipe", "send_logs_since", "repository_url")
 _DELIVERY_UNSET: dict[str, object] = {
     "download_rate_bps": None,
     "download_stagger_s": 0.0,
     "maintenance_windows": [],
     "timezone": None,
     "remote_logs": False,
+    "crash_reports": False,
 }
 
 

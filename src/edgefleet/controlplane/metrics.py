@@ -2,28 +2,59 @@
 
 Fleet latency is exported as p95 gauges computed from merged sketches, drift as one PSI gauge per (model, version,
 feature) scored on the fleet's merged counts — only for features with enough data; a per-device series would have
-unbounded labels. No ``_created`` series: they double the series count and no panel reads them."""
+unbounded labels. No ``_created`` series: they double the series count and no panel reads them.
+
+The control plane's own health, per process: check-ins by the status they were answered with (refusals and
+failures included, so that an error rate can be computed) and the reconciler's rounds (when one last succeeded,
+how long each took, the interval it runs at), which the alert rules in deploy/prometheus/ read."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Info, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import event, func, select
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from edgefleet import __version__
 from edgefleet.controlplane import kpi
 from edgefleet.controlplane.db import Device, Rollout, RolloutTransition
 from edgefleet.controlplane.devices import CLOCK_SKEW_S
+from edgefleet.controlplane.errors import status_for
+from edgefleet.errors import EdgefleetError
 
 if TYPE_CHECKING:
     from edgefleet.controlplane.store import Store
 
-__all__ = ["ServerMetrics"]
+__all__ = ["CHECKIN_ANSWERS", "ServerMetrics", "checkin_answer"]
+
+# Every status the check-in route answers with, exported from the start (a series that appears only with its first
+# refusal makes rate() miss that refusal, and the alert rules' ratios read them all).
+CHECKIN_ANSWERS = ("200", "304", "401", "403", "500", "503")
+# The families controlplane/errors.py answers 503 (database unavailable) for; anything else unforeseen is a 500.
+_DB_DOWN = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+# reconcile rounds: a few milliseconds with nothing to step, seconds with many rollouts or a slow database
+_ROUND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def checkin_answer(exc: BaseException) -> str:
+    """The status the app's error handlers (controlplane/errors.py) answer a check-in that raised ``exc`` with."""
+    if isinstance(exc, EdgefleetError):
+        return str(status_for(exc))
+    return "503" if isinstance(exc, _DB_DOWN) else "500"
 
 
 class _Fleet(Collector):
@@ -120,15 +151,37 @@ class ServerMetrics:
     def __init__(self, store: Store) -> None:
         self.registry = CollectorRegistry()
         self.checkins = Counter(
-            "edgefleet_checkins", "Desired-state check-ins by answer", ["answer"], registry=self.registry
+            "edgefleet_checkins",
+            "Desired-state check-ins by the HTTP status answered (401/403 refused, 500/503 failed)",
+            ["answer"],
+            registry=self.registry,
         )
-        # the hot path's two series, bound once (a labels() lookup takes a lock per check-in)
-        self.checkins_304 = self.checkins.labels("304")
-        self.checkins_200 = self.checkins.labels("200")
+        # every answer bound once: a labels() lookup takes a lock, too dear per check-in on the hot path
+        answers = {a: self.checkins.labels(a) for a in CHECKIN_ANSWERS}
+        self.checkins_304 = answers["304"]
+        self.checkins_200 = answers["200"]
+        self._checkin_answers = answers
         self.reports = Counter("edgefleet_reports", "Report batches received", registry=self.registry)
         self.transitions = Counter(
             "edgefleet_rollout_transitions", "Rollout transitions recorded by this process", registry=self.registry
         )
+        self.reconcile_last_success = Gauge(
+            "edgefleet_reconciler_last_success_timestamp_seconds",
+            "Unix time the reconciler last finished a round without error (0: none yet in this process)",
+            registry=self.registry,
+        )
+        self.reconcile_rounds = Histogram(
+            "edgefleet_reconciler_round_seconds",
+            "Duration of the reconciler's rounds, failed ones included",
+            buckets=_ROUND_BUCKETS,
+            registry=self.registry,
+        )
+        # the alert rules measure the lag in intervals, whatever --reconcile-interval a replica runs with
+        Gauge(
+            "edgefleet_reconciler_interval_seconds",
+            "The reconciler's interval between rounds when nothing wakes it (--reconcile-interval)",
+            registry=self.registry,
+        ).set(store.settings.reconcile_interval_s)
         Info("edgefleet_build", "The control plane's version", registry=self.registry).info({"version": __version__})
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -157,6 +210,18 @@ class ServerMetrics:
         event.listen(store.db.sessions, "after_flush", flushed)
         event.listen(store.db.sessions, "after_commit", committed)
         event.listen(store.db.sessions, "after_rollback", rolled_back)
+
+    def checkin_failed(self, exc: BaseException) -> None:
+        """Count a check-in that ended in ``exc`` under the status it is answered with."""
+        answer = checkin_answer(exc)
+        child = self._checkin_answers.get(answer)
+        (child if child is not None else self.checkins.labels(answer)).inc()
+
+    def reconciled(self, seconds: float, *, ok: bool) -> None:
+        """One reconciler round that took ``seconds`` and just ended, without error if ``ok``."""
+        self.reconcile_rounds.observe(seconds)
+        if ok:
+            self.reconcile_last_success.set_to_current_time()
 
     def render(self) -> bytes:
         return generate_latest(self._exposed)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from edgefleet.controlplane import audit, compat, registry
@@ -131,7 +131,12 @@ def _facts(s: Session, model: str, version: str, policy: RolloutPolicy) -> tuple
     for d in devs.values():
         g = groups.get(d.group) if d.group else None
         problems = compat.device_problems(
-            manifest, failed, tier=d.tier, runtime_version=d.runtime_version, memory_mb=d.memory_mb
+            manifest,
+            failed,
+            tier=d.tier,
+            runtime_version=d.runtime_version,
+            memory_mb=d.memory_mb,
+            runtimes=compat.device_runtimes(d),
         )
         if d.desired_model not in (None, model):
             problems.append(f"{OTHER_MODEL} ({d.desired_model})")
@@ -254,6 +259,32 @@ def _revert(s: Session, r: Rollout, now: datetime) -> set[str]:
         x.reverted = True
     r.rolled_back_at = now
     return touched
+
+
+def baked_seconds(
+    s: Session, r: Rollout, moved: Mapping[str, RolloutDevice], already_serving: Iterable[str], now: datetime
+) -> float:
+    """How long the current wave has baked: from its first device's switch (commit) on, not from the move — a device
+    may hold the update for its maintenance window (docs/agent.md), and a wave whose devices all wait has not
+    begun to show anything. A device that already served the version switched when the wave started; 0 while no
+    device of the wave has switched (failures are judged at once all the same, and a silent device fails at the
+    device timeout)."""
+    wave = [d for d, row in moved.items() if row.wave == r.wave]
+    if not wave or set(wave) & set(already_serving):
+        return (now - r.wave_started_at).total_seconds()
+    first = s.scalar(
+        select(func.min(UpdateEventRow.received_at)).where(
+            UpdateEventRow.model == r.model,
+            UpdateEventRow.version == r.version,
+            UpdateEventRow.kind == "committed",
+            UpdateEventRow.device_id.in_(wave),
+            UpdateEventRow.received_at >= r.wave_started_at,
+            (UpdateEventRow.rollout_id == r.id) | UpdateEventRow.rollout_id.is_(None),
+        )
+    )
+    if first is None:
+        return 0.0
+    return max(0.0, (naive_utc(now) - max(naive_utc(first), naive_utc(r.wave_started_at))).total_seconds())
 
 
 def wave_cohorts(
@@ -424,7 +455,7 @@ def step(s: Session, r: Rollout, actor: str, now: datetime | None = None) -> Ste
         wave=r.wave,
         waves=policy.waves,
         judgement=verdict,
-        baked_s=(now - r.wave_started_at).total_seconds(),
+        baked_s=baked_seconds(s, r, moved_rows, already, now),
         policy=policy,
     )
     if decision.action is Action.wait:

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from edgefleet.controlplane import compat
+from edgefleet.controlplane import compat, rollups
 from edgefleet.controlplane.db import Device, ReportBatch, TelemetryRow, UpdateEventRow, utcnow
 from edgefleet.protocol import Report
 
@@ -40,6 +40,8 @@ def store_report(s: Session, d: Device, r: Report, now: datetime | None = None) 
         d.agent_version = r.agent_version
     if r.runtime_version:
         d.runtime_version = r.runtime_version
+    if r.runtimes is not None and (d.hardware or {}).get("runtimes") != r.runtimes:
+        d.hardware = {**(d.hardware or {}), "runtimes": dict(r.runtimes)}  # the compat matrix's runtime axis
     d.dropped_records = max(d.dropped_records, r.dropped_records)
     if r.events:
         have = _stored(s, UpdateEventRow.event_id, UpdateEventRow.device_id, d.id, [e.event_id for e in r.events])
@@ -57,6 +59,8 @@ def store_report(s: Session, d: Device, r: Report, now: datetime | None = None) 
                     version=e.version,
                     rollout_id=e.rollout_id,
                     reason=e.reason,
+                    bytes_downloaded=e.bytes_downloaded,
+                    delta_from=e.delta_from,
                     received_at=now,
                 )
             )
@@ -81,10 +85,12 @@ def store_report(s: Session, d: Device, r: Report, now: datetime | None = None) 
                 )
     if r.telemetry:
         have = _stored(s, TelemetryRow.window_id, TelemetryRow.device_id, d.id, [w.window_id for w in r.telemetry])
+        new = []
         for w in r.telemetry:
             if w.window_id in have:
                 continue
             have.add(w.window_id)
+            new.append(w)
             s.add(
                 TelemetryRow(
                     device_id=d.id,
@@ -106,6 +112,8 @@ def store_report(s: Session, d: Device, r: Report, now: datetime | None = None) 
                     received_at=now,
                 )
             )
+        # in this transaction: the rollup counts a window exactly when its raw row is stored
+        rollups.add_windows(s, d, new, now)
     return True
 
 

@@ -27,7 +27,9 @@ __all__ = [
     "AuditEntry",
     "CompatCell",
     "CompatCleared",
+    "CrashReportOut",
     "Device",
+    "DeviceCrashes",
     "DeviceDetail",
     "DeviceKey",
     "EnrollmentToken",
@@ -162,6 +164,7 @@ class FleetKpis(_Out):
 
 class CompatCell(_Out):
     tier: str
+    runtime: str = "onnxruntime"  # onnxruntime, litert or openvino: the runtime the version's package runs on
     runtime_version: str
     model: str
     version: str
@@ -255,6 +258,31 @@ class DeviceLogs(_Out):
     requested_at: str | None = Field(description="the open request, if any: the device answers on its next check-in")
     pending: bool
     upload: LogsUpload | None = Field(description="the latest answer (none yet: null)")
+
+
+class CrashReportOut(_Out):
+    crash_id: str
+    at: str = Field(description="the device's clock when its agent saw the worker end")
+    received_at: str
+    reason: str
+    exit_code: int | None = Field(description="the worker's exit status; negative: the signal that ended it")
+    signal: str | None
+    fault: str = Field(description="the Python traceback faulthandler wrote (its tail); empty for SIGKILL")
+    fault_dropped: int = Field(description="characters cut from the head of the traceback")
+    rss_bytes: int | None = Field(description="the worker's last sampled RSS, rss_age_s before it ended")
+    rss_age_s: float | None
+    uptime_s: float | None
+    model: str | None
+    version: str | None
+    model_sha256: str | None
+    agent_version: str | None
+    runtime_version: str | None
+
+
+class DeviceCrashes(_Out):
+    device_id: str
+    consent: bool = Field(description="whether the device's group consents to crash reports (crash_reports)")
+    crashes: list[CrashReportOut] = Field(description="newest first (by the device's clock)")
 
 
 class DeviceKey(_Out):

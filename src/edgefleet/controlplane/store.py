@@ -20,7 +20,7 @@ class Store:
         self.settings = settings
         self.db = db
         self.repo = repo
-        self.cache = CheckinCache()
+        self.cache = CheckinCache(settings.repository_url)
         self._wake: asyncio.Event | None = None
         # check-in nudges over MQTT (controlplane/nudge.py); None: devices learn changes at their next poll
         self.nudger: nudge.Nudger | None = None

@@ -13,7 +13,18 @@ from edgefleet.errors import PackageError, UsageError
 __all__ = ["MEMBERS", "read_members", "write_tar"]
 
 # Every member a package may hold; anything else means the file is not ours.
-MEMBERS = ("manifest.json", "model.onnx", "model.onnx.enc", "golden.npz", "reference.json", "bom.cdx.json")
+MEMBERS = (
+    "manifest.json",
+    "model.onnx",
+    "model.onnx.enc",
+    "model.tflite",
+    "model.tflite.enc",
+    "model.ir.tar",
+    "model.ir.tar.enc",
+    "golden.npz",
+    "reference.json",
+    "bom.cdx.json",
+)
 
 
 def _order(names: list[str]) -> list[str]:

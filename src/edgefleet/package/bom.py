@@ -27,6 +27,9 @@ def _serial(manifest: Manifest) -> uuid.UUID:
     return uuid.UUID(bytes=digest[:16], version=5)
 
 
+_FORMAT_NAMES = {"onnx": "ONNX", "tflite": "TFLite", "openvino-ir": "OpenVINO IR"}
+
+
 def build_bom(manifest: Manifest, *, created: datetime) -> bytes:
     """The ML-BOM of a package whose manifest is ``manifest`` (its ``files`` need not be filled in)."""
     props = [
@@ -57,7 +60,7 @@ def build_bom(manifest: Manifest, *, created: datetime) -> bytes:
         bom_ref=f"model:{manifest.name}@{manifest.version}",
         hashes=[HashType(alg=HashAlgorithm.SHA_256, content=manifest.model_sha256)],
         properties=props,
-        description="ONNX model packaged by edgefleet",
+        description=f"{_FORMAT_NAMES[manifest.model_format]} model packaged by edgefleet",
     )
     req = manifest.requirements
     runtime_version = req.min_runtime_version or ""

@@ -21,6 +21,7 @@ from edgefleet.package.bom import build_bom
 from edgefleet.package.crypto import encrypt_model
 from edgefleet.package.keys import parse_public_key
 from edgefleet.package.manifest import (
+    MODEL_MEMBERS,
     GoldenTolerance,
     IOSchema,
     Lineage,
@@ -28,7 +29,8 @@ from edgefleet.package.manifest import (
     Requirements,
     validation_message,
 )
-from edgefleet.runtime import Model, Step, TensorSpec
+from edgefleet.runtime import Model, Step, TensorSpec, detect_format
+from edgefleet.runtime.backends import FORMATS, ModelFormat, RuntimeName
 from edgefleet.telemetry.drift import build_reference
 
 __all__ = ["FIXED_EPOCH", "build_package", "source_date_epoch"]
@@ -65,6 +67,44 @@ def _opset(model_bytes: bytes) -> int | None:
     return None
 
 
+# The runtime a model's format implies when the requirements name none.
+_DEFAULT_RUNTIME: dict[ModelFormat, RuntimeName] = {
+    "onnx": "onnxruntime",
+    "tflite": "litert",
+    "openvino-ir": "openvino",
+}
+
+
+def _read_model(model: Path | bytes) -> tuple[bytes, ModelFormat]:
+    """The model's bytes and format; an OpenVINO IR ``.xml`` is bundled with its ``.bin`` (runtime/openvino.py)."""
+    if isinstance(model, bytes):
+        return model, detect_format(model)
+    p = Path(model)
+    if not p.is_file():
+        raise UsageError(f"model file {p} does not exist")
+    if p.suffix == ".xml":
+        from edgefleet.runtime.backends import unavailable
+
+        try:
+            from edgefleet.runtime.openvino import read_ir_files
+        except ImportError:
+            raise unavailable("openvino")
+        return read_ir_files(p), "openvino-ir"
+    data = p.read_bytes()
+    return data, detect_format(data)
+
+
+def _requirements(req: Requirements | None, model_format: ModelFormat) -> Requirements:
+    req = req or Requirements()
+    if "runtime" not in req.model_fields_set:
+        req = req.model_copy(update={"runtime": _DEFAULT_RUNTIME[model_format]})
+    if model_format not in FORMATS[req.runtime]:
+        raise UsageError(
+            f"runtime {req.runtime} cannot run a {model_format} model (it reads {', '.join(FORMATS[req.runtime])})"
+        )
+    return req
+
+
 def _golden_calls(model: Model, samples: CallData | None) -> CallData:
     if samples is not None:
         return samples if len(samples) <= _golden.MAX_GOLDEN_CALLS else samples.subset(range(_golden.MAX_GOLDEN_CALLS))
@@ -90,18 +130,23 @@ def build_package(
     golden: GoldenTolerance | None = None,
     recipients: list[str] | None = None,
 ) -> Path:
-    """Write a ``.efpkg`` to ``out`` and return its path. Unencrypted packages rebuild byte-identically."""
-    if isinstance(model, bytes):
-        model_bytes = model
-    else:
-        p = Path(model)
-        if not p.is_file():
-            raise UsageError(f"model file {p} does not exist")
-        model_bytes = p.read_bytes()
+    """Write a ``.efpkg`` to ``out`` and return its path. Unencrypted packages rebuild byte-identically.
+
+    ``model``: ONNX, ``.tflite``, or an OpenVINO IR ``.xml`` (its ``.bin`` beside it). Golden vectors come from the
+    runtime the requirements name — by default the one the format implies (onnxruntime, litert, openvino)."""
+    model_bytes, model_format = _read_model(model)
+    req = _requirements(requirements, model_format)
     model_sha256 = hashlib.sha256(model_bytes).hexdigest()
-    opset = _opset(model_bytes)
+    opset = _opset(model_bytes) if model_format == "onnx" else None
     runner = Model(
-        model_bytes, inputs=inputs, outputs=outputs, preprocessing=preprocessing, postprocessing=postprocessing
+        model_bytes,
+        inputs=inputs,
+        outputs=outputs,
+        preprocessing=preprocessing,
+        postprocessing=postprocessing,
+        runtime=req.runtime,
+        model_format=model_format,
+        providers=req.execution_providers,
     )
 
     calls = _golden_calls(runner, sample_inputs)
@@ -118,7 +163,6 @@ def build_package(
         ref = build_reference(zip(reference_data, ref_out, strict=True))
         reference_json = (ref.model_dump_json(indent=2) + "\n").encode()
 
-    req = requirements or Requirements()
     if req.opset is None and opset is not None:
         req = req.model_copy(update={"opset": opset})
     epoch = source_date_epoch()
@@ -135,6 +179,7 @@ def build_package(
             requirements=req,
             metrics=metrics or {},
             golden=golden or GoldenTolerance(),
+            model_format=model_format,
             model_sha256=model_sha256,
             model_size=len(model_bytes),
         )
@@ -146,9 +191,9 @@ def build_package(
         keys = [parse_public_key(r) for r in recipients]
         ciphertext, info = encrypt_model(model_bytes, model_sha256, keys)
         manifest = manifest.model_copy(update={"encryption": info})
-        members["model.onnx.enc"] = ciphertext
+        members[f"{MODEL_MEMBERS[model_format]}.enc"] = ciphertext
     else:
-        members["model.onnx"] = model_bytes
+        members[MODEL_MEMBERS[model_format]] = model_bytes
     members["golden.npz"] = _golden.write_golden(calls.inputs, golden_out)
     if reference_json is not None:
         members["reference.json"] = reference_json

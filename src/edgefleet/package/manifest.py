@@ -10,12 +10,22 @@ import json
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from edgefleet.errors import ManifestError
 from edgefleet.runtime import Step, TensorSpec
+from edgefleet.runtime.backends import FORMATS, ModelFormat, RuntimeName
 
 __all__ = [
+    "MODEL_MEMBERS",
     "SCHEMA_VERSION",
     "AccuracyLineage",
     "EncryptionInfo",
@@ -40,6 +50,9 @@ SEMVER = (
 )
 # Names end up in TUF target names and file names: keep them path- and URL-safe.
 NAME = r"^[a-z0-9][a-z0-9._-]{0,99}$"
+# The package member that holds the model, by its format (``.enc`` appended when encrypted). An OpenVINO IR is one
+# uncompressed tar of model.xml and model.bin (runtime/openvino.py), so that one hash and one ciphertext cover it.
+MODEL_MEMBERS = {"onnx": "model.onnx", "tflite": "model.tflite", "openvino-ir": "model.ir.tar"}
 
 
 class _Base(BaseModel):
@@ -49,10 +62,18 @@ class _Base(BaseModel):
 class Requirements(_Base):
     """What a device needs to run the model; ``check_requirements`` compares a device against it."""
 
-    runtime: Literal["onnxruntime"] = "onnxruntime"
-    min_runtime_version: str | None = Field(None, pattern=r"^\d+(\.\d+){0,2}$", examples=["1.17.0"])
+    runtime: RuntimeName = Field(
+        "onnxruntime", description="what runs the model: onnxruntime, litert (ai-edge-litert) or openvino"
+    )
+    min_runtime_version: str | None = Field(
+        None, pattern=r"^\d+(\.\d+){0,2}$", examples=["1.17.0"], description="of `runtime`"
+    )
     opset: int | None = Field(None, ge=1, description="default-domain ONNX opset the model imports")
-    execution_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    execution_providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="onnxruntime execution providers in order of preference (CUDA, TensorRT, OpenVINO, ...): a "
+        "device uses the first it has, the CPU when it has none",
+    )
     min_memory_mb: int | None = Field(None, ge=1)
     tiers: list[str] = Field(default_factory=list, description="allowed device tiers; empty means any")
 
@@ -140,11 +161,33 @@ class Manifest(_Base):
     metrics: dict[str, Any] = Field(default_factory=dict, description="accuracy, per-tier latency_p95_ms, ...")
     golden: GoldenTolerance = Field(default_factory=GoldenTolerance)
     encryption: EncryptionInfo | None = None
-    model_sha256: str = Field(pattern=_SHA256, description="SHA-256 of the plaintext ONNX bytes")
-    model_size: int = Field(ge=0, description="bytes of the plaintext ONNX model")
+    model_format: ModelFormat = Field(
+        "onnx", description="onnx, tflite, or openvino-ir (model.xml and model.bin in one uncompressed tar)"
+    )
+    model_sha256: str = Field(pattern=_SHA256, description="SHA-256 of the plaintext model bytes")
+    model_size: int = Field(ge=0, description="bytes of the plaintext model")
     files: dict[str, str] = Field(
         default_factory=dict, description="SHA-256 of every other member of the package, by member name"
     )
+
+    @model_validator(mode="after")
+    def _runtime_reads_format(self) -> Manifest:
+        runtime = self.requirements.runtime
+        if self.model_format not in FORMATS[runtime]:
+            raise ValueError(
+                f"requirements.runtime {runtime} cannot run a {self.model_format} model "
+                f"(it reads {', '.join(FORMATS[runtime])})"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_onnx_format(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # An ONNX package serializes exactly as before model_format existed: same bytes, same hash, and agents
+        # that predate it (and refuse unknown fields) still read it.
+        data: dict[str, Any] = handler(self)
+        if data.get("model_format") == "onnx":
+            data.pop("model_format")
+        return data
 
     @property
     def target_name(self) -> str:
@@ -153,7 +196,8 @@ class Manifest(_Base):
 
     @property
     def model_member(self) -> str:
-        return "model.onnx.enc" if self.encryption else "model.onnx"
+        name = MODEL_MEMBERS[self.model_format]
+        return f"{name}.enc" if self.encryption else name
 
     def summary(self) -> dict[str, Any]:
         """What ``publish`` signs into the TUF target's custom field: enough to decide without downloading.

@@ -78,7 +78,7 @@ class OpenedPackage:
             raise PackageError(f"{path}: bom.cdx.json is not JSON: {err}")
         if m.encryption is None:
             if hashlib.sha256(self._model_blob).hexdigest() != m.model_sha256:
-                raise PackageError(f"{path}: model.onnx does not match the manifest's model_sha256")
+                raise PackageError(f"{path}: {m.model_member} does not match the manifest's model_sha256")
         elif device_key is not None:
             _ = self.model_bytes
 
@@ -88,7 +88,7 @@ class OpenedPackage:
 
     @cached_property
     def model_bytes(self) -> bytes:
-        """The plaintext ONNX bytes; raises :class:`DecryptionError` for an encrypted package without its key."""
+        """The plaintext model bytes; raises :class:`DecryptionError` for an encrypted package without its key."""
         info = self.manifest.encryption
         if info is None:
             return self._model_blob
@@ -102,7 +102,8 @@ class OpenedPackage:
         return plain
 
     def load(self, settings: RuntimeSettings | None = None) -> Model:
-        """The model, with the manifest's I/O schema and pre/post-processing applied."""
+        """The model in the manifest's runtime (onnxruntime on the first of its execution providers this device
+        has), with the manifest's I/O schema and pre/post-processing applied."""
         m = self.manifest
         return Model(
             self.model_bytes,
@@ -112,6 +113,9 @@ class OpenedPackage:
             preprocessing=m.preprocessing,
             postprocessing=m.postprocessing,
             manifest=m,
+            runtime=m.requirements.runtime,
+            model_format=m.model_format,
+            providers=m.requirements.execution_providers,
         )
 
     def verify_golden(self, model: Model | None = None) -> None:

@@ -227,6 +227,21 @@ class TufClient:
         targets = updater._trusted_set.targets  # ngclient has no public listing; the set is verified
         return [TargetInfo.from_tuf(tf) for _, tf in sorted(targets.targets.items())]
 
+    def delta_for(self, target: str, base_sha256: str) -> TargetInfo | None:
+        """A published delta that rebuilds ``target`` from the package file whose SHA-256 is ``base_sha256``
+        (:mod:`edgefleet.package.delta`), or None. Its entry is signed like any target; what it rebuilds is checked
+        against ``target``'s own signed length and hash by the caller (:meth:`verify_file`)."""
+        for t in self.targets():
+            d = t.custom.get("delta")
+            if (
+                t.name.endswith(".efdelta")
+                and isinstance(d, dict)
+                and d.get("target") == target
+                and d.get("base_sha256") == base_sha256
+            ):
+                return t
+        return None
+
     def target_url(self, name: str) -> str:
         """Absolute URL of the target file (a file path for a local repository), for resumable downloads."""
         info = self.target_info(name)

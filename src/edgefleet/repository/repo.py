@@ -5,16 +5,18 @@ Layout (docs/repository.md): ``metadata/`` (``root.json`` + ``N.root.json``, ``t
 ``repository.json`` (expiry periods). Serve only ``metadata/`` and ``targets/``. Root keys belong in a separate
 folder (``root_keys_dir``, offline): nothing an online server signs needs them (docs/security/keys.md).
 
+The signed files live in a :class:`~edgefleet.repository.storage.Storage`: a folder, or ``s3://bucket/prefix``
+(object storage), whose online keys then stay in a local ``keys_dir``: a bucket is for publishing, never for keys.
+
 Every change is written leaves-first (target file, targets, snapshot, then timestamp), each file atomically, so a
-client that reads mid-publish sees the old consistent state or the new one. A lock file serializes writers.
+client that reads mid-publish sees the old consistent state or the new one. The storage's lock serializes writers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,6 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
-from edgefleet._fs import atomic_write
 from edgefleet.errors import ConflictError, RepositoryError, UsageError
 from edgefleet.repository import _keys
 from edgefleet.repository.status import (
@@ -46,8 +47,10 @@ from edgefleet.repository.status import (
     expiry_warning,
     human_duration,
 )
+from edgefleet.repository.storage import Storage, is_s3, open_storage
 
 __all__ = [
+    "DEFAULT_DELTAS",
     "DEFAULT_EXPIRY",
     "ROLES",
     "WARN_FRACTION",
@@ -56,11 +59,13 @@ __all__ = [
     "RoleStatus",
     "TargetInfo",
     "default_root_keys_dir",
+    "delta_bases",
     "human_duration",
     "root_key_files",
 ]
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
+DEFAULT_DELTAS = 3  # deltas published with each version: from this many previous versions of the model
 DEFAULT_EXPIRY = {
     "root": timedelta(days=365),
     "targets": timedelta(days=90),
@@ -68,11 +73,21 @@ DEFAULT_EXPIRY = {
     "timestamp": timedelta(days=1),
 }
 _CONFIG = "repository.json"
+_ROOT = "metadata/root.json"
+_KEYS_NEEDED = (
+    "{} is in object storage: give a local folder for its online keys with --keys DIR (private keys never go to a "
+    "bucket)"
+)
 _SERIALIZER = JSONSerializer(compact=False)
 
 
-def default_root_keys_dir(path: Path | str) -> Path:
-    """``<repo>.root-keys``: next to the repository, never inside what is served or the online keys folder."""
+def default_root_keys_dir(path: Path | str, keys_dir: Path | str | None = None) -> Path:
+    """``<repo>.root-keys``: next to the repository, never inside what is served or the online keys folder. For a
+    repository in object storage, ``<keys_dir>.root-keys``: root keys never go to a bucket."""
+    if is_s3(path):
+        if keys_dir is None:
+            raise UsageError(_KEYS_NEEDED.format(path))
+        path = keys_dir
     p = Path(path).resolve()  # "." has no name of its own to put a suffix on
     return p.parent / f"{p.name}.root-keys"
 
@@ -88,15 +103,10 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def _atomic_write(path: Path, data: bytes | Path) -> None:
-    # 0644: the repository's files are published (served over HTTP, copied to a USB stick) as they are.
-    atomic_write(path, data, mode=0o644)
-
-
 class Repository:
-    """A TUF repository in a local folder, with the online keys in ``keys_dir`` and the root keys in
-    ``root_keys_dir`` (default: ``keys_dir``; offline in production). ``root_passphrase`` decrypts the root keys
-    (default: ``passphrase``)."""
+    """A TUF repository in a local folder or at ``s3://bucket/prefix``, with the online keys in ``keys_dir``
+    (default ``<folder>/keys``; required for object storage) and the root keys in ``root_keys_dir`` (default:
+    ``keys_dir``; offline in production). ``root_passphrase`` decrypts the root keys (default: ``passphrase``)."""
 
     def __init__(
         self,
@@ -108,8 +118,8 @@ class Repository:
         root_passphrase: str | None = None,
     ) -> None:
         self._attach(path, passphrase, keys_dir, root_keys_dir, root_passphrase)
-        if not (self.metadata_dir / "root.json").is_file():
-            raise UsageError(f"{self.path} is not an edgefleet repository (create one with `edgefleet repo init`)")
+        if not self.storage.exists(_ROOT):
+            raise UsageError(f"{self.location} is not an edgefleet repository (create one with `edgefleet repo init`)")
 
     def _attach(
         self,
@@ -118,21 +128,39 @@ class Repository:
         keys_dir: Path | str | None,
         root_keys_dir: Path | str | None = None,
         root_passphrase: str | None = None,
+        storage: Storage | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.storage = storage or _storage(path, keys_dir)
+        self.location = self.storage.location
         self.passphrase = passphrase
         self.root_passphrase = root_passphrase or passphrase
-        self.metadata_dir = self.path / "metadata"
-        self.targets_dir = self.path / "targets"
-        self.keys_dir = Path(keys_dir) if keys_dir else self.path / "keys"
+        self.keys_dir = Path(keys_dir) if keys_dir else Path(path) / "keys"
         self.root_keys_dir = Path(root_keys_dir) if root_keys_dir else self.keys_dir
-        if not (self.path / _CONFIG).is_file():
-            raise UsageError(f"{self.path} is not an edgefleet repository (create one with `edgefleet repo init`)")
         try:
-            config = json.loads((self.path / _CONFIG).read_text())
+            raw = self.storage.read(_CONFIG)
+        except FileNotFoundError:
+            raise UsageError(f"{self.location} is not an edgefleet repository (create one with `edgefleet repo init`)")
+        try:
+            config = json.loads(raw)
             self.expiry = {role: timedelta(seconds=float(config["expiry_s"][role])) for role in ROLES}
         except (ValueError, KeyError, TypeError) as err:
-            raise RepositoryError(f"{self.path / _CONFIG} is damaged: {err}")
+            raise RepositoryError(f"{self.location}/{_CONFIG} is damaged: {err}")
+
+    @property
+    def path(self) -> Path:
+        """The repository's folder (a repository in object storage has none: :class:`UsageError`)."""
+        folder = getattr(self.storage, "path", None)
+        if not isinstance(folder, Path):
+            raise UsageError(f"{self.location} is in object storage, not a folder")
+        return folder
+
+    @property
+    def metadata_dir(self) -> Path:
+        return self.path / "metadata"
+
+    @property
+    def targets_dir(self) -> Path:
+        return self.path / "targets"
 
     # -- creation ---------------------------------------------------------------------------------------------
 
@@ -153,69 +181,72 @@ class Repository:
 
         Root keys go to ``root_keys_dir`` (default: ``keys_dir``), which must not be inside the repository: a
         served or online folder holding them would make a server compromise a root compromise."""
-        path = Path(path)
+        storage = _storage(path, keys_dir)
         if not 1 <= root_threshold <= root_keys:
             raise UsageError(f"root threshold {root_threshold} must be between 1 and the key count {root_keys}")
         unknown = set(expiry or {}) - set(ROLES)
         if unknown:
             raise UsageError(f"unknown role(s) {', '.join(sorted(unknown))}; roles are {', '.join(ROLES)}")
         periods = DEFAULT_EXPIRY | (expiry or {})
-        if (path / "metadata").exists() and any((path / "metadata").iterdir()):
-            raise UsageError(f"{path} already holds a repository; refusing to overwrite it")
-        for sub in ("metadata", "targets"):
-            (path / sub).mkdir(parents=True, exist_ok=True)
-        kdir = Path(keys_dir) if keys_dir else path / "keys"
-        rdir = Path(root_keys_dir) if root_keys_dir else kdir
-        if root_keys_dir is not None and (
-            rdir.resolve() == kdir.resolve() or rdir.resolve().is_relative_to(path.resolve())
-        ):
-            raise UsageError(
-                f"--root-keys-dir {rdir} is inside the repository or its online keys folder: give a folder outside "
-                f"{path} (ideally removable media)"
-            )
-        kdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        rdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        config = {"expiry_s": {r: int(p.total_seconds()) for r, p in periods.items()}, "spec": SPECIFICATION_VERSION}
-        _atomic_write(path / _CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        storage.create()
+        # under the lock: two servers starting on one empty bucket must not both make a root
+        with storage.lock():
+            if storage.list("metadata/"):
+                raise UsageError(f"{storage.location} already holds a repository; refusing to overwrite it")
+            kdir = Path(keys_dir) if keys_dir else Path(path) / "keys"
+            rdir = Path(root_keys_dir) if root_keys_dir else kdir
+            inside = not is_s3(path) and rdir.resolve().is_relative_to(Path(path).resolve())
+            if root_keys_dir is not None and (rdir.resolve() == kdir.resolve() or inside):
+                raise UsageError(
+                    f"--root-keys-dir {rdir} is inside the repository or its online keys folder: give a folder outside "
+                    f"{storage.location} and {kdir} (ideally removable media)"
+                )
+            kdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            rdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            config = {
+                "expiry_s": {r: int(p.total_seconds()) for r, p in periods.items()},
+                "spec": SPECIFICATION_VERSION,
+            }
+            storage.write(_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
-        now = _now()
-        root = Root(expires=now + periods["root"], consistent_snapshot=True)
-        signers: dict[str, list[CryptoSigner]] = {}
-        for role in ROLES:
-            count = root_keys if role == "root" else 1
-            signers[role] = [_keys.generate() for _ in range(count)]
-            for s in signers[role]:
-                root.add_key(s.public_key, role)
-                if role == "root":
-                    _keys.save_signer(rdir, role, s, root_passphrase or passphrase)
-                else:
-                    _keys.save_signer(kdir, role, s, passphrase)
-        root.roles["root"].threshold = root_threshold
+            now = _now()
+            root = Root(expires=now + periods["root"], consistent_snapshot=True)
+            signers: dict[str, list[CryptoSigner]] = {}
+            for role in ROLES:
+                count = root_keys if role == "root" else 1
+                signers[role] = [_keys.generate() for _ in range(count)]
+                for s in signers[role]:
+                    root.add_key(s.public_key, role)
+                    if role == "root":
+                        _keys.save_signer(rdir, role, s, root_passphrase or passphrase)
+                    else:
+                        _keys.save_signer(kdir, role, s, passphrase)
+            root.roles["root"].threshold = root_threshold
 
-        repo_md: dict[str, Metadata[Any]] = {
-            "root": Metadata(root),
-            "targets": Metadata(Targets(expires=now + periods["targets"])),
-            "snapshot": Metadata(Snapshot(expires=now + periods["snapshot"])),
-            "timestamp": Metadata(Timestamp(expires=now + periods["timestamp"])),
-        }
-        self = cls.__new__(cls)
-        self._attach(path, passphrase, kdir, rdir, root_passphrase)
-        for role in ROLES:
-            md = repo_md[role]
-            if role == "snapshot":
-                md.signed.meta["targets.json"] = self._metafile(repo_md["targets"])
-            if role == "timestamp":
-                md.signed.snapshot_meta = self._metafile(repo_md["snapshot"])
-            self._sign(md, signers[role])
-            self._write(role, md)
-        return self
+            repo_md: dict[str, Metadata[Any]] = {
+                "root": Metadata(root),
+                "targets": Metadata(Targets(expires=now + periods["targets"])),
+                "snapshot": Metadata(Snapshot(expires=now + periods["snapshot"])),
+                "timestamp": Metadata(Timestamp(expires=now + periods["timestamp"])),
+            }
+            self = cls.__new__(cls)
+            self._attach(path, passphrase, kdir, rdir, root_passphrase, storage)
+            for role in ROLES:
+                md = repo_md[role]
+                if role == "snapshot":
+                    md.signed.meta["targets.json"] = self._metafile(repo_md["targets"])
+                if role == "timestamp":
+                    md.signed.snapshot_meta = self._metafile(repo_md["snapshot"])
+                self._sign(md, signers[role])
+                self._write(role, md)
+            return self
 
     # -- reading ----------------------------------------------------------------------------------------------
 
     def _read(self, filename: str) -> Metadata[Any]:
-        p = self.metadata_dir / filename
+        p = f"{self.location}/metadata/{filename}"
         try:
-            return Metadata.from_bytes(p.read_bytes())
+            return Metadata.from_bytes(self.storage.read(f"metadata/{filename}"))
         except FileNotFoundError:
             raise RepositoryError(f"{p} is missing; the repository is incomplete")
         except DeserializationError as err:
@@ -244,7 +275,11 @@ class Repository:
 
     def root_json(self) -> bytes:
         """The current ``root.json``: what clients are given to trust (enrollment, ``edgefleet fetch --root``)."""
-        return (self.metadata_dir / "root.json").read_bytes()
+        return self.storage.read(_ROOT)
+
+    def root_version_json(self, version: int) -> bytes:
+        """``metadata/N.root.json``, kept after every rotation; :class:`FileNotFoundError` when there is none."""
+        return self.storage.read(f"metadata/{version}.root.json")
 
     def keys(self) -> list[dict[str, Any]]:
         """Every signing key by role: id, type, the role's threshold, whether its private key is at hand (in
@@ -289,12 +324,12 @@ class Repository:
     def _write(self, role: str, md: Metadata[Any]) -> None:
         data = md.to_bytes(_SERIALIZER)
         if role == "timestamp":
-            _atomic_write(self.metadata_dir / "timestamp.json", data)
+            self.storage.write("metadata/timestamp.json", data)
         elif role == "root":
-            _atomic_write(self.metadata_dir / f"{md.signed.version}.root.json", data)
-            _atomic_write(self.metadata_dir / "root.json", data)
+            self.storage.write(f"metadata/{md.signed.version}.root.json", data)
+            self.storage.write(_ROOT, data)
         else:
-            _atomic_write(self.metadata_dir / f"{md.signed.version}.{role}.json", data)
+            self.storage.write(f"metadata/{md.signed.version}.{role}.json", data)
 
     def _signers(self, role: str, root: Root | None = None) -> list[CryptoSigner]:
         """The role's signers found in its keys folder; at least its threshold, else :class:`RepositoryError`."""
@@ -336,14 +371,8 @@ class Repository:
             previous = cur
         return done
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        with (self.path / ".lock").open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
+        return self.storage.lock()
 
     # -- operations -------------------------------------------------------------------------------------------
 
@@ -368,19 +397,75 @@ class Repository:
                     f"{name} is already published with different content; publish it under a new version"
                 )
             info = TargetInfo.from_tuf(tf)
-            self.targets_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.targets_dir / info.path, data)
+            self.storage.write(f"targets/{info.path}", data)
             targets.signed.targets[name] = tf
             self._commit("targets", targets)
             return info
 
-    def publish(self, package: Path | str) -> TargetInfo:
-        """Add a checked ``.efpkg`` as target ``{name}-{version}.efpkg`` with its manifest summary as custom data."""
+    def publish(self, package: Path | str, *, deltas: int = 0) -> TargetInfo:
+        """Add a checked ``.efpkg`` as target ``{name}-{version}.efpkg`` with its manifest summary as custom data,
+        then deltas to it from the ``deltas`` previous versions of the model (:meth:`publish_deltas`). The library
+        publishes none unless asked; ``edgefleet publish`` and the control plane ask for :data:`DEFAULT_DELTAS`."""
         from edgefleet.package import open_package
 
         opened = open_package(Path(package))
         summary = opened.manifest.summary() | {"package_sha256": opened.package_sha256}
-        return self.add_target(opened.manifest.target_name, Path(package), summary)
+        info = self.add_target(opened.manifest.target_name, Path(package), summary)
+        self.publish_deltas(info, deltas)
+        return info
+
+    def publish_deltas(self, new: TargetInfo, count: int = DEFAULT_DELTAS) -> list[TargetInfo]:
+        """Sign in deltas to the published package ``new`` from the ``count`` newest other versions of its model
+        (by manifest ``created``), each a target ``<name>-<from>-to-<to>.efdelta`` (:mod:`edgefleet.package.delta`).
+        Encrypted packages get none (each version is new ciphertext: nothing to share), and a delta no smaller than
+        the package is not published. Returns the deltas now published to ``new`` (those there before included)."""
+        from edgefleet.package.delta import delta_custom, delta_target_name, make_delta
+
+        if count <= 0 or new.custom.get("encrypted"):
+            return []
+        name, version = new.custom.get("name"), new.custom.get("version")
+        if not isinstance(name, str) or not isinstance(version, str):
+            return []
+        with self._lock():
+            targets = self._targets()
+            listed = [TargetInfo.from_tuf(tf) for tf in targets.signed.targets.values()]
+            new_bytes: bytes | None = None
+            done: list[TargetInfo] = []
+            added = False
+            for base in delta_bases(listed, name, version, count):
+                dname = delta_target_name(name, str(base.custom["version"]), version)
+                have = targets.signed.targets.get(dname)
+                if have is not None:
+                    done.append(TargetInfo.from_tuf(have))
+                    continue
+                new_bytes = new_bytes if new_bytes is not None else self._target_bytes(new)
+                delta = make_delta(self._target_bytes(base), new_bytes)
+                if len(delta) >= new.length:
+                    continue  # no saving: devices take the full package
+                tf = TargetFile.from_data(dname, delta, ["sha256"])
+                tf.unrecognized_fields["custom"] = delta_custom(
+                    name=name,
+                    from_version=str(base.custom["version"]),
+                    to_version=version,
+                    base_sha256=base.sha256,
+                    target=new.name,
+                    target_sha256=new.sha256,
+                )
+                info = TargetInfo.from_tuf(tf)
+                self.storage.write(f"targets/{info.path}", delta)
+                targets.signed.targets[dname] = tf
+                done.append(info)
+                added = True
+            if added:
+                self._commit("targets", targets)
+            return done
+
+    def _target_bytes(self, info: TargetInfo) -> bytes:
+        """A published target's bytes, checked against its signed hash (a delta is made from exactly those)."""
+        data = self.storage.read(f"targets/{info.path}")
+        if hashlib.sha256(data).hexdigest() != info.sha256:
+            raise RepositoryError(f"{self.location}/targets/{info.path} does not match its signed hash: restore it")
+        return data
 
     def resign(self, role: str, *, expires: datetime | None = None) -> list[str]:
         """Sign a new version of ``role`` now (and of the roles that point at it). ``expires`` overrides the
@@ -448,7 +533,7 @@ class Repository:
                 )
             )
         return RepoStatus(
-            path=self.path,
+            path=self.location,
             roles=roles,
             targets=len(mds["targets"].signed.targets),
             consistent_snapshot=bool(root.signed.consistent_snapshot),
@@ -492,6 +577,28 @@ class Repository:
             if role != "root":
                 self._commit(role)
             return [s.public_key.keyid for s in new_signers]
+
+
+def delta_bases(targets: list[TargetInfo], name: str, version: str, count: int) -> list[TargetInfo]:
+    """The published packages a delta to ``name`` ``version`` is made from: the ``count`` newest other unencrypted
+    versions of the model, newest first (by manifest ``created``, then name)."""
+    same = [
+        t
+        for t in targets
+        if t.name.endswith(".efpkg")
+        and t.custom.get("name") == name
+        and isinstance(t.custom.get("version"), str)
+        and t.custom.get("version") != version
+        and not t.custom.get("encrypted")
+    ]
+    same.sort(key=lambda t: (str(t.custom.get("created", "")), t.name), reverse=True)
+    return same[: max(0, count)]
+
+
+def _storage(path: Path | str, keys_dir: Path | str | None) -> Storage:
+    if is_s3(path) and keys_dir is None:
+        raise UsageError(_KEYS_NEEDED.format(path))
+    return open_storage(path)
 
 
 def _canonical_safe(value: Any) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from tuf.api.metadata import TargetFile
@@ -67,7 +66,7 @@ class RoleStatus:
 
 @dataclass
 class RepoStatus:
-    path: Path
+    path: str  # a folder, or s3://bucket/prefix
     roles: list[RoleStatus]
     targets: int
     consistent_snapshot: bool
@@ -82,7 +81,7 @@ class RepoStatus:
             del d["period"]
             roles.append(d)
         return {
-            "path": str(self.path),
+            "path": self.path,
             "roles": roles,
             "targets": self.targets,
             "consistent_snapshot": self.consistent_snapshot,

@@ -1,7 +1,8 @@
 """The runtime integration layer: load a model, validate inputs, run pre/post-processing, return named outputs.
 
-One interface (:class:`Model`) over interchangeable backends; onnxruntime first (``runtime/onnxruntime.py``).
-This is also the library a product application embeds (``edgefleet.load``).
+One interface (:class:`Model`) over interchangeable backends (``runtime/backends.py``): onnxruntime, and LiteRT and
+OpenVINO where their extras are installed. This is also the library a product application embeds
+(``edgefleet.load``).
 """
 
 from __future__ import annotations
@@ -16,16 +17,30 @@ import numpy as np
 
 from edgefleet.config import RuntimeSettings
 from edgefleet.errors import ModelError
-from edgefleet.runtime.onnxruntime import OrtSession, runtime_version
+from edgefleet.runtime.backends import RUNTIMES, Backend, available_runtimes, detect_format, open_backend
+from edgefleet.runtime.onnxruntime import available_providers, runtime_version
 from edgefleet.runtime.processing import Step, apply_steps
 from edgefleet.runtime.schema import TensorSpec, describe, validate_feeds
 
-__all__ = ["Model", "Step", "TensorSpec", "load_model", "runtime_version"]
+__all__ = [
+    "RUNTIMES",
+    "Backend",
+    "Model",
+    "Step",
+    "TensorSpec",
+    "available_providers",
+    "available_runtimes",
+    "detect_format",
+    "load_model",
+    "runtime_version",
+]
 
 
 class Model:
     """A model ready to run: raw inputs are validated against ``inputs``, then pre-processed, run and
-    post-processed. ``inputs`` is the *raw* schema (the manifest's, else the ONNX graph's)."""
+    post-processed. ``inputs`` is the *raw* schema (the manifest's, else the model's own). ``runtime`` runs it
+    (``model_format`` is detected from the bytes when not given); ``providers`` are onnxruntime execution providers
+    in order of preference. ``runtime_name``, ``runtime_version`` and ``provider`` say what actually runs it."""
 
     def __init__(
         self,
@@ -37,10 +52,18 @@ class Model:
         preprocessing: Sequence[Any] = (),
         postprocessing: Sequence[Any] = (),
         manifest: Any = None,
+        runtime: str = "onnxruntime",
+        model_format: str | None = None,
+        providers: Sequence[str] | None = None,
     ) -> None:
         self.model_sha256 = hashlib.sha256(model_bytes).hexdigest()
         self.size_bytes = len(model_bytes)
-        self.backend = OrtSession(model_bytes, settings)
+        self.backend: Backend = open_backend(
+            runtime, model_bytes, model_format=model_format, settings=settings, providers=providers
+        )
+        self.runtime_name = self.backend.name
+        self.runtime_version = self.backend.version
+        self.provider = self.backend.provider
         self.inputs: list[TensorSpec] = list(inputs) if inputs else list(self.backend.inputs)
         self.outputs: list[TensorSpec] = list(outputs) if outputs else list(self.backend.outputs)
         self.preprocessing = list(preprocessing)
@@ -83,13 +106,24 @@ class Model:
 
 
 def load_model(path: str | os.PathLike[str], settings: RuntimeSettings | None = None) -> Model:
-    """Load a bare ``.onnx`` file."""
+    """Load a bare model file: ``.onnx`` in onnxruntime, ``.tflite`` in LiteRT, an OpenVINO IR ``.xml`` (with its
+    ``.bin`` beside it) in OpenVINO."""
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"model file {p} does not exist")
+    if p.suffix == ".xml":
+        from edgefleet.runtime.backends import unavailable
+
+        try:
+            from edgefleet.runtime.openvino import read_ir_files
+        except ImportError:
+            raise unavailable("openvino")
+        return Model(read_ir_files(p), settings=settings, runtime="openvino", model_format="openvino-ir")
     data = p.read_bytes()
+    if detect_format(data) == "tflite":
+        return Model(data, settings=settings, runtime="litert", model_format="tflite")
     if not _looks_like_onnx(data):
-        raise ModelError(f"{p} is not an ONNX model")
+        raise ModelError(f"{p} is not an ONNX model (nor a .tflite or an OpenVINO IR .xml)")
     return Model(data, settings=settings)
 
 

@@ -333,7 +333,7 @@ async def _summarize(
 ) -> dict[str, Any]:
     devs = await fleet.api("GET", "/api/v1/devices")
     kpis = await fleet.api("GET", "/api/v1/fleet")
-    audit = await fleet.api("GET", "/api/v1/audit", params={"limit": 2000})
+    audit = await fleet.api("GET", "/api/v1/audit", params={"limit": 1000})
     bad = rollouts["3.0.0"]
     halt = next((t for t in bad["transitions"] if t["to"] in ("rolled_back", "paused")), None)
     halt_at = _ts(halt["at"]) if halt else None

@@ -392,7 +392,13 @@ class Fleet:
         if r.status_code >= 400:
             raise error_of(r)  # the mapping every operator API client shares: the CLI's exit codes follow
         if r.headers.get("content-type", "").startswith("application/json"):
-            return r.json()
+            body = r.json()
+            cursor = r.headers.get("x-next-cursor")
+            if method == "GET" and isinstance(body, list) and cursor:
+                # a list route answers a page at a time: the rest follows the cursor (docs/api.md, "Pagination")
+                params = {**dict(kw.pop("params", None) or {}), "cursor": cursor, "limit": 1000}
+                body.extend(await self.api(method, path, params=params, **kw))
+            return body
         return r.text
 
     def summary(self) -> dict[str, Any]:

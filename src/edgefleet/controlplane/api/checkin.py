@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from edgefleet.controlplane import audit, devices
+from edgefleet.controlplane import audit, crashes, devices
 from edgefleet.controlplane.auth import bearer
 from edgefleet.controlplane.checkin_cache import Entry
 from edgefleet.controlplane.context import context_of
@@ -35,7 +35,10 @@ from edgefleet.controlplane.reports import store_report
 from edgefleet.errors import AuthError, ForbiddenError, InvalidReportError, NotFoundError, TooLargeError
 from edgefleet.protocol import (
     API_PREFIX,
+    MAX_CRASH_UPLOAD_BYTES,
     MAX_REPORT_BYTES,
+    CrashUpload,
+    CrashUploadResponse,
     CredentialResponse,
     DesiredState,
     EnrollRequest,
@@ -152,7 +155,7 @@ def enroll(body: EnrollRequest, request: Request) -> EnrollResponse:
         dev, credential, root_version = devices.enroll(s, body)
         tier, device_id = dev.tier, dev.id
         # the root the token pinned, exactly: its hash is in the token, and the TUF client walks forward from it
-        root = devices.root_version_json(store.repo.path, root_version) if root_version else store.repo.root_json()
+        root = store.repo.root_version_json(root_version) if root_version else store.repo.root_json()
         audit.record(
             s,
             f"device:{device_id}",
@@ -170,7 +173,7 @@ def enroll(body: EnrollRequest, request: Request) -> EnrollResponse:
         credential=credential,
         tier=tier,
         root_json=root.decode(),
-        repository_url=base.rstrip("/") + "/tuf",
+        repository_url=store.settings.repository_url or base.rstrip("/") + "/tuf",
     )
 
 
@@ -183,12 +186,16 @@ def enroll(body: EnrollRequest, request: Request) -> EnrollResponse:
 async def desired(device_id: str, request: Request) -> Response:
     ctx = context_of(request)
     store = ctx.store
-    entry = await _entry(store, device_id, bearer(request))
-    store.cache.seen[device_id] = utcnow()
-    if entry.wipe_due:
-        # Delivered once: from this answer on the credential is refused (a lost answer leaves a device that is
-        # refused and says so, which an operator wipes by hand).
-        await run_in_threadpool(_wipe_sent, store, device_id)
+    try:
+        entry = await _entry(store, device_id, bearer(request))
+        store.cache.seen[device_id] = utcnow()
+        if entry.wipe_due:
+            # Delivered once: from this answer on the credential is refused (a lost answer leaves a device that is
+            # refused and says so, which an operator wipes by hand).
+            await run_in_threadpool(_wipe_sent, store, device_id)
+    except Exception as exc:  # counted under the status the error handlers answer, then theirs to answer
+        ctx.metrics.checkin_failed(exc)
+        raise
     inm = request.headers.get("if-none-match")
     if inm is not None and (inm == entry.etag or entry.etag in {t.strip() for t in inm.split(",")}):
         ctx.metrics.checkins_304.inc()
@@ -333,6 +340,56 @@ async def upload_logs(device_id: str, body: LogUpload, request: Request) -> Resp
 
     await run_in_threadpool(record)
     return Response(status_code=204)
+
+
+@router.post(
+    "/devices/{device_id}/crashes",
+    response_model=CrashUploadResponse,
+    responses={
+        **_AUTH_RESPONSES,
+        409: {"description": "the device's group has not consented to crash reports, or the device is retired"},
+        413: {"description": "the body is over MAX_CRASH_UPLOAD_BYTES (2 MiB); nothing stored"},
+        422: {"description": "a report breaks the wire format; the detail names the fields; nothing stored"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CrashUpload"}}},
+            "required": True,
+        },
+        **_DEVICE_SECURITY,
+    },
+)
+async def upload_crashes(device_id: str, request: Request) -> CrashUploadResponse:
+    """The calling device's worker crash reports (its group consenting: ``crash_reports``). Read like a report:
+    authenticated first, at most ``MAX_CRASH_UPLOAD_BYTES``, validated, then stored once per ``crash_id``."""
+    store = context_of(request).store
+    await _entry(store, device_id, bearer(request))
+    body = await _read_capped(request, MAX_CRASH_UPLOAD_BYTES, "crash upload")
+    try:
+        upload = CrashUpload.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidReportError(f"invalid crash upload: {validation_message(exc)}") from None
+
+    def record() -> list[str]:
+        with store.db.session() as s:
+            ids, new = crashes.store_crashes(s, device_id, upload)
+            if new:
+                audit.record(s, f"device:{device_id}", "device.crashes_uploaded", device_id, crash_ids=new)
+        return ids
+
+    return CrashUploadResponse(accepted_crash_ids=await run_in_threadpool(record))
+
+
+async def _read_capped(request: Request, limit: int, what: str) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLargeError(f"{what} of {int(declared)} bytes is over the {limit}-byte cap")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise TooLargeError(f"{what} is over the {limit}-byte cap")
+    return bytes(body)
 
 
 def _refused(store: Store, device_id: str, reason: str) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import Field
 
 from edgefleet.controlplane import audit, compat, schemas
+from edgefleet.controlplane.api._paging import PAGED, Page, in_memory
 from edgefleet.controlplane.api._shared import _OUT, _In, _who
 from edgefleet.controlplane.context import Context
 
@@ -22,11 +23,14 @@ class CompatClear(_In):
     reason: str | None = Field(None, max_length=2000)
 
 
-@router.get("/compat", response_model=list[schemas.CompatCell], tags=["compat"], **_OUT)
-def get_compat(ctx: Context, model: str | None = None) -> list[dict[str, Any]]:
+@router.get("/compat", response_model=list[schemas.CompatCell], tags=["compat"], **_OUT, **PAGED)
+def get_compat(
+    ctx: Context, page: Page, request: Request, response: Response, model: str | None = None
+) -> list[dict[str, Any]]:
     with ctx.store.db.session() as s:
-        rows = compat.matrix(s)
-        return [r for r in rows if model is None or r["model"] == model]
+        rows = [r for r in compat.matrix(s) if model is None or r["model"] == model]
+    cell = ("model", "version", "tier", "runtime", "runtime_version")
+    return in_memory(request, response, page, rows, lambda r: [r[k] for k in cell])
 
 
 @router.post("/compat/clear", response_model=schemas.CompatCleared, tags=["compat"], **_OUT)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import Field
+from sqlalchemy import select
 
-from edgefleet.controlplane import audit, devices, schemas
+from edgefleet.controlplane import audit, crashes, devices, schemas
+from edgefleet.controlplane.api._paging import PAGED, Page, after, finish, in_memory
 from edgefleet.controlplane.api._shared import _OUT, _In, _who
 from edgefleet.controlplane.context import Context
 from edgefleet.controlplane.db import (
+    Device,
     utcnow,
 )
 
@@ -27,27 +30,34 @@ class DeviceGroupBody(_In):
     group: str | None = Field(None, max_length=128)
 
 
-@router.get("/devices", response_model=list[schemas.Device], tags=["devices"], **_OUT)
-def list_devices(ctx: Context) -> list[dict[str, Any]]:
+@router.get("/devices", response_model=list[schemas.Device], tags=["devices"], **_OUT, **PAGED)
+def list_devices(ctx: Context, page: Page, request: Request, response: Response) -> list[dict[str, Any]]:
+    """In enrollment order, a page at a time (docs/api.md, "Pagination")."""
     st = ctx.store
+    order = (Device.enrolled_at, Device.id)
+    q = select(Device).order_by(*order).limit(page.limit + 1)
+    if (last := page.key(datetime, str)) is not None:
+        q = q.where(after(order, last))
     with st.db.session() as s:
         now = utcnow()
-        return [
-            devices.device_dict(d, overdue_after_s=st.settings.overdue_after_s, now=now)
-            for d in devices.list_devices(s)
-        ]
+        rows = finish(request, response, page, list(s.scalars(q)), lambda d: (d.enrolled_at, d.id))
+        return [devices.device_dict(d, overdue_after_s=st.settings.overdue_after_s, now=now) for d in rows]
 
 
 # registered before /devices/{device_id}, which would otherwise take "keys" for a device id
-@router.get("/devices/keys", response_model=list[schemas.DeviceKey], tags=["devices"], **_OUT)
+@router.get("/devices/keys", response_model=list[schemas.DeviceKey], tags=["devices"], **_OUT, **PAGED)
 def device_keys(
     ctx: Context,
+    page: Page,
+    request: Request,
+    response: Response,
     tier: str | None = Query(None, max_length=64),
     group: str | None = Query(None, max_length=128),
 ) -> list[dict[str, Any]]:
     """The public keys of the active devices matching the filters: what ``package --encrypt-for-group`` uses."""
     with ctx.store.db.session() as s:
-        return devices.public_keys(s, tier, group)
+        keys = devices.public_keys(s, tier, group)
+    return in_memory(request, response, page, keys, lambda k: [k["device_id"]])
 
 
 @router.get("/devices/{device_id}", response_model=schemas.DeviceDetail, tags=["devices"], **_OUT)
@@ -158,6 +168,17 @@ def device_logs(device_id: str, request: Request, ctx: Context) -> dict[str, Any
         d, row = devices.latest_logs(s, device_id)
         audit.record(s, _who(request).actor, "device.logs_read", device_id, upload=row.id if row else None)
         return _logs_dict(d, row)
+
+
+@router.get("/devices/{device_id}/crashes", response_model=schemas.DeviceCrashes, tags=["devices"], **_OUT)
+def device_crashes(
+    device_id: str, ctx: Context, limit: int = Query(50, ge=1, le=crashes.KEEP_PER_DEVICE)
+) -> dict[str, Any]:
+    """The worker crash reports the device uploaded (its group consenting: ``crash_reports`` in its configuration
+    document), newest first."""
+    with ctx.store.db.session() as s:
+        d, rows = crashes.list_crashes(s, device_id, limit)
+        return {"device_id": d.id, "consent": crashes.consents(s, d), "crashes": [crashes.crash_dict(c) for c in rows]}
 
 
 def _logs_dict(d: Any, row: Any) -> dict[str, Any]:

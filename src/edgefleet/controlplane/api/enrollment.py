@@ -24,7 +24,7 @@ class EnrollTokenCreate(_In):
 def create_enrollment_token(body: EnrollTokenCreate, request: Request, ctx: Context) -> dict[str, Any]:
     st = ctx.store
     # the token pins today's TUF root: the device accepts only that root in its enroll answer
-    root = devices.current_root(st.repo.path)
+    root = st.repo.current_root()
     with st.db.session() as s:
         token, row = devices.create_enrollment_token(
             s, tier=body.tier, group=body.group, expires_s=body.expires_s, root=root

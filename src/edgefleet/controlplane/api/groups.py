@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import Field
 from sqlalchemy import select
 
 from edgefleet.controlplane import audit, devices, schemas
+from edgefleet.controlplane.api._paging import PAGED, Page, after, finish
 from edgefleet.controlplane.api._shared import _ID, _OUT, _In, _who
 from edgefleet.controlplane.context import Context
 from edgefleet.controlplane.db import (
@@ -18,6 +19,9 @@ from edgefleet.errors import UsageError
 from edgefleet.protocol import DeviceConfig
 
 router = APIRouter()
+
+# remote diagnostics a group opts into (protocol.DeviceConfig): each change is audited as group.consent
+_CONSENTS = ("remote_logs", "crash_reports")
 
 
 class GroupBody(_In):
@@ -40,8 +44,11 @@ def rotate_group_credentials(name: str, request: Request, ctx: Context, key: boo
     return {"group": name, "key": key, "devices": ids}
 
 
-@router.get("/groups", response_model=list[schemas.Group], tags=["groups"], **_OUT)
-def list_groups(ctx: Context) -> list[dict[str, Any]]:
+@router.get("/groups", response_model=list[schemas.Group], tags=["groups"], **_OUT, **PAGED)
+def list_groups(ctx: Context, page: Page, request: Request, response: Response) -> list[dict[str, Any]]:
+    q = select(DeviceGroup).order_by(DeviceGroup.name).limit(page.limit + 1)
+    if (last := page.key(str)) is not None:
+        q = q.where(after([DeviceGroup.name], last))
     with ctx.store.db.session() as s:
         return [
             {
@@ -50,7 +57,7 @@ def list_groups(ctx: Context) -> list[dict[str, Any]]:
                 "config": g.config,
                 "pinned": {"model": g.pinned_model, "version": g.pinned_version} if g.pinned_version else None,
             }
-            for g in s.scalars(select(DeviceGroup).order_by(DeviceGroup.name))
+            for g in finish(request, response, page, list(s.scalars(q)), lambda g: (g.name,))
         ]
 
 
@@ -60,6 +67,8 @@ def put_group(name: str, body: GroupBody, request: Request, ctx: Context) -> dic
         raise UsageError("group names use letters, digits, '.', '_', ':' and '-' (at most 128)")
     st = ctx.store
     with st.db.session() as s:
+        before = s.get(DeviceGroup, name)
+        was = DeviceConfig.model_validate(before.config or {}) if before is not None else DeviceConfig()
         g = devices.upsert_group(
             s,
             name,
@@ -70,6 +79,10 @@ def put_group(name: str, body: GroupBody, request: Request, ctx: Context) -> dic
             unpin=body.unpin,
         )
         audit.record(s, _who(request).actor, "group.put", name, **body.model_dump(mode="json"))
+        now = DeviceConfig.model_validate(g.config or {})
+        changed = {k: getattr(now, k) for k in _CONSENTS if getattr(now, k) != getattr(was, k)}
+        if changed:  # what a group lets leave its devices: findable on its own in the audit log
+            audit.record(s, _who(request).actor, "group.consent", name, **changed)
         out = {
             "name": g.name,
             "channel": g.channel,

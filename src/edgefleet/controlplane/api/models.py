@@ -8,11 +8,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Query, Request, Response
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from edgefleet.controlplane import audit, registry, schemas
+from edgefleet.controlplane.api._paging import PAGED, Page, in_memory
 from edgefleet.controlplane.api._shared import _OUT, _Override, _release_check, _who
 from edgefleet.controlplane.auth import Principal
 from edgefleet.controlplane.context import Context
@@ -105,10 +106,11 @@ def _publish(st: Store, who: Principal, path: Path, sha256: str) -> dict[str, An
         return registry.version_dict(mv)
 
 
-@router.get("/models", response_model=list[schemas.Model], tags=["models"], **_OUT)
-def list_models(ctx: Context) -> list[dict[str, Any]]:
+@router.get("/models", response_model=list[schemas.Model], tags=["models"], **_OUT, **PAGED)
+def list_models(ctx: Context, page: Page, request: Request, response: Response) -> list[dict[str, Any]]:
     with ctx.store.db.session() as s:
-        return registry.list_models(s)
+        models = registry.list_models(s)
+    return in_memory(request, response, page, models, lambda m: [m["model"]])
 
 
 @router.get("/models/{name}", response_model=schemas.Model, tags=["models"], **_OUT)

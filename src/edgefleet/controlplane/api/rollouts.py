@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import secrets
+from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import Field
 from sqlalchemy import select
 
 from edgefleet.controlplane import audit, reconciler, registry, schemas
+from edgefleet.controlplane.api._paging import PAGED, Page, after, finish
 from edgefleet.controlplane.api._shared import _OUT, _In, _Override, _release_check, _who
 from edgefleet.controlplane.context import Context
 from edgefleet.controlplane.db import (
@@ -163,10 +165,16 @@ def start_rollout(body: RolloutCreate, request: Request, ctx: Context) -> dict[s
     return out
 
 
-@router.get("/rollouts", response_model=list[schemas.Rollout], tags=["rollouts"], **_OUT)
-def list_rollouts(ctx: Context) -> list[dict[str, Any]]:
+@router.get("/rollouts", response_model=list[schemas.Rollout], tags=["rollouts"], **_OUT, **PAGED)
+def list_rollouts(ctx: Context, page: Page, request: Request, response: Response) -> list[dict[str, Any]]:
+    """Newest first, a page at a time."""
+    order = (Rollout.created_at, Rollout.id)
+    q = select(Rollout).order_by(*(c.desc() for c in order)).limit(page.limit + 1)
+    if (last := page.key(datetime, str)) is not None:
+        q = q.where(after(order, last, desc=True))
     with ctx.store.db.session() as s:
-        return [rollout_dict(s, r) for r in s.scalars(select(Rollout).order_by(Rollout.created_at.desc()))]
+        rows = finish(request, response, page, list(s.scalars(q)), lambda r: (r.created_at, r.id))
+        return [rollout_dict(s, r) for r in rows]
 
 
 @router.get("/rollouts/{rollout_id}", response_model=schemas.RolloutDetail, tags=["rollouts"], **_OUT)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import Field
 from sqlalchemy import select
 
 from edgefleet.controlplane import audit, schemas
+from edgefleet.controlplane.api._paging import PAGED, Page, finish
 from edgefleet.controlplane.api._shared import _OUT, _In, _who
 from edgefleet.controlplane.auth import hash_secret, new_secret
 from edgefleet.controlplane.context import Context
@@ -60,11 +61,14 @@ def _token_dict(t: ApiToken, now: datetime) -> dict[str, Any]:
     }
 
 
-@router.get("/tokens", response_model=list[schemas.ApiToken], tags=["tokens"], **_OUT)
-def list_tokens(ctx: Context) -> list[dict[str, Any]]:
+@router.get("/tokens", response_model=list[schemas.ApiToken], tags=["tokens"], **_OUT, **PAGED)
+def list_tokens(ctx: Context, page: Page, request: Request, response: Response) -> list[dict[str, Any]]:
     now = utcnow()
+    q = select(ApiToken).order_by(ApiToken.id).limit(page.limit + 1)
+    if (last := page.key(int)) is not None:
+        q = q.where(ApiToken.id > last[0])
     with ctx.store.db.session() as s:
-        return [_token_dict(t, now) for t in s.scalars(select(ApiToken).order_by(ApiToken.id))]
+        return [_token_dict(t, now) for t in finish(request, response, page, list(s.scalars(q)), lambda t: (t.id,))]
 
 
 @router.post("/tokens", status_code=201, response_model=schemas.ApiTokenCreated, tags=["tokens"], **_OUT)

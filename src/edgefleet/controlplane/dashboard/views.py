@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from edgefleet.controlplane import audit, compat, devices, kpi, registry
+from edgefleet.controlplane import audit, compat, crashes, devices, kpi, registry, rollups
 from edgefleet.controlplane.dashboard.charts import Series
 from edgefleet.controlplane.db import (
     Device,
@@ -100,33 +100,26 @@ def _version_label(model: str | None, version: str | None) -> str:
 
 def overview_page(s: Session, *, overdue_after_s: float, window_s: float = 86_400.0) -> dict[str, Any]:
     k = kpi.fleet_kpis(s, overdue_after_s=overdue_after_s, window_s=window_s)
-    devs = [d for d in s.scalars(select(Device)) if d.revoked_at is None]
     by_tier_state: dict[str, Counter[str]] = defaultdict(Counter)
     by_tier_version: dict[str, Counter[str]] = defaultdict(Counter)
-    for d in devs:
-        by_tier_state[d.tier][state_label(d.state)] += 1
-        by_tier_version[d.tier][_version_label(d.served_model, d.served_version)] += 1
+    # counted by the database: the page costs the same queries whatever the number of devices
+    for tier, state, model, version, n in s.execute(
+        select(Device.tier, Device.state, Device.served_model, Device.served_version, func.count())
+        .where(Device.revoked_at.is_(None))
+        .group_by(Device.tier, Device.state, Device.served_model, Device.served_version)
+    ):
+        by_tier_state[tier][state_label(state)] += n
+        by_tier_version[tier][_version_label(model, version)] += n
     states = sorted({st for c in by_tier_state.values() for st in c})
     versions = sorted({v for c in by_tier_version.values() for v in c})
-    since = utcnow() - timedelta(seconds=window_s)
-    # placed in time by the server's receive time, like every other figure: a device's clock may be off
-    rows = s.execute(
-        select(
-            TelemetryRow.received_at, TelemetryRow.model, TelemetryRow.version, TelemetryRow.tier, TelemetryRow.latency
-        )
-        .where(TelemetryRow.received_at >= since)
-        .order_by(TelemetryRow.received_at)
-    ).all()
+    # one point per 5-minute rollup row (placed at its bucket's end, on the server's clock), never per window
     points = [
-        LatencyPoint(end, f"{_version_label(m, v)} · {t}", SketchData.model_validate(lat))
-        for end, m, v, t, lat in rows
-        if lat
+        LatencyPoint(at, f"{_version_label(m or None, v or None)} · {t}", SketchData.model_validate(lat))
+        for at, m, v, t, lat in rollups.latency_points(s, utcnow() - timedelta(seconds=window_s))
     ]
-    overdue_ids = set(k["devices"]["overdue_ids"])
     overdue = [
         {"device_id": d.id, "tier": d.tier, "last_seen": d.last_seen.isoformat() if d.last_seen else None}
-        for d in sorted(devs, key=lambda d: d.id)
-        if d.id in overdue_ids
+        for d in s.scalars(select(Device).where(Device.id.in_(k["devices"]["overdue_ids"])).order_by(Device.id))
     ]
     rollouts = [r for r in rollouts_index(s) if r["state"] in ("running", "paused", "blocked", "draft")]
     recent = list(reversed(k["rollouts"]))[:10]
@@ -225,10 +218,38 @@ def rollout_page(s: Session, rollout_id: str) -> dict[str, Any]:
     except ValueError as exc:  # stored data the judgement cannot read: the page still shows the rollout and why
         d["wave_metrics"], d["wave_metrics_error"] = [], f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
     d["entries"] = audit.list_entries(s, limit=100, target=r.id)
+    d["downloads"] = rollout_downloads(s, r)
     d["halted_at"] = r.halted_at.isoformat() if r.halted_at else None
     d["completed_at"] = r.completed_at.isoformat() if r.completed_at else None
     d["rolled_back_at"] = r.rolled_back_at.isoformat() if r.rolled_back_at else None
     return d
+
+
+def rollout_downloads(s: Session, r: Rollout) -> dict[str, Any]:
+    """What the rollout's updates downloaded, one row per ``verified`` event (each attempt that got as far), with
+    the full package's size beside it: a delta's saving is in plain figures."""
+    full = s.scalar(select(ModelVersion.length).where(ModelVersion.model == r.model, ModelVersion.version == r.version))
+    rows = [
+        {
+            "device_id": e.device_id,
+            "received_at": e.received_at.isoformat(),
+            "bytes": e.bytes_downloaded,
+            "delta_from": e.delta_from,
+            "reason": e.reason,
+        }
+        for e in s.scalars(
+            select(UpdateEventRow)
+            .where(UpdateEventRow.rollout_id == r.id, UpdateEventRow.kind == "verified")
+            .order_by(UpdateEventRow.received_at, UpdateEventRow.id)
+        )
+    ]
+    counted = [x["bytes"] for x in rows if x["bytes"] is not None]
+    return {
+        "full_bytes": full or None,
+        "rows": rows,
+        "via_delta": sum(1 for x in rows if x["delta_from"]),
+        "total_bytes": sum(counted) if counted else None,
+    }
 
 
 def rollouts_index(s: Session) -> list[dict[str, Any]]:
@@ -310,6 +331,8 @@ def device_page(s: Session, device_id: str, *, overdue_after_s: float) -> dict[s
         )
     ]
     out["history"] = audit.list_entries(s, limit=100, target=device_id)
+    out["crash_consent"] = crashes.consents(s, d)
+    out["crashes"] = [crashes.crash_dict(c) for c in crashes.list_crashes(s, device_id, 20)[1]]
     return out
 
 
