@@ -177,6 +177,9 @@ def test_crash_loop_rolls_back(cp: Fleet, tmp_path: Path, fault: str) -> None:
         agent.wait_until(lambda: state_of(agent.data_dir).get("state") == "rolled_back", what="rollback")
         s = state_of(agent.data_dir)
         assert s["reason"].startswith("crash loop"), s["reason"]
+        # and how the worker ended, so the operator sees the cause, not only the count
+        cause = "exceeds the device memory" if fault == "alloc" else "exit"
+        assert "; the worker crashed: " in s["reason"] and cause in s["reason"], s["reason"]
         agent.wait_until(lambda: agent.serving() == "1.0.0", what="v1 back")
         agent.wait_until(
             lambda: any(k == "rolled_back" and "crash loop" in (r or "") for k, _, r in _events(cp)), what="report"

@@ -875,8 +875,9 @@ class Agent:
                 await self._commit(decision.reason)
             elif decision.action == "rollback":
                 reason = decision.reason
-                if stats.crash_times and self._probation_crash and "crash" not in reason:
-                    # The breach (say, errors while no worker ran) has a root cause the operator needs to see.
+                if stats.crash_times and self._probation_crash and self._probation_crash not in reason:
+                    # The breach (errors while no worker ran, a crash loop) has a root cause the operator needs to
+                    # see: how the worker last ended (killed over its memory, a signal, an exit code).
                     reason = f"{reason}; the worker crashed: {self._probation_crash}"
                 await self._rollback(reason)
 
