@@ -118,3 +118,15 @@ def cp(tmp_path: Path, db_url: str) -> Iterator[Any]:
     c = CP(tmp_path, db_url)
     yield c
     c.close()
+
+
+@pytest.fixture
+@starts_processes
+def fleet(tmp_path: Path) -> Iterator[Any]:
+    """The real control plane behind a faulty edge (``_fleet_support.Fleet``) on SQLite in ``tmp_path / "cp"``;
+    modules that publish packages first or tear down more define their own."""
+    from _fleet_support import Fleet
+
+    f = Fleet(tmp_path / "cp")
+    yield f
+    f.close()

@@ -21,7 +21,6 @@ import pytest
 
 from _fleet_support import Fleet, install, make_packages, running, settings, until
 from _package_helpers import run_cli
-from conftest import starts_processes
 from edgefleet.agent.crashes import CrashStore, WorkerExit, build_report, fault_tail, signal_name
 from edgefleet.protocol import MAX_CRASH_REPORTS, MAX_CRASH_UPLOAD_BYTES, MAX_FAULT_CHARS, CrashReport
 
@@ -99,14 +98,6 @@ def test_the_device_keeps_the_newest_reports_until_acknowledged(tmp_path: Path) 
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-
-
-@pytest.fixture
-@starts_processes
-def fleet(tmp_path: Path) -> Any:
-    f = Fleet(tmp_path / "cp")
-    yield f
-    f.close()
 
 
 def _report(**kw: Any) -> dict[str, Any]:

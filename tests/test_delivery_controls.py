@@ -21,7 +21,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from _fleet_support import AgentProc, Fleet, committed_version, make_packages, running, settings, state_of, until
-from conftest import free_port, starts_processes
+from conftest import free_port
 from edgefleet.agent.updater import pace_delay, stagger_delay
 from edgefleet.controlplane.devices import render
 from edgefleet.protocol import DesiredState, DeviceConfig
@@ -79,14 +79,6 @@ def _big_model(path: Path, mb: float) -> Path:
     m.ir_version = 9
     onnx.save(m, path)
     return path
-
-
-@pytest.fixture
-@starts_processes
-def fleet(tmp_path: Path) -> Any:
-    f = Fleet(tmp_path / "cp")
-    yield f
-    f.close()
 
 
 def test_a_capped_download_holds_the_cap(fleet: Fleet, tmp_path: Path, digits: Any) -> None:

@@ -20,7 +20,6 @@ import pytest
 
 from _fleet_support import GROUP, Fleet, running, settings, until
 from _package_helpers import run_cli
-from conftest import starts_processes
 from edgefleet.agent.logring import LogRing, scrub
 from edgefleet.protocol import MAX_LOG_LINES
 
@@ -64,14 +63,6 @@ class _LosesFirstUpload(httpx.AsyncBaseTransport):
             self.lost += 1
             raise httpx.ConnectError("the link dropped the upload (test)", request=request)
         return await self.inner.handle_async_request(request)
-
-
-@pytest.fixture
-@starts_processes
-def fleet(tmp_path: Path) -> Any:
-    f = Fleet(tmp_path / "cp")
-    yield f
-    f.close()
 
 
 def test_an_operator_reads_a_consenting_devices_logs(

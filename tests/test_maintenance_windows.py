@@ -17,7 +17,6 @@ import pytest
 from pydantic import ValidationError
 
 from _fleet_support import Fleet, make_packages, running, settings, until
-from conftest import starts_processes
 from edgefleet.agent.windows import next_open, window_zone
 from edgefleet.controlplane.devices import render
 from edgefleet.protocol import AgentState, DesiredState, DeviceConfig, MaintenanceWindow, parse_window
@@ -98,14 +97,6 @@ class SetClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(min(seconds, 0.05))
-
-
-@pytest.fixture
-@starts_processes
-def fleet(tmp_path: Path) -> Any:
-    f = Fleet(tmp_path / "cp")
-    yield f
-    f.close()
 
 
 def test_a_staged_version_waits_for_the_window_then_switches(
