@@ -123,3 +123,20 @@ def test_needed_stops_when_spent_and_keeps_what_is_in_question() -> None:
     kept = _needed([], list("abcdefgh"), trial, lambda: len(calls) >= 1)
     assert len(calls) == 1
     assert "g" in kept and trial(kept), "what the trials could not clear stays in float: still within tolerance"
+
+
+def test_a_few_nodes_are_each_left_out_once_and_never_all_at_once() -> None:
+    """Silero VAD's case: six quantized nodes, four of them culprits. Leave-one-out over every node ranks them; no
+    trial keeps every node in float (that is the float model, which a quantizer answers with "no op")."""
+    prepared = _chain(6)
+    culprits = {"mm0", "mm2", "mm3", "mm5"}
+    oracle = Oracle(culprits)
+    start = _start(prepared, oracle)
+    oracle.trials.clear()
+    result = search(
+        prepared, start, b"", oracle, CallData({"x": np.zeros((1, 1, 8), np.float32)}),
+        max_iterations=12, time_left=lambda: math.inf,
+    )  # fmt: skip
+    assert result.best is not None and set(result.best.nodes_excluded) == culprits
+    assert oracle.trials[:6] == [(f"mm{i}",) for i in range(6)], "leave-one-out over all six first"
+    assert all(len(t) < 6 for t in oracle.trials)

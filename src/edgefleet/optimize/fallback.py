@@ -163,10 +163,13 @@ def search(
     def spent() -> bool:
         return iterations >= max_iterations or time_left() <= 0
 
-    # 1. Leave-one-out on the likeliest culprits: a quarter of the trials where SQNR ranked the nodes, two in graph
-    #    order where nothing did; the search below reaches culprits anywhere in log2(n) trials, where leave-one-out
+    # 1. Leave-one-out: over every node when they are few (up to half the trials: the gains rank them well);
+    #    else on the likeliest culprits only, a quarter of the trials where SQNR ranked the nodes, two in graph
+    #    order where nothing did — the search below reaches culprits anywhere in log2(n) trials, where leave-one-out
     #    over every node would cost one trial per node.
-    for node in order[: max(1, max_iterations // 4) if sqnr else 2]:
+    few = len(order) <= max_iterations // 2
+    loo = len(order) if few else (max(1, max_iterations // 4) if sqnr else 2)
+    for node in order[:loo]:
         if spent():
             break
         trial([node])
@@ -177,11 +180,20 @@ def search(
     #    tolerance: culprits anywhere in the model are reached in log2(n) trials, not n.
     ranked = sorted(gains, key=lambda n: (-gains[n], order.index(n))) + [n for n in order if n not in gains]
     passing = list(result.best.nodes_excluded) if result.best is not None and result.best.within_tolerance else None
-    k = 2
-    while passing is None and not spent() and k // 2 < len(ranked):
-        if trial(ranked[: min(k, len(ranked))]):
-            passing = ranked[: min(k, len(ranked))]
-        k *= 2
+    limit = len(ranked) - 1  # every node in float is the float model, not a candidate
+    for _ in range(2):
+        k = 2
+        while passing is None and not spent() and limit >= 2:
+            size = min(k, limit)
+            if trial(ranked[:size]):
+                passing = ranked[:size]
+            if size == limit:
+                break
+            k *= 2
+        if passing is not None or limit < 2:
+            break
+        # No prefix held the last node, and all the others in float were not enough: it leads a second round.
+        ranked = ranked[-1:] + ranked[:-1]
     # 3. Quantize again every node of that set that need not stay float, so its speed is won back.
     if passing is not None and len(passing) > 1:
         _needed([], passing, trial, spent)
