@@ -48,10 +48,15 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert v3["operator_pauses"] == 0
     assert v3["rolled_back_on_every_device"] and v3["received_by_tier"]["arm-a53-small"] >= 1, why
     for d in v3["failing_tier_devices"]:  # the worker process really died: out of memory loading the model
-        assert d["served"] != "3.0.0" and d["state"] == "rolled_back"
-        assert "crash" in d["reason"] and (
-            "RSS" in d["reason"] or "bad_alloc" in d["reason"] or "exit" in d["reason"]
-        ), d
+        # Where it dies is a race between the model's load and the memory limit: in the health check's fresh worker
+        # (refused there: the device stays committed to what it served) or in the serving worker on probation
+        # (a crash loop, rolled back). Either way v3 never serves, and the reason says the worker died of memory.
+        assert d["served"] != "3.0.0", d
+        if d["state"] == "rolled_back":
+            assert "crash" in d["reason"], d
+        else:
+            assert d["state"] == "committed" and d["reason"].startswith("health check failed"), d
+        assert any(w in d["reason"] for w in ("RSS", "bad_alloc", "exit", "memory", "Memory")), d
     assert v3["seconds_first_bad_report_to_halt"] is not None
     # Update success counts only what the devices themselves failed: the small tier's crashes. Downloads the halt
     # cancelled and desired states the reconciler reverted are the control plane's decisions, kept apart.
