@@ -255,3 +255,54 @@ def test_opset_table_matches_the_installed_onnxruntime() -> None:
 
     top = max(k.version_range[0] for k in C.get_all_opkernel_def() if k.domain in ("", "ai.onnx"))
     assert max_opset(ort.__version__) == top
+
+
+def _tier_with(**runtimes: str) -> Any:
+    return get_tier("x86-avx2").model_copy(update={"runtimes": {"onnxruntime": "1.32.0", **runtimes}})
+
+
+@pytest.mark.parametrize(
+    ("runtime", "version", "opset", "tier_runtimes", "status", "words"),
+    [
+        # the tier's profile lists the runtime the bench ran: judged on it, and named in the reason
+        ("litert", "2.3.0", {}, {"litert": "2.3.0"}, "pass", "verified on litert 2.3.0; the tier has litert 2.3.0"),
+        ("openvino", "2026.4.1", {"": 17}, {"openvino": "2026.4.1"}, "pass", "opset 17 not checked: openvino"),
+        # ...or does not: the device could never load it, whatever the bench measured on this host
+        ("litert", "2.3.0", {}, {}, "fail", "the model runs on litert, which tier x86-avx2's profile does not list"),
+        # onnxruntime's opset table applies to onnxruntime only
+        ("openvino", "2026.4.1", {"": 99}, {"openvino": "2026.4.1"}, "pass", "opset 99 not checked"),
+        ("onnxruntime", "1.32.0", {"": 99}, {}, "fail", "opset 99 exceeds"),
+    ],
+)
+def test_compat_judges_the_runtime_the_model_ran_on(
+    runtime: str, version: str, opset: dict[str, int], tier_runtimes: dict[str, str], status: str, words: str
+) -> None:
+    r = _result(
+        opset=opset,
+        runtime=runtime,
+        runtime_version=version,
+        tier_profile=_tier_with(**tier_runtimes),
+        compat=CompatEntry(
+            tier="x86-avx2", runtime=runtime, runtime_version=version, model_sha256=SHA, result="verified"
+        ),
+    )
+    (check,) = _verdict({"compatibility": {}}, r).checks
+    assert check.status == status and words in (check.reason or ""), check.reason
+    assert "ORT" not in (check.reason or "")
+
+
+def test_a_tier_profile_lists_its_primary_runtime_among_its_runtimes(tmp_path: Any) -> None:
+    from edgefleet.bench.tiers import TierProfile, load_tiers
+    from edgefleet.errors import ConfigError
+
+    base = {"name": "t", "arch": "x86_64", "cpu_threads": 1, "memory_mb": 64, "runtime_version": "1.32.0"}
+    assert TierProfile(**base).runtimes == {"onnxruntime": "1.32.0"}
+    both = TierProfile(**base, runtimes={"litert": "2.3.0"})
+    assert both.runtimes == {"onnxruntime": "1.32.0", "litert": "2.3.0"}
+    f = tmp_path / "tier.yaml"
+    f.write_text(
+        "name: t\narch: x86_64\ncpu_threads: 1\nmemory_mb: 64\nruntime_version: 1.32.0\n"
+        "runtimes: {onnxruntime: 1.0.0}\n"
+    )
+    with pytest.raises(ConfigError, match=r"runtimes lists onnxruntime 1\.0\.0 but runtime_version is 1\.32\.0"):
+        load_tiers(f)

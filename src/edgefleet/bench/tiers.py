@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgefleet.errors import ConfigError, yaml_error_message
 
@@ -76,9 +76,23 @@ class TierProfile(BaseModel):
     memory_mb: int = Field(ge=1)
     runtime: str = "onnxruntime"
     runtime_version: str
+    # Every runtime the tier's devices can load, name → version (as devices report ``Hardware.runtimes``): a
+    # LiteRT or OpenVINO package is judged against these. Unset: ``runtime`` at ``runtime_version`` alone.
+    runtimes: dict[str, str] = Field(default_factory=dict)
     execution_providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
     chipset: str | None = None
     isa_features: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _primary_runtime_listed(self) -> TierProfile:
+        listed = self.runtimes.get(self.runtime)
+        if listed is not None and listed != self.runtime_version:
+            raise ValueError(
+                f"runtimes lists {self.runtime} {listed} but runtime_version is {self.runtime_version}: give one"
+            )
+        # frozen model: fill the primary in once, so every reader sees the whole set
+        object.__setattr__(self, "runtimes", {self.runtime: self.runtime_version, **self.runtimes})
+        return self
 
     @property
     def has_vnni(self) -> bool:
@@ -197,6 +211,7 @@ def host_tier() -> TierProfile:
     import psutil
 
     from edgefleet.runtime import runtime_version
+    from edgefleet.runtime.backends import available_runtimes
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return TierProfile(
@@ -205,6 +220,7 @@ def host_tier() -> TierProfile:
         cpu_threads=cores,
         memory_mb=int(psutil.virtual_memory().total // (1024 * 1024)),
         runtime_version=runtime_version(),
+        runtimes=available_runtimes(),
         chipset=None,
         isa_features=host_isa_features(),
     )

@@ -465,12 +465,22 @@ def compat_checks(
         label = _label(r, multi)
         profile = tiers[tier]
         problems: list[str] = []
+        runtime = r.compat.runtime
+        ran_on = f"{runtime} {r.compat.runtime_version}"
         if r.compat.result == "failed":
-            problems.append(f"bench on ORT {r.compat.runtime_version} failed: {r.compat.reason}")
+            problems.append(f"bench on {ran_on} failed: {r.compat.reason}")
+        tier_version = profile.runtimes.get(runtime)
+        if tier_version is None:
+            problems.append(
+                f"the model runs on {runtime}, which tier {tier}'s profile does not list (its runtimes: "
+                f"{', '.join(f'{k} {v}' for k, v in sorted(profile.runtimes.items()))})"
+            )
         opset = r.opset.get("", r.opset.get("ai.onnx"))
-        top = max_opset(profile.runtime_version)
-        if opset is not None and opset > top:
-            problems.append(f"opset {opset} exceeds the {top} that onnxruntime {profile.runtime_version} runs")
+        # onnxruntime's opset table is known (max_opset); other runtimes read their own format (LiteRT) or map
+        # ONNX through their own frontend (OpenVINO), so only the bench having run it there says it loads
+        top = max_opset(tier_version) if runtime == "onnxruntime" and tier_version is not None else None
+        if opset is not None and top is not None and opset > top:
+            problems.append(f"opset {opset} exceeds the {top} that onnxruntime {tier_version} runs")
         if package is not None:
             problems.extend(package.requirement_reasons.get(tier, []))
         emulated = r.emulated or r.compat.result == "emulated"
@@ -481,13 +491,18 @@ def compat_checks(
         else:
             extra = " and the package requirements admit it" if package is not None else ""
             how = f"emulated ({r.emulated_because})" if emulated else "verified"
+            if top is not None:
+                fits = f"opset {opset} ≤ {top} (onnxruntime {tier_version})"
+            elif opset is not None:
+                fits = f"opset {opset} not checked: {runtime} maps ONNX itself; the tier has {runtime} {tier_version}"
+            else:
+                fits = f"the tier has {runtime} {tier_version}"
             out.append(
                 CheckResult(
                     name=f"compat[{label}]",
                     status="pass",
                     tier=tier,
-                    reason=f"{how} on onnxruntime {r.compat.runtime_version}; opset {opset} ≤ {top} "
-                    f"(onnxruntime {profile.runtime_version}){extra}",
+                    reason=f"{how} on {ran_on}; {fits}{extra}",
                 )
             )
     return out

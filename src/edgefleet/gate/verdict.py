@@ -128,7 +128,8 @@ def package_facts(path: Path, tiers: Mapping[str, TierProfile], check_golden: bo
             tier=name,
             runtime_version=t.runtime_version,
             memory_mb=t.memory_mb,
-            max_opset=max_opset(t.runtime_version),
+            max_opset=max_opset(t.runtimes["onnxruntime"]) if "onnxruntime" in t.runtimes else None,
+            runtimes=t.runtimes,
         )
         for name, t in tiers.items()
     }
