@@ -140,3 +140,70 @@ def test_a_few_nodes_are_each_left_out_once_and_never_all_at_once() -> None:
     assert result.best is not None and set(result.best.nodes_excluded) == culprits
     assert oracle.trials[:6] == [(f"mm{i}",) for i in range(6)], "leave-one-out over all six first"
     assert all(len(t) < 6 for t in oracle.trials)
+
+
+def test_the_sqnr_twin_of_each_recipe_kind() -> None:
+    from edgefleet.optimize.candidates import Region
+    from edgefleet.optimize.fallback import sqnr_twin
+
+    qdq = Recipe(kind="static", per_channel=True, op_types=("Conv",))
+    assert sqnr_twin(qdq) is qdq
+    qop = Recipe(kind="static", format="QOperator", per_channel=True, op_types=("Conv",))
+    assert sqnr_twin(qop) == qdq
+    dynamic = Recipe(kind="dynamic", op_types=("MatMul",))
+    assert sqnr_twin(dynamic) is None
+    mixed = Recipe(
+        kind="mixed",
+        regions=(Region(recipe=qop, nodes=("c1", "c2")), Region(recipe=dynamic, nodes=("m1",))),
+        nodes_to_exclude=("c2",),
+    )
+    assert sqnr_twin(mixed) == qdq.excluding(["c2"])
+    assert sqnr_twin(Recipe(kind="mixed", regions=(Region(recipe=dynamic, nodes=("m1",)),))) is None
+
+
+def _hardswish_chain(n: int, outlier: int) -> PreparedModel:
+    """``n`` MatMuls, each followed by HardSwish spelled as Add/Clip/Mul/Div (as paddle2onnx writes it), so no Q/DQ
+    pair sits between two compute nodes' saved tensors. Node ``outlier`` reads its input through a mask that
+    zeroes feature 0 and has a weight row 0 of 50s: harmless in float, but per-tensor INT8 weights then round its
+    other weights (~0.3) to a step of 0.4 — it adds the most noise, wherever it sits."""
+    rng = np.random.default_rng(1)
+    inits, nodes = [], []
+    for c, v in (("three", 3.0), ("zero", 0.0), ("six", 6.0)):
+        inits.append(numpy_helper.from_array(np.array(v, np.float32), c))
+    inits.append(numpy_helper.from_array(np.array([0.0] + [1.0] * 15, np.float32), "mask"))
+    src = "x"
+    for i in range(n):
+        w = rng.standard_normal((16, 16)).astype(np.float32) * 0.3
+        if i == outlier:
+            w[0, :] = 50.0
+            nodes.append(helper.make_node("Mul", [src, "mask"], [f"masked{i}"], name=f"mask{i}"))
+            src = f"masked{i}"
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [
+            helper.make_node("MatMul", [src, f"w{i}"], [f"m{i}"], name=f"mm{i}"),
+            helper.make_node("Add", [f"m{i}", "three"], [f"a{i}"], name=f"add{i}"),
+            helper.make_node("Clip", [f"a{i}", "zero", "six"], [f"c{i}"], name=f"clip{i}"),
+            helper.make_node("Mul", [f"m{i}", f"c{i}"], [f"p{i}"], name=f"mul{i}"),
+            helper.make_node("Div", [f"p{i}", "six"], [f"h{i}"], name=f"div{i}"),
+        ]
+        src = f"h{i}"
+    graph = helper.make_graph(
+        nodes, "hs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info(src, TensorProto.FLOAT, [1, 16])], inits,
+    )  # fmt: skip
+    return prepare(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+
+
+@pytest.mark.parametrize("outlier", [2, 4])
+def test_sqnr_scores_every_compute_node_and_ranks_the_one_that_adds_noise(outlier: int) -> None:
+    from edgefleet.optimize.fallback import sqnr_by_node
+    from edgefleet.optimize.quantize import build_candidate
+
+    prepared = _hardswish_chain(6, outlier=outlier)
+    data = CallData({"x": np.random.default_rng(2).standard_normal((32, 1, 16)).astype(np.float32)})
+    qdq = build_candidate(prepared, Recipe(kind="static", op_types=("MatMul",)), data)
+    noise = sqnr_by_node(prepared, qdq, data)
+    assert set(noise) == {f"mm{i}" for i in range(6)}  # through the elementwise chains, every node is scored
+    # later nodes inherit the outlier's noise: the last one's output SQNR is the lowest, but the outlier adds it
+    assert max(noise, key=lambda n: noise[n].added_db) == f"mm{outlier}"
+    assert min(noise, key=lambda n: noise[n].out_db) == "mm5"

@@ -459,6 +459,7 @@ def optimize(
             eval.subset(range(min(len(eval), 32))),
             max_iterations=max_fallback_iterations,
             time_left=lambda: clock.left() - reserve,
+            build=lambda r: build_candidate(prepared, r, run.calibration),
         )
         fallback_reason = fallback_reason or fb.reason
         start.reason += f"; fallback: {fb.reason}"

@@ -24,11 +24,15 @@ from edgefleet.optimize.prepare import COMPUTE_OPS, PreparedModel, compute_nodes
 from edgefleet.optimize.quantize import CallDataReader
 from edgefleet.optimize.report import CandidateReport, NodeSensitivity
 
-__all__ = ["FallbackResult", "search", "sqnr_by_node"]
+__all__ = ["FallbackResult", "NodeNoise", "search", "sqnr_by_node", "sqnr_twin"]
 
 log = logging.getLogger(__name__)
 
 Evaluate = Callable[[Recipe], CandidateReport]
+
+# An input the quantized model sees exactly (a graph input) counts as this clean: float32's own SQNR is ~150 dB,
+# but a first layer's noise should rank like any other layer's, not above every one of them.
+_CLEAN_DB = 60.0
 
 
 @dataclass
@@ -39,12 +43,24 @@ class FallbackResult:
     reason: str = ""
 
 
-def sqnr_by_node(prepared: PreparedModel, qdq_bytes: bytes, data: CallData) -> dict[str, float]:
-    """Per compute node: SQNR (dB) of its output in the QDQ model against the float model on ``data``."""
+@dataclass(frozen=True)
+class NodeNoise:
+    out_db: float  # SQNR of the node's output in the QDQ model against the float model's
+    added_db: float  # how much lower that is than its input's SQNR: the noise this node adds, not what it inherits
+
+
+def sqnr_by_node(prepared: PreparedModel, qdq_bytes: bytes, data: CallData) -> dict[str, NodeNoise]:
+    """Per compute node: SQNR (dB) of its output (and of its first input) in the QDQ model against the float
+    model on ``data``.
+
+    A compute node keeps its output's name in the QDQ model (the Q/DQ pair follows it), so each node is compared
+    with itself across the two models. ``create_activation_matching`` pairs only tensors that a Q/DQ pair both
+    precedes and feeds into a saved op: on PP-OCRv4's recognizer (Conv → HardSwish as Add/Clip/Mul/Div) that left
+    3 of its 38 convolutions scored (measured), and the culprit unranked. Error accumulates along the graph, so
+    the output's SQNR alone ranks late nodes first whatever they add; ``added_db`` ranks by the node's own part."""
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
-        compute_activation_error,
-        create_activation_matching,
+        compute_signal_to_quantization_noice_ratio,
         modify_model_output_intermediate_tensors,
     )
 
@@ -59,20 +75,43 @@ def sqnr_by_node(prepared: PreparedModel, qdq_bytes: bytes, data: CallData) -> d
         modify_model_output_intermediate_tensors(qp, qa, op_types_for_saving=ops)
         float_acts = collect_activations(str(fa), CallDataReader(data, names))
         qdq_acts = collect_activations(str(qa), CallDataReader(data, names))
-        errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
-    # The quantizer puts Q/DQ pairs after fused activations (Gemm → Relu → QDQ), so a matched tensor is attributed
-    # to the compute node upstream of it through single-input ops.
-    producer = {o: n for n in prepared.model.graph.node for o in n.output}
-    out: dict[str, float] = {}
-    for tensor, err in errors.items():
-        value = err.get("xmodel_err")
-        node = producer.get(tensor)
-        while node is not None and node.op_type not in COMPUTE_OPS and node.input:
-            node = producer.get(node.input[0])
-        if node is None or value is None or not math.isfinite(float(value)):
+
+    def db(tensor: str, *qdq_names: str) -> float | None:
+        f = float_acts.get(tensor)
+        q = next((qdq_acts[n] for n in qdq_names if n in qdq_acts), None)
+        if f is None or q is None:
+            return None
+        value = float(compute_signal_to_quantization_noice_ratio(f, q))
+        return value if not math.isnan(value) else None
+
+    out: dict[str, NodeNoise] = {}
+    for node in compute_nodes(prepared.model):
+        tensor = node.output[0] if node.output else ""
+        out_db = db(tensor, tensor)
+        if out_db is None or not math.isfinite(out_db):
             continue
-        out[node.name] = min(float(value), out.get(node.name, math.inf))
+        source = node.input[0] if node.input else ""
+        # the quantized model feeds the node its input's dequantized copy; a graph input is exact
+        in_db = db(source, f"{source}_DequantizeLinear_Output", source)
+        added = (in_db if in_db is not None and math.isfinite(in_db) else _CLEAN_DB) - out_db
+        out[node.name] = NodeNoise(out_db, added)
     return out
+
+
+def sqnr_twin(recipe: Recipe) -> Recipe | None:
+    """The static QDQ recipe whose per-node SQNR ranks ``recipe``'s nodes: the recipe itself when it is static
+    QDQ; the same static settings in the QDQ format for static QOperator and for a mixed recipe's static region
+    (QOperator graphs hide the quantized tensors ``qdq_loss_debug`` matches, and the culprits of a mixed recipe
+    measured so far sat in its convolutions); None for dynamic recipes, which have no static counterpart."""
+    if recipe.kind == "static":
+        return recipe if recipe.format == "QDQ" else recipe.model_copy(update={"format": "QDQ"})
+    if recipe.kind == "mixed":
+        for region in recipe.regions:
+            if region.recipe.kind == "static":
+                return region.recipe.model_copy(
+                    update={"format": "QDQ", "nodes_to_exclude": tuple(recipe.nodes_to_exclude)}
+                )
+    return None
 
 
 def _original_names(prepared: PreparedModel, names: list[str]) -> list[str]:
@@ -133,19 +172,25 @@ def search(
     *,
     max_iterations: int = 12,
     time_left: Callable[[], float],
+    build: Callable[[Recipe], bytes] | None = None,
 ) -> FallbackResult:
-    """Find nodes to keep in float so ``start`` (an out-of-tolerance candidate) comes within tolerance."""
+    """Find nodes to keep in float so ``start`` (an out-of-tolerance candidate) comes within tolerance.
+    ``build`` makes a recipe's model bytes: with it, a start that is not static QDQ is ranked by its
+    :func:`sqnr_twin`'s SQNR (without it, only a static QDQ start is)."""
     quantized = _original_names(prepared, start.op_coverage.quantized if start.op_coverage else [])
     if not quantized:
         return FallbackResult(None, reason="the candidate quantized no named compute node")
-    sqnr: dict[str, float] = {}
-    if start.recipe.kind == "static" and start.recipe.format == "QDQ":
+    noise: dict[str, NodeNoise] = {}
+    twin = sqnr_twin(start.recipe)
+    if twin is not None and (twin == start.recipe or build is not None):
         try:
-            sqnr = sqnr_by_node(prepared, candidate_bytes, debug_data)
+            twin_bytes = candidate_bytes if twin == start.recipe or build is None else build(twin)
+            noise = {n: v for n, v in sqnr_by_node(prepared, twin_bytes, debug_data).items() if n in quantized}
         except Exception as err:  # a debugging aid: the leave-one-out trials still run without it
             log.debug("qdq_loss_debug failed: %s", err)
-    # Lowest SQNR first; nodes qdq_loss_debug could not score go last in graph order.
-    order = sorted(quantized, key=lambda n: (sqnr.get(n, math.inf), quantized.index(n)))
+    sqnr = {n: v.out_db for n, v in noise.items()}
+    # Most noise added first; nodes the twin could not score go last in graph order.
+    order = sorted(quantized, key=lambda n: (-noise[n].added_db if n in noise else math.inf, quantized.index(n)))
     result = FallbackResult(None)
     base_score = _score(start)
     gains: dict[str, float] = {}
