@@ -9,8 +9,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test files run in this many processes (pytest-xdist, a file's tests together in one): most tests wait on agents
+# and servers, and a single process kept 2 cores only a third busy. PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
-.PHONY: demo test test-fast lint typecheck unit unit-fast test-slow browser-deps system-deps clean
+.PHONY: demo test test-fast lint typecheck unit unit-fast test-slow browser-deps system-deps aarch64-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -34,16 +38,16 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP) browser-deps system-deps
-	$(BIN)/pytest -m "not slow" --durations=25 $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not slow" $(XDIST) --durations=25 $(PYTEST_ARGS)
 
 test: lint typecheck unit
 
 unit-fast: $(STAMP)
-	$(BIN)/pytest -m "not slow and not process" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not slow and not process" $(XDIST) --durations=15 $(PYTEST_ARGS)
 
 test-fast: lint typecheck unit-fast
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) aarch64-deps
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 # Debian's Chromium for the dashboard's browser tests (test tools cannot download browsers here).
@@ -56,6 +60,16 @@ browser-deps:
 system-deps:
 	(command -v promtool && command -v nginx && command -v haproxy) >/dev/null || \
 		(apt-get update -q && apt-get install -y -q prometheus nginx haproxy)
+
+# An arm64 device under emulation (tests/test_aarch64_qemu.py): qemu-user-static and mmdebstrap from Debian, and
+# qemu's aarch64 handler in the kernel's binfmt_misc. Registering needs root and a kernel that allows it; where it
+# is refused (`-`: make goes on) the test skips and says which step is missing.
+aarch64-deps:
+	(command -v mmdebstrap && test -e /usr/lib/binfmt.d/qemu-aarch64.conf) >/dev/null || \
+		(apt-get update -q && apt-get install -y -q qemu-user-static mmdebstrap)
+	-test -e /proc/sys/fs/binfmt_misc/register || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+	-test -e /proc/sys/fs/binfmt_misc/qemu-aarch64 || \
+		grep '^:' /usr/lib/binfmt.d/qemu-aarch64.conf > /proc/sys/fs/binfmt_misc/register
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

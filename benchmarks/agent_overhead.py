@@ -10,7 +10,14 @@ metrics). For reference, one row also measures a null ASGI app on uvicorn (the s
 ADR 0031; uvicorn picks httptools when it is installed). Plus cold start (``edgefleet serve`` process start →
 first inference answered) and idle RSS of the agent and its worker, next to a bare Python + onnxruntime process.
 
-    .venv/bin/python benchmarks/agent_overhead.py [--requests 2000]
+The local zero-copy paths (docs/agent.md, "Local zero-copy path"), at concurrency 1, each next to its own null
+floor (the same transport and client, the null server answering at once): binary tensors over TCP and over the
+agent's Unix socket, and system shared memory (the input written into a registered region, the outputs read from
+one) over TCP and over the Unix socket; for the digits MLP and for an image-like input of ~1 MB per call
+(float32[1, 3, 320, 272] → global average pool). tritonclient cannot speak over a Unix socket, so those rows (and
+their floors) use a minimal keep-alive HTTP client (``RawClient``), also run over TCP for a like-for-like row.
+
+    .venv/bin/python benchmarks/agent_overhead.py [--requests 2000] [--path-requests 1000] [--only-paths]
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -55,17 +63,20 @@ async def null_app(scope: dict, receive: object, send: object) -> None:  # type:
     await send({"type": "http.response.body", "body": NULL_BODY})  # type: ignore[operator]
 
 
-def serve_null(port: int) -> None:
-    """The floor: the agent's HTTP stack answering a fixed response, no parsing, no inference."""
+def serve_null(port: int, uds: str | None = None) -> None:
+    """The floor: the agent's HTTP stack answering a fixed response, no parsing, no inference (on ``uds`` too)."""
     import asyncio
 
     from edgefleet.agent.httpserver import JSON_HEADERS, Respond, serve_http
+    from edgefleet.agent.uds import serve_uds
 
     def handle(method: str, path: str, headers: dict[bytes, bytes], body: bytes, respond: Respond) -> None:
         respond(200, NULL_BODY, JSON_HEADERS)
 
     async def main() -> None:
         await serve_http(handle, "127.0.0.1", port)
+        if uds:
+            await serve_uds(handle, uds)
         await asyncio.Event().wait()
 
     asyncio.run(main())
@@ -129,9 +140,287 @@ def run_client(url: str, model: str, x: np.ndarray, binary: bool, concurrency: i
     return {"p50_ms": p50, "p99_ms": p99, "req_s": len(lat) / wall}
 
 
+# ---------------------------------------------------------------- the local zero-copy paths
+
+
+class RawClient:
+    """A minimal keep-alive HTTP/1.1 client for the OIP binary and shared memory requests, over TCP or a Unix
+    socket (tritonclient has no Unix socket transport). It decodes answers as tritonclient would: the JSON header,
+    then each binary output as a numpy array."""
+
+    def __init__(self, addr: tuple[str, int] | str) -> None:
+        import socket
+
+        if isinstance(addr, str):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.connect(addr)
+        self.buf = b""
+
+    def post(self, path: str, head: bytes, raw: bytes = b"") -> tuple[int, dict[str, Any], bytes]:
+        extra = b"inference-header-content-length: %d\r\n" % len(head) if raw else b""
+        req = b"POST %s HTTP/1.1\r\nhost: local\r\n%scontent-length: %d\r\n\r\n" % (
+            path.encode(),
+            extra,
+            len(head) + len(raw),
+        )
+        self.sock.sendall(req + head if len(raw) < 65536 else req)
+        if len(raw) >= 65536:
+            self.sock.sendall(head)
+            self.sock.sendall(raw)
+        elif raw:
+            self.sock.sendall(raw)
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self.sock.recv(65536)
+        top, _, rest = self.buf.partition(b"\r\n\r\n")
+        lines = top.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        hdrs = {k.lower(): v.strip() for k, _, v in (ln.partition(b":") for ln in lines[1:])}
+        n = int(hdrs[b"content-length"])
+        while len(rest) < n:
+            rest += self.sock.recv(max(65536, n - len(rest)))
+        body, self.buf = rest[:n], rest[n:]
+        jl = int(hdrs.get(b"inference-header-content-length", n))
+        return status, json.loads(body[:jl]), body[jl:]
+
+    def infer(self, path: str, head: bytes, raw: bytes = b"") -> dict[str, np.ndarray]:
+        status, doc, blob = self.post(path, head, raw)
+        if status != 200:
+            raise RuntimeError(f"{status}: {doc}")
+        out: dict[str, np.ndarray] = {}
+        pos = 0
+        for o in doc["outputs"]:
+            size = (o.get("parameters") or {}).get("binary_data_size")
+            if size is not None:
+                out[o["name"]] = np.frombuffer(blob[pos : pos + size], dtype=_NP[o["datatype"]]).reshape(o["shape"])
+                pos += size
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_NP = {"FP32": np.float32, "INT64": np.int64, "FP64": np.float64, "INT32": np.int32}
+
+
+def image_model() -> bytes:
+    """A large-input model that computes little: float32[N, 3, 320, 272] (~1 MB at N=1) → global average pool."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 3, 320, 272])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 3])
+    pooled = helper.make_node("GlobalAveragePool", ["X"], ["P"])
+    flat = helper.make_node("Flatten", ["P"], ["Y"], axis=1)
+    graph = helper.make_graph([pooled, flat], "image", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def _timed(n: int, call: Any) -> dict[str, float]:
+    for _ in range(max(20, n // 20)):
+        call()
+    lat: list[float] = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        s = time.perf_counter()
+        call()
+        lat.append(time.perf_counter() - s)
+    wall = time.perf_counter() - t0
+    p50, p99 = _pct(lat)
+    return {"p50_ms": p50, "p99_ms": p99, "req_s": n / wall}
+
+
+class _Regions:
+    """An input and an output region (tritonclient.utils.shared_memory), registered on the server at ``url``."""
+
+    def __init__(self, x: np.ndarray, tag: str) -> None:
+        import uuid
+
+        import tritonclient.utils.shared_memory as shm
+
+        self.shm = shm
+        self.id = uuid.uuid4().hex[:8]
+        self.in_key, self.out_key = f"/efb-in-{tag}-{self.id}", f"/efb-out-{tag}-{self.id}"
+        self.in_handle = shm.create_shared_memory_region(self.in_key[1:], self.in_key, x.nbytes)
+        self.out_handle = shm.create_shared_memory_region(self.out_key[1:], self.out_key, 1 << 16)
+        self.in_view = np.ndarray(x.shape, x.dtype, buffer=self.in_handle._mpsm_handle.buf)
+        self.nbytes = x.nbytes
+
+    def register(self, url: str) -> None:
+        import tritonclient.http as th
+
+        c = th.InferenceServerClient(url)
+        for name in ("in-" + self.id, "out-" + self.id):
+            try:
+                c.unregister_system_shared_memory(name)
+            except Exception:
+                pass
+        c.register_system_shared_memory("in-" + self.id, self.in_key, self.nbytes)
+        c.register_system_shared_memory("out-" + self.id, self.out_key, 1 << 16)
+        c.close()
+
+    def output(self, shape: list[int]) -> np.ndarray:
+        return np.array(self.shm.get_contents_as_numpy(self.out_handle, np.float32, shape))
+
+    def close(self) -> None:
+        self.in_view = None  # type: ignore[assignment]
+        self.shm.destroy_shared_memory_region(self.in_handle)
+        self.shm.destroy_shared_memory_region(self.out_handle)
+
+
+def path_rows(
+    url: str, uds: str, null_url: str, null_uds: str, model: str, x: np.ndarray, out: str, n: int, tag: str
+) -> list[tuple[str, dict[str, float], dict[str, float]]]:
+    """(path, null floor, agent) at concurrency 1 for each local path; every call is end to end: the input written
+    (into the body, or into its region), the answer read and decoded (the output copied out of its region)."""
+    import tritonclient.http as th
+
+    infer_path = f"/v2/models/{model}/infer"
+    regions = _Regions(x, tag)
+    regions.register(url)
+    shm_in = {"shared_memory_region": "in-" + regions.id, "shared_memory_byte_size": x.nbytes}
+    shm_out = {"shared_memory_region": "out-" + regions.id, "shared_memory_byte_size": 1 << 16}
+    shm_head = json.dumps(
+        {
+            "inputs": [{"name": "X", "shape": list(x.shape), "datatype": "FP32", "parameters": shm_in}],
+            "outputs": [{"name": out, "parameters": shm_out}],
+        }
+    ).encode()
+    bin_head = json.dumps(
+        {
+            "inputs": [
+                {"name": "X", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
+            ],
+            "outputs": [{"name": out, "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+
+    def tc_binary(target: str) -> Any:
+        client = th.InferenceServerClient(target)
+        inp = th.InferInput("X", list(x.shape), "FP32")
+        outs = [th.InferRequestedOutput(out, binary_data=True)]
+
+        def call() -> None:
+            inp.set_data_from_numpy(x, binary_data=True)
+            client.infer(model, [inp], outputs=outs).as_numpy(out)
+
+        return call
+
+    def tc_shm(target: str) -> Any:
+        client = th.InferenceServerClient(target)
+        inp = th.InferInput("X", list(x.shape), "FP32")
+        inp.set_shared_memory("in-" + regions.id, x.nbytes)
+        o = th.InferRequestedOutput(out)
+        o.set_shared_memory("out-" + regions.id, 1 << 16)
+
+        def call() -> None:
+            np.copyto(regions.in_view, x)
+            res = client.infer(model, [inp], outputs=[o]).get_output(out)
+            if res is not None and res.get("parameters", {}).get("shared_memory_region"):
+                regions.output(res["shape"])
+
+        return call
+
+    def raw_binary(addr: tuple[str, int] | str) -> Any:
+        client = RawClient(addr)
+
+        def call() -> None:
+            client.infer(infer_path, bin_head, x.tobytes())
+
+        return call
+
+    def raw_shm(addr: tuple[str, int] | str) -> Any:
+        client = RawClient(addr)
+
+        def call() -> None:
+            np.copyto(regions.in_view, x)
+            _, doc, _ = client.post(infer_path, shm_head)
+            for o in doc.get("outputs", []):
+                if (o.get("parameters") or {}).get("shared_memory_region"):
+                    regions.output(o["shape"])
+
+        return call
+
+    host, port = url.split(":")
+    nhost, nport = null_url.split(":")
+    paths: list[tuple[str, Any, Any]] = [
+        ("tcp binary (tritonclient)", tc_binary(null_url), tc_binary(url)),
+        ("tcp shm (tritonclient)", tc_shm(null_url), tc_shm(url)),
+        ("tcp binary (raw client)", raw_binary((nhost, int(nport))), raw_binary((host, int(port)))),
+        ("uds binary (raw client)", raw_binary(null_uds), raw_binary(uds)),
+        ("uds shm (raw client)", raw_shm(null_uds), raw_shm(uds)),
+    ]
+    rows = []
+    for name, null_call, agent_call in paths:
+        rows.append((name, _timed(n, null_call), _timed(n, agent_call)))
+    regions.close()
+    return rows
+
+
+def _session_p50(model: Path, x: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    return _timed(500, lambda: sess.run(None, {"X": x}))["p50_ms"]
+
+
+def run_paths(exe: str, tmp: Path, small: Path, xs: np.ndarray, n: int) -> None:
+    """Start a null server and an agent (TCP + Unix socket) per model; print the local paths' table."""
+    null_port = _free_port()
+    null_uds = str(tmp / "null.sock")
+    null = subprocess.Popen([sys.executable, __file__, "--null-server", str(null_port), "--null-uds", null_uds])
+    big = tmp / "image.onnx"
+    big.write_bytes(image_model())
+    xb = np.random.default_rng(0).random((1, 3, 320, 272), dtype=np.float32)
+    results = []
+    try:
+        _wait_ready(f"127.0.0.1:{null_port}")
+        for model, x, out, count in ((small, xs, "probabilities", n), (big, xb, "Y", max(100, n // 4))):
+            port, uds = _free_port(), str(tmp / f"{model.stem}.sock")
+            agent = subprocess.Popen([exe, "serve", str(model), "--port", str(port), "--uds", uds])
+            try:
+                _wait_ready(f"127.0.0.1:{port}")
+                time.sleep(0.5)  # the worker takes the port over just after it reports ready
+                rows = path_rows(
+                    f"127.0.0.1:{port}", uds, f"127.0.0.1:{null_port}", null_uds, model.stem, x, out, count, model.stem
+                )
+                results.append((model.stem, x, count, rows, _session_p50(model, x)))
+            finally:
+                agent.terminate()
+                agent.wait()
+    finally:
+        null.terminate()
+        null.wait()
+    print()
+    print("local paths, concurrency 1, end to end (input written, answer read and decoded); Δ = agent − its null floor")
+    print(f"{'model':>8} {'path':>26} | {'null p50':>9} {'p99':>7} | {'agent p50':>9} {'p99':>7} | {'Δp50 µs':>8}")
+    for stem, x, count, rows, run_ms in results:
+        print(f"{stem:>8} raw session.run p50 {run_ms * 1000:.0f} µs (part of every agent row's Δ)")
+        for name, nul, agt in rows:
+            print(
+                f"{stem:>8} {name:>26} | {nul['p50_ms']:9.3f} {nul['p99_ms']:7.3f} | {agt['p50_ms']:9.3f} "
+                f"{agt['p99_ms']:7.3f} | {(agt['p50_ms'] - nul['p50_ms']) * 1000:8.0f}"
+            )
+        byname = {name: agt for name, _, agt in rows}
+        tcp, shm_ = byname["tcp binary (tritonclient)"], byname["tcp shm (tritonclient)"]
+        uds_shm = byname["uds shm (raw client)"]
+        print(
+            f"{stem:>8} input {x.nbytes / 2**20:.2f} MiB ({count} calls per row): shared memory vs binary over TCP "
+            f"(tritonclient, agent p50): {tcp['p50_ms'] / shm_['p50_ms']:.1f}x faster; "
+            f"uds shm (raw) vs tcp binary (tritonclient): {tcp['p50_ms'] / uds_shm['p50_ms']:.1f}x"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--path-requests", type=int, default=1000, help="calls per local-path row (the large input: 1/4)")
+    ap.add_argument("--only-paths", action="store_true", help="measure the local zero-copy paths only")
     ap.add_argument(
         "--edgefleet",
         type=Path,
@@ -139,10 +428,11 @@ def main() -> None:
         "`pip install -c constraints.txt .` (docs/install.md), to compare its idle RSS",
     )
     ap.add_argument("--null-server", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--null-uds", help=argparse.SUPPRESS)
     ap.add_argument("--uvicorn-null-server", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.null_server:
-        serve_null(a.null_server)
+        serve_null(a.null_server, a.null_uds)
         return
     if a.uvicorn_null_server:
         import uvicorn
@@ -165,6 +455,10 @@ def main() -> None:
     model = tmp / "mlp.onnx"
     model.write_bytes(examples.train_digits_mlp(hidden=(64,)))
     x = examples.digits().x_test[:1].astype(np.float32)
+    exe = str(a.edgefleet or Path(sys.executable).with_name("edgefleet"))
+    if a.only_paths:
+        run_paths(exe, tmp, model, x, a.path_requests)
+        return
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -180,7 +474,6 @@ def main() -> None:
     raw_wall = time.perf_counter() - t0
     rp50, rp99 = _pct(raw)
 
-    exe = str(a.edgefleet or Path(sys.executable).with_name("edgefleet"))
     null_port, agent_port, uvi_port = _free_port(), _free_port(), _free_port()
     null = subprocess.Popen([sys.executable, __file__, "--null-server", str(null_port)])
     uvi = subprocess.Popen([sys.executable, __file__, "--uvicorn-null-server", str(uvi_port)])
@@ -253,6 +546,7 @@ def main() -> None:
         f"(worker budget = bare + model + 15 MB = {bare_rss + model.stat().st_size / 2**20 + 15:.1f} MB)"
     )
     print(f"idle USS (private memory): agent {agent_uss:.1f} MB, worker {worker_uss:.1f} MB")
+    run_paths(exe, tmp, model, x, a.path_requests)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ from edgefleet import examples
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The CLI wraps its lines at COLUMNS when that is set, as a terminal's user wants (cli/_output.py). pytest-xdist's
+# workers inherit COLUMNS=80, so a one-line message asserted whole would break in two: the tests read the CLI as a
+# script does, with no terminal width, in every process (the agents and servers they start inherit this).
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
+
 # The fast tier (`make test-fast`) runs `-m "not slow and not process"`. A test is `process` when it starts
 # processes or servers (agents, the control plane, the demo, PostgreSQL, a browser): marked by hand, through a
 # fixture decorated with `starts_processes`, or by carrying the `postgres` or `browser` marker.

@@ -538,7 +538,15 @@ def test_agent_path_backs_off_on_emfile(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- frames carry no code
 
 _FORBIDDEN_MODULES = {"pickle", "marshal", "shelve", "dill", "cloudpickle", "_pickle", "copyreg"}
-_FRAME_USERS = ["frames.py", "_worker_main.py", "worker.py", "workerhttp.py", "supervisor.py", "service.py"]
+_FRAME_USERS = [
+    "frames.py",
+    "worker/main.py",
+    "worker/packaged.py",
+    "worker/httpserve.py",
+    "workerproc.py",
+    "supervisor.py",
+    "service.py",
+]
 
 
 @pytest.mark.parametrize("name", _FRAME_USERS)
@@ -612,7 +620,8 @@ def test_frames_round_trip_and_refuse_what_could_carry_code() -> None:
 def test_a_worker_that_sends_a_pickle_is_killed_and_nothing_is_unpickled(tmp_path: Path) -> None:
     """A worker taken over by a crafted model answers with the pickle of an object whose unpickling would write a
     file in the agent: the agent reads a broken frame, kills the worker, and nothing runs."""
-    from edgefleet.agent.worker import WorkerProcess, WorkerSpec
+    from edgefleet.agent.worker.spec import WorkerSpec
+    from edgefleet.agent.workerproc import WorkerProcess
     from edgefleet.errors import WorkerUnavailable
 
     marker = tmp_path / "written-by-the-worker"

@@ -128,6 +128,9 @@ def test_metrics_has_histograms_and_totals(server: Any) -> None:
     body = b'{"inputs":[{"name":"X","shape":[1,64],"datatype":"FP32","data":[' + b",".join([b"0.1"] * 64) + b"]}]}"
     assert _post(url, f"/v2/models/{name}/infer", body).status_code == 200
     text = httpx.get(f"http://{url}/metrics").text
-    for metric in ("request", "queue", "compute"):
+    for metric in ("queue", "compute"):
         assert f'edgefleet_agent_{metric}_duration_seconds_bucket{{le="0.001",model="{name}",version="1"}}' in text
-    assert f'edgefleet_agent_requests_total{{model="{name}",outcome="ok",version="1"}}' in text
+    # the request metrics say where each answer came from (hybrid routing: docs/agent.md)
+    labels = f'le="0.001",model="{name}",route="local",version="1"'
+    assert f"edgefleet_agent_request_duration_seconds_bucket{{{labels}}}" in text
+    assert f'edgefleet_agent_requests_total{{model="{name}",outcome="ok",route="local",version="1"}}' in text

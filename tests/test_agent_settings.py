@@ -24,6 +24,7 @@ CASES: dict[str, tuple[str | None, str, Any, str, Any]] = {
     "data_dir": ("--data-dir", "/env/data", Path("/env/data"), "/flag/data", Path("/flag/data")),
     "host": ("--host", "0.0.0.0", "0.0.0.0", "10.0.0.1", "10.0.0.1"),
     "port": ("--port", "9001", 9001, "9002", 9002),
+    "uds": ("--uds", "/env/api.sock", Path("/env/api.sock"), "/flag/api.sock", Path("/flag/api.sock")),
     "checkin_interval_s": ("--checkin-interval", "7.5", 7.5, "2", 2.0),
     "telemetry_interval_s": ("--telemetry-interval", "11", 11.0, "12", 12.0),
     "buffer_max_records": ("--buffer-max-records", "123", 123, "456", 456),
@@ -42,6 +43,13 @@ CASES: dict[str, tuple[str | None, str, Any, str, Any]] = {
     "http_max_body_bytes": (None, "2048", 2048, "", None),
     "http_max_json_bytes": (None, "4096", 4096, "", None),
     "http_max_tensor_bytes": (None, "8192", 8192, "", None),
+    "routing": (
+        None,
+        '{"policy":"fallback","remote_url":"http://c:1"}',
+        {"policy": "fallback", "remote_url": "http://c:1"},
+        "",
+        None,
+    ),
 }
 
 

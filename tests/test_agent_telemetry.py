@@ -10,6 +10,7 @@ the real server stores a batch id and a window id once, so a resend is seen on t
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter, defaultdict
 from datetime import UTC, datetime
@@ -65,6 +66,19 @@ def _chains(windows: list[dict[str, Any]]) -> int:
     """Windows of one agent run tile time: each starts where another ended. Count the starts of chains."""
     ends = {w["end"] for w in windows}
     return sum(1 for w in windows if w["start"] not in ends)
+
+
+def _breaks(windows: list[dict[str, Any]]) -> list[str]:
+    """Where a run's chain breaks, short enough for an assertion message: each window that starts where none
+    ended, beside the window before it (its id, model and version say which path cut it)."""
+    run = sorted(windows, key=itemgetter("start"))
+    ends = {w["end"] for w in run}
+    return [
+        f"{w['start']:%T.%f} starts {w['window_id'][:8]} ({w['model']} {w['version']}, {w['requests']} req); "
+        f"before it {p['window_id'][:8]} {p['start']:%T.%f}-{p['end']:%T.%f} ({p['model']} {p['version']})"
+        for p, w in itertools.pairwise(run)
+        if w["start"] not in ends
+    ] + [f"{len(run)} windows {run[0]['start']:%T.%f}-{run[-1]['end']:%T.%f}" if run else "no windows"]
 
 
 def _drain(agent: AgentProc) -> None:
@@ -138,8 +152,10 @@ def test_exactly_once_through_outages_and_restarts(cp: Fleet, tmp_path: Path) ->
     runs: list[list[dict[str, Any]]] = [[], [], []]
     for w in windows:
         runs[0 if w["start"] < second else 1 if w["start"] < third else 2].append(w)
-    shown = [[(f"{w['start']:%T.%f}", f"{w['end']:%T.%f}") for w in sorted(r, key=itemgetter("start"))] for r in runs]
-    assert _chains(runs[0]) == 1 and _chains(runs[1]) <= 1 and _chains(runs[2]) == 1, (shown, cp.faults.rejected)
+    assert _chains(runs[0]) == 1 and _chains(runs[1]) <= 1 and _chains(runs[2]) == 1, (
+        [_breaks(r) for r in runs],
+        cp.faults.rejected,
+    )
     assert sum(w["requests"] for w in windows) == 5
 
 

@@ -47,13 +47,13 @@ from conftest import free_port, starts_processes
 from edgefleet import __version__
 from edgefleet.agent.backend import InProcessBackend
 from edgefleet.agent.buffer import TelemetryBuffer
-from edgefleet.agent.driftcount import DriftCounter
 from edgefleet.agent.metrics import AgentMetrics
 from edgefleet.agent.pipeline import MAX_UPDATE_ATTEMPTS
 from edgefleet.agent.state import Pending, PersistedState, SlotInfo, recover, refusal_key
 from edgefleet.agent.supervisor import Supervisor
 from edgefleet.agent.updater import MAX_RESTARTS, download_resumable, should_update
-from edgefleet.agent.worker import WorkerSpec
+from edgefleet.agent.worker.driftcount import DriftCounter
+from edgefleet.agent.worker.spec import WorkerSpec
 from edgefleet.errors import VerificationError
 from edgefleet.protocol import AgentState, DesiredState, Report
 from edgefleet.telemetry.drift import DriftAccumulator, build_reference

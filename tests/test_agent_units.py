@@ -240,15 +240,15 @@ def test_lean_worker_shares_the_dtype_table_without_the_runtime_layer() -> None:
     import subprocess
     import sys
 
-    from edgefleet.agent import _worker_main
+    from edgefleet.agent.worker import main as worker_main
     from edgefleet.runtime import schema
 
-    assert _worker_main.ORT_TO_NUMPY is schema.ORT_TO_NUMPY
+    assert worker_main.ORT_TO_NUMPY is schema.ORT_TO_NUMPY
     probe = (
         "import runpy, sys; runpy.run_path(sys.argv[1], run_name='probe'); "
         "print(sorted(m for m in sys.modules if m.startswith(('edgefleet.runtime', 'pydantic_settings'))))"
     )
     out = subprocess.run(
-        [sys.executable, "-P", "-c", probe, _worker_main.__file__], capture_output=True, text=True, check=True
+        [sys.executable, "-P", "-c", probe, worker_main.__file__], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydantic import TypeAdapter
 
 from _cp_support import CP, build_pkg
+from edgefleet.agent.sampling import seal
 from edgefleet.controlplane import apidocs, devices
 from edgefleet.controlplane.api.rollouts import rollout_dict
 from edgefleet.controlplane.auth import MATRIX, Access, effective_routes
@@ -78,7 +81,14 @@ def populated(mlp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     call("PUT", "/models/{name}/release-policy", path={"name": "digits"}, json={"require_gate": True})
     call("PUT", "/models/{name}/release-policy", path={"name": "other"}, json={"require_bench": None})
     call("DELETE", "/models/{name}/release-policy", path={"name": "other"})
-    lab = {"checkin_interval_s": 5, "remote_logs": True, "crash_reports": True}
+    sample_key = "5" * 64  # an operator's X25519 public key (any 32 bytes are one)
+    lab = {
+        "checkin_interval_s": 5,
+        "remote_logs": True,
+        "crash_reports": True,
+        "input_sampling": True,
+        "sample_public_key": sample_key,
+    }
     call("PUT", "/groups/{name}", path={"name": "lab"}, json={"channel": "stable", "config": lab})
     enrolled = call("POST", "/enrollment-tokens", json={"tier": "rpi4", "group": "lab"})
     assert enrolled["group"] == "lab"
@@ -109,6 +119,18 @@ def populated(mlp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     )
     assert r.status_code == 200, r.text
     call("GET", "/devices/{device_id}/crashes", path=one)
+    sample = seal(
+        {"X": np.zeros((1, 4), np.float32)}, sample_key, at=datetime.now(UTC), device_id=devs[0].id, model="digits",
+        version="1.0.0", sample_id="s1",
+    )  # fmt: skip
+    r = cp.http.post(
+        f"/api/v1/devices/{devs[0].id}/samples",
+        json={"samples": [sample.model_dump(mode="json")]},
+        headers=cp.h(devs[0].credential),
+    )
+    assert r.status_code == 200, r.text
+    call("GET", "/devices/{device_id}/samples", path=one)
+    call("GET", "/devices/{device_id}/samples/{sample_id}", path={**one, "sample_id": "s1"})
     call("POST", "/groups/{name}/rotate-credential", path={"name": "lab"}, params={"key": "true"})
     call("PUT", "/groups/{name}", path={"name": "lab"}, json={"pinned_model": "digits", "pinned_version": "1.0.0"})
     call("PUT", "/groups/{name}", path={"name": "lab"}, json={"unpin": True})
@@ -134,6 +156,7 @@ def populated(mlp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         ("/tokens", {}),
         ("/audit", {}),
         ("/fleet", {}),
+        ("/fleet/field-accuracy", {}),
         ("/compat", {}),
         ("/devices", {}),
         ("/devices/keys", {}),

@@ -250,7 +250,7 @@ def test_an_aborting_worker_is_described_with_its_traceback(
 ) -> None:
     """The supervisor alone, with a model whose worker aborts after loading (the FAULT_ENV test hook)."""
     from edgefleet.agent import Supervisor, WorkerSpec
-    from edgefleet.agent.worker import FAULT_ENV
+    from edgefleet.agent.worker.main import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "1:abort")  # a bare ONNX model is version 1
     store = CrashStore(tmp_path / "crashes")
@@ -270,7 +270,7 @@ def test_an_aborting_worker_is_described_with_its_traceback(
     asyncio.run(go())
     (ex,) = seen
     assert ex.exit_code == -6 and signal_name(ex.exit_code) == "SIGABRT"
-    assert "Fatal Python error: Aborted" in ex.fault and "_fault" in ex.fault  # the frame that called abort()
+    assert "Fatal Python error: Aborted" in ex.fault and " in fault\n" in ex.fault  # the frame that called abort()
     # the worker aborts 0.2 s after loading: under load it may die before its first RSS sample (then it says none)
     assert (ex.rss_bytes is None) == (ex.rss_age_s is None) and (ex.rss_bytes is None or ex.rss_bytes > 0)
     assert ex.version == "1" and ex.model_sha256 and ex.uptime_s

@@ -208,7 +208,11 @@ def test_each_page_loads_with_the_figures_of_the_api(page: Any, env: Env) -> Non
     for c in compat:
         row = f"#compat tr[data-tier='{c['tier']}'][data-runtime='{c['runtime_version']}']"
         cell = f"{row} td[data-version='{c['version']}']"
-        assert page.inner_text(cell) == c["status"], c
+        assert page.inner_text(f"{cell} .badge") == c["status"], c
+        # the agent axis: each agent version's status on this cell, as the API lists it
+        for a in c["agents"]:
+            said = f"{a['status']} under agent {a['agent_version'] or 'unknown'} ({a['devices']})"
+            assert said in page.inner_text(f"{cell} [data-agents]"), c
     assert page.locator("#versions tbody tr").count() == 2
     _shot(page, "model")
 

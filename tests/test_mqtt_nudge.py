@@ -27,7 +27,8 @@ from conftest import free_port, starts_processes
 from edgefleet.agent.nudge import INSTALL_HINT, sleep_or_nudge, topics_for
 from edgefleet.config import AgentSettings, MqttBroker, ServerSettings, mqtt_broker
 from edgefleet.controlplane import nudge
-from edgefleet.controlplane.nudge import DEVICE_TOPIC, TIER_TOPIC, Nudger, changed, topics
+from edgefleet.controlplane.nudge import DEVICE_TOPIC, TIER_TOPIC, Nudger, changed, spread_s, topics
+from edgefleet.protocol import nudge_payload, nudge_spread
 
 REPO = Path(__file__).resolve().parents[1]
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -82,8 +83,9 @@ def test_the_agent_listens_on_its_own_topic_and_its_tiers() -> None:
 def test_nudger_publishes_only_for_moved_states_and_survives_a_failing_publish() -> None:
     sent: list[str] = []
 
-    def publish(topic: str) -> None:
+    def publish(topic: str, payload: bytes) -> None:
         sent.append(topic)
+        assert payload == b""  # a device's own nudge names no spread: it checks in at once
         raise OSError("broker gone")
 
     n = Nudger(publish)
@@ -417,3 +419,45 @@ def test_mqtt_without_paho_is_one_line_naming_the_extra(tmp_path: Path) -> None:
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and INSTALL_HINT in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("payload", "spread"),
+    [
+        (nudge_payload(2.5), 2.5),
+        (b"", 5.0),  # an older server: the agent's own default
+        (b'{"spread_s": 0}', 0.0),
+        (b'{"spread_s": 1e9}', 60.0),  # anyone the broker lets publish could send it: bounded
+        (b'{"spread_s": -1}', 5.0),
+        (b'{"spread_s": "3"}', 5.0),
+        (b'{"spread_s": true}', 5.0),
+        (b'{"spread_s": NaN}', 5.0),
+        (b"[1]", 5.0),
+        (b"\xff\xfe", 5.0),
+        (b"{" * 300, 5.0),
+    ],
+)
+def test_a_tier_nudge_names_its_spread_and_a_device_bounds_it(payload: bytes, spread: float) -> None:
+    assert nudge_spread(payload, 5.0) == spread
+
+
+def test_a_tier_nudge_spreads_the_whole_tier_over_the_rate(tmp_path: Path) -> None:
+    """Past MAX_DEVICE_TOPICS, one message per tier whose spread is the woken tiers' size over the rate (every
+    device of those tiers checks in, also those whose state did not move)."""
+    from edgefleet.controlplane.db import Database, Device
+
+    db = Database(f"sqlite:///{tmp_path / 'cp.db'}")
+    db.migrate()
+    with db.session() as s:
+        for i in range(30):
+            s.add(Device(id=f"d{i}", tier="rpi4" if i < 20 else "jetson", credential_hash=f"h{i}"))
+    sent: list[tuple[str, bytes]] = []
+    n = Nudger(lambda t, b: sent.append((t, b)), max_device_topics=5, rate=10.0)
+    with db.session() as s:
+        n.after_refresh(s, {f"d{i}": "1" for i in range(12)}, {f"d{i}": "2" for i in range(12)})
+    assert sent == [("edgefleet/tiers/rpi4", nudge_payload(2.0))]
+    sent.clear()
+    with db.session() as s:  # two tiers woken by one write share the rate
+        n.after_refresh(s, {f"d{i}": "1" for i in range(14, 26)}, {f"d{i}": "2" for i in range(14, 26)})
+    assert sent == [("edgefleet/tiers/jetson", nudge_payload(3.0)), ("edgefleet/tiers/rpi4", nudge_payload(3.0))]
+    assert spread_s(20, 10.0) == 2.0 and spread_s(5, 0) == 0.0

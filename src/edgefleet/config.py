@@ -97,6 +97,12 @@ class ServerSettings(BaseSettings):
     cookie_secure: bool = Field(False, description="mark the sign-in cookie Secure even when the request is http")
     max_package_mb: float = Field(2048.0, gt=0, description="largest package upload accepted (413 above)")
     mqtt: str | None = Field(None, description="mqtt://[USER:PASSWORD@]HOST[:PORT]: publish check-in nudges there")
+    nudge_rate: float = Field(
+        4000.0,
+        gt=0,
+        description="check-ins per second a tier's nudge may bring on: its devices spread theirs over tier size / "
+        "this many seconds",
+    )
     telemetry_retention_s: float = Field(
         14 * 86_400.0, description="raw telemetry windows and report batches are deleted this long after arrival"
     )
@@ -147,6 +153,7 @@ class AgentSettings(BaseSettings):
     data_dir: Path = Path("edgefleet-agent")
     host: str = "127.0.0.1"
     port: int = 8081
+    uds: Path | None = Field(None, description="also serve the local inference API on this Unix socket path")
     checkin_interval_s: float = Field(30.0, ge=0.05)
     mqtt: str | None = Field(None, description="mqtt://[USER:PASSWORD@]HOST[:PORT]: check in at once when nudged")
     telemetry_interval_s: float = Field(60.0, ge=0.05)
@@ -162,6 +169,11 @@ class AgentSettings(BaseSettings):
     # on a device whose other core runs the application; tier profiles state the same number for bench/optimize.
     intra_op_threads: int = Field(1, ge=1)
     queue_size: int = Field(64, gt=0)
+    routing: dict[str, Any] | None = Field(
+        None,
+        description="hybrid edge/cloud routing as JSON, the fields of protocol.RemoteRouting (docs/agent.md); the "
+        "group's config document wins when it names one",
+    )
     # The local inference API's limits (docs/agent.md, "Limits of the local API"): the agent and a worker serving
     # the port apply the same ones (agent/httpserver.py HTTPLimits).
     http_max_url_bytes: int = Field(8 * 1024, ge=256, description="longer URLs are answered 414")

@@ -48,7 +48,8 @@ Exit codes (``docs/cli.md`` holds the same table)::
     │   └── IncompatibleError           the package does not support a device's tier or runtime
     └── AgentError                      (exit 1)
         ├── UpdateError                 an update that was refused or failed (reason reported)
-        └── WorkerUnavailable           no inference worker is serving
+        ├── WorkerUnavailable           no inference worker is serving
+        └── RemoteUnavailable           hybrid routing's remote OIP endpoint did not answer (unreachable, timeout)
 """
 
 from __future__ import annotations
@@ -205,6 +206,15 @@ class UpdateError(AgentError):
 
 class WorkerUnavailable(AgentError):
     pass
+
+
+class RemoteUnavailable(AgentError):
+    """The remote OIP endpoint of hybrid routing gave no usable answer. ``reason``: a bounded label for the
+    ``edgefleet_agent_remote_unsent_requests_total`` counter (timeout, unreachable, refused)."""
+
+    def __init__(self, message: str, reason: str = "unreachable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class _HasErrors(Protocol):

@@ -10,6 +10,10 @@
 * ``POST /api/v1/devices/{id}/crashes`` — :class:`CrashUpload` → :class:`CrashUploadResponse`: the device's
   worker crash reports (only for a group that consents, ``DeviceConfig.crash_reports``; 409 otherwise). Idempotent
   by ``crash_id``; a body over :data:`MAX_CRASH_UPLOAD_BYTES` is 413, one these models refuse 422; nothing stored.
+* ``POST /api/v1/devices/{id}/samples`` — :class:`SampleUpload` → :class:`SampleUploadResponse`: served inputs the
+  device sampled, each encrypted there to the operator's key (only for a group that consents,
+  ``DeviceConfig.input_sampling``; 409 otherwise). Idempotent by ``sample_id``; over
+  :data:`MAX_SAMPLE_UPLOAD_BYTES` is 413, one these models refuse 422; nothing stored.
 * ``POST /api/v1/devices/{id}/report`` — :class:`Report` → :class:`ReportResponse`. Idempotent by ``batch_id``:
   the server stores each batch once and answers with the ids it has, so a lost answer or a restart mid-upload
   never duplicates or drops data. A body over :data:`MAX_REPORT_BYTES` is refused with 413, a report these
@@ -25,6 +29,8 @@ whoever validates (the server's, for reports).
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,6 +47,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from edgefleet.telemetry.drift import DriftSummary
@@ -49,12 +56,17 @@ from edgefleet.telemetry.sketch import SketchData
 __all__ = [
     "API_PREFIX",
     "MAX_CLOCK_AHEAD",
+    "MAX_CONFUSION_CELLS",
     "MAX_COUNT",
     "MAX_CRASH_REPORTS",
     "MAX_CRASH_UPLOAD_BYTES",
     "MAX_FAULT_CHARS",
     "MAX_LOG_LINES",
     "MAX_REPORT_BYTES",
+    "MAX_SAMPLES_PER_UPLOAD",
+    "MAX_SAMPLE_BYTES",
+    "MAX_SAMPLE_RATE_PER_MIN",
+    "MAX_SAMPLE_UPLOAD_BYTES",
     "AgentState",
     "CrashReport",
     "CrashUpload",
@@ -65,12 +77,17 @@ __all__ = [
     "EnrollRequest",
     "EnrollResponse",
     "EventKind",
+    "FieldFeedback",
     "Hardware",
+    "InputSample",
     "KeyRotation",
     "LogUpload",
     "MaintenanceWindow",
+    "RemoteRouting",
     "Report",
     "ReportResponse",
+    "SampleUpload",
+    "SampleUploadResponse",
     "ServedModel",
     "TelemetryWindow",
     "UpdateEvent",
@@ -273,6 +290,36 @@ def _timezone(v: str | None) -> str | None:
     return v
 
 
+def _remote_url(v: str | None) -> str | None:
+    if v is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", v):
+        raise ValueError("must be an http:// or https:// URL of an OIP v2 server")
+    return v.rstrip("/") if v else v
+
+
+class RemoteRouting(_Wire):
+    """Hybrid edge/cloud routing (docs/agent.md, "Hybrid edge/cloud routing"; ADR 0105): a remote OIP v2 endpoint
+    for the served model and when requests go there instead of to the local worker."""
+
+    remote_url: Annotated[str | None, AfterValidator(_remote_url)] = Field(
+        None, max_length=2048, description="base URL of a remote OIP v2 server (…/v2/models/{model}/infer)"
+    )
+    remote_model: Str128 | None = Field(None, description="the model's name there; default: the local model's")
+    policy: str = Field(
+        "local",
+        pattern="^(local|fallback|confidence)$",
+        description="local: never remote; fallback: when the local worker is down, overloaded or rolling back; "
+        "confidence: also when the local top-1 probability is under the package's remote_below",
+    )
+    timeout_s: float = Field(2.0, gt=0, le=60, description="a remote call that takes longer is given up")
+    budget_per_minute: int = Field(60, ge=0, le=100_000, description="remote calls at most, per sliding minute")
+    queue_depth: int | None = Field(
+        None, gt=0, description="fallback when this many requests wait locally; default: the agent's queue size"
+    )
+
+
+MAX_SAMPLE_RATE_PER_MIN = 600.0  # input sampling: one a tenth of a second, at most
+
+
 class DeviceConfig(_Wire):
     """Configuration that ships apart from models, versioned per device group.
 
@@ -306,6 +353,35 @@ class DeviceConfig(_Wire):
         None, description="the IANA time zone the windows are in (default UTC)"
     )
     flags: dict[Str128, bool | int | float | Str2000] = Field(default_factory=dict, max_length=256)
+    # Input sampling (docs/operations.md, "Input sampling"): left out of the rendered document when unset, as the
+    # delivery controls are.
+    input_sampling: bool = Field(
+        False,
+        description="the group consents to its devices sampling served inputs, encrypted on the device to "
+        "sample_public_key, and uploading them",
+    )
+    sample_rate_per_min: float = Field(
+        1.0, gt=0, le=MAX_SAMPLE_RATE_PER_MIN, description="at most this many inputs sampled a minute, per device"
+    )
+    sample_public_key: PublicKeyHex | None = Field(
+        None, description="the operator's X25519 public key the samples are encrypted to (`edgefleet samples keygen`)"
+    )
+    routing: RemoteRouting | None = Field(None, description="hybrid edge/cloud routing; none: always local")
+    # The agent's own version (docs/operations.md, "Updating the agent"): left out of the rendered document when unset.
+    agent_version: Str64 | None = Field(
+        None,
+        description="the edgefleet agent version this group's devices should run: each installs that agent bundle "
+        "beside its own environment and falls back by itself if it does not come up",
+    )
+
+    @model_validator(mode="after")
+    def _sampling_has_a_key(self) -> DeviceConfig:
+        if self.input_sampling and self.sample_public_key is None:
+            raise ValueError(
+                "input_sampling needs sample_public_key: the X25519 public key the samples are encrypted to "
+                "(make a pair with `edgefleet samples keygen`)"
+            )
+        return self
 
 
 class DesiredState(_Wire):
@@ -394,6 +470,44 @@ class CrashUploadResponse(_Wire):
     )
 
 
+MAX_SAMPLE_BYTES = 1024 * 1024  # one sample's plaintext (its tensors); a larger input is never sampled
+MAX_SAMPLES_PER_UPLOAD = 16
+# a body's bytes: the agent fills an upload up to it (base64 inflates by 4/3: five of the largest samples fit)
+MAX_SAMPLE_UPLOAD_BYTES = 8 * 1024 * 1024
+_B64 = r"^[A-Za-z0-9+/]*={0,2}$"
+
+
+class InputSample(_Wire):
+    """One served input, sealed on the device for the operator: its tensors (and this metadata again) encrypted
+    with AES-256-GCM under a random content key, the key wrapped for the operator's X25519 key with an ephemeral
+    key and HKDF-SHA256 (docs/adr/0003-package-encryption-x25519-hkdf-aes-gcm.md). The AAD binds the ciphertext to
+    ``sample_id``. The clear fields let the control plane list and prune; only the key's holder reads the input."""
+
+    sample_id: Id
+    at: Timestamp = Field(description="the device's clock when the input was served")
+    model: Str128 | None = None
+    version: Str64 | None = None
+    key_id: str = Field(pattern="^[0-9a-f]{16}$", description="the operator key's id it is encrypted to")
+    ephemeral_public_key: str = Field(pattern="^[0-9a-f]{64}$")
+    wrap_nonce: str = Field(pattern="^[0-9a-f]{24}$")
+    wrapped_key: str = Field(pattern="^[0-9a-f]{96}$", description="the content key, AES-256-GCM with its tag")
+    nonce: str = Field(pattern="^[0-9a-f]{24}$")
+    ciphertext: str = Field(
+        max_length=4 * (MAX_SAMPLE_BYTES + 4096 + 2) // 3, pattern=_B64, description="base64 of the sealed tensors"
+    )
+
+
+class SampleUpload(_Wire):
+    samples: list[InputSample] = Field(min_length=1, max_length=MAX_SAMPLES_PER_UPLOAD)
+    dropped: Count = Field(0, description="samples this device has dropped so far (spool full): cumulative")
+
+
+class SampleUploadResponse(_Wire):
+    accepted_sample_ids: list[Id] = Field(
+        max_length=MAX_SAMPLES_PER_UPLOAD, description="stored now or before: the device may forget them"
+    )
+
+
 class AgentState(StrEnum):
     idle = "idle"
     downloading = "downloading"
@@ -440,6 +554,50 @@ class ServedModel(_Wire):
     package_sha256: Str64 | None = None
 
 
+# Distinct (predicted, label) pairs one window's confusion summary may name; agent/feedback.py bounds its counts
+# to the same number (it cannot import this module in the lean worker). Feedback past it still counts in
+# ``matched`` and ``correct``.
+MAX_CONFUSION_CELLS = 1024
+
+
+class ConfusionCell(_Wire):
+    predicted: Str64
+    label: Str64
+    count: Count
+
+
+class FieldFeedback(_Wire):
+    """Ground truth an application reported for requests this window's version answered
+    (``POST /v2/models/{m}/feedback``, docs/operations.md "Field accuracy"): counts only, never inputs."""
+
+    matched: Count = Field(0, description="feedback matched to a remembered prediction")
+    correct: Count = Field(0, description="of those, feedback whose label is the predicted top-1 class")
+    unmatched: Count = Field(0, description="feedback for an unknown or expired request id (answered 404)")
+    confusion: list[ConfusionCell] = Field(default_factory=list, max_length=MAX_CONFUSION_CELLS)
+
+    @field_validator("correct")
+    @classmethod
+    def _within_matched(cls, v: int, info: ValidationInfo) -> int:
+        matched = info.data.get("matched")
+        if matched is not None and v > matched:
+            raise ValueError(f"is {v}, more than the {matched} matched")
+        return v
+
+    @field_validator("confusion")
+    @classmethod
+    def _adds_up(cls, v: list[ConfusionCell], info: ValidationInfo) -> list[ConfusionCell]:
+        matched, correct = info.data.get("matched"), info.data.get("correct")
+        if len({(c.predicted, c.label) for c in v}) != len(v):
+            raise ValueError("names a (predicted, label) pair twice")
+        right = sum(c.count for c in v if c.predicted == c.label)
+        wrong = sum(c.count for c in v if c.predicted != c.label)
+        if correct is not None and right > correct:
+            raise ValueError(f"counts {right} correct, more than the window's {correct}")
+        if matched is not None and correct is not None and wrong > matched - correct:
+            raise ValueError(f"counts {wrong} wrong, more than the window's {matched - correct}")
+        return v
+
+
 class TelemetryWindow(_Wire):
     window_id: Id
     start: Timestamp
@@ -455,6 +613,11 @@ class TelemetryWindow(_Wire):
     cpu_percent: float | None = Field(None, ge=0, le=MAX_CPU_PERCENT)
     rss_bytes: int | None = Field(None, ge=0, le=MAX_RSS_BYTES)
     drift: list[DriftSummary] = Field(default_factory=list, max_length=4096)
+    remote_requests: Count = Field(0, description="requests answered by the remote endpoint (hybrid routing)")
+    remote_unsent: Count = Field(
+        0, description="requests routing wanted remote but could not send: unreachable, timed out, budget spent"
+    )
+    feedback: FieldFeedback | None = Field(None, description="ground truth reported for this window's requests")
 
     # Cross-field checks sit on the later field (pydantic validates in declaration order), so the error names it.
     @field_validator("end")
@@ -500,3 +663,28 @@ class Report(_Wire):
 
 class ReportResponse(_Wire):
     accepted_batch_ids: list[Id] = Field(max_length=10_000)
+
+
+# A tier nudge (MQTT, docs/controlplane.md "Nudges over MQTT") may carry how long its devices spread their
+# check-ins over: the server sizes it to the devices it wakes and the check-ins per second it absorbs. Anyone the
+# broker lets publish can send one, so a device takes at most this long, and the default for anything unreadable.
+MAX_NUDGE_SPREAD_S = 60.0
+
+
+def nudge_payload(spread_s: float) -> bytes:
+    """The body of a tier nudge that asks its devices to spread their check-ins over ``spread_s`` seconds."""
+    return json.dumps({"spread_s": round(min(max(spread_s, 0.0), MAX_NUDGE_SPREAD_S), 3)}).encode()
+
+
+def nudge_spread(payload: bytes, default: float) -> float:
+    """The spread a tier nudge asks for: ``default`` for an empty body (an older server) or one that is not
+    :func:`nudge_payload`'s, never more than :data:`MAX_NUDGE_SPREAD_S`."""
+    if not payload or len(payload) > 256:
+        return default
+    try:
+        value = json.loads(payload).get("spread_s")
+    except (ValueError, AttributeError):
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return default
+    return min(float(value), MAX_NUDGE_SPREAD_S)

@@ -46,7 +46,9 @@ from edgefleet.controlplane.schemas import (
     DeviceDetail,
     DeviceKey,
     DeviceLogs,
+    DeviceSamples,
     EnrollmentToken,
+    FieldAccuracyKpi,
     FleetKpis,
     Group,
     GroupRotation,
@@ -59,6 +61,7 @@ from edgefleet.controlplane.schemas import (
     RolloutDetail,
     RolloutPlanPreview,
     RolloutStarted,
+    SampleDownload,
     WhoAmI,
 )
 from edgefleet.protocol import API_PREFIX, DeviceConfig
@@ -288,6 +291,12 @@ class Fleet(_Resource):
         """Latency, crash-free rate, update outcomes, drift and rollout timings over the last 24 hours."""
         return self._c.call("GET", "/fleet", FleetKpis)
 
+    @_op("GET", "/fleet/field-accuracy")
+    def field_accuracy(self, *, window_s: float | None = None) -> builtins.list[FieldAccuracyKpi]:
+        """Field accuracy per model version × tier from ground-truth feedback over the last ``window_s`` seconds
+        (default a day; docs/operations.md, "Field accuracy"); ``accuracy`` is None where no feedback matched."""
+        return self._c.call_pages("/fleet/field-accuracy", list[FieldAccuracyKpi], params=_drop_none(window_s=window_s))
+
 
 class Compat(_Resource):
     @_op("GET", "/compat")
@@ -388,6 +397,29 @@ class Devices(_Resource):
             DeviceCrashes,
             path_params={"device_id": device_id},
             params={"limit": limit},
+        )
+
+    @_op("GET", "/devices/{device_id}/samples")
+    def samples(self, device_id: str, *, limit: int = 50) -> DeviceSamples:
+        """Whether the device samples its served inputs and at what rate (its group must consent:
+        ``input_sampling``), and the samples it uploaded, newest first (metadata: see :meth:`sample`)."""
+        return self._c.call(
+            "GET",
+            "/devices/{device_id}/samples",
+            DeviceSamples,
+            path_params={"device_id": device_id},
+            params={"limit": limit},
+        )
+
+    @_op("GET", "/devices/{device_id}/samples/{sample_id}")
+    def sample(self, device_id: str, sample_id: str) -> SampleDownload:
+        """One input sample as the device sealed it: ``edgefleet.agent.sampling.open_sample`` opens it with the
+        operator's private key (``edgefleet samples pull`` does both)."""
+        return self._c.call(
+            "GET",
+            "/devices/{device_id}/samples/{sample_id}",
+            SampleDownload,
+            path_params={"device_id": device_id, "sample_id": sample_id},
         )
 
 
@@ -563,16 +595,22 @@ class ReleasePolicy(_Resource):
 
 
 def _rollout_body(
-    model: str,
-    version: str,
+    model: str | None,
+    version: str | None,
     tier: str | None,
     channel: str | None,
     policy: RolloutPolicy | Mapping[str, Any] | None,
     force: bool,
     reason: str | None,
+    agent: str | None = None,
 ) -> dict[str, Any]:
     pol = policy.model_dump(mode="json") if isinstance(policy, BaseModel) else policy
+    # the server says what is missing or too much (a model rollout needs model and version, an agent one neither)
     body = _drop_none(model=model, version=version, tier=tier, channel=channel, policy=pol, reason=reason)
+    if agent is not None:
+        if model is not None or version is not None:
+            raise e.UsageError("an agent rollout takes agent=VERSION alone: no model or version")
+        body.update(kind="agent", version=agent)
     if force:
         body["force"] = True
     return body
@@ -591,32 +629,36 @@ class Rollouts(_Resource):
     @_op("POST", "/rollouts/plan")
     def plan(
         self,
-        model: str,
-        version: str,
+        model: str | None = None,
+        version: str | None = None,
         *,
+        agent: str | None = None,
         tier: str | None = None,
         channel: str | None = None,
         policy: RolloutPolicy | Mapping[str, Any] | None = None,
     ) -> RolloutPlanPreview:
-        """The devices each wave would move on today's fleet; starts nothing."""
-        body = _rollout_body(model, version, tier, channel, policy, False, None)
+        """The devices each wave would move on today's fleet (of ``model version``, or of agent version
+        ``agent``); starts nothing."""
+        body = _rollout_body(model, version, tier, channel, policy, False, None, agent)
         return self._c.call("POST", "/rollouts/plan", RolloutPlanPreview, json=body)
 
     @_op("POST", "/rollouts")
     def start(
         self,
-        model: str,
-        version: str,
+        model: str | None = None,
+        version: str | None = None,
         *,
+        agent: str | None = None,
         tier: str | None = None,
         channel: str | None = None,
         policy: RolloutPolicy | Mapping[str, Any] | None = None,
         force: bool = False,
         reason: str | None = None,
     ) -> RolloutStarted:
-        """Start a staged rollout of ``model version`` (to ``tier`` / devices of ``channel``). ``force`` (admin,
-        with a ``reason``) overrides the release policy."""
-        body = _rollout_body(model, version, tier, channel, policy, force, reason)
+        """Start a staged rollout of ``model version``, or of the agent bundle of agent version ``agent`` (to
+        ``tier`` / devices of ``channel``). ``force`` (admin, with a ``reason``) overrides the release policy of a
+        model version."""
+        body = _rollout_body(model, version, tier, channel, policy, force, reason, agent)
         return self._c.call("POST", "/rollouts", RolloutStarted, json=body)
 
     def _action(self, action: str, rollout_id: str, reason: str | None) -> RolloutAction:

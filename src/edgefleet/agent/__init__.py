@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from edgefleet.agent.service import InferenceService
     from edgefleet.agent.standalone import serve_standalone
     from edgefleet.agent.supervisor import Supervisor
-    from edgefleet.agent.worker import ModelInfo, WorkerSpec
+    from edgefleet.agent.worker.spec import ModelInfo, WorkerSpec
 
 __all__ = [
     "Agent",
@@ -39,8 +39,8 @@ _WHERE = {
     "OIPApp": "oip",
     "InferenceService": "service",
     "Supervisor": "supervisor",
-    "ModelInfo": "worker",
-    "WorkerSpec": "worker",
+    "ModelInfo": "worker.spec",
+    "WorkerSpec": "worker.spec",
 }
 
 

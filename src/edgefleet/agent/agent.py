@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import platform
@@ -48,6 +49,9 @@ from edgefleet.agent.nudge import NudgeListener, require_paho, sleep_or_nudge
 from edgefleet.agent.oip import OIPApp
 from edgefleet.agent.pipeline import MAX_UPDATE_ATTEMPTS, UpdatePipeline
 from edgefleet.agent.probation import ProbationStats, decide, latency_budget_ms
+from edgefleet.agent.routing import Policy
+from edgefleet.agent.sampling import ArrivalCap, SampleSpool, keep_samples, sampling_rate
+from edgefleet.agent.selfupdate import SelfUpdater
 from edgefleet.agent.service import InferenceService
 from edgefleet.agent.slots import SlotStore
 from edgefleet.agent.standalone import serve_standalone
@@ -68,10 +72,11 @@ from edgefleet.agent.updater import (
     jittered,
     should_update,
 )
-from edgefleet.agent.worker import ModelInfo, WorkerSpec
+from edgefleet.agent.worker.spec import ModelInfo, WorkerSpec
 from edgefleet.config import AgentSettings
 from edgefleet.errors import (
     AuthError,
+    ConfigError,
     EdgefleetError,
     RegistryError,
     UsageError,
@@ -80,6 +85,8 @@ from edgefleet.errors import (
 )
 from edgefleet.protocol import (
     MAX_CRASH_REPORTS,
+    MAX_SAMPLE_UPLOAD_BYTES,
+    MAX_SAMPLES_PER_UPLOAD,
     AgentState,
     CrashUpload,
     DesiredState,
@@ -88,7 +95,9 @@ from edgefleet.protocol import (
     EventKind,
     Hardware,
     LogUpload,
+    RemoteRouting,
     Report,
+    SampleUpload,
     ServedModel,
     TelemetryWindow,
     UpdateEvent,
@@ -173,6 +182,7 @@ class Agent:
         self.service = InferenceService(queue_size=settings.queue_size)
         self.service.window = WindowAccumulator(now=self.clock.now)  # windows dated by the agent's clock
         self.app = OIPApp(self.service, limits=HTTPLimits.from_settings(settings))  # serve_http takes them too
+        self.service.set_routing(self._routing())
         self.state = PersistedState()
         self.backend: Backend | None = None
         self.cp: ControlPlaneClient | None = None
@@ -189,6 +199,7 @@ class Agent:
         self._nudged = asyncio.Event()  # set from MQTT (agent/nudge.py): check in now
         self.nudges: NudgeListener | None = None
         self._server: Any = None
+        self._uds_server: Any = None  # the local API on a Unix socket (settings.uds, agent/uds.py)
         self._counted = (0, 0)
         self.pipeline = UpdatePipeline(self)
         self._dropped_seen = self.buffer.dropped
@@ -204,6 +215,10 @@ class Agent:
         self._logs_sent_for: datetime | None = None
         # worker crash reports (agent/crashes.py): kept on disk, sent while the group consents
         self.crashes = CrashStore(self.data_dir / "crashes")
+        self.selfupdate = SelfUpdater(self)  # A/B environments under agent-launch (agent/selfupdate.py)
+        # input sampling (agent/sampling.py): the worker samples, the agent seals, spools and uploads, with consent
+        self.samples = SampleSpool(self.data_dir / "samples")
+        self._sample_cap = ArrivalCap(0.0)
 
     @property
     def stop_requested(self) -> asyncio.Event:
@@ -236,8 +251,15 @@ class Agent:
         if self.with_http:
             self._server = await serve_http(self.app, self.settings.host, self.settings.port)
             self.port = self._server.port
-            self.service.attach_http(self._server)  # the worker serves the port itself (ADR 0032)
+            more: list[Any] = []
+            if self.settings.uds is not None:
+                from edgefleet.agent.uds import serve_uds
+
+                self._uds_server = await serve_uds(self.app, self.settings.uds)
+                more.append(self._uds_server)
+            self.service.attach_http(self._server, *more)  # the worker serves the port itself (ADR 0032)
         loop = asyncio.get_running_loop()
+        self.selfupdate.on_start()
         self._tasks += [loop.create_task(self._telemetry_loop()), loop.create_task(self._probation_loop())]
         if self.settings.server:
             self._tasks += [loop.create_task(self._checkin_loop()), loop.create_task(self._upload_loop())]
@@ -255,7 +277,10 @@ class Agent:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._uds_server is not None:
+            self._uds_server.close()
         tasks = [*self._tasks, *([self._update_task] if self._update_task else [])]
+        self.selfupdate.stop()
         for t in tasks:
             t.cancel()
         if self.nudges is not None:
@@ -344,6 +369,57 @@ class Agent:
         self.crashes.add(report)
         log.info("kept crash report %s (%s)", report.crash_id, report.signal or f"exit {report.exit_code}")
 
+    def _sync_sampling(self) -> None:
+        """Tell the serving backend the sampling rate the configuration allows (0: none); one that cannot sample
+        (an in-process backend) never does."""
+        rate = sampling_rate(self.config)
+        self._sample_cap.set_rate(rate)
+        if self.backend is not None:
+            self.backend.sample_inputs(rate, self._on_samples)
+
+    def _on_samples(self, batch: list[Any], info: ModelInfo | None) -> None:
+        key = self.config.sample_public_key
+        if not self.config.input_sampling or key is None:
+            return  # consent withdrawn since the worker sampled these: they are never kept
+        n = self._sample_cap.admit(self.clock.monotonic(), len(batch))
+        if n < len(batch):
+            self.samples.count_dropped(len(batch) - n)
+            log.warning("the worker sent %d input samples over the rate cap; dropped", len(batch) - n)
+        if n:
+            job = functools.partial(
+                keep_samples,
+                self.samples,
+                batch[:n],
+                key,
+                device_id=self.identity.get("device_id"),
+                model=info.name if info else None,
+                version=info.version if info else None,
+            )
+            asyncio.get_running_loop().run_in_executor(None, job)  # sealing and writing stay off the event loop
+
+    async def _send_samples(self) -> None:
+        """Upload the spooled input samples, a few batches per check-in; forget those acknowledged. A refusal is
+        logged and does not hold up the rest of the check-in."""
+        assert self.cp is not None
+        for _ in range(4):
+            batch = self.samples.pending(MAX_SAMPLES_PER_UPLOAD, MAX_SAMPLE_UPLOAD_BYTES - 64 * 1024)
+            if not batch:
+                return
+            try:
+                answer = await self.cp.upload_samples(SampleUpload(samples=batch, dropped=self.samples.dropped))
+            except ReportRejected as err:  # resending cannot help
+                self.samples.forget(s.sample_id for s in batch)
+                self.samples.count_dropped(len(batch))
+                log.warning("dropped %d input sample(s) the control plane refuses: %s", len(batch), err)
+                continue
+            except Offline:
+                raise
+            except EdgefleetError as err:  # consent withdrawn meanwhile, say: the next check-in purges them
+                log.warning("input samples not sent: %s", err)
+                return
+            n = self.samples.forget(answer.accepted_sample_ids)
+            log.info("sent %d input sample(s) to the control plane", n)
+
     def _on_crash(self, reason: str) -> None:
         self.service.metrics.crashes.inc()
         if self._probation is not None:
@@ -387,6 +463,7 @@ class Agent:
         self._counted = (0, 0)  # crash and restart counts are per backend
         if new is not None and info is not None:
             self.service.set_backend(new, info)
+            self._sync_sampling()
         else:
             self.service.clear(reason)
         if old is not None:
@@ -781,11 +858,16 @@ class Agent:
                 self._online()
                 if desired is not None:
                     self._apply(desired)
+                self.selfupdate.after_checkin(self.desired)
                 d = self.desired
                 if d is not None and d.send_logs_since is not None:
                     await self._send_logs(d)
                 if self.config.crash_reports:  # the server checks consent too; a device does not rely on it alone
                     await self._send_crashes()
+                if self.config.input_sampling:  # the same for input samples
+                    await self._send_samples()
+                elif d is not None and (n := self.samples.purge()):
+                    log.warning("deleted %d input sample(s): this device's group no longer consents", n)
                 if d is not None and (d.wipe or d.rotate_credential or d.rotate_key) and await self._lifecycle(d):
                     return
                 due = d is None or self.pipeline.retry_due(d)
@@ -834,6 +916,18 @@ class Agent:
                     "telemetry_interval_s": self.settings.telemetry_interval_s,
                 }
             )
+        self._sync_sampling()
+        self.service.set_routing(self._routing())
+
+    def _routing(self) -> Policy:
+        """Hybrid routing (ADR 0105): the group's document when it names an endpoint, else the device's setting."""
+        doc = self.config.routing
+        if doc is None and self.settings.routing is not None:
+            try:
+                doc = RemoteRouting.model_validate(self.settings.routing)
+            except ValueError as err:
+                raise ConfigError(f"the agent's routing setting is not valid: {err}") from None
+        return Policy.from_doc(doc)
 
     # ------------------------------------------------------------------ update (agent/pipeline.py)
 
@@ -917,7 +1011,19 @@ class Agent:
         )
         log.warning("rolled back %s: %s", a.target if a else None, reason)
         if s.committed is not None:
-            await self._serve_slot(s.committed)
+            if self.service.router is not None:
+                # Hybrid routing (ADR 0105): the failed candidate stops now, and the remote answers while the
+                # committed version starts, rather than the candidate serving on until then.
+                await self.close_window_before_switch()
+                old, self.backend = self.backend, None
+                self.service.rolling_back = True
+                self.service.suspend(f"rolling back: {reason}")
+                if old is not None:
+                    await old.stop()
+            try:
+                await self._serve_slot(s.committed)
+            finally:
+                self.service.rolling_back = False
         else:
             await self._swap_backend(None, None, reason)
 

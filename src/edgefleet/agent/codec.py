@@ -42,6 +42,8 @@ class InferRequest(NamedTuple):
     feeds: dict[str, np.ndarray]
     outputs: list[str] | None  # None = all
     binary: dict[str, bool]  # per requested output; "*" = default for unnamed
+    # outputs requested into shared memory: name -> (region, offset, room) (agent/shm.py); None: none
+    placed: dict[str, tuple[str, int, int]] | None = None
 
 
 def _spec_shape_ok(shape: list[int], spec: dict[str, Any]) -> bool:
@@ -78,10 +80,15 @@ _BOOLS = frozenset((bool,))
 
 
 def parse_request(
-    body: bytes, header_length: int | None, specs: list[dict[str, Any]], max_tensor_bytes: int = MAX_TENSOR_BYTES
+    body: bytes,
+    header_length: int | None,
+    specs: list[dict[str, Any]],
+    max_tensor_bytes: int = MAX_TENSOR_BYTES,
+    shm: Any = None,
 ) -> InferRequest:
     """Parse and check an infer request body against the model's raw input specs. Inputs that would decode to more
-    than ``max_tensor_bytes`` together are refused (413) before any is decoded."""
+    than ``max_tensor_bytes`` together are refused (413) before any is decoded. ``shm``: the registered shared
+    memory regions (an ``agent.shm.ShmRegistry``), for tensors that name one; None: shared memory is refused."""
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise BadRequest(f"Inference-Header-Content-Length {header_length} exceeds the body of {len(body)} bytes")
@@ -137,7 +144,13 @@ def parse_request(
             raise BadRequest(f"input {name!r}: parameters must be an object")
         size = params.get("binary_data_size")
         dtype = _LE[dt]
-        if size is not None:
+        if "shared_memory_region" in params or "shared_memory_byte_size" in params:
+            if shm is None:
+                raise BadRequest(f"input {name!r}: shared memory is not offered on this server")
+            if size is not None or "data" in item:
+                raise BadRequest(f"input {name!r}: give shared memory parameters or data/binary_data_size, not both")
+            arr = shm.read(f"input {name!r}", params, dtype, shape, count * dtype.itemsize)
+        elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise BadRequest(f"input {name!r}: binary_data_size must be a non-negative integer")
             if size != count * dtype.itemsize:
@@ -176,6 +189,7 @@ def parse_request(
     default_binary = bool(req_params.get("binary_data_output", False))
     outputs: list[str] | None = None
     binary: dict[str, bool] = {"*": default_binary}
+    placed: dict[str, tuple[str, int, int]] | None = None
     if "outputs" in doc:
         if not isinstance(doc["outputs"], list):
             raise BadRequest("'outputs' must be a list")
@@ -184,18 +198,32 @@ def parse_request(
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise BadRequest("each requested output must be an object with a name")
             p = o.get("parameters") or {}
+            if isinstance(p, dict) and ("shared_memory_region" in p or "shared_memory_byte_size" in p):
+                if shm is None:
+                    raise BadRequest(f"output {o['name']!r}: shared memory is not offered on this server")
+                placed = placed or {}
+                placed[o["name"]] = shm.target(f"output {o['name']!r}", p)
             outputs.append(o["name"])
             binary[o["name"]] = bool(p.get("binary_data", default_binary)) if isinstance(p, dict) else default_binary
         if not outputs:
             outputs = None
     rid = doc.get("id")
-    return InferRequest(id=rid if isinstance(rid, str) else None, feeds=feeds, outputs=outputs, binary=binary)
+    return InferRequest(
+        id=rid if isinstance(rid, str) else None, feeds=feeds, outputs=outputs, binary=binary, placed=placed
+    )
 
 
 def encode_response(
-    model: str, version: str, rid: str | None, results: dict[str, Any], binary: dict[str, bool]
+    model: str,
+    version: str,
+    rid: str | None,
+    results: dict[str, Any],
+    binary: dict[str, bool],
+    placed: dict[str, dict[str, Any]] | None = None,
+    parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
-    """The response body and, when any output is binary, the JSON header length (for the response header)."""
+    """The response body and, when any output is binary, the JSON header length (for the response header).
+    ``placed``: outputs already written to shared memory, with their response parameters (no data here)."""
     outs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, value in results.items():
@@ -204,7 +232,9 @@ def encode_response(
         if dt is None:
             raise BadRequest(f"output {name!r} has dtype {arr.dtype}, which OIP cannot carry", status=500)
         entry: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
-        if binary.get(name, binary.get("*", False)):
+        if placed is not None and name in placed:
+            entry["parameters"] = placed[name]
+        elif binary.get(name, binary.get("*", False)):
             raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
@@ -214,6 +244,8 @@ def encode_response(
     doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outs}
     if rid is not None:
         doc["id"] = rid
+    if parameters:  # the response's own parameters (the route that answered it: docs/agent.md)
+        doc["parameters"] = parameters
     head = _ENCODE(doc).encode()
     if not blobs:
         return head, None

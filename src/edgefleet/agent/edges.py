@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from edgefleet.agent.healthcheck import HealthResult
-from edgefleet.agent.worker import ModelInfo, WorkerSpec
+from edgefleet.agent.worker.spec import ModelInfo, WorkerSpec
 
 __all__ = ["Clock", "HealthCheck", "SystemClock"]
 

@@ -11,10 +11,15 @@ Layout, both ways (both processes run on the same host: tensors are in its nativ
     descriptor        UTF-8 JSON object, at most MAX_DESCRIPTOR bytes
     data              the tensors' bytes, back to back, in the descriptor's order; they must fill it exactly
 
-Messages are tuples, as the worker's loop and the agent handle them (``_worker_main.py`` documents each):
+Messages are tuples, as the worker's loop and the agent handle them (``worker/main.py`` documents each):
 ``("infer", feeds, outputs)``, ``("ok", value, compute_s)``, ``("err", kind, message)``, ``("hello", info)``,
 ``("stats", [(outcome, total_s, compute_s), …])``, ``("metrics",)`` (a question) and ``("metrics", body)`` (its
-answer), ``("serve", limits)``, ``("drift",)``, ``("golden",)``, ``("flush",)``, ``("stop",)``. An ``ok`` value is
+answer), ``("serve", limits, extra)`` (``extra``: how many listening sockets ride it, the shared memory regions),
+``("shm", change)`` (a shared memory region registered or unregistered on the other side, agent/shm.py),
+``("remote", token, tensors, meta)`` (hybrid routing, ADR 0105: a low-confidence request the worker hands the agent, and
+the agent's answer), ``("routing", settings)``,
+``("drift",)``, ``("golden",)``, ``("flush",)``, ``("stop",)``, ``("sample", rate_per_min)`` (input sampling on
+or, at 0, off: agent/sampling.py) and ``("samples", [(unix_time, feeds), …])`` (what it sampled). An ``ok`` value is
 a mapping of name → array (an inference's outputs) or a JSON value.
 
 Lean on purpose: the inference worker imports it (standard library and numpy only).
@@ -46,9 +51,14 @@ _DT = {name: np.dtype(name) for name in DTYPES}
 _NAME = {dt: name for name, dt in _DT.items()}  # dtype.name is slow (computed in Python); a lookup is not
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds an encoder per call for these options
 
-_KINDS = ("hello", "ok", "err", "infer", "stats", "metrics", "serve", "drift", "golden", "flush", "stop")
+_KINDS = (
+    *("hello", "ok", "err", "infer", "stats", "metrics", "serve", "drift", "golden", "flush", "stop"),
+    *("shm", "sample", "samples"),
+    *("remote", "routing"),
+)
 _CODE = {name: i + 1 for i, name in enumerate(_KINDS)}
 _BARE = frozenset(("drift", "golden", "flush", "stop"))
+_CARRY = frozenset(("infer", "ok", "metrics", "samples", "remote"))  # the kinds that may carry data
 
 
 class FrameError(AgentError):
@@ -118,7 +128,26 @@ def encode(msg: tuple[Any, ...]) -> bytes:
         body = bytes(msg[1])
         return _frame(op, {"body": True}, [body], len(body))
     if op == "serve":
-        return _frame(op, {"limits": msg[1] if len(msg) > 1 else None})
+        return _frame(op, {"limits": msg[1] if len(msg) > 1 else None, "x": msg[2] if len(msg) > 2 else None})
+    if op == "shm":
+        return _frame(op, {"c": msg[1]})
+    if op == "sample":
+        return _frame(op, {"r": float(msg[1])})
+    if op == "samples":
+        rows: list[list[Any]] = []
+        parts: list[Any] = []
+        total = 0
+        for at, feeds in msg[1]:
+            table, data, size = _tensors(feeds)
+            rows.append([float(at), size, table])
+            parts += data
+            total += size
+        return _frame(op, {"s": rows}, parts, total)
+    if op == "remote":  # hybrid routing (agent/remote.py): (token, tensors, meta) either way
+        table, data, size = _tensors(msg[2])
+        return _frame(op, {"k": int(msg[1]), "m": msg[3], "t": table}, data, size)
+    if op == "routing":
+        return _frame(op, {"r": msg[1]})
     if op in _BARE:
         return _frame(op, {})
     raise FrameError(f"unknown message {op!r}")
@@ -141,6 +170,18 @@ def _num(v: Any, what: str) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise _fail(f"{what} is not a number")
     return float(v)
+
+
+def _class(v: Any, what: str) -> str:
+    # what the telemetry window will carry (protocol.ConfusionCell): 1 to 64 characters, storable
+    s = _str(v, what)
+    if not 0 < len(s) <= 64 or "\x00" in s:
+        raise _fail(f"{what} is not 1 to 64 characters without NUL")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail(f"{what} is not valid Unicode") from None
+    return s
 
 
 def _read_tensors(table: Any, data: memoryview) -> dict[str, np.ndarray]:
@@ -185,7 +226,7 @@ def decode(kind: int, desc_bytes: bytes | memoryview, data: memoryview) -> tuple
         raise _fail(f"the {op} descriptor is not JSON: {err}") from None
     if not isinstance(desc, dict):
         raise _fail(f"the {op} descriptor is not an object")
-    if op != "infer" and op != "ok" and op != "metrics" and len(data):
+    if op not in _CARRY and len(data):
         raise _fail(f"a {op} frame carries {len(data)} data bytes")
     if op == "infer":
         outputs = desc.get("o")
@@ -210,10 +251,14 @@ def decode(kind: int, desc_bytes: bytes | memoryview, data: memoryview) -> tuple
         rows = desc.get("s")
         if not isinstance(rows, list):
             raise _fail("the stats are not a list")
-        stats: list[tuple[str, float | None, float]] = []
+        stats: list[tuple[str, Any, Any]] = []
         for row in rows:
             if not (isinstance(row, list) and len(row) == 3):
                 raise _fail("a stats row is not [outcome, total, compute]")
+            if row[0] == "feedback":  # ground truth (agent/feedback.py): ["feedback", predicted or None, label]
+                predicted = None if row[1] is None else _class(row[1], "a predicted class")
+                stats.append(("feedback", predicted, _class(row[2], "a feedback label")))
+                continue
             total = None if row[1] is None else _num(row[1], "a total time")
             stats.append((_str(row[0], "an outcome"), total, _num(row[2], "a compute time")))
         return (op, stats)
@@ -227,8 +272,51 @@ def decode(kind: int, desc_bytes: bytes | memoryview, data: memoryview) -> tuple
         limits = desc.get("limits")
         if limits is not None and not isinstance(limits, dict):
             raise _fail("the serve limits are not an object")
-        return (op, limits)
+        extra = desc.get("x")
+        if extra is not None and not isinstance(extra, dict):
+            raise _fail("the serve extras are not an object")
+        return (op, limits, extra)
+    if op == "shm":
+        change = desc.get("c")
+        if not isinstance(change, dict):
+            raise _fail("the shared memory change is not an object")
+        return (op, change)
+    if op == "sample":
+        rate = _num(desc.get("r"), "the sampling rate")
+        if not 0 <= rate <= 1e6:
+            raise _fail("the sampling rate is out of range")
+        return (op, rate)
+    if op == "samples":
+        return (op, _read_samples(desc.get("s"), data))
+    if op == "remote":
+        token, meta = desc.get("k"), desc.get("m")
+        if isinstance(token, bool) or not isinstance(token, int) or not isinstance(meta, dict):
+            raise _fail("a remote frame without its token or meta")
+        return (op, token, _read_tensors(desc.get("t"), data), meta)
+    if op == "routing":
+        doc = desc.get("r")
+        if not isinstance(doc, dict):
+            raise _fail("the routing settings are not an object")
+        return (op, doc)
     return (op,)
+
+
+def _read_samples(rows: Any, data: memoryview) -> list[tuple[float, dict[str, np.ndarray]]]:
+    if not isinstance(rows, list):
+        raise _fail("the samples are not a list")
+    out: list[tuple[float, dict[str, np.ndarray]]] = []
+    pos = 0
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 3):
+            raise _fail("a sample is not [time, size, tensors]")
+        size = row[1]
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(data) - pos:
+            raise _fail("a sample's size is out of bounds")
+        out.append((_num(row[0], "a sample's time"), _read_tensors(row[2], data[pos : pos + size])))
+        pos += size
+    if pos != len(data):
+        raise _fail(f"{len(data) - pos} data bytes that no sample claims")
+    return out
 
 
 def take(buf: bytearray, until: Any = None) -> list[tuple[Any, ...]]:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgefleet.agent.worker import ModelInfo, WorkerProcess, WorkerSpec
+from edgefleet.agent.worker.spec import ModelInfo, WorkerSpec
+from edgefleet.agent.workerproc import WorkerProcess
 from edgefleet.errors import WorkerUnavailable
 
 __all__ = ["HealthResult", "check_latency", "run_health_check"]

@@ -10,7 +10,7 @@ a 400 with ``{"error": ...}`` and the connection closes.
 
 :class:`HTTPProtocol` needs only a transport's ``write``/``close``/``is_closing``/``pause_reading``/
 ``resume_reading``/``get_extra_info``, so the inference worker runs it in its own small selectors loop
-(``workerhttp.py``) without importing asyncio (ADR 0032). :class:`HTTPServer` accepts by itself rather than
+(``worker/httpserve.py``) without importing asyncio (ADR 0032). :class:`HTTPServer` accepts by itself rather than
 through ``asyncio.Server`` so that it can stop and resume accepting on a listening socket it shares with the
 worker (:meth:`HTTPServer.delegated`).
 

@@ -1,7 +1,8 @@
 """Prometheus ``/metrics`` for the agent: base units (seconds), ``_total`` counters, bounded labels.
 
-Labels are the served model and version (at most two at a time: the committed one and a candidate) and the
-outcome (a fixed set); nothing from a request's path or body becomes a label. Besides the serving metrics:
+Labels are the served model and version (at most two at a time: the committed one and a candidate), the outcome
+(a fixed set) and the route (local or remote: hybrid routing, ADR 0105); nothing from a request's path or body
+becomes a label. Besides the serving metrics:
 ``edgefleet_agent_build_info{version}``, the standard ``process_*`` metrics of the agent process, and no
 ``*_created`` series (a timestamp per series that doubles what a small device ships for no use here).
 """
@@ -27,8 +28,8 @@ class AgentMetrics:
         labels = ["model", "version"]
         self.request = Histogram(
             "edgefleet_agent_request_duration_seconds",
-            "Infer request time in the agent, parse to response",
-            labels,
+            "Infer request time in the agent, parse to response; route: local or remote (hybrid routing)",
+            [*labels, "route"],
             buckets=_BUCKETS,
             registry=self.registry,
         )
@@ -47,7 +48,16 @@ class AgentMetrics:
             registry=self.registry,
         )
         self.requests = Counter(
-            "edgefleet_agent_requests", "Infer requests by outcome", [*labels, "outcome"], registry=self.registry
+            "edgefleet_agent_requests",
+            "Infer requests by outcome and route (local, or remote: hybrid routing)",
+            [*labels, "outcome", "route"],
+            registry=self.registry,
+        )
+        self.remote_unsent = Counter(
+            "edgefleet_agent_remote_unsent_requests",
+            "Requests routing wanted answered remotely but could not send: budget, timeout, unreachable, refused",
+            ["reason"],
+            registry=self.registry,
         )
         self.crashes = Counter("edgefleet_agent_worker_crashes", "Inference worker crashes", registry=self.registry)
         self.restarts = Counter("edgefleet_agent_worker_restarts", "Inference worker restarts", registry=self.registry)
@@ -76,14 +86,18 @@ class AgentMetrics:
         if ch is None:
             if len(self._children) > 8:  # bounded: forget models long gone
                 self._children.clear()
-            ch = (self.request.labels(*key), self.queue.labels(*key), self.compute.labels(*key))
+            ch = (self.request.labels(*key, "local"), self.queue.labels(*key), self.compute.labels(*key))
             self._children[key] = ch
         ch[0].observe(total)  # type: ignore[attr-defined]
         ch[1].observe(queue)  # type: ignore[attr-defined]
         ch[2].observe(compute)  # type: ignore[attr-defined]
 
-    def count(self, model: str, version: str, outcome: str) -> None:
-        self.requests.labels(model, version, outcome).inc()
+    def observe_remote(self, model: str, version: str, total: float) -> None:
+        """A request the remote endpoint answered: only its total time (queue and compute are the local worker's)."""
+        self.request.labels(model, version, "remote").observe(total)
+
+    def count(self, model: str, version: str, outcome: str, route: str = "local") -> None:
+        self.requests.labels(model, version, outcome, route).inc()
 
     def render(self) -> bytes:
         return bytes(generate_latest(self._view))

@@ -23,14 +23,16 @@ from typing import Any
 
 from edgefleet.config import mqtt_broker
 from edgefleet.errors import UsageError
+from edgefleet.protocol import nudge_spread
 
 __all__ = ["INSTALL_HINT", "TIER_SPREAD_S", "NudgeListener", "require_paho", "sleep_or_nudge", "topics_for"]
 
 log = logging.getLogger("edgefleet.agent")
 
 INSTALL_HINT = "--mqtt needs the paho-mqtt package: pip install 'edgefleet[mqtt]'"
-# A tier's nudge reaches every device of the tier at once: each waits up to this long first, so the control plane
-# sees the check-ins spread out rather than as one burst.
+# A tier's nudge reaches every device of the tier at once: each waits a random part of the spread the nudge names
+# (the server sizes it to the tier, protocol.nudge_spread), or of this long when it names none (an older server),
+# so the control plane sees the check-ins spread out rather than as one burst.
 TIER_SPREAD_S = 5.0
 _FORBIDDEN = frozenset("+#/\0")
 
@@ -162,7 +164,8 @@ class NudgeListener:
         self._hand_over(0.0)
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        spread = self._spread if message.topic.startswith("edgefleet/tiers/") else 0.0
+        tier = message.topic.startswith("edgefleet/tiers/")
+        spread = nudge_spread(bytes(message.payload or b""), self._spread) if tier else 0.0
         self._hand_over(random.uniform(0.0, spread) if spread > 0 else 0.0)
 
     def _hand_over(self, delay: float) -> None:

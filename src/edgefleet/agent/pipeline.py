@@ -33,7 +33,7 @@ from edgefleet.agent.slots import SlotStore
 from edgefleet.agent.state import Pending, PersistedState, SlotInfo, refusal_key
 from edgefleet.agent.updater import Cancelled, ControlPlaneClient, Offline, download_resumable, stagger_delay
 from edgefleet.agent.windows import next_open, window_zone
-from edgefleet.agent.worker import ModelInfo, WorkerSpec
+from edgefleet.agent.worker.spec import ModelInfo, WorkerSpec
 from edgefleet.config import AgentSettings
 from edgefleet.errors import DownloadError, EdgefleetError, VerificationError, WorkerUnavailable
 from edgefleet.protocol import AgentState, DesiredState, DeviceConfig, EventKind

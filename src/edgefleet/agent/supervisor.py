@@ -28,7 +28,8 @@ import psutil
 
 from edgefleet.agent.backend import InputError
 from edgefleet.agent.crashes import WorkerExit, read_fault
-from edgefleet.agent.worker import ModelInfo, WorkerProcess, WorkerSpec
+from edgefleet.agent.worker.spec import ModelInfo, WorkerSpec
+from edgefleet.agent.workerproc import WorkerProcess
 from edgefleet.errors import ModelError, WorkerUnavailable
 from edgefleet.telemetry.drift import DriftSummary
 
@@ -43,11 +44,12 @@ def backoff_delay(attempt: int, base: float, cap: float) -> float:
 
 
 class _Delegation(NamedTuple):
-    listen: socket.socket
+    listen: list[socket.socket]
     on_serving: Callable[[object, bool], None]
     on_stats: Callable[[list[Any], ModelInfo | None], None]
     render_metrics: Callable[[], bytes]
     limits: dict[str, Any] | None
+    shm: Any  # the agent's shared memory registry (agent/shm.py), or None
 
 
 class Supervisor:
@@ -85,21 +87,32 @@ class Supervisor:
         self._first: asyncio.Future[ModelInfo] | None = None
         self._http: _Delegation | None = None
         self._handovers: set[asyncio.Task[None]] = set()
+        self._sampling: tuple[float, Callable[[list[Any], ModelInfo | None], None]] | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.worker is not None
 
     def delegate_http(
         self,
-        listen: socket.socket,
+        listen: socket.socket | list[socket.socket],
         on_serving: Callable[[object, bool], None],
         on_stats: Callable[[list[Any], ModelInfo | None], None],
         render_metrics: Callable[[], bytes],
         limits: Any = None,
+        shm: Any = None,
     ) -> None:
         """From now on every worker this supervisor runs serves ``listen`` itself once ready:
         ``on_serving(worker, True/False)`` when it starts and stops doing so, ``on_stats(observations, info)`` for
         its batched per-request facts, ``render_metrics()`` for its ``/metrics`` answers; under ``limits`` (the
-        agent's ``httpserver.HTTPLimits``: a worker refuses exactly what the agent would)."""
+        agent's ``httpserver.HTTPLimits``: a worker refuses exactly what the agent would). ``listen`` may be several
+        sockets (TCP and a Unix socket). ``shm``: the agent's shared memory registry (agent/shm.py), which each
+        worker is sent with ``serve`` and kept in step with both ways."""
         doc = limits._asdict() if limits is not None else None
-        self._http = _Delegation(listen, on_serving, on_stats, render_metrics, doc)
+        listens = listen if isinstance(listen, list) else [listen]
+        self._http = _Delegation(listens, on_serving, on_stats, render_metrics, doc, shm)
+        if shm is not None:
+            shm.on_change = self._forward_shm
         if self.worker is not None:
             self._hand_over(self.worker)
 
@@ -109,14 +122,38 @@ class Supervisor:
             return
         w.on_stats = d.on_stats
         w.render_metrics = d.render_metrics
+        if d.shm is not None:
+            w.on_shm = d.shm.apply
 
         async def go() -> None:
-            if await w.serve_http(d.listen, d.limits) and not w.closed.is_set() and not self._stopping:
+            export = d.shm.export if d.shm is not None else None
+            if await w.serve_http(d.listen, d.limits, export) and not w.closed.is_set() and not self._stopping:
                 d.on_serving(w, True)
 
         task = asyncio.get_running_loop().create_task(go())
         self._handovers.add(task)
         task.add_done_callback(self._handovers.discard)
+
+    def _forward_shm(self, change: dict[str, Any]) -> None:
+        if self.worker is not None:
+            self.worker.send_shm(change)
+
+    def sample_inputs(self, per_min: float, on_samples: Callable[[list[Any], ModelInfo | None], None]) -> None:
+        """Have every worker this supervisor runs sample at most ``per_min`` served inputs a minute (0: none) and
+        hand them to ``on_samples(batch, info)`` (agent/sampling.py). A worker is told only when its rate changes."""
+        self._sampling = (per_min, on_samples)
+        if self.worker is not None:
+            self._tell_sampling(self.worker)
+
+    def _tell_sampling(self, w: WorkerProcess) -> None:
+        if self._sampling is None:
+            return
+        per_min, w.on_samples = self._sampling
+        if w.sample_rate == per_min:
+            return
+        w.sample_rate = per_min
+        with contextlib.suppress(WorkerUnavailable):
+            w.submit(("sample", per_min), lambda reply, err: None)
 
     async def flush(self) -> None:
         """Ship the per-request stats a worker serving HTTP still holds (before a telemetry window closes)."""
@@ -170,6 +207,7 @@ class Supervisor:
                 sample = self.spec.memory_mb or self.on_exit is not None
                 watchdog = asyncio.get_running_loop().create_task(self._watchdog(w)) if sample else None
                 self._hand_over(w)
+                self._tell_sampling(w)
                 await w.closed.wait()
                 if self._http is not None:
                     self._http.on_serving(w, False)  # the agent accepts again, now (503 until a worker is back)

@@ -1,5 +1,6 @@
 """Per-interval telemetry windows: counts by outcome, a mergeable latency sketch, worker restarts and
-crashes, CPU and RSS, the active version and served ``model_sha256``, and drift summaries from the worker."""
+crashes, CPU and RSS, the active version and served ``model_sha256``, drift summaries from the worker, and the
+ground-truth feedback counted in it (``feedback.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from datetime import UTC, datetime
 
 import psutil
 
+from edgefleet.agent.feedback import ConfusionCounts
 from edgefleet.protocol import TelemetryWindow
 from edgefleet.telemetry.drift import DriftSummary
 from edgefleet.telemetry.sketch import LatencySketch
@@ -29,6 +31,9 @@ class WindowAccumulator:
         self.requests = 0
         self.errors: dict[str, int] = {}
         self.sketch = LatencySketch()
+        self.feedback = ConfusionCounts()
+        self.remote_requests = 0  # hybrid routing: answered by the remote endpoint (not in requests)
+        self.remote_unsent = 0  # wanted remote, not sent: budget spent, timeout, unreachable, refused
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)  # primes the CPU counter: the first reading is relative to this call
 
@@ -38,6 +43,9 @@ class WindowAccumulator:
             self.errors[outcome] = self.errors.get(outcome, 0) + 1
         elif seconds is not None:
             self.sketch.add(seconds)
+
+    def observe_feedback(self, predicted: str | None, label: str) -> None:
+        self.feedback.add(predicted, label)
 
     def close(
         self,
@@ -67,7 +75,12 @@ class WindowAccumulator:
             cpu_percent=float(self._proc.cpu_percent(None)),
             rss_bytes=rss,
             drift=drift,
+            feedback=self.feedback.summary(),
+            remote_requests=self.remote_requests,
+            remote_unsent=self.remote_unsent,
         )
+        self.remote_requests = self.remote_unsent = 0
+        self.feedback = ConfusionCounts()
         self.start = end
         self.requests = 0
         self.errors = {}

@@ -34,6 +34,8 @@ from edgefleet.protocol import (
     LogUpload,
     Report,
     ReportResponse,
+    SampleUpload,
+    SampleUploadResponse,
 )
 
 __all__ = [
@@ -182,6 +184,17 @@ class ControlPlaneClient:
             headers={**self._auth(), "content-type": "application/json"},
         )
         return CrashUploadResponse.model_validate_json(r.content)
+
+    async def upload_samples(self, upload: SampleUpload) -> SampleUploadResponse:
+        """Send input samples sealed for the operator (agent/sampling.py); the answer names those now kept."""
+        r = await self._request(
+            "POST",
+            f"/devices/{self.device_id}/samples",
+            rejectable=True,
+            content=upload.model_dump_json(),
+            headers={**self._auth(), "content-type": "application/json"},
+        )
+        return SampleUploadResponse.model_validate_json(r.content)
 
     async def rotate_key(self, public_key: str) -> None:
         """Tell the control plane this device's new X25519 public key."""

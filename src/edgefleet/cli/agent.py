@@ -40,7 +40,7 @@ _FLAG_OF = {field: option for option, field in _FIELD_OF.items()}
 # the AgentSettings fields `edgefleet agent` has a flag for; the others come from their variables only
 _FLAGGED = frozenset(
     {"server", "token", "root", "ca_file", "insecure_http", "data_dir", "host", "port", "checkin_interval_s", "mqtt"}
-    | {"telemetry_interval_s", "memory_mb", "chipset", "tier", "intra_op_threads", "buffer_max_records"}
+    | {"telemetry_interval_s", "memory_mb", "chipset", "tier", "intra_op_threads", "buffer_max_records", "uds"}
 )
 
 
@@ -139,6 +139,11 @@ def register(app: typer.Typer) -> None:
         ),
         host: str = option("host", "--host", help="Address of the local inference API."),
         port: int = option("port", "--port", help="Port of the local inference API (OIP v2 + /metrics)."),
+        uds: Path | None = option(
+            "uds",
+            "--uds",
+            help="Also serve the local inference API on this Unix socket path (system shared memory: docs/agent.md).",
+        ),
         checkin_interval: float = option(
             "checkin_interval_s",
             "--checkin-interval",

@@ -43,14 +43,18 @@ _GROUPS: dict[str, tuple[str, ...]] = {
     "gate": ("gate",),
     "optimize": ("optimize",),
     "agent": ("agent",),
+    "agent_bundle": ("agent-bundle",),
     "serve": ("serve",),
     "server": ("server", "devices", "rollout", "fleet", "audit", "models", "tokens"),
     "sim": ("simulate", "demo"),
+    "samples": ("samples",),
 }
 
 
 def _groups_for(argv: list[str]) -> list[str]:
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command is None and "--version" in argv and not {"-h", "--help"} & set(argv):
+        return []  # the version needs no command group: a device install lacks the tools extra some import
     for module, commands in _GROUPS.items():
         if command in commands:
             return [module]

@@ -481,8 +481,15 @@ def devices_rotate_key(
 
 @rollout_app.command("start")
 def rollout_start(
-    name: str,
-    version: str,
+    name: str = typer.Argument(None, help="The model (none with --agent)."),
+    version: str = typer.Argument(None, help="Its version (none with --agent)."),
+    agent: str = typer.Option(
+        None,
+        "--agent",
+        metavar="VERSION",
+        help="Roll out the agent bundle of this agent version instead of a model (published with `edgefleet "
+        "agent-bundle publish`).",
+    ),
     tier: str = typer.Option(None, "--tier", help="Only devices of this tier."),
     channel: str = typer.Option(None, "--channel", help="Only devices whose group follows this channel."),
     waves: str = typer.Option("1,10,50,100", "--waves", help="Cumulative wave percentages ending at 100."),
@@ -513,11 +520,17 @@ def rollout_start(
     token: str = TokenOpt,
     json_: bool = JsonOpt,
 ) -> None:
-    """Start a rollout of NAME VERSION (or, with --dry-run, show whom each wave would move). The release policy
-    must admit the version (by default: a passing gate verdict for its package, see `edgefleet models attach`)."""
+    """Start a rollout of NAME VERSION, or of agent VERSION with --agent (or, with --dry-run, show whom each wave
+    would move). The release policy must admit a model version (by default: a passing gate verdict for its
+    package, see `edgefleet models attach`); an agent rollout is judged by the same waves and rules."""
     from pydantic import ValidationError
 
     from edgefleet.controlplane.rollout import RolloutPolicy, parse_percent
+
+    if agent is not None and (name is not None or version is not None):
+        raise UsageError("give NAME VERSION or --agent VERSION, not both")
+    if agent is None and (name is None or version is None):
+        raise UsageError("give the model and version to roll out (NAME VERSION), or --agent VERSION")
 
     try:
         wave_list = [float(w) for w in waves.split(",")]
@@ -545,18 +558,19 @@ def rollout_start(
         raise UsageError(f"bad rollout policy: {' '.join(str(exc).split())}") from None
     with client(server_, token) as c:
         if dry_run:
-            plan = c.rollouts.plan(name, version, tier=tier, channel=channel, policy=policy)
+            plan = c.rollouts.plan(name, version, agent=agent, tier=tier, channel=channel, policy=policy)
         else:
             started = c.rollouts.start(
-                name, version, tier=tier, channel=channel, policy=policy, force=force, reason=reason
+                name, version, agent=agent, tier=tier, channel=channel, policy=policy, force=force, reason=reason
             )
+    what = f"agent {agent}" if agent is not None else f"{name} {version}"
     if json_:
         print_json(wire(plan if dry_run else started))
         return
     if dry_run:
-        _print_plan(plan, f"{name} {version}")
+        _print_plan(plan, what)
         return
-    console.print(f"rollout {started.rollout_id} of {name} {version}: {started.state}", markup=False)
+    console.print(f"rollout {started.rollout_id} of {what}: {started.state}", markup=False)
     if started.warning:
         console.print(f"[yellow]warning:[/] {escape(started.warning)}")
 
@@ -588,7 +602,7 @@ def rollout_list(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = 
     if json_:
         print_json(rows)
     else:
-        _table(rows, ["rollout_id", "model", "version", "state", "wave", "tier", "reason"])
+        _table(rows, ["rollout_id", "kind", "model", "version", "state", "wave", "tier", "reason"])
 
 
 @rollout_app.command("status")

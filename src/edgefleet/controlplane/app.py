@@ -47,7 +47,7 @@ from edgefleet.controlplane.metrics import ServerMetrics
 from edgefleet.controlplane.repo_service import RepoService
 from edgefleet.controlplane.store import Store
 from edgefleet.errors import UsageError
-from edgefleet.protocol import CrashUpload, Report
+from edgefleet.protocol import CrashUpload, Report, SampleUpload
 
 __all__ = ["admin_token_path", "create_app"]
 
@@ -146,7 +146,7 @@ def _with_extra_components(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             doc = generate()
-            bodies = [(Report, "validation"), (CrashUpload, "validation")]
+            bodies = [(Report, "validation"), (CrashUpload, "validation"), (SampleUpload, "validation")]
             _, defs = models_json_schema(bodies, ref_template="#/components/schemas/{model}")  # type: ignore[arg-type]
             components = doc.setdefault("components", {})
             schemas = components.setdefault("schemas", {})
@@ -170,7 +170,7 @@ def create_app(settings: ServerSettings, *, routers: Sequence[tuple[APIRouter, A
     for warning in store.repo.warnings:  # where root keys sit (docs/security/keys.md)
         log.warning("%s", warning)
     store.sync()
-    store.nudger = nudge.from_url(settings.mqtt)
+    store.nudger = nudge.from_url(settings.mqtt, rate=settings.nudge_rate)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -74,6 +74,7 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("POST", f"{A}/devices/{{device_id}}/credential"): Access.device,
     ("POST", f"{A}/devices/{{device_id}}/logs"): Access.device,
     ("POST", f"{A}/devices/{{device_id}}/crashes"): Access.device,
+    ("POST", f"{A}/devices/{{device_id}}/samples"): Access.device,
     ("POST", f"{A}/devices/{{device_id}}/key"): Access.device,
     ("GET", "/metrics"): Access.viewer,
     ("GET", f"{A}/whoami"): Access.viewer,
@@ -90,6 +91,7 @@ MATRIX: dict[tuple[str, str], Access] = {
     ("GET", f"{A}/rollouts/{{rollout_id}}"): Access.viewer,
     ("GET", f"{A}/compat"): Access.viewer,
     ("GET", f"{A}/fleet"): Access.viewer,
+    ("GET", f"{A}/fleet/field-accuracy"): Access.viewer,
     ("GET", f"{A}/audit"): Access.viewer,
     ("GET", f"{A}/release-policy"): Access.viewer,
     ("GET", f"{A}/models/{{name}}/release-policy"): Access.viewer,
@@ -104,6 +106,9 @@ MATRIX: dict[tuple[str, str], Access] = {
     # a device's log lines may say more than its inventory: operators ask for and read them, both audited
     ("POST", f"{A}/devices/{{device_id}}/logs/request"): Access.operator,
     ("GET", f"{A}/devices/{{device_id}}/logs"): Access.operator,
+    # served inputs, even sealed for the operator's key: listed and handed out to operators, the download audited
+    ("GET", f"{A}/devices/{{device_id}}/samples"): Access.operator,
+    ("GET", f"{A}/devices/{{device_id}}/samples/{{sample_id}}"): Access.operator,
     ("POST", f"{A}/groups/{{name}}/rotate-credential"): Access.operator,
     ("PUT", f"{A}/groups/{{name}}"): Access.operator,
     ("POST", f"{A}/packages"): Access.operator,

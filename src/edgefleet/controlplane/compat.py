@@ -17,6 +17,12 @@ reports the runtimes it has (``Hardware.runtimes``, updated by its reports). A c
 version for onnxruntime — as every cell was before other runtimes — and ``"<runtime> <version>"`` for the others
 (:func:`runtime_axis`), so one column never mixes two runtimes and no stored cell changes meaning.
 
+The agent axis: a device's evidence carries the agent version it ran (``agent_version``, as the device last
+reported it), and each cell lists its status under each of those agents (``agents``), so an operator reads "digits
+2.0.0 verified on tier x with onnxruntime 1.32.0 under agent 0.1.0". The cell's own status, the one that blocks a
+rollout, stays over all of its evidence: a failure seen under one agent is not forgotten because devices update
+their agent (an operator clears it). No package states a minimum agent version, so none is checked.
+
 Only the tier's own hardware verifies. Evidence from a host that merely emulates the tier — a bench result
 ``emulated``, a device enrolled with ``--emulate-tier`` — makes a cell ``emulated`` at best; its failures count
 as any other.
@@ -39,6 +45,7 @@ from edgefleet.package.manifest import Manifest
 __all__ = [
     "FAIL_DEVICES",
     "add_evidence",
+    "agents_of",
     "assigned",
     "cell_status",
     "clear",
@@ -288,6 +295,23 @@ def device_problems(
     return out
 
 
+def agents_of(evidence: Sequence[dict[str, Any]], *, min_devices: int = FAIL_DEVICES) -> list[dict[str, Any]]:
+    """The cell's status under each agent version its live device evidence came from (``""``: evidence recorded
+    before devices' agent versions were kept), oldest agent version first by name. Pure."""
+    by_agent: dict[str, list[dict[str, Any]]] = {}
+    for x in _live(evidence):
+        if x.get("source") == "device":
+            by_agent.setdefault(str(x.get("agent_version") or ""), []).append(x)
+    return [
+        {
+            "agent_version": agent,
+            "status": cell_status(ev, min_devices=min_devices),
+            "devices": len({str(x.get("device_id")) for x in ev}),
+        }
+        for agent, ev in sorted(by_agent.items())
+    ]
+
+
 def _cell(e: CompatEntry) -> dict[str, Any]:
     live = _live(e.evidence or [])
     return {
@@ -300,6 +324,7 @@ def _cell(e: CompatEntry) -> dict[str, Any]:
         "failing_devices": sorted(
             {str(x.get("device_id")) for x in live if x.get("source") == "device" and _failing(x)}
         ),
+        "agents": agents_of(e.evidence or []),
         "evidence": e.evidence,
     }
 
@@ -332,6 +357,7 @@ def matrix(s: Session, versions: Iterable[ModelVersion] | None = None) -> list[d
                         "version": mv.version,
                         "status": "untested",
                         "failing_devices": [],
+                        "agents": [],
                         "evidence": [],
                     }
                 )

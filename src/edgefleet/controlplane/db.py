@@ -19,6 +19,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -42,6 +43,8 @@ __all__ = [
     "DeviceGroup",
     "DeviceLog",
     "EnrollmentToken",
+    "FieldAccuracyRollup",
+    "InputSampleRow",
     "JobLease",
     "ModelVersion",
     "ReleasePolicyRow",
@@ -194,6 +197,10 @@ class Device(Base):
     desired_model: Mapped[str | None] = mapped_column(String(128), default=None)
     desired_version: Mapped[str | None] = mapped_column(String(64), default=None)
     desired_rollout_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The agent version an agent rollout gives this device (controlplane/agent_rollout.py): it overrides the group
+    # document's ``agent_version`` in the device's desired state; None: the group's document decides.
+    desired_agent_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    desired_agent_rollout_id: Mapped[str | None] = mapped_column(String(64), default=None)
     pinned_model: Mapped[str | None] = mapped_column(String(128), default=None)
     pinned_version: Mapped[str | None] = mapped_column(String(64), default=None)
     dropped_records: Mapped[int] = mapped_column(Integer, default=0)
@@ -263,6 +270,27 @@ class DeviceCrash(Base):
     runtime_version: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
+class InputSampleRow(Base):
+    """One served input a device sampled (its group consenting: ``input_sampling``), encrypted on the device to the
+    operator's X25519 key: the server keeps ciphertext it cannot read (``protocol.InputSample`` as stored)."""
+
+    __tablename__ = "input_samples"
+    __table_args__ = (UniqueConstraint("device_id", "sample_id", name="uq_input_sample"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id"), index=True)
+    sample_id: Mapped[str] = mapped_column(String(64))
+    group: Mapped[str | None] = mapped_column(String(128), default=None)  # the device's group at upload
+    at: Mapped[datetime]  # the device's clock when the input was served
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    model: Mapped[str | None] = mapped_column(String(128), default=None)
+    version: Mapped[str | None] = mapped_column(String(64), default=None)
+    key_id: Mapped[str] = mapped_column(String(64))
+    envelope: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the key wrap: ephemeral key, nonces
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    # samples the device had dropped (spool full, over the cap) when it sent this one: cumulative, its count
+    device_dropped: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class ReportBatch(Base):
     __tablename__ = "report_batches"
     device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.id"), primary_key=True)
@@ -311,6 +339,8 @@ class TelemetryRow(Base):
     cpu_percent: Mapped[float | None] = mapped_column(Float, default=None)
     rss_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # ``protocol.FieldFeedback`` wire form: ground truth reported in this window (None: none came)
+    feedback: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class TelemetryRollup(Base):
@@ -334,6 +364,23 @@ class TelemetryRollup(Base):
     drift: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+class FieldAccuracyRollup(Base):
+    """Ground-truth feedback summed like ``TelemetryRollup`` (bucket × model × version × tier × stripe): matched,
+    correct and unmatched counts and the merged confusion counts ``{predicted: {label: count}}``
+    (``field_accuracy.add_windows``, in the transaction that stores the windows)."""
+
+    __tablename__ = "field_accuracy_rollups"
+    bucket: Mapped[datetime] = mapped_column(primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(64), primary_key=True)
+    stripe: Mapped[int] = mapped_column(Integer, primary_key=True)
+    matched: Mapped[int] = mapped_column(BigInteger, default=0)
+    correct: Mapped[int] = mapped_column(BigInteger, default=0)
+    unmatched: Mapped[int] = mapped_column(BigInteger, default=0)
+    confusion: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
 class JobLease(Base):
     """Who runs a periodic job (the retention prune) until when: one replica at a time, taken over when it lapses."""
 
@@ -350,6 +397,8 @@ class Rollout(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     model: Mapped[str] = mapped_column(String(128))
     version: Mapped[str] = mapped_column(String(64))
+    # "model": a model version; "agent": the agent bundle (``model`` is then "edgefleet-agent")
+    kind: Mapped[str] = mapped_column(String(16), default="model")
     tier: Mapped[str | None] = mapped_column(String(64), default=None)
     channel: Mapped[str | None] = mapped_column(String(32), default=None)
     policy: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -192,6 +192,10 @@ def device_dict(d: Device, *, overdue_after_s: float, now: datetime | None = Non
         "state_reason": d.state_reason,
         "served": {"model": d.served_model, "version": d.served_version, "model_sha256": d.served_model_sha256},
         "desired": {"model": d.desired_model, "version": d.desired_version, "rollout_id": d.desired_rollout_id},
+        # set while an agent rollout holds the device (None: its group's document names the agent version)
+        "desired_agent": {"version": d.desired_agent_version, "rollout_id": d.desired_agent_rollout_id}
+        if d.desired_agent_version
+        else None,
         "pinned": {"model": d.pinned_model, "version": d.pinned_version} if d.pinned_version else None,
         "enrolled_at": d.enrolled_at.isoformat(),
         "last_seen": d.last_seen.isoformat() if d.last_seen else None,
@@ -452,6 +456,9 @@ def desired_state(
         model, version = d.desired_model, d.desired_version
     mv = versions.get((model, version)) if model and version else None
     config = DeviceConfig.model_validate(group.config) if group is not None and group.config else DeviceConfig()
+    if d.desired_agent_version:
+        # an agent rollout holds this device (controlplane/agent_rollout.py): its version, not the group's
+        config = config.model_copy(update={"agent_version": d.desired_agent_version})
     return DesiredState(
         device_id=d.id,
         model=model,
@@ -477,6 +484,11 @@ _DELIVERY_UNSET: dict[str, object] = {
     "timezone": None,
     "remote_logs": False,
     "crash_reports": False,
+    "input_sampling": False,
+    "sample_rate_per_min": 1.0,
+    "sample_public_key": None,
+    "routing": None,
+    "agent_version": None,
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
-from edgefleet.controlplane import rollups
+from edgefleet.controlplane import field_accuracy, rollups
 from edgefleet.controlplane.db import Device, ModelVersion, Rollout, RolloutDevice, UpdateEventRow, utcnow
 from edgefleet.controlplane.rollout import outcome_counts, success_rate, update_outcome
 from edgefleet.telemetry.drift import MIN_DRIFT_SAMPLE, PSI_ALERT, DriftReference, fleet_psi
@@ -210,4 +210,5 @@ def fleet_kpis(s: Session, *, overdue_after_s: float, window_s: float = 86_400.0
             if x["status"] == "alert"
         ],
         "rollouts": _rollout_rows(s),
+        "field_accuracy": field_accuracy.rows(s, since),
     }

@@ -3,8 +3,9 @@
 When a write changes devices' desired states, the server publishes an empty message to each changed device's
 topic (``edgefleet/devices/{id}``), or, when more than :data:`MAX_DEVICE_TOPICS` changed at once (a rollback, a
 group pin), one to each of their tiers' topics (``edgefleet/tiers/{tier}``): the devices then check in at once
-instead of at their next poll. A nudge carries nothing: the desired state still travels over HTTPS, under the
-device's credential, and a lost nudge only means the device learns at its next poll.
+instead of at their next poll. A nudge carries no state: the desired state still travels over HTTPS, under the
+device's credential, and a lost nudge only means the device learns at its next poll. A tier's nudge names the
+seconds its devices spread their check-ins over (tier size / :data:`NUDGE_RATE`, ``protocol.nudge_payload``).
 
 Which topics to publish is pure (:func:`changed`, :func:`topics`); :class:`Nudger` gathers the facts (ETags
 before and after a cache refresh, tiers) and hands topics to an injected ``publish``; :class:`MqttPublisher`, the
@@ -18,12 +19,13 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from edgefleet.config import mqtt_broker
+from edgefleet.config import ServerSettings, mqtt_broker
 from edgefleet.controlplane.db import Device
 from edgefleet.errors import UsageError
+from edgefleet.protocol import nudge_payload
 
 if TYPE_CHECKING:
     from edgefleet.controlplane.checkin_cache import Entry
@@ -32,12 +34,14 @@ __all__ = [
     "DEVICE_TOPIC",
     "INSTALL_HINT",
     "MAX_DEVICE_TOPICS",
+    "NUDGE_RATE",
     "TIER_TOPIC",
     "MqttPublisher",
     "Nudger",
     "changed",
     "etags",
     "from_url",
+    "spread_s",
     "topics",
 ]
 
@@ -48,6 +52,9 @@ TIER_TOPIC = "edgefleet/tiers/{}"
 # Beyond this many devices changed by one write, one message per tier: a rollback of ten thousand devices is a
 # handful of publishes, and the devices of those tiers whose state did not change get a 304 from memory.
 MAX_DEVICE_TOPICS = 100
+# The check-ins per second a tier's nudge may bring on (the server setting): its devices spread theirs over tier
+# size / rate seconds. One replica answered ~4,900/s on 2 cores (docs/scaling.md, "Measured").
+NUDGE_RATE: float = ServerSettings.model_fields["nudge_rate"].default
 INSTALL_HINT = "--mqtt needs the paho-mqtt package: pip install 'edgefleet[mqtt]'"
 _FORBIDDEN = frozenset("+#/\0")  # wildcards and the level separator: such a name cannot be one topic level
 
@@ -70,6 +77,11 @@ def _level_ok(name: str) -> bool:
     return bool(name) and not (_FORBIDDEN & set(name))
 
 
+def spread_s(devices: int, rate: float) -> float:
+    """Seconds over which ``devices`` woken at once check in at ``rate`` per second."""
+    return devices / rate if rate > 0 else 0.0
+
+
 def topics(ids: Sequence[str], tier_of: Mapping[str, str], *, max_device_topics: int = MAX_DEVICE_TOPICS) -> list[str]:
     """The topics that nudge every device of ``ids``: one each, or past ``max_device_topics`` one per tier (a
     device whose tier is unknown or cannot be a topic level keeps its own topic)."""
@@ -90,9 +102,16 @@ class Nudger:
     """Publishes the nudges of one cache refresh. ``publish(topic)`` must not block and must be thread-safe: the
     refreshes run in the request and reconciler threads."""
 
-    def __init__(self, publish: Callable[[str], None], *, max_device_topics: int = MAX_DEVICE_TOPICS) -> None:
+    def __init__(
+        self,
+        publish: Callable[[str, bytes], None],
+        *,
+        max_device_topics: int = MAX_DEVICE_TOPICS,
+        rate: float = NUDGE_RATE,
+    ) -> None:
         self.publish = publish
         self.max_device_topics = max_device_topics
+        self.rate = rate
 
     def after_refresh(self, s: Session, before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
         """Nudge the devices whose ETag moved; returns the topics published."""
@@ -104,9 +123,17 @@ class Nudger:
             rows = s.execute(select(Device.id, Device.tier).where(Device.id.in_(ids)))
             tier_of = {row.id: row.tier for row in rows}
         out = topics(ids, tier_of, max_device_topics=self.max_device_topics)
+        woken = [t.rsplit("/", 1)[1] for t in out if t.startswith(TIER_TOPIC.format(""))]
+        sizes: dict[str, int] = {}
+        if woken:  # every device of the tier checks in, also those whose state did not move
+            rows = s.execute(select(Device.tier, func.count()).where(Device.tier.in_(woken)).group_by(Device.tier))
+            sizes = {tier: int(n) for tier, n in rows}
+        # the tiers of one write check in at the same time: their devices share the rate
+        tier_body = nudge_payload(spread_s(sum(sizes.values()), self.rate))
         for t in out:
+            body = tier_body if t.startswith(TIER_TOPIC.format("")) else b""
             try:
-                self.publish(t)
+                self.publish(t, body)
             except Exception as exc:  # a nudge is a courtesy: the write it follows has committed already
                 log.warning("MQTT nudge to %s failed: %s", t, exc)
         return out
@@ -164,8 +191,8 @@ class MqttPublisher:
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._note_down(str(reason))
 
-    def __call__(self, topic: str) -> None:
-        self.client.publish(topic, b"", qos=0)
+    def __call__(self, topic: str, payload: bytes = b"") -> None:
+        self.client.publish(topic, payload, qos=0)
 
     def close(self) -> None:
         self._closing = True
@@ -173,6 +200,6 @@ class MqttPublisher:
         self.client.loop_stop()
 
 
-def from_url(url: str | None) -> Nudger | None:
+def from_url(url: str | None, *, rate: float = NUDGE_RATE) -> Nudger | None:
     """The server's nudger for ``--mqtt URL`` (None: no broker, nothing published)."""
-    return Nudger(MqttPublisher(url)) if url else None
+    return Nudger(MqttPublisher(url), rate=rate) if url else None

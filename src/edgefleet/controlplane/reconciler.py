@@ -21,10 +21,11 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from edgefleet.controlplane import audit, compat, registry
+from edgefleet.controlplane import agent_rollout, audit, compat, registry
+from edgefleet.controlplane.agent_rollout import AGENT_MODEL, KIND_AGENT
 from edgefleet.controlplane.db import (
     Database,
     Device,
@@ -158,10 +159,22 @@ def _facts(s: Session, model: str, version: str, policy: RolloutPolicy) -> tuple
 
 
 def plan(
-    s: Session, model: str, version: str, *, tier: str | None, channel: str | None, policy: RolloutPolicy
+    s: Session,
+    model: str,
+    version: str,
+    *,
+    tier: str | None,
+    channel: str | None,
+    policy: RolloutPolicy,
+    agent_platforms: frozenset[str] | None = None,
 ) -> RolloutPlan:
-    """What a rollout of ``model`` ``version`` would move in each wave on today's fleet; moves nothing."""
-    facts, _ = _facts(s, model, version, policy)
+    """What a rollout of ``model`` ``version`` would move in each wave on today's fleet; moves nothing. ``model``
+    :data:`~edgefleet.controlplane.agent_rollout.AGENT_MODEL` plans an agent rollout (``agent_platforms``: the
+    platforms its bundle is published for)."""
+    if model == AGENT_MODEL:
+        facts, _ = agent_rollout.agent_facts(s, version, agent_platforms)
+    else:
+        facts, _ = _facts(s, model, version, policy)
     return plan_rollout(facts, model=model, version=version, waves=policy.waves, tier=tier, channel=channel)
 
 
@@ -203,18 +216,24 @@ def window_facts(
     s: Session,
     ids: Iterable[str],
     since: datetime,
-    version: str,
+    version: str | None,
     *,
     same: bool,
     until: datetime | None = None,
     model: str | None = None,
     since_by_device: Mapping[str, datetime] | None = None,
     drift_features: Mapping[str | None, Iterable[str]] | None = None,
+    by_served: bool = False,
+    drift_of: tuple[str, str] | None = None,
 ) -> list[WindowFacts]:
     """Telemetry windows of ``ids`` received since ``since`` on ``version`` (``same``) or on any other version;
     the reconciler judges waves on them and the dashboard shows the same figures. With ``since_by_device``, a
     device counts only with windows received at or after its own start time, and a device missing from it not at
     all. ``drift_features`` names, per window version, the features whose counts can be merged (None: all).
+
+    With ``by_served`` (an agent rollout) windows of every version count, each labelled with its tier and served
+    model version (:func:`~edgefleet.controlplane.agent_rollout.stratum`), and only those of ``drift_of`` (model,
+    version) keep their drift counts.
 
     Times are the server's (``received_at``): a device whose clock is off cannot move its windows out of (or
     into) a wave."""
@@ -226,7 +245,14 @@ def window_facts(
         q = q.where(TelemetryRow.received_at <= until)
     if model is not None:
         q = q.where(TelemetryRow.model == model)
-    q = q.where(TelemetryRow.version == version) if same else q.where(TelemetryRow.version != version)
+    if not by_served:
+        q = q.where(TelemetryRow.version == version) if same else q.where(TelemetryRow.version != version)
+
+    def drift(w: TelemetryRow) -> tuple[DriftSummary, ...]:
+        if by_served:
+            return _summaries(w.drift) if drift_of is not None and (w.model, w.version) == drift_of else ()
+        return _summaries(w.drift, None if drift_features is None else drift_features.get(w.version, ()))
+
     return [
         WindowFacts(
             device_id=w.device_id,
@@ -234,9 +260,11 @@ def window_facts(
             errors=w.errors,
             crashes=w.worker_crashes,
             latency=SketchData.model_validate(w.latency) if w.latency else SketchData(),
-            tier=w.tier,
+            tier=agent_rollout.stratum(w.tier, w.model, w.version) if by_served else w.tier,
             end=naive_utc(w.received_at).replace(tzinfo=UTC).timestamp(),
-            drift=_summaries(w.drift, None if drift_features is None else drift_features.get(w.version, ())),
+            drift=drift(w),
+            feedback_matched=int((w.feedback or {}).get("matched", 0)),
+            feedback_correct=int((w.feedback or {}).get("correct", 0)),
         )
         for w in s.scalars(q)
         if since_by_device is None
@@ -245,18 +273,48 @@ def window_facts(
 
 
 def _revert(s: Session, r: Rollout, now: datetime) -> set[str]:
-    rows = list(s.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == r.id)))
-    by_id = {x.device_id: x for x in rows}
-    touched = set()
-    for device_id in rollback_targets((x.device_id, x.reverted) for x in rows):
-        x = by_id[device_id]
-        d = s.get(Device, device_id)
-        if d is not None and d.desired_rollout_id == r.id:
-            d.desired_model, d.desired_version = x.previous_model, x.previous_version
-            d.desired_rollout_id = None
-            d.changed_at = now
-            touched.add(device_id)
-        x.reverted = True
+    """Give every device the rollout moved, and still holds, back its previous desired state; returns their ids.
+
+    A few UPDATE statements per 5,000 devices (one per distinct previous version), not an ORM object each: loading
+    and flushing one per device cost 2.7 s of a 4.3 s rollback of 10,000 devices on PostgreSQL
+    (benchmarks/nudge_latency.py), and every device of the rollout waits for it to learn it."""
+    rows = s.execute(
+        select(
+            RolloutDevice.device_id,
+            RolloutDevice.reverted,
+            RolloutDevice.previous_model,
+            RolloutDevice.previous_version,
+        ).where(RolloutDevice.rollout_id == r.id)
+    ).all()
+    previous = {x.device_id: (x.previous_model, x.previous_version) for x in rows}
+    targets = rollback_targets((x.device_id, x.reverted) for x in rows)
+    agent = r.kind == KIND_AGENT
+    held = Device.desired_agent_rollout_id if agent else Device.desired_rollout_id
+    touched: set[str] = set()
+    sync = {"synchronize_session": "evaluate"}  # objects this session already holds see the change
+    for k in range(0, len(targets), 5000):  # under SQLite's limit on bound parameters
+        chunk = targets[k : k + 5000]
+        mine = list(s.scalars(select(Device.id).where(Device.id.in_(chunk), held == r.id)))
+        by_previous: dict[tuple[str | None, str | None], list[str]] = {}
+        for device_id in mine:
+            by_previous.setdefault(previous[device_id], []).append(device_id)
+        for (model, version), ids in by_previous.items():
+            # an agent rollout: the agent version the device reported when moved, held over its group's document
+            values: dict[str, object] = (
+                {"desired_agent_version": version}
+                if agent
+                else {"desired_model": model, "desired_version": version, "desired_rollout_id": None}
+            )
+            s.execute(
+                update(Device).where(Device.id.in_(ids)).values(**values, changed_at=now).execution_options(**sync)
+            )
+        touched.update(mine)
+        s.execute(
+            update(RolloutDevice)
+            .where(RolloutDevice.rollout_id == r.id, RolloutDevice.device_id.in_(chunk))
+            .values(reverted=True)
+            .execution_options(**sync)
+        )
     r.rolled_back_at = now
     return touched
 
@@ -345,6 +403,8 @@ def wave_cohorts(
         )
         failed |= silent
     committed = set(committed_at) - failed
+    if r.kind == KIND_AGENT:
+        return _agent_cohorts(s, r, moved, control_ids, committed_at, committed, failed, silent, until)
     reference = drift_reference(s, r.model, r.version)
     treatment = cohort_stats(
         window_facts(
@@ -388,14 +448,80 @@ def wave_cohorts(
     return treatment, control if control_ids else None
 
 
-def step(s: Session, r: Rollout, actor: str, now: datetime | None = None) -> StepResult:
-    """One reconcile step of one running or blocked rollout (the caller holds the row lock)."""
+def _agent_cohorts(
+    s: Session,
+    r: Rollout,
+    moved: set[str],
+    control_ids: set[str],
+    committed_at: Mapping[str, datetime],
+    committed: set[str],
+    failed: set[str],
+    silent: set[str],
+    until: datetime | None,
+) -> tuple[CohortStats, CohortStats | None]:
+    """The telemetry side of :func:`wave_cohorts` for an agent rollout: every window of the served model, labelled
+    by tier and served version, from each moved device's agent commit on; drift only when the treatment served one
+    model version (docs of :mod:`~edgefleet.controlplane.agent_rollout`)."""
+    served = s.execute(
+        select(TelemetryRow.model, TelemetryRow.version)
+        .where(
+            TelemetryRow.device_id.in_(committed or {""}),
+            TelemetryRow.received_at >= r.created_at,
+            TelemetryRow.received_at <= (until or utcnow()),
+        )
+        .distinct()
+    ).all()
+    one = agent_rollout.single_served((m, v) for m, v in served)
+    reference = drift_reference(s, *one) if one is not None else None
+    drift_of = one if reference is not None else None
+    treatment = cohort_stats(
+        window_facts(
+            s,
+            moved,
+            r.created_at,
+            None,
+            same=True,
+            until=until,
+            since_by_device={i: committed_at[i] for i in committed},
+            by_served=True,
+            drift_of=drift_of,
+        ),
+        devices=len(moved),
+        committed=len(committed),
+        failed=len(failed),
+        reference=reference,
+    )
+    treatment = replace(treatment, silent=len(silent))
+    control_since = min(committed_at.values(), key=naive_utc, default=r.created_at)
+    control_windows = window_facts(
+        s, control_ids, control_since, None, same=False, until=until, by_served=True, drift_of=drift_of
+    )
+    control = cohort_stats(control_windows, devices=len(control_ids), reference=reference)
+    return treatment, control if control_ids else None
+
+
+def step(
+    s: Session,
+    r: Rollout,
+    actor: str,
+    now: datetime | None = None,
+    *,
+    agent_bundles: Mapping[str, frozenset[str]] | None = None,
+) -> StepResult:
+    """One reconcile step of one running or blocked rollout (the caller holds the row lock). ``agent_bundles``
+    (agent version → platforms published) restricts an agent rollout to devices its bundle is built for; None:
+    not known, not checked."""
     now = now or utcnow()
     res = StepResult()
     if r.state not in STEPPED:
         return res
     policy = RolloutPolicy.model_validate(r.policy)
-    facts, devs = _facts(s, r.model, r.version, policy)
+    agent = r.kind == KIND_AGENT
+    if agent:
+        platforms = agent_bundles.get(r.version, frozenset()) if agent_bundles is not None else None
+        facts, devs = agent_rollout.agent_facts(s, r.version, platforms)
+    else:
+        facts, devs = _facts(s, r.model, r.version, policy)
     moved_rows = {x.device_id: x for x in s.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == r.id))}
     if not moved_rows:
         # Nothing moved yet and nobody to move: blocked, with the reason, until a device appears. Judging the
@@ -422,6 +548,22 @@ def step(s: Session, r: Rollout, actor: str, now: datetime | None = None) -> Ste
     )
     for device_id in to_move:
         d = devs[device_id]
+        if agent:
+            # a rollback returns the device to the agent it ran, not to whatever its group's document says then
+            s.add(
+                RolloutDevice(
+                    rollout_id=r.id,
+                    device_id=device_id,
+                    wave=r.wave,
+                    previous_model=AGENT_MODEL,
+                    previous_version=d.agent_version or None,
+                    moved_at=now,
+                )
+            )
+            d.desired_agent_version, d.desired_agent_rollout_id = r.version, r.id
+            d.changed_at = now
+            res.touched.add(device_id)
+            continue
         s.add(
             RolloutDevice(
                 rollout_id=r.id,
@@ -445,7 +587,10 @@ def step(s: Session, r: Rollout, actor: str, now: datetime | None = None) -> Ste
     control_ids = eligible - moved
 
     # a device that already served the version when it was moved has nothing to install: it counts as committed
-    already = {i for i in moved if devs[i].served_model == r.model and devs[i].served_version == r.version}
+    if agent:
+        already = {i for i in moved if i in moved_rows and moved_rows[i].previous_version == r.version}
+    else:
+        already = {i for i in moved if devs[i].served_model == r.model and devs[i].served_version == r.version}
     treatment, control = wave_cohorts(
         s, r, moved, control_ids, already_serving=already, device_timeout_s=policy.device_timeout_s
     )
@@ -486,7 +631,11 @@ def reconcile_once(store: Store, actor: str | None = None) -> list[str]:
     actor = actor or f"reconciler:{owner_id()}"
     db = store.db
     with db.session() as s:
-        ids = list(s.scalars(select(Rollout.id).where(Rollout.state.in_(STEPPED)).order_by(Rollout.created_at)))
+        rows = s.execute(
+            select(Rollout.id, Rollout.kind).where(Rollout.state.in_(STEPPED)).order_by(Rollout.created_at)
+        ).all()
+    ids = [rid for rid, _ in rows]
+    bundles = _agent_bundles(store) if any(kind == KIND_AGENT for _, kind in rows) else None
     out: list[str] = []
     for rid in ids:
         try:
@@ -495,7 +644,7 @@ def reconcile_once(store: Store, actor: str | None = None) -> list[str]:
                 if r is None or r.state not in STEPPED:
                     continue  # another replica holds it, or it changed since we listed it
                 r.lease_owner, r.lease_until = actor, utcnow()
-                res = step(s, r, actor)
+                res = step(s, r, actor, agent_bundles=bundles)
                 if r.step_error is not None:
                     r.step_error = None  # this step went through: the last one's error is history
         except Exception as exc:  # one rollout's bad data must not stall every other rollout
@@ -506,6 +655,15 @@ def reconcile_once(store: Store, actor: str | None = None) -> list[str]:
         store.refresh(res.touched)
         out.extend(res.transitions)
     return out
+
+
+def _agent_bundles(store: Store) -> dict[str, frozenset[str]] | None:
+    """The agent bundles the repository signs, version → platforms; None (not checked) when it cannot be read."""
+    try:
+        return agent_rollout.bundle_versions((t.name, t.custom) for t in store.repo.targets())
+    except Exception as exc:  # a repository that cannot be read now must not stall the rollouts
+        log.warning("agent rollouts: the repository's targets cannot be read: %s", exc)
+        return None
 
 
 def _keep_step_error(store: Store, rollout_id: str, exc: Exception) -> None:

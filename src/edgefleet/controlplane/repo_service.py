@@ -111,5 +111,9 @@ class RepoService:
     def refresh(self) -> list[str]:
         return self._repo.refresh()
 
+    def targets(self) -> list[TargetInfo]:
+        """Every target the repository's current metadata signs (agent bundles among them)."""
+        return self._repo.targets()
+
     def status(self) -> Any:
         return self._repo.status()

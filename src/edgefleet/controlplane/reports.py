@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from edgefleet.controlplane import compat, rollups
+from edgefleet.controlplane import compat, field_accuracy, rollups
 from edgefleet.controlplane.db import Device, ReportBatch, TelemetryRow, UpdateEventRow, utcnow
 from edgefleet.protocol import Report
 
@@ -77,6 +77,7 @@ def store_report(s: Session, d: Device, r: Report, now: datetime | None = None) 
                     evidence={
                         "source": "device",
                         "device_id": d.id,
+                        "agent_version": d.agent_version or None,  # the compat matrix's agent axis
                         "rollout_id": e.rollout_id,
                         "event": e.kind.value,
                         "reason": e.reason,
@@ -109,11 +110,13 @@ def store_report(s: Session, d: Device, r: Report, now: datetime | None = None) 
                     max_psi=max((x.psi for x in w.drift), default=None),
                     cpu_percent=w.cpu_percent,
                     rss_bytes=w.rss_bytes,
+                    feedback=None if w.feedback is None else w.feedback.model_dump(mode="json"),
                     received_at=now,
                 )
             )
         # in this transaction: the rollup counts a window exactly when its raw row is stored
         rollups.add_windows(s, d, new, now)
+        field_accuracy.add_windows(s, d, new, now)
     return True
 
 

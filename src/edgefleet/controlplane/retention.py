@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from edgefleet.controlplane.db import (
     Database,
+    FieldAccuracyRollup,
     JobLease,
     ReportBatch,
     TelemetryRollup,
@@ -105,7 +106,9 @@ def prune(db: Database, keep: Retention, *, now: datetime | None = None) -> dict
         "report_batches": _batched(db, batches),
         "update_events": _batched(db, lambda: by_id(UpdateEventRow, events)),
         # few rows (versions × tiers × stripes per 5 minutes): one statement, by the primary key's first column
-        "telemetry_rollups": _batched(db, lambda: delete(TelemetryRollup).where(TelemetryRollup.bucket < rolled)),
+        # the field-accuracy rollups are telemetry rollups too (same buckets, same retention)
+        "telemetry_rollups": _batched(db, lambda: delete(TelemetryRollup).where(TelemetryRollup.bucket < rolled))
+        + _batched(db, lambda: delete(FieldAccuracyRollup).where(FieldAccuracyRollup.bucket < rolled)),
     }
 
 

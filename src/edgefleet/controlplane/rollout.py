@@ -38,6 +38,7 @@ from edgefleet.telemetry.sketch import LatencySketch, SketchData
 
 __all__ = [
     "OTHER_MODEL",
+    "AccuracyVerdict",
     "Action",
     "CohortStats",
     "Decision",
@@ -53,6 +54,7 @@ __all__ = [
     "cohort_stats",
     "decide",
     "eligibility",
+    "field_accuracy_vs_control",
     "is_cancellation",
     "judge",
     "naive_utc",
@@ -132,6 +134,13 @@ class RolloutPolicy(BaseModel):
     p95_budget_ms: float | None = Field(None, gt=0)
     max_error_rate: float = Field(0.05, ge=0, le=1)
     max_psi: float = Field(0.25, ge=0)
+    # Field accuracy (ground truth the applications reported, docs/operations.md "Field accuracy"): the treatment's
+    # must be at least this fraction of the control's, tier by tier, in the earlier and the later half of its
+    # telemetry alike (the ADR 0093 rule). None: not judged. Judged only against a control group, on tiers where
+    # both cohorts (and, to confirm, each half) have ``field_accuracy_min_samples`` matched feedback; until one
+    # has, the wave waits for its sample.
+    min_field_accuracy_vs_control: float | None = Field(None, gt=0, le=1)
+    field_accuracy_min_samples: int = Field(100, ge=1)
     # A compatibility cell blocks a version only on failures from this many distinct devices: one device's bad
     # hardware or flaky storage must not shut a whole tier out. Fewer make the cell "suspect" (shown, not blocking).
     compat_fail_devices: int = Field(2, ge=1)
@@ -356,6 +365,10 @@ class CohortStats:
     window_p95_ms: tuple[float, ...] | None = None
     # the same windows split in time at half of each device's requests (earlier, later); None without times
     halves: tuple[CohortStats, CohortStats] | None = None
+    # ground-truth feedback matched to predictions, and how much of it was right: overall and per tier
+    feedback_matched: int = 0
+    feedback_correct: int = 0
+    feedback_by_tier: dict[str, tuple[int, int]] = field(default_factory=dict)  # tier → (matched, correct)
 
     @property
     def crash_free_rate(self) -> float | None:
@@ -377,6 +390,8 @@ class WindowFacts:
     # when the server received the window (epoch seconds): orders windows in time; device clocks may be off
     end: float | None = None
     drift: tuple[DriftSummary, ...] = ()  # per-feature counts in the reference's bins
+    feedback_matched: int = 0  # ground-truth feedback matched to this window's predictions
+    feedback_correct: int = 0
 
 
 def cohort_stats(
@@ -444,8 +459,16 @@ def _aggregate(windows: Sequence[WindowFacts], devices: int, committed: int, fai
     req = err = 0
     window_p95: list[float] = []
     window_p95_by_tier: dict[str, list[float]] = {}
+    fb_matched = fb_correct = 0
+    fb_by_tier: dict[str, tuple[int, int]] = {}
     for w in windows:
         seen.add(w.device_id)
+        if w.feedback_matched:
+            fb_matched += w.feedback_matched
+            fb_correct += w.feedback_correct
+            if w.tier is not None:
+                m, c = fb_by_tier.get(w.tier, (0, 0))
+                fb_by_tier[w.tier] = (m + w.feedback_matched, c + w.feedback_correct)
         if w.crashes:
             crashed.add(w.device_id)
         req += w.requests
@@ -475,6 +498,9 @@ def _aggregate(windows: Sequence[WindowFacts], devices: int, committed: int, fai
         requests_by_tier=tier_requests,
         window_p95_ms_by_tier={t: tuple(v) for t, v in window_p95_by_tier.items()},
         window_p95_ms=tuple(window_p95),
+        feedback_matched=fb_matched,
+        feedback_correct=fb_correct,
+        feedback_by_tier=fb_by_tier,
     )
 
 
@@ -530,11 +556,16 @@ def judge(treatment: CohortStats, control: CohortStats | None, policy: RolloutPo
         control if control is not None and control.reporting >= 1 and control.requests >= policy.min_requests else None
     )
     slo_fails, pending = _slo_failures(treatment, ctl, policy)
+    accuracy = field_accuracy_vs_control(treatment, ctl, policy)
     fails.extend(slo_fails)
+    fails.extend(accuracy.dropped)
+    pending.extend(accuracy.confirming)
     if fails:
         return Judgement(Outcome.failed, tuple(fails))
     if pending:
         return Judgement(Outcome.inconclusive, tuple(pending), confirming=True)
+    if accuracy.short:
+        return Judgement(Outcome.inconclusive, tuple(accuracy.short), sampling=True)
     basis = "vs control group" if ctl is not None else "against absolute budgets (no control group)"
     return Judgement(Outcome.passed, (f"SLOs hold {basis}",))
 
@@ -640,6 +671,68 @@ def _p95_vs_control(t: CohortStats, c: CohortStats, p: RolloutPolicy) -> tuple[l
         else:
             pending.append(f"{claim}, confirming over at least {p.min_latency_windows} telemetry windows per cohort")
     return confirmed, pending
+
+
+@dataclass(frozen=True)
+class AccuracyVerdict:
+    """Field accuracy against the control: confirmed drops (fail the wave), drops awaiting the later half of the
+    treatment's telemetry (hold it, like a latency suspicion), and samples still short (it waits for them)."""
+
+    dropped: tuple[str, ...] = ()
+    confirming: tuple[str, ...] = ()
+    short: tuple[str, ...] = ()
+
+
+def field_accuracy_vs_control(t: CohortStats, c: CohortStats | None, p: RolloutPolicy) -> AccuracyVerdict:
+    """The treatment's field accuracy against the control's, like for like: tier by tier where both cohorts carry
+    tiers (the cohorts as a whole when neither does), on the tiers where both have ``field_accuracy_min_samples``
+    matched feedback. A drop is an accuracy below ``min_field_accuracy_vs_control`` × the control's, over the whole
+    treatment window and in each of its halves with that sample (ADR 0093's replication rule, as for latency): a
+    drop in one half only is not a regression. Not judged without the knob or a control group."""
+    ratio = p.min_field_accuracy_vs_control
+    n = p.field_accuracy_min_samples
+    if ratio is None or c is None:
+        return AccuracyVerdict()
+
+    def counts(x: CohortStats, tier: str | None) -> tuple[int, int]:
+        return (x.feedback_matched, x.feedback_correct) if tier is None else x.feedback_by_tier.get(tier, (0, 0))
+
+    tiers: list[str | None] = [None]
+    if t.feedback_by_tier or c.feedback_by_tier:
+        tiers = [*sorted(set(t.feedback_by_tier) & set(c.feedback_by_tier))]
+    judged = False
+    dropped: list[str] = []
+    confirming: list[str] = []
+    for tier in tiers:
+        (tm, tc), (cm, cc) = counts(t, tier), counts(c, tier)
+        if tm < n or cm < n:
+            continue
+        judged = True
+        ta, ca = tc / tm, cc / cm
+        if ta >= ca * ratio:
+            continue
+        where = "" if tier is None else f" on tier {tier}"
+        claim = f"field accuracy {ta:.1%} vs control {ca:.1%}{where} (< x{ratio:g}, {tm} and {cm} labels)"
+        known, replicated = True, True
+        for h in t.halves or ():
+            hm, hc = counts(h, tier)
+            if hm < n:
+                known = False
+            elif hc / hm >= ca * ratio:
+                replicated = False
+        if not replicated:
+            continue  # worse in one half only: a stretch of unusual inputs, not the version
+        if known:
+            dropped.append(claim)
+        else:
+            confirming.append(f"{claim}, confirming in the later half of the wave's telemetry")
+    if judged:
+        return AccuracyVerdict(tuple(dropped), tuple(confirming))
+    have = ", ".join(f"{tier or 'all'}: {counts(t, tier)[0]} and {counts(c, tier)[0]}" for tier in tiers)
+    have = have or "no tier with feedback in both cohorts"
+    return AccuracyVerdict(
+        short=(f"need {n} matched labels in both treatment and control to judge field accuracy, have {have}",)
+    )
 
 
 # --------------------------------------------------------------------------- the state machine step

@@ -25,6 +25,7 @@ __all__ = [
     "ApiTokenRevoked",
     "ApiTokenRotated",
     "AuditEntry",
+    "CompatAgent",
     "CompatCell",
     "CompatCleared",
     "CrashReportOut",
@@ -32,10 +33,12 @@ __all__ = [
     "DeviceCrashes",
     "DeviceDetail",
     "DeviceKey",
+    "DeviceSamples",
     "EnrollmentToken",
     "FleetKpis",
     "Group",
     "GroupRotation",
+    "InputSampleOut",
     "Model",
     "ModelVersion",
     "ModelVersionDetail",
@@ -45,6 +48,9 @@ __all__ = [
     "RolloutDetail",
     "RolloutPlanPreview",
     "RolloutStarted",
+    "SampleDownload",
+    "SampleEnvelope",
+    "SamplingStatus",
     "WhoAmI",
 ]
 
@@ -132,6 +138,23 @@ class DriftAlert(_Out):
     psi: float | None
 
 
+class Confusion(_Out):
+    predicted: str
+    label: str
+    count: int
+
+
+class FieldAccuracyKpi(_Out):
+    model: str
+    version: str
+    tier: str
+    matched: int = Field(description="feedback matched to a served request's prediction")
+    correct: int
+    unmatched: int = Field(description="feedback for an unknown or expired request id (answered 404 on the device)")
+    accuracy: float | None = Field(description="correct / matched; None without matched feedback")
+    confusions: list[Confusion] = Field(description="the most frequent wrong (predicted, label) pairs")
+
+
 class RolloutKpi(_Out):
     rollout_id: str
     model: str
@@ -157,9 +180,18 @@ class FleetKpis(_Out):
     drift: list[DriftKpi]
     drift_alerts: list[DriftAlert]
     rollouts: list[RolloutKpi]
+    field_accuracy: list[FieldAccuracyKpi] = Field(
+        default_factory=list, description="ground truth reported by applications, per model × version × tier"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ compat
+
+
+class CompatAgent(_Out):
+    agent_version: str = Field(description="the agent the devices ran; empty: evidence from before agents reported it")
+    status: str
+    devices: int = Field(description="distinct devices whose evidence came under this agent")
 
 
 class CompatCell(_Out):
@@ -170,6 +202,9 @@ class CompatCell(_Out):
     version: str
     status: str
     failing_devices: list[str]
+    agents: list[CompatAgent] = Field(
+        default_factory=list, description="the cell's status under each agent version its device evidence came from"
+    )
     evidence: list[dict[str, Any]]
 
 
@@ -200,6 +235,11 @@ class DesiredModel(_Out):
     rollout_id: str | None
 
 
+class DesiredAgent(_Out):
+    version: str = Field(description="the agent version an agent rollout gives the device, over its group's")
+    rollout_id: str | None
+
+
 class Pin(_Out):
     model: str | None
     version: str
@@ -219,6 +259,7 @@ class Device(_Out):
     state_reason: str | None
     served: ServedModel
     desired: DesiredModel
+    desired_agent: DesiredAgent | None = None
     pinned: Pin | None
     enrolled_at: str
     last_seen: str | None
@@ -283,6 +324,56 @@ class DeviceCrashes(_Out):
     device_id: str
     consent: bool = Field(description="whether the device's group consents to crash reports (crash_reports)")
     crashes: list[CrashReportOut] = Field(description="newest first (by the device's clock)")
+
+
+class SamplingStatus(_Out):
+    consent: bool = Field(
+        description="whether the device's group consents to input sampling (input_sampling, with sample_public_key)"
+    )
+    rate_per_min: float | None = Field(description="at most this many inputs sampled a minute; null: sampling off")
+    key_id: str | None = Field(description="the id of the operator key the samples are encrypted to; null: off")
+    stored: int = Field(description="samples of this device the control plane keeps")
+    newest_received_at: str | None
+    dropped_on_device: int | None = Field(
+        description="samples the device dropped (its spool full), as of its latest upload; null: none uploaded"
+    )
+
+
+class InputSampleOut(_Out):
+    sample_id: str
+    at: str = Field(description="the device's clock when the input was served")
+    received_at: str
+    model: str | None
+    version: str | None
+    key_id: str = Field(description="the operator key it is encrypted to")
+    bytes: int = Field(description="ciphertext bytes")
+
+
+class DeviceSamples(_Out):
+    device_id: str
+    sampling: SamplingStatus
+    samples: list[InputSampleOut] = Field(description="newest first (by the device's clock); encrypted, see pull")
+
+
+class SampleEnvelope(_Out):
+    """``protocol.InputSample`` as the device sealed it: only the private key of ``key_id`` opens it."""
+
+    sample_id: str
+    at: str
+    model: str | None
+    version: str | None
+    key_id: str
+    ephemeral_public_key: str
+    wrap_nonce: str
+    wrapped_key: str
+    nonce: str
+    ciphertext: str = Field(description="base64")
+
+
+class SampleDownload(_Out):
+    device_id: str
+    received_at: str
+    sample: SampleEnvelope
 
 
 class DeviceKey(_Out):
@@ -402,6 +493,7 @@ class ReleasePolicyDoc(_Out):
 
 class Rollout(_Out):
     rollout_id: str
+    kind: str = Field("model", description="model: a model version; agent: the agent bundle (model edgefleet-agent)")
     model: str
     version: str
     tier: str | None
@@ -469,6 +561,7 @@ class ReleaseVerdict(_Out):
 
 
 class RolloutPlanPreview(_Out):
+    kind: str = "model"
     model: str
     version: str
     tier: str | None

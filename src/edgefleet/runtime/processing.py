@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgefleet.errors import ModelError
 
-__all__ = ["Step", "apply_steps"]
+__all__ = ["Confidence", "Step", "apply_steps"]
 
 
 class _Step(BaseModel):
@@ -72,8 +72,19 @@ class Argmax(_Step):
     axis: int = -1
 
 
+class Confidence(_Step):
+    """Declares ``tensor`` (class probabilities along ``axis``) as the answer's confidence: a device routing by
+    confidence (docs/agent.md, "Hybrid edge/cloud routing") sends an answer whose top-1 probability is below
+    ``remote_below`` to its remote endpoint. Tensors pass through unchanged."""
+
+    op: Literal["confidence"] = "confidence"
+    tensor: str = Field(description="the tensor of class probabilities (after softmax)")
+    remote_below: float = Field(gt=0, le=1, description="top-1 probability under which the answer goes remote")
+    axis: int = -1
+
+
 Step = Annotated[
-    Cast | Scale | Normalize | Clip | Reshape | Transpose | Softmax | Argmax,
+    Cast | Scale | Normalize | Clip | Reshape | Transpose | Softmax | Argmax | Confidence,
     Field(discriminator="op"),
 ]
 
@@ -110,6 +121,8 @@ def apply_steps(steps: Sequence[_Step], tensors: dict[str, np.ndarray]) -> dict[
         for name in names:
             if name not in out:
                 raise ModelError(f"processing step {i} ({step.op}) names tensor {name!r}, which does not exist")  # type: ignore[attr-defined]
+            if isinstance(step, Confidence):
+                continue  # a declaration for routing, read by the device; the tensors are unchanged
             try:
                 if isinstance(step, Argmax):
                     out[f"{name}_argmax"] = np.argmax(out[name], axis=step.axis).astype(np.int64)

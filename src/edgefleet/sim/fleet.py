@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from edgefleet.agent.worker import FAULT_ENV
+from edgefleet.agent.worker.main import FAULT_ENV
 from edgefleet.apierrors import error_of
 from edgefleet.config import AgentSettings
 from edgefleet.dtypes import OIP_TO_DTYPE

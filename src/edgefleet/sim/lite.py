@@ -27,7 +27,7 @@ from edgefleet.agent import Agent, ModelInfo, WorkerSpec
 from edgefleet.agent.backend import InProcessBackend
 from edgefleet.agent.edges import HealthCheck
 from edgefleet.agent.healthcheck import HealthResult, check_latency
-from edgefleet.agent.worker import package_info, run_golden
+from edgefleet.agent.worker import packaged
 from edgefleet.config import AgentSettings
 from edgefleet.errors import WorkerUnavailable
 from edgefleet.protocol import DeviceConfig, Hardware
@@ -82,7 +82,7 @@ class SharedModels:
             t = time.perf_counter()
             opened = open_package(path)
             model = opened.load()
-            info = package_info(opened, model, time.perf_counter() - t)
+            info = packaged.package_info(opened, model, time.perf_counter() - t)
             hit = _Loaded(model, info, opened, len(opened.model_bytes) / 2**20)
             self._by_hash[h] = hit
         return hit
@@ -136,7 +136,7 @@ def shared_health_check(pool: SharedModels) -> HealthCheck:
         try:
             loaded = await pool.aload(spec.path)
             pool.check_memory(loaded, spec.memory_mb)
-            golden = run_golden(loaded.model, loaded.opened)
+            golden = packaged.golden(loaded.model, loaded.opened)
         except Exception as err:
             return HealthResult(False, f"health check failed: {err}")
         ok, p95, why = check_latency(golden["latencies_s"], budget_ms_for(loaded.info))

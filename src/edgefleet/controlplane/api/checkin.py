@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from edgefleet.controlplane import audit, crashes, devices
+from edgefleet.controlplane import audit, crashes, devices, samples
 from edgefleet.controlplane.auth import bearer
 from edgefleet.controlplane.checkin_cache import Entry
 from edgefleet.controlplane.context import context_of
@@ -37,6 +37,7 @@ from edgefleet.protocol import (
     API_PREFIX,
     MAX_CRASH_UPLOAD_BYTES,
     MAX_REPORT_BYTES,
+    MAX_SAMPLE_UPLOAD_BYTES,
     CrashUpload,
     CrashUploadResponse,
     CredentialResponse,
@@ -47,6 +48,8 @@ from edgefleet.protocol import (
     LogUpload,
     Report,
     ReportResponse,
+    SampleUpload,
+    SampleUploadResponse,
     validation_message,
 )
 
@@ -378,6 +381,46 @@ async def upload_crashes(device_id: str, request: Request) -> CrashUploadRespons
         return ids
 
     return CrashUploadResponse(accepted_crash_ids=await run_in_threadpool(record))
+
+
+@router.post(
+    "/devices/{device_id}/samples",
+    response_model=SampleUploadResponse,
+    responses={
+        **_AUTH_RESPONSES,
+        409: {"description": "the device's group has not consented to input sampling, or the device is retired"},
+        413: {"description": "the body is over MAX_SAMPLE_UPLOAD_BYTES (8 MiB); nothing stored"},
+        422: {"description": "a sample breaks the wire format; the detail names the fields; nothing stored"},
+    },
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SampleUpload"}}},
+            "required": True,
+        },
+        **_DEVICE_SECURITY,
+    },
+)
+async def upload_samples(device_id: str, request: Request) -> SampleUploadResponse:
+    """The calling device's input samples, each sealed on the device for the operator's key (its group consenting:
+    ``input_sampling``). Read like a report: authenticated first, at most ``MAX_SAMPLE_UPLOAD_BYTES``, validated,
+    then stored once per ``sample_id``."""
+    store = context_of(request).store
+    await _entry(store, device_id, bearer(request))
+    body = await _read_capped(request, MAX_SAMPLE_UPLOAD_BYTES, "sample upload")
+    try:
+        upload = SampleUpload.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidReportError(f"invalid sample upload: {validation_message(exc)}") from None
+
+    def record() -> list[str]:
+        with store.db.session() as s:
+            ids, new = samples.store_samples(s, device_id, upload)
+            if new:
+                who = f"device:{device_id}"
+                audit.record(s, who, "device.samples_uploaded", device_id, sample_ids=new, dropped=upload.dropped)
+        return ids
+
+    return SampleUploadResponse(accepted_sample_ids=await run_in_threadpool(record))
 
 
 async def _read_capped(request: Request, limit: int, what: str) -> bytes:

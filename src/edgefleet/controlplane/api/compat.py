@@ -1,10 +1,11 @@
-"""The compatibility matrix: tier x runtime version x model version; an operator clears a cell."""
+"""The compatibility matrix: tier x runtime version x model version, each cell with its status under each agent
+version its evidence came from; an operator clears a cell."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import Field
 
 from edgefleet.controlplane import audit, compat, schemas
@@ -25,10 +26,17 @@ class CompatClear(_In):
 
 @router.get("/compat", response_model=list[schemas.CompatCell], tags=["compat"], **_OUT, **PAGED)
 def get_compat(
-    ctx: Context, page: Page, request: Request, response: Response, model: str | None = None
+    ctx: Context,
+    page: Page,
+    request: Request,
+    response: Response,
+    model: str | None = None,
+    agent_version: str | None = Query(None, max_length=64, description="only cells with evidence under this agent"),
 ) -> list[dict[str, Any]]:
     with ctx.store.db.session() as s:
         rows = [r for r in compat.matrix(s) if model is None or r["model"] == model]
+    if agent_version is not None:
+        rows = [r for r in rows if any(a["agent_version"] == agent_version for a in r["agents"])]
     cell = ("model", "version", "tier", "runtime", "runtime_version")
     return in_memory(request, response, page, rows, lambda r: [r[k] for k in cell])
 

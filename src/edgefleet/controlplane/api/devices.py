@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import Field
 from sqlalchemy import select
 
-from edgefleet.controlplane import audit, crashes, devices, schemas
+from edgefleet.controlplane import audit, crashes, devices, samples, schemas
 from edgefleet.controlplane.api._paging import PAGED, Page, after, finish, in_memory
 from edgefleet.controlplane.api._shared import _OUT, _In, _who
 from edgefleet.controlplane.context import Context
@@ -179,6 +179,32 @@ def device_crashes(
     with ctx.store.db.session() as s:
         d, rows = crashes.list_crashes(s, device_id, limit)
         return {"device_id": d.id, "consent": crashes.consents(s, d), "crashes": [crashes.crash_dict(c) for c in rows]}
+
+
+@router.get("/devices/{device_id}/samples", response_model=schemas.DeviceSamples, tags=["devices"], **_OUT)
+def device_samples(
+    device_id: str, ctx: Context, limit: int = Query(50, ge=1, le=samples.KEEP_PER_DEVICE)
+) -> dict[str, Any]:
+    """Whether the device samples its served inputs and at what rate (its group consenting: ``input_sampling`` in
+    its configuration document), and the samples it uploaded, newest first: encrypted to the operator's key, only
+    its holder opens them (``edgefleet samples pull``)."""
+    with ctx.store.db.session() as s:
+        d, rows = samples.list_samples(s, device_id, limit)
+        return {
+            "device_id": d.id,
+            "sampling": samples.sampling_status(s, d),
+            "samples": [samples.sample_dict(r) for r in rows],
+        }
+
+
+@router.get("/devices/{device_id}/samples/{sample_id}", response_model=schemas.SampleDownload, tags=["devices"], **_OUT)
+def device_sample(device_id: str, sample_id: str, request: Request, ctx: Context) -> dict[str, Any]:
+    """One input sample as the device sealed it, for the holder of its key to open. Audited."""
+    with ctx.store.db.session() as s:
+        row = samples.get_sample(s, device_id, sample_id)
+        audit.record(s, _who(request).actor, "device.sample_download", device_id, sample_id=sample_id)
+        received = row.received_at.isoformat()
+        return {"device_id": device_id, "received_at": received, "sample": samples.envelope_dict(row)}
 
 
 def _logs_dict(d: Any, row: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from edgefleet.protocol import DeviceConfig
 router = APIRouter()
 
 # remote diagnostics a group opts into (protocol.DeviceConfig): each change is audited as group.consent
-_CONSENTS = ("remote_logs", "crash_reports")
+_CONSENTS = ("remote_logs", "crash_reports", "input_sampling", "sample_rate_per_min", "sample_public_key")
 
 
 class GroupBody(_In):

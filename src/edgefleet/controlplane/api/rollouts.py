@@ -1,4 +1,5 @@
-"""Staged rollouts gated on runtime metrics: plan, start, pause, roll back."""
+"""Staged rollouts gated on runtime metrics: plan, start, pause, roll back — of a model version, or (``kind``
+agent) of the agent bundle (controlplane/agent_rollout.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from pydantic import Field
+from pydantic import Field, model_validator
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from edgefleet.controlplane import audit, reconciler, registry, schemas
+from edgefleet.controlplane import agent_rollout, audit, reconciler, registry, schemas
+from edgefleet.controlplane.agent_rollout import AGENT_MODEL, KIND_AGENT, KIND_MODEL
 from edgefleet.controlplane.api._paging import PAGED, Page, after, finish
 from edgefleet.controlplane.api._shared import _OUT, _In, _Override, _release_check, _who
 from edgefleet.controlplane.context import Context
@@ -27,11 +30,33 @@ router = APIRouter()
 
 
 class RolloutCreate(_Override):
-    model: str = Field(min_length=1, max_length=128)
+    kind: str = Field(
+        KIND_MODEL,
+        pattern="^(model|agent)$",
+        description="model: a model version; agent: the agent bundle of agent version `version` (no model)",
+    )
+    model: str | None = Field(None, min_length=1, max_length=128, description="the model (kind model)")
     version: str = Field(min_length=1, max_length=64)
     tier: str | None = Field(None, max_length=64)
     channel: str | None = Field(None, pattern="^(dev|canary|stable)$")
     policy: RolloutPolicy = Field(default_factory=RolloutPolicy)
+
+    @model_validator(mode="after")
+    def _target(self) -> RolloutCreate:
+        if self.kind == KIND_AGENT:
+            if self.model not in (None, AGENT_MODEL):
+                raise ValueError(f"an agent rollout names no model (it rolls out {AGENT_MODEL})")
+            self.model = AGENT_MODEL
+        elif self.model is None:
+            raise ValueError("a model rollout needs `model`")
+        elif self.model == AGENT_MODEL:
+            raise ValueError(f'{AGENT_MODEL} is the agent: start it with "kind": "agent"')
+        return self
+
+    @property
+    def target(self) -> str:
+        assert self.model is not None  # set by the validator
+        return self.model
 
 
 class ActionBody(_In):
@@ -41,6 +66,7 @@ class ActionBody(_In):
 def rollout_dict(s: Any, r: Rollout, *, full: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {
         "rollout_id": r.id,
+        "kind": r.kind or KIND_MODEL,
         "model": r.model,
         "version": r.version,
         "tier": r.tier,
@@ -95,14 +121,64 @@ def plan_dict(p: RolloutPlan, waves: list[float]) -> dict[str, Any]:
     }
 
 
+def _agent_platforms(ctx: Context, version: str) -> frozenset[str]:
+    """The platforms agent ``version``'s bundle is published for; NotFoundError when it is not in the repository."""
+    bundles = agent_rollout.bundle_versions((t.name, t.custom) for t in ctx.repo.targets())
+    platforms = bundles.get(version)
+    if not platforms:
+        have = ", ".join(sorted(bundles)) or "none"
+        raise NotFoundError(
+            f"no agent bundle {version} in the repository (published: {have}): build it with `edgefleet agent-bundle "
+            "build` and sign it in with `edgefleet agent-bundle publish`"
+        )
+    return platforms
+
+
+def _other_kind_active(s: Session, kind: str) -> None:
+    """One change judged at a time: an agent rollout and a model rollout running together would each read the
+    other's effect in its treatment's telemetry."""
+    q = select(Rollout.id, Rollout.model).where(Rollout.state.in_(_ACTIVE))
+    q = q.where(Rollout.kind == KIND_AGENT) if kind == KIND_MODEL else q.where(Rollout.kind != KIND_AGENT)
+    row = s.execute(q.limit(1)).first()
+    if row is not None:
+        what = "an agent rollout" if kind == KIND_MODEL else f"a rollout of {row[1]}"
+        raise ConflictError(
+            f"{what} ({row[0]}) is still active: finish, abort or roll it back first (both at once would confound "
+            "their judgements)"
+        )
+
+
 @router.post("/rollouts/plan", response_model=schemas.RolloutPlanPreview, tags=["rollouts"], **_OUT)
 def plan_rollout(body: RolloutCreate, ctx: Context) -> dict[str, Any]:
     """``rollout start --dry-run``: the devices each wave would move on today's fleet; starts nothing."""
+    if body.kind == KIND_AGENT:
+        platforms = _agent_platforms(ctx, body.version)
+        with ctx.store.db.session() as s:
+            p = reconciler.plan(
+                s,
+                AGENT_MODEL,
+                body.version,
+                tier=body.tier,
+                channel=body.channel,
+                policy=body.policy,
+                agent_platforms=platforms,
+            )
+            return {
+                "kind": KIND_AGENT,
+                "model": AGENT_MODEL,
+                "version": body.version,
+                "tier": body.tier,
+                "channel": body.channel,
+                **plan_dict(p, body.policy.waves),
+                # the release policy judges model packages (gate, bench); an agent bundle has neither
+                "release": {"allowed": True, "refusal": None},
+            }
     with ctx.store.db.session() as s:
-        mv = registry.get_version(s, body.model, body.version)
-        p = reconciler.plan(s, body.model, body.version, tier=body.tier, channel=body.channel, policy=body.policy)
+        mv = registry.get_version(s, body.target, body.version)
+        p = reconciler.plan(s, body.target, body.version, tier=body.tier, channel=body.channel, policy=body.policy)
         refusal = registry.release_refusal_of(s, mv)
         return {
+            "kind": KIND_MODEL,
             "model": body.model,
             "version": body.version,
             "tier": body.tier,
@@ -116,16 +192,22 @@ def plan_rollout(body: RolloutCreate, ctx: Context) -> dict[str, Any]:
 def start_rollout(body: RolloutCreate, request: Request, ctx: Context) -> dict[str, Any]:
     st = ctx.store
     who = _who(request)
+    agent = body.kind == KIND_AGENT
+    platforms = _agent_platforms(ctx, body.version) if agent else None
     with st.db.session() as s:
-        mv = registry.get_version(s, body.model, body.version)
-        forced = _release_check(s, mv, body, who, "rollout.start")
-        active = s.scalar(select(Rollout.id).where(Rollout.model == body.model, Rollout.state.in_(_ACTIVE)))
+        forced = None
+        if not agent:  # the release policy judges model packages (gate, bench); an agent bundle has neither
+            mv = registry.get_version(s, body.target, body.version)
+            forced = _release_check(s, mv, body, who, "rollout.start")
+        active = s.scalar(select(Rollout.id).where(Rollout.model == body.target, Rollout.state.in_(_ACTIVE)))
         if active is not None:
-            raise ConflictError(f"rollout {active} of {body.model} is still active: finish, abort or roll it back")
+            raise ConflictError(f"rollout {active} of {body.target} is still active: finish, abort or roll it back")
+        _other_kind_active(s, body.kind)
         now = utcnow()
         r = Rollout(
             id="ro-" + secrets.token_hex(6),
-            model=body.model,
+            kind=body.kind,
+            model=body.target,
             version=body.version,
             tier=body.tier,
             channel=body.channel,
@@ -143,7 +225,8 @@ def start_rollout(body: RolloutCreate, request: Request, ctx: Context) -> dict[s
             who.actor,
             "rollout.start",
             r.id,
-            model=body.model,
+            kind=body.kind,
+            model=body.target,
             version=body.version,
             tier=body.tier,
             channel=body.channel,
@@ -154,7 +237,15 @@ def start_rollout(body: RolloutCreate, request: Request, ctx: Context) -> dict[s
         if forced is not None:
             why += f", overriding the release policy: {(body.reason or '').strip()}"
         reconciler.transition(s, r, RolloutState.running, why, who.actor)
-        p = reconciler.plan(s, body.model, body.version, tier=body.tier, channel=body.channel, policy=body.policy)
+        p = reconciler.plan(
+            s,
+            body.target,
+            body.version,
+            tier=body.tier,
+            channel=body.channel,
+            policy=body.policy,
+            agent_platforms=platforms,
+        )
         if p.blocked is not None:
             # say so now: the operator who started it is the one to hear that it reaches no device
             reconciler.transition(s, r, RolloutState.blocked, p.blocked, who.actor)

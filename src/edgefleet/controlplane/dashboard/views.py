@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from edgefleet.controlplane import audit, compat, crashes, devices, kpi, registry, rollups
+from edgefleet.controlplane import audit, compat, crashes, devices, kpi, registry, rollups, samples
+from edgefleet.controlplane.agent_rollout import KIND_AGENT
 from edgefleet.controlplane.dashboard.charts import Series
 from edgefleet.controlplane.db import (
     Device,
@@ -172,7 +173,9 @@ def wave_metrics(s: Session, r: Rollout, *, now: datetime | None = None) -> list
             starts.setdefault(t.wave, t.at)
     moved = list(s.scalars(select(RolloutDevice).where(RolloutDevice.rollout_id == r.id)))
     moved_ids = {x.device_id for x in moved}
-    q = select(Device.id).where(Device.revoked_at.is_(None), Device.served_model == r.model)
+    q = select(Device.id).where(Device.revoked_at.is_(None))
+    if r.kind != KIND_AGENT:  # an agent rollout's control: every device still on its old agent, whatever it serves
+        q = q.where(Device.served_model == r.model)
     if r.tier:
         q = q.where(Device.tier == r.tier)
     control_ids = sorted(set(s.scalars(q)) - moved_ids)
@@ -333,6 +336,7 @@ def device_page(s: Session, device_id: str, *, overdue_after_s: float) -> dict[s
     out["history"] = audit.list_entries(s, limit=100, target=device_id)
     out["crash_consent"] = crashes.consents(s, d)
     out["crashes"] = [crashes.crash_dict(c) for c in crashes.list_crashes(s, device_id, 20)[1]]
+    out["sampling"] = samples.sampling_status(s, d)
     return out
 
 

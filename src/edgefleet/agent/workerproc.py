@@ -1,10 +1,10 @@
-"""The inference worker: a separate process that loads one model and answers requests over a socket pair.
+"""The agent's handle of an inference worker process: it starts one, speaks the frames, and learns it ended.
 
-A crash there (a segfault in the runtime, an abort, the memory watchdog's SIGKILL) cannot take the agent down;
-the supervisor restarts it. The process's entry point, frame protocol and serving loop are in
-``_worker_main.py`` (kept free of edgefleet imports, so a bare ONNX model is served by a lean process); this
-module holds what both sides share (:class:`WorkerSpec`, :class:`ModelInfo`), the full package loading path the
-worker imports only for packages, and the agent side (:class:`WorkerProcess`).
+The worker is a separate process that loads one model and answers requests over a socket pair: a crash there (a
+segfault in the runtime, an abort, the memory watchdog's SIGKILL) cannot take the agent down; the supervisor
+restarts it. What runs inside that process is the ``agent/worker/`` package (its entry ``worker/main.py``, the
+full package path ``worker/packaged.py``), which never imports this side (docs/adr/0106-agent-worker-process-
+boundary.md); what both sides share is ``worker/spec.py`` (:class:`WorkerSpec`, :class:`ModelInfo`) and the frames.
 
 Frames are ``frames.py``'s (ADR 0101): the agent reads JSON and raw tensors from the worker, never anything that
 can carry code, and a frame that breaks the format ends the worker (a crash: the model's process is broken or
@@ -25,168 +25,19 @@ import logging
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent._worker_main import FAULT_ENV, serve_loop
 from edgefleet.agent.frames import FrameError, encode, take
+from edgefleet.agent.worker.spec import ModelInfo, WorkerSpec
 from edgefleet.errors import WorkerUnavailable
 
-__all__ = ["FAULT_ENV", "ModelInfo", "WorkerProcess", "WorkerSpec", "package_info", "run_golden", "serve"]
+__all__ = ["WorkerProcess"]
 
 log = logging.getLogger("edgefleet.agent")
-_ENTRY = str(Path(__file__).with_name("_worker_main.py"))
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What a worker loads: a package (``.efpkg``) or a bare ONNX file."""
-
-    path: Path
-    device_key: Path | None = None
-    role: str = "serve"  # serve | health
-    memory_mb: int | None = None
-    intra_op_threads: int = 1
-    fault_file: Path | None = None  # where faulthandler writes the worker's traceback on a fatal signal
-
-
-@dataclass
-class ModelInfo:
-    name: str
-    version: str
-    model_sha256: str
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-    platform: str = "onnxruntime"  # the runtime that serves it: onnxruntime, litert, openvino
-    provider: str = "CPUExecutionProvider"  # what runs it there: an execution provider, an OpenVINO device, ...
-    load_seconds: float = 0.0
-    metrics: dict[str, Any] = field(default_factory=dict)
-    has_golden: bool = False
-
-
-# ---------------------------------------------------------------- worker side (the full path, for packages)
-
-
-def package_info(opened: Any, model: Any, load_seconds: float = 0.0) -> ModelInfo:
-    """What the agent reports of a package's model once loaded (``opened``: an opened package)."""
-    m = opened.manifest
-    return ModelInfo(
-        name=m.name,
-        version=m.version,
-        model_sha256=opened.model_sha256,
-        inputs=[s.model_dump() for s in model.inputs],
-        outputs=[s.model_dump() for s in model.outputs],
-        platform=model.runtime_name,
-        provider=model.provider,
-        metrics=dict(m.metrics or {}),
-        has_golden=True,
-        load_seconds=load_seconds,
-    )
-
-
-def _load(spec: WorkerSpec) -> tuple[Any, ModelInfo, Any, Any]:
-    from edgefleet.config import RuntimeSettings
-
-    settings = RuntimeSettings(intra_op_threads=spec.intra_op_threads)
-    t0 = time.perf_counter()
-    if spec.path.suffix == ".efpkg":
-        from edgefleet.package import open_package
-
-        opened = open_package(spec.path, device_key=spec.device_key)
-        model = opened.load(settings)
-        info = package_info(opened, model)
-        reference = opened.reference
-    else:
-        from edgefleet.runtime import load_model
-
-        model = load_model(spec.path, settings)
-        opened = None
-        info = ModelInfo(
-            name=spec.path.stem,
-            version="1",
-            model_sha256=model.model_sha256,
-            inputs=[s.model_dump() for s in model.inputs],
-            outputs=[s.model_dump() for s in model.outputs],
-            platform=model.runtime_name,
-            provider=model.provider,
-        )
-        reference = None
-    info.load_seconds = time.perf_counter() - t0
-    return model, info, opened, reference
-
-
-def run_golden(model: Any, opened: Any) -> dict[str, Any]:
-    """Run an opened package's golden vectors through ``model`` (the package's, loaded): raises
-    GoldenMismatchError when an output leaves its tolerance, else times every call (three passes) and returns
-    ``{"calls": n, "latencies_s": [...]}``, what :func:`~edgefleet.agent.healthcheck.check_latency` judges.
-    The worker's ``golden`` request runs this; so does a health check that shares one loaded model."""
-    opened.verify_golden(model)
-    times: list[float] = []
-    calls = opened.golden_inputs
-    for _ in range(3):
-        for feed in calls:
-            t0 = time.perf_counter()
-            model.run(feed)
-            times.append(time.perf_counter() - t0)
-    return {"calls": len(calls), "latencies_s": times}
-
-
-def serve(sock: socket.socket, spec: WorkerSpec) -> None:
-    """The worker's loop for a package (or any model when ``EDGEFLEET_RUNTIME_*`` settings are given)."""
-    from edgefleet.agent._worker_main import _fault, _limit_memory
-
-    try:
-        model, info, opened, reference = _load(spec)
-    except Exception as err:
-        sock.sendall(encode(("err", "load", f"{type(err).__name__}: {err}")))
-        return
-    if spec.memory_mb:
-        _limit_memory(spec.memory_mb)
-    sock.sendall(encode(("hello", _info_dict(info))))
-    _fault(info.version, spec.role)
-    from edgefleet.errors import InputValidationError
-
-    drift = None
-    if reference is not None:
-        from edgefleet.agent.driftcount import DriftCounter
-
-        drift = DriftCounter(reference)
-
-    def handle(msg: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        op = msg[0]
-        if op == "drift":  # the window's histograms, then a fresh start for the next window
-            if drift is None:
-                return ("ok", [], 0.0)
-            try:
-                out = [d.model_dump(mode="json") for d in drift.summaries()]
-            except Exception as err:  # a statistic that cannot be summarised must not take serving down
-                return ("err", "model", f"drift: {type(err).__name__}: {err}")
-            finally:
-                drift.reset()
-            return ("ok", out, 0.0)
-        if op == "golden":
-            if not opened:
-                return ("err", "golden", "no golden vectors")
-            try:
-                return ("ok", run_golden(model, opened), 0.0)
-            except Exception as err:
-                return ("err", "golden", f"{type(err).__name__}: {err}")
-        return None if op == "stop" else ("err", "model", f"unknown operation {op!r}")
-
-    serve_loop(
-        sock, model.run, handle, (InputValidationError,), drift.add if drift is not None else None, _info_dict(info)
-    )
-
-
-def _info_dict(info: ModelInfo) -> dict[str, Any]:
-    # A plain dict, not the dataclass: the lean worker sends the same shape without importing this module.
-    return dict(info.__dict__)
-
-
-# ---------------------------------------------------------------- agent side
+# the worker process's entry, run as a file (see worker/main.py): not imported here, the agent never loads it
+_ENTRY = str(Path(__file__).with_name("worker") / "main.py")
 
 
 class _Conn(asyncio.Protocol):
@@ -218,7 +69,11 @@ class _Conn(asyncio.Protocol):
         waiters = self.owner._waiters
         for msg in msgs:
             op = msg[0]
-            if op == "stats" or op == "metrics":  # unasked-for, from a worker serving HTTP itself (ADR 0032)
+            if op == "remote":  # a low-confidence request handed over for the remote endpoint (ADR 0105)
+                self._remote(msg)
+                continue
+            # unasked-for: from a worker serving HTTP (ADR 0032), and the inputs it sampled (agent/sampling.py)
+            if op == "stats" or op == "metrics" or op == "shm" or op == "samples":
                 self._unasked(msg)
                 continue
             if not waiters:
@@ -233,12 +88,33 @@ class _Conn(asyncio.Protocol):
                 except Exception:  # one answer's handler failing must not desynchronise the stream
                     log.exception("an inference answer's callback failed")
 
+    def _remote(self, msg: tuple[Any, ...]) -> None:
+        on_remote = self.owner.on_remote
+
+        def reply(answer: tuple[Any, ...]) -> None:
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(encode(answer))
+
+        try:
+            if on_remote is None:  # no routing here: the worker answers with its own result
+                reply(("remote", msg[1], {}, {"route": "local", "reason": "no routing in this agent"}))
+            else:
+                on_remote(msg, reply)
+        except Exception:
+            log.exception("a request handed over for the remote endpoint could not be handled")
+
     def _unasked(self, msg: tuple[Any, ...]) -> None:
         owner = self.owner
         try:
             if msg[0] == "stats":
                 if owner.on_stats is not None:
                     owner.on_stats(msg[1], owner.info)
+            elif msg[0] == "samples":
+                if owner.on_samples is not None:
+                    owner.on_samples(msg[1], owner.info)
+            elif msg[0] == "shm":
+                if owner.on_shm is not None:
+                    owner.on_shm(msg[1])
             else:
                 body = owner.render_metrics() if owner.render_metrics is not None else b""
                 if self.transport is not None:
@@ -268,13 +144,20 @@ class WorkerProcess:
         # Set when the worker serves HTTP itself: where its per-request stats go, and who renders /metrics.
         self.on_stats: Callable[[list[Any], ModelInfo | None], None] | None = None
         self.render_metrics: Callable[[], bytes] | None = None
+        # hybrid routing (ADR 0105): on_remote(("remote", token, feeds, meta), reply) for a handed-over request
+        self.on_remote: Callable[[tuple[Any, ...], Callable[[tuple[Any, ...]], None]], None] | None = None
+        self.on_shm: Callable[[Any], None] | None = None  # a shared memory region (un)registered in the worker
+        self.serve_sent = False  # the serve frame left: later shared memory changes follow it as frames
+        # input sampling (agent/sampling.py): the rate this worker was told, and where what it sampled goes
+        self.sample_rate = 0.0
+        self.on_samples: Callable[[list[Any], ModelInfo | None], None] | None = None
 
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
     def command(self, fd: int) -> list[str]:
-        # -P: the entry file's folder stays off sys.path; a file, not -m: no edgefleet/__init__ (see _worker_main).
+        # -P: the entry file's folder stays off sys.path; a file, not -m: no edgefleet/__init__ (see worker/main.py).
         args = [sys.executable, "-P", _ENTRY, "--fd", str(fd), "--path", str(self.spec.path)]
         args += ["--role", self.spec.role, "--threads", str(self.spec.intra_op_threads)]
         if self.spec.device_key:
@@ -349,10 +232,18 @@ class WorkerProcess:
         self._transport.write(encode(msg))
         return await fut
 
-    async def serve_http(self, listen: socket.socket, limits: dict[str, Any] | None = None) -> bool:
-        """Hand the worker the agent's listening socket: it accepts and answers HTTP itself from now on (ADR
-        0032), under ``limits`` (``HTTPLimits._asdict()``, the agent's own). True once it said so; False if it
-        cannot (it crashed, or refused)."""
+    async def serve_http(
+        self,
+        listen: socket.socket | list[socket.socket],
+        limits: dict[str, Any] | None = None,
+        shm: Callable[[], list[dict[str, Any]]] | None = None,
+    ) -> bool:
+        """Hand the worker the agent's listening socket(s) (TCP, and the Unix socket when there is one): it
+        accepts and answers HTTP itself from now on (ADR 0032), under ``limits`` (``HTTPLimits._asdict()``, the
+        agent's own), with the shared memory regions ``shm()`` lists at that moment. True once it said so; False if
+        it cannot (it crashed, or refused)."""
+        listens = listen if isinstance(listen, list) else [listen]
+        fds = [s.fileno() for s in listens]
         if self._transport is None or self._sock is None or self.closed.is_set():
             return False
         while self._transport.get_write_buffer_size():  # the fd must travel in order with the frames
@@ -361,17 +252,23 @@ class WorkerProcess:
                 return False
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
-        data = encode(("serve", limits))
+
+        def frame() -> bytes:  # the regions as they are when the frame leaves; later changes follow it (send_shm)
+            return encode(("serve", limits, {"listeners": len(fds), "shm": shm() if shm is not None else []}))
+
+        data = frame()
         try:
-            n = socket.send_fds(self._sock, [data], [listen.fileno()])
+            n = socket.send_fds(self._sock, [data], fds)
         except (BlockingIOError, InterruptedError):
             n = 0  # the socket buffer is full: the fd must ride the first byte, so retry that way
             while n == 0 and not self.closed.is_set():
                 await asyncio.sleep(0.001)
+                data = frame()
                 with contextlib.suppress(BlockingIOError, InterruptedError):
-                    n = socket.send_fds(self._sock, [data], [listen.fileno()])
+                    n = socket.send_fds(self._sock, [data], fds)
         except OSError:
             return False
+        self.serve_sent = n > 0
         if 0 < n < len(data):
             self._transport.write(data[n:])
         try:
@@ -379,6 +276,11 @@ class WorkerProcess:
         except WorkerUnavailable:
             return False
         return bool(reply[0] == "ok")
+
+    def send_shm(self, change: dict[str, Any]) -> None:
+        """A shared memory region (un)registered on the agent's side, for a worker that serves HTTP (no answer)."""
+        if self.serve_sent and self._transport is not None and not self.closed.is_set():
+            self._transport.write(encode(("shm", change)))
 
     @property
     def in_flight(self) -> int:

@@ -31,12 +31,17 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from edgefleet.agent._worker_main import answer_all
+import numpy as np
+
 from edgefleet.agent.codec import BadRequest
+from edgefleet.agent.feedback import FEEDBACK
 from edgefleet.agent.frames import encode
 from edgefleet.agent.frames import take as take_frames
 from edgefleet.agent.httpserver import ACCEPT_BACKOFF, HTTPLimits, HTTPProtocol, accept_burst, refuse_connection
 from edgefleet.agent.oip import OIPApp
+from edgefleet.agent.serving import Done
+from edgefleet.agent.shm import ShmRegistry
+from edgefleet.agent.worker.main import answer_all
 
 __all__ = ["FLUSH_N", "FLUSH_S", "WorkerService", "serve_http"]
 
@@ -46,8 +51,8 @@ _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _HIGH_WATER = 256 * 1024
 _RECV = 256 * 1024
 
-Observation = tuple[str, float | None, float]
-Done = Callable[[dict[str, Any] | None, float, BadRequest | None], None]
+# (outcome, total_s, compute_s) of a request, or (feedback.FEEDBACK, predicted, label) of ground truth
+Observation = tuple[str, Any, Any]
 
 
 class _Transport:
@@ -202,8 +207,8 @@ class _Loop:
 
 
 class WorkerService:
-    """The worker's side of what :class:`~edgefleet.agent.service.InferenceService` offers the OIP app: the model
-    runs in this process, per-request facts are batched to the agent."""
+    """The worker's :class:`~edgefleet.agent.serving.Serving` (the agent's is ``service.InferenceService``): the
+    model runs in this process, per-request facts are batched to the agent."""
 
     def __init__(
         self,
@@ -216,7 +221,6 @@ class WorkerService:
         self.ctrl = ctrl
         # the fields of worker.ModelInfo, whose defaults the lean worker does not send
         self.info = SimpleNamespace(**{"platform": "onnxruntime", "metrics": {}, "has_golden": False, **info})
-        self.backend: object = self  # ready: a model is loaded and serving
         self.unavailable_reason = ""
         self.run = run
         self.input_errors = input_errors
@@ -224,12 +228,36 @@ class WorkerService:
         self.observations: list[Observation] = []
         self.deadline = 0.0
         self.metrics_waiting: deque[Callable[[bytes], None]] = deque()
+        # Hybrid routing (ADR 0105): the package's confidence step ({"tensor", "below", "axis"}, worker.serve), whether
+        # the agent's policy wants low-confidence answers (its "routing" frame), and the answers handed over to it.
+        self.confidence: dict[str, Any] | None = info.get("confidence")
+        self.route_confidence = False
+        self.handed: dict[int, tuple[Done, dict[str, Any], float]] = {}
+        self._token = 0
+        # Shared memory regions, mapped here (agent/shm.py); a change made through this worker's API goes to the
+        # agent, which keeps the records for the next worker.
+        self.shm = ShmRegistry(mapped=True)
+        self.shm.on_change = lambda change: ctrl.sendall(encode(("shm", change)))
+
+    @property
+    def ready(self) -> bool:
+        return True  # a model is loaded and serving: this loop runs only then
 
     def record(self, outcome: str, total: float | None, compute: float = 0.0) -> None:
         obs = self.observations
         if not obs:
             self.deadline = time.monotonic() + FLUSH_S
         obs.append((outcome, total, compute))
+        if len(obs) >= FLUSH_N:
+            self.flush()
+
+    def record_feedback(self, predicted: str | None, label: str) -> None:
+        """Ground truth matched (or not: ``predicted`` None) to a request: shipped with the stats, so it lands in
+        the telemetry window of the version that answered (agent/feedback.py)."""
+        obs = self.observations
+        if not obs:
+            self.deadline = time.monotonic() + FLUSH_S
+        obs.append((FEEDBACK, predicted, label))
         if len(obs) >= FLUSH_N:
             self.flush()
 
@@ -250,9 +278,46 @@ class WorkerService:
         except Exception as err:
             done(None, 0.0, BadRequest(f"{type(err).__name__}: {err}", 500))
             return
-        done(result, time.perf_counter() - t0, None)  # the answer is written from here
+        compute = time.perf_counter() - t0
+        if not (self.route_confidence and self._hand_over(feeds, outputs, result, compute, done)):
+            done(result, compute, None)  # the answer is written from here
         if self.after is not None:
             self.after(feeds, result)  # drift, after the answer; raw inputs never leave this process
+
+    def _hand_over(
+        self, feeds: dict[str, Any], outputs: list[str] | None, result: dict[str, Any], compute: float, done: Done
+    ) -> bool:
+        """A local answer under the package's confidence threshold goes to the agent, which may ask the remote
+        endpoint (its budget, its client); this loop never waits on the network. True: handed over."""
+        c = self.confidence
+        probs = result.get(c["tensor"]) if c else None
+        if c is None or probs is None:
+            return False
+        try:
+            top = float(np.min(np.max(probs, axis=c.get("axis", -1))))
+        except (TypeError, ValueError):
+            return False
+        if not top < c["below"]:
+            return False
+        self._token += 1
+        self.handed[self._token] = (done, result, compute)
+        meta = {"outputs": outputs, "confidence": top, "threshold": c["below"]}
+        self.ctrl.sendall(encode(("remote", self._token, feeds, meta)))
+        return True
+
+    def remote_answered(self, msg: tuple[Any, ...]) -> None:
+        """The agent's answer to a handed-over request: the remote's outputs, or "local" (budget spent, remote
+        unreachable, policy changed): the local answer goes out then."""
+        entry = self.handed.pop(msg[1], None)
+        if entry is None:
+            return
+        done, result, compute = entry
+        meta = msg[3]
+        if meta.get("route") == "remote":
+            via = (str(meta.get("model_name", "")), str(meta.get("model_version", "")))
+            done(msg[2], compute, None, via)  # type: ignore[call-arg]  # OIPApp's done takes the remote's name
+        else:
+            done(result, compute, None)
 
     def render_metrics(self, reply: Callable[[bytes], None]) -> None:
         self.flush()  # the agent counts what was answered so far before it renders
@@ -271,14 +336,23 @@ def serve_http(
     after: Callable[[dict[str, Any], dict[str, Any]], None] | None,
     info: dict[str, Any],
     limits: HTTPLimits,
+    more: list[socket.socket] | None = None,
+    regions: Any = None,
 ) -> None:
-    """Accept on ``listen`` and answer frames on ``ctrl`` (``buf``: frames already read; ``view``: the receive
-    buffer, reused) until EOF or stop."""
+    """Accept on ``listen`` (and ``more``: the Unix socket) and answer frames on ``ctrl`` (``buf``: frames already
+    read; ``view``: the receive buffer, reused) until EOF or stop. ``regions``: the agent's shared memory regions,
+    mapped here before the first request (one that cannot be is unregistered on the agent's side too)."""
     loop = _Loop()
     svc = WorkerService(ctrl, info, run, input_errors, after)
+    for region in regions if isinstance(regions, list) else []:
+        lost = svc.shm.apply(region)
+        if lost is not None:
+            ctrl.sendall(encode(("shm", {"op": "unregister", "name": lost})))
     handle = OIPApp(svc, limits=limits).handle
-    listen.setblocking(False)
-    loop.sel.register(listen, _READ, "accept")
+    listens = [listen, *(more or [])]
+    for s in listens:
+        s.setblocking(False)
+        loop.sel.register(s, _READ, "accept")
     loop.sel.register(ctrl, _READ, "ctrl")
     tick = limits.tick_s
     next_sweep = time.monotonic() + tick
@@ -292,18 +366,25 @@ def serve_http(
         conn.setblocking(False)
         _Transport(loop, conn, HTTPProtocol(handle, None, limits))
 
-    def accept() -> None:
+    def accept(sock: socket.socket) -> None:
         nonlocal backoff, resume_at
-        err = accept_burst(listen, take, 16)
+        err = accept_burst(sock, take, 16)
         if err is None:
             backoff = 0.0
             return
         # No descriptors (or buffers) now: the socket stays readable, so retrying at once would spin.
         backoff = min(ACCEPT_BACKOFF[1], backoff * 2) if backoff else ACCEPT_BACKOFF[0]
         resume_at = time.monotonic() + backoff
-        loop.sel.unregister(listen)
+        for s in listens:
+            loop.sel.unregister(s)
 
     def special(msg: tuple[Any, ...]) -> bytes | None:
+        if msg[0] == "remote":  # the agent's answer to a request handed over (hybrid routing)
+            svc.remote_answered(msg)
+            return b""
+        if msg[0] == "routing":
+            svc.route_confidence = bool(msg[1].get("confidence"))
+            return encode(("ok", None, 0.0))
         if msg[0] == "metrics":
             if svc.metrics_waiting:
                 svc.metrics_waiting.popleft()(msg[1])
@@ -311,6 +392,11 @@ def serve_http(
         if msg[0] == "flush":
             svc.flush()  # the stats frame goes before this answer: the agent counts them first
             return encode(("ok", None, 0.0))
+        if msg[0] == "shm":  # registered or unregistered through the agent: no answer
+            lost = svc.shm.apply(msg[1])
+            if lost is not None:  # the object went away meanwhile: the agent forgets the region too
+                ctrl.sendall(encode(("shm", {"op": "unregister", "name": lost})))
+            return b""
         if msg[0] == "drift":
             # The same cut for counts and histograms: the requests whose drift this answer holds are shipped
             # before it, so the agent closes the telemetry window on exactly them. The handler answers.
@@ -336,7 +422,7 @@ def serve_http(
                 if isinstance(data, _Transport):
                     data.on_event(mask)
                 elif data == "accept":
-                    accept()
+                    accept(key.fileobj)  # type: ignore[arg-type]
                 else:
                     n = ctrl.recv_into(view)
                     if n == 0:
@@ -351,16 +437,19 @@ def serve_http(
                 svc.flush()
             if resume_at and now >= resume_at:
                 resume_at = 0.0
-                loop.sel.register(listen, _READ, "accept")
+                for s in listens:
+                    loop.sel.register(s, _READ, "accept")
             if now >= next_sweep:
                 next_sweep = now + tick
                 for t in list(loop.transports):
                     t.protocol.check(now)
     finally:
         # A graceful stop (a switch, shutdown): no more accepting, answered requests counted, connections closed.
-        if not resume_at:
-            loop.sel.unregister(listen)
-        listen.close()
+        for s in listens:
+            if not resume_at:
+                loop.sel.unregister(s)
+            s.close()
+        svc.shm.close()
         for t in list(loop.transports):
             t.close()
         try:

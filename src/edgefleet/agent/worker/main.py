@@ -5,7 +5,7 @@ inside the package would first run ``edgefleet/__init__``, which imports the run
 onnx (~20 MB of RSS and ~0.3 s of start-up here, for nothing the hot path uses). A bare ``.onnx`` model is served
 with the standard library, numpy and onnxruntime only; a package (decryption, manifest, golden vectors, drift
 reference, pre/post-processing) or a worker with ``EDGEFLEET_RUNTIME_*`` settings loads through the full
-package/runtime layers (:func:`edgefleet.agent.worker._load`), imported only then. ``-P`` keeps this file's
+package/runtime layers (:func:`edgefleet.agent.worker.packaged.load`), imported only then. ``-P`` keeps this file's
 folder off ``sys.path`` (its neighbours' names, such as ``metrics`` or ``telemetry``, must not shadow anything).
 
 Frames, both ways: ``frames.py`` — a fixed header, a JSON descriptor and raw tensor bytes, nothing that can carry
@@ -15,12 +15,14 @@ pipelined requests with one ``sendall``.
 
 Messages (agent → worker): ``("infer", feeds, outputs)``, ``("drift",)``, ``("golden",)``, ``("stop",)``, and
 ``("serve", limits)`` with the agent's listening socket attached (SCM_RIGHTS): from then on the worker answers the
-OIP HTTP port itself (``workerhttp.py``, ADR 0032) under the agent's HTTP limits (``httpserver.HTTPLimits`` as a
+OIP HTTP port itself (``worker/httpserve.py``, ADR 0032) under the agent's HTTP limits (``httpserver.HTTPLimits`` as a
 dict), still answering these frames, plus ``("flush",)``.
 Answers: ``("ok", value, compute_seconds)`` or ``("err", kind, message)``; the first frame is
 ``("hello", info_dict)`` with the model's metadata, or ``("err", "load", message)``. While serving HTTP the
 worker also sends, unasked, ``("stats", observations)`` batches and ``("metrics",)`` requests (the agent answers
-``("metrics", body)``).
+``("metrics", body)``). ``("sample", rate_per_min)`` turns input sampling on (0: off; agent/sampling.py): the
+inputs of answered requests, at most that many a minute, go to the agent unasked as ``("samples", [...])``
+(``worker/sampler.py``).
 
 ``EDGEFLEET_WORKER_FAULT=<version>:abort|alloc`` is a test hook: a serving worker for that model version aborts
 or allocates without bound after loading — a model that passes its golden vectors but crashes on live traffic.
@@ -44,7 +46,7 @@ try:  # CPython's own SHA-256: hashlib's would map OpenSSL into this process (~3
 except ImportError:  # pragma: no cover - other Pythons
     from hashlib import sha256
 
-__all__ = ["FAULT_ENV", "answer_all", "answer_frame", "main", "serve_loop"]
+__all__ = ["FAULT_ENV", "answer_all", "answer_frame", "fault", "limit_memory", "main", "serve_loop"]
 
 FAULT_ENV = "EDGEFLEET_WORKER_FAULT"
 _RECV = 1 << 20
@@ -59,7 +61,8 @@ def answer_frame(result: dict[str, Any], compute: float) -> bytes:
         return encode(("err", "model", str(err)))
 
 
-def _fault(version: str, role: str) -> None:
+def fault(version: str, role: str) -> None:
+    """The :data:`FAULT_ENV` test hook, run once the model is loaded and the hello sent."""
     spec = os.environ.get(FAULT_ENV, "")
     if role != "serve" or ":" not in spec:
         return
@@ -76,7 +79,8 @@ def _fault(version: str, role: str) -> None:
             time.sleep(0.01)
 
 
-def _limit_memory(memory_mb: int) -> None:
+def limit_memory(memory_mb: int) -> None:
+    """RLIMIT_DATA: at most ``memory_mb`` more heap than the loaded model holds now."""
     # Called once the model is loaded: the backstop bounds what serving allocates beyond that.
     # RLIMIT_AS is useless for onnxruntime (it maps ~190 MB of address space at import); RLIMIT_DATA bounds the
     # heap growth from here on. The precise emulation of device memory is the supervisor's RSS watchdog.
@@ -236,6 +240,8 @@ def serve_loop(
     ``after(feeds, outputs)`` runs once the answers of a burst are sent (drift: it never delays a request).
     ``("serve",)`` (with a listening socket attached) turns to serving HTTP with the model ``info``."""
     perf = time.perf_counter
+    sampler: list[Any] = []  # worker/sampler.py's WorkerSampler while the agent has input sampling on
+    after = _with_sampling(after, sampler)
 
     def answer(msg: tuple[Any, ...]) -> tuple[bytes | None, tuple[dict[str, Any], dict[str, Any]] | None]:
         """One frame's answer (None: stop) and, for a served infer, its (feeds, outputs) for ``after``."""
@@ -250,6 +256,10 @@ def serve_loop(
             except Exception as err:
                 return encode(("err", "model", f"{type(err).__name__}: {err}")), None
             return answer_frame(result, perf() - t0), (msg[1], result)
+        if msg[0] == "sample":
+            return _set_sampling(sampler, sock, msg[1]), None
+        if sampler and (msg[0] == "drift" or msg[0] == "stop"):
+            sampler[0].ship()  # before the answer: what was sampled reaches the agent every telemetry window
         reply = handle(msg)
         return (None, None) if reply is None else (encode(reply), None)
 
@@ -276,14 +286,44 @@ def serve_loop(
             if not fds or info is None:
                 sock.sendall(encode(("err", "model", "serve: no listening socket or no model info")))
                 continue
-            listen = socket.socket(fileno=fds.pop(0))
+            extra = serve[2] if len(serve) > 2 and isinstance(serve[2], dict) else {}
+            count = extra.get("listeners")
+            count = count if isinstance(count, int) and 1 <= count <= len(fds) else 1
+            listens = [socket.socket(fileno=fd) for fd in fds[:count]]  # TCP, then the Unix socket if any
+            del fds[:count]
             sock.sendall(encode(("ok", None, 0.0)))
             from edgefleet.agent.httpserver import HTTPLimits
-            from edgefleet.agent.workerhttp import serve_http
+            from edgefleet.agent.worker.httpserve import serve_http
 
             limits = HTTPLimits.from_dict(serve[1] if len(serve) > 1 else None)
-            serve_http(sock, listen, buf, view, answer, run, input_errors, after, info, limits)
+            serve_http(
+                sock, listens[0], buf, view, answer, run, input_errors, after, info, limits,
+                more=listens[1:], regions=extra.get("shm"),
+            )  # fmt: skip
             return
+
+
+def _with_sampling(
+    after: Callable[[dict[str, Any], dict[str, Any]], None] | None, sampler: list[Any]
+) -> Callable[[dict[str, Any], dict[str, Any]], None]:
+    def both(feeds: dict[str, Any], result: dict[str, Any]) -> None:
+        if after is not None:
+            after(feeds, result)
+        if sampler:
+            sampler[0].observe(feeds)  # after the answer went out, as drift: sampling never delays a request
+
+    return both
+
+
+def _set_sampling(sampler: list[Any], sock: socket.socket, per_min: float) -> bytes:
+    """Input sampling on at ``per_min`` inputs a minute, or off at 0; its module is imported only when on."""
+    if sampler:
+        sampler.pop().ship()
+    if per_min > 0:
+        from edgefleet.agent.worker.sampler import WorkerSampler
+
+        sampler.append(WorkerSampler(sock.sendall, per_min))
+    return encode(("ok", None, 0.0))
 
 
 def _serve_lean(sock: socket.socket, path: str, role: str, threads: int, memory_mb: int | None) -> None:
@@ -293,9 +333,9 @@ def _serve_lean(sock: socket.socket, path: str, role: str, threads: int, memory_
         sock.sendall(encode(("err", "load", f"{type(err).__name__}: {err}")))
         return
     if memory_mb:
-        _limit_memory(memory_mb)
+        limit_memory(memory_mb)
     sock.sendall(encode(("hello", info)))
-    _fault(info["version"], role)
+    fault(info["version"], role)
 
     def handle(msg: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if msg[0] == "drift":
@@ -339,13 +379,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     from pathlib import Path
 
-    from edgefleet.agent.worker import WorkerSpec, serve
+    from edgefleet.agent.worker.packaged import serve
+    from edgefleet.agent.worker.spec import WorkerSpec
 
     key = Path(a["device-key"]) if a.get("device-key") else None
     serve(sock, WorkerSpec(Path(a["path"]), key, role, memory_mb, threads))
 
 
 if __name__ == "__main__":
-    # workerhttp imports this module by its package name: let it find this copy instead of loading a second one
-    sys.modules.setdefault("edgefleet.agent._worker_main", sys.modules[__name__])
+    # httpserve and packaged import this module by its package name: let them find this copy, not load a second one
+    sys.modules.setdefault("edgefleet.agent.worker.main", sys.modules[__name__])
     main()
