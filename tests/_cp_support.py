@@ -211,9 +211,11 @@ class SimDevice:
         rollout_id: str | None = None,
         clock_offset_s: float = 0.0,
         drift: list[dict[str, Any]] | None = None,
+        feedback: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """``rollout_id`` goes on the events (the real agent sends its desired state's); ``clock_offset_s`` sets
-        the device's clock off the server's; ``drift`` is the window's per-feature summaries."""
+        the device's clock off the server's; ``drift`` is the window's per-feature summaries; ``feedback`` its
+        ground-truth counts (``protocol.FieldFeedback``)."""
         self.n += 1
         now = datetime.now(UTC) + timedelta(seconds=clock_offset_s)
         sk = LatencySketch()
@@ -246,6 +248,7 @@ class SimDevice:
                     "latency": sk.to_data(),
                     "worker_crashes": crashes,
                     "drift": drift or [],
+                    **({"feedback": feedback} if feedback is not None else {}),
                 }
             ]
             if requests or crashes

@@ -45,8 +45,8 @@ def _uses_process_fixture(item: pytest.Item) -> bool:
 
 
 # The files whose tests take minutes (the demo alone ~150 s), started first: `make test` spreads test files over 2
-# processes in collection order, and one of these collected late held the whole run open on its own (measured:
-# the demo started last and the run's final 2.5 minutes were it alone). Only the order changes.
+# processes in collection order (--no-loadscope-reorder; xdist otherwise starts the files with the most tests
+# first, and the demo's one test came last and held the run's final 2.5 minutes alone). Only the order changes.
 _LONG_FILES = (
     "test_demo.py",
     "test_cp_e2e.py",

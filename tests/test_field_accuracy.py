@@ -368,3 +368,24 @@ def test_feedback_rides_the_stats_frames_and_a_bad_label_is_refused() -> None:
         buf = bytearray(encode(("stats", [("feedback", "1", bad)])))
         with pytest.raises(FrameError, match="feedback label"):
             take(buf)
+
+
+def test_fleet_status_shows_field_accuracy_and_says_where_no_feedback_matched(
+    cp: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from _package_helpers import run_cli
+
+    cp.device("x86-avx2").report(
+        model="digits", version="1.0.0", feedback={"matched": 40, "correct": 30, "unmatched": 2}
+    )
+    cp.device("x86-avx2").report(model="digits", version="2.0.0", feedback={"matched": 0, "correct": 0, "unmatched": 3})
+    code, out, err = run_cli(capsys, "fleet", "status", "--server", cp.url, "--api-token", cp.admin)
+    assert code == 0, err
+    section = out[out.index("field accuracy") :]
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in section.splitlines() if "│ digits" in line]
+    rows = {c[1]: c for c in cells}
+    # accuracy, matched, unmatched; never a 0 for "none matched"
+    assert rows["1.0.0"][3:] == ["0.75", "40", "2"] and rows["2.0.0"][3:] == ["no feedback", "0", "3"], section
+    code, out, _ = run_cli(capsys, "fleet", "status", "--server", cp.url, "--api-token", cp.admin, "--json")
+    by_version = {r["version"]: r for r in json.loads(out)["field_accuracy"]}
+    assert by_version["1.0.0"]["accuracy"] == 0.75 and by_version["2.0.0"]["accuracy"] is None

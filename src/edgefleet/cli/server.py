@@ -782,7 +782,8 @@ def models_policy(
 
 @fleet_app.command("status")
 def fleet_status(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = JsonOpt) -> None:
-    """Fleet KPIs: p95 per version and tier, crash-free rate, update success, fragmentation, drift, overdue."""
+    """Fleet KPIs: p95 per version and tier, crash-free rate, update success, fragmentation, drift, overdue, field
+    accuracy."""
     with client(server_, token) as c:
         k = wire(c.fleet.kpis())
     if json_:
@@ -807,6 +808,12 @@ def fleet_status(server_: str = ServerOpt, token: str = TokenOpt, json_: bool = 
             [{**x, "psi": "not enough data" if x["psi"] is None else x["psi"]} for x in k["drift"]],
             ["model", "version", "feature", "n", "psi"],
             title="drift (fleet PSI on merged counts)",
+        )
+    if k.get("field_accuracy"):
+        _table(
+            [{**x, "accuracy": "no feedback" if x["accuracy"] is None else x["accuracy"]} for x in k["field_accuracy"]],
+            ["model", "version", "tier", "accuracy", "matched", "unmatched"],
+            title="field accuracy (ground-truth feedback, docs/operations.md)",
         )
     if k["rollouts"]:
         _table(

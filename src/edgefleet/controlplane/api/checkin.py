@@ -18,10 +18,10 @@ refused from then on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
@@ -217,20 +217,31 @@ REPORT_OPENAPI: dict[str, Any] = {
 }
 
 
-async def read_report(request: Request, limit: int = MAX_REPORT_BYTES) -> Report:
-    """The request's :class:`Report`, read without ever holding more than ``limit`` bytes of it."""
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_capped(request: Request, model: type[M], limit: int, what: str, hint: str = "") -> M:
+    """The request's body as ``model``, read without ever holding more than ``limit`` bytes of it: a device's
+    upload is refused by its declared length, or as soon as it streams past the cap (413), and one that breaks the
+    wire format names its fields (422). ``what`` names the upload in both, ``hint`` says what to do about a 413."""
+    how = f": {hint}" if hint else ""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLargeError(f"report of {int(declared)} bytes is over the {limit}-byte cap: send smaller batches")
+        raise TooLargeError(f"{what} of {int(declared)} bytes is over the {limit}-byte cap{how}")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise TooLargeError(f"report is over the {limit}-byte cap: send smaller batches")
+            raise TooLargeError(f"{what} is over the {limit}-byte cap{how}")
     try:
-        return Report.model_validate_json(bytes(body))
+        return model.model_validate_json(bytes(body))
     except ValidationError as exc:
-        raise InvalidReportError(f"invalid report: {validation_message(exc)}") from None
+        raise InvalidReportError(f"invalid {what}: {validation_message(exc)}") from None
+
+
+async def read_report(request: Request, limit: int = MAX_REPORT_BYTES) -> Report:
+    """The request's :class:`Report`, read without ever holding more than ``limit`` bytes of it."""
+    return await read_capped(request, Report, limit, "report", "send smaller batches")
 
 
 @router.post(
@@ -367,11 +378,7 @@ async def upload_crashes(device_id: str, request: Request) -> CrashUploadRespons
     authenticated first, at most ``MAX_CRASH_UPLOAD_BYTES``, validated, then stored once per ``crash_id``."""
     store = context_of(request).store
     await _entry(store, device_id, bearer(request))
-    body = await _read_capped(request, MAX_CRASH_UPLOAD_BYTES, "crash upload")
-    try:
-        upload = CrashUpload.model_validate_json(body)
-    except ValidationError as exc:
-        raise InvalidReportError(f"invalid crash upload: {validation_message(exc)}") from None
+    upload = await read_capped(request, CrashUpload, MAX_CRASH_UPLOAD_BYTES, "crash upload")
 
     def record() -> list[str]:
         with store.db.session() as s:
@@ -406,11 +413,7 @@ async def upload_samples(device_id: str, request: Request) -> SampleUploadRespon
     then stored once per ``sample_id``."""
     store = context_of(request).store
     await _entry(store, device_id, bearer(request))
-    body = await _read_capped(request, MAX_SAMPLE_UPLOAD_BYTES, "sample upload")
-    try:
-        upload = SampleUpload.model_validate_json(body)
-    except ValidationError as exc:
-        raise InvalidReportError(f"invalid sample upload: {validation_message(exc)}") from None
+    upload = await read_capped(request, SampleUpload, MAX_SAMPLE_UPLOAD_BYTES, "sample upload")
 
     def record() -> list[str]:
         with store.db.session() as s:
@@ -421,18 +424,6 @@ async def upload_samples(device_id: str, request: Request) -> SampleUploadRespon
         return ids
 
     return SampleUploadResponse(accepted_sample_ids=await run_in_threadpool(record))
-
-
-async def _read_capped(request: Request, limit: int, what: str) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLargeError(f"{what} of {int(declared)} bytes is over the {limit}-byte cap")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise TooLargeError(f"{what} is over the {limit}-byte cap")
-    return bytes(body)
 
 
 def _refused(store: Store, device_id: str, reason: str) -> None:
