@@ -47,11 +47,22 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert "wave 0" in v3["halt_reason"] and "fail" in v3["halt_reason"]  # the wave and the metric
     assert v3["operator_pauses"] == 0
     assert v3["rolled_back_on_every_device"] and v3["received_by_tier"]["arm-a53-small"] >= 1, why
-    for d in v3["failing_tier_devices"]:  # the worker process really died: out of memory loading the model
+    # A device the wave moved may not have checked in before the halt reverted its desired state, or may have been
+    # still downloading when it did: it never tried v3 and stays committed to what it served, with no reason or a
+    # cancellation (the first seen in a fresh-clone run under load). Every device of the tier that did try failed,
+    # and at least one did.
+    tried = [
+        d
+        for d in v3["failing_tier_devices"]
+        if d["state"] != "committed" or not (d["reason"] is None or d["reason"].startswith("cancelled"))
+    ]
+    assert tried, why
+    for d in v3["failing_tier_devices"]:
+        assert d["served"] != "3.0.0", d
+    for d in tried:  # the worker process really died: out of memory loading the model
         # Where it dies is a race between the model's load and the memory limit: in the health check's fresh worker
         # (refused there: the device stays committed to what it served) or in the serving worker on probation
         # (a crash loop, rolled back). Either way v3 never serves, and the reason says the worker died of memory.
-        assert d["served"] != "3.0.0", d
         if d["state"] == "rolled_back":
             assert "crash" in d["reason"], d
         else:
