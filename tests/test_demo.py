@@ -62,7 +62,12 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     for d in tried:  # the worker process really died: out of memory loading the model
         # Where it dies is a race between the model's load and the memory limit: in the health check's fresh worker
         # (refused there: the device stays committed to what it served) or in the serving worker on probation
-        # (a crash loop, rolled back). Either way v3 never serves, and the reason says the worker died of memory.
+        # (a crash loop, rolled back), or its requests fail under the limit before any crash is seen (probation's
+        # error rate, rolled back; seen in a fresh-clone run). Either way v3 never serves; where the worker died, the
+        # reason says it died of memory.
+        if d["state"] == "rolled_back" and d["reason"].startswith("error rate"):
+            assert "exceeds" in d["reason"], d
+            continue
         if d["state"] == "rolled_back":
             assert "crash" in d["reason"], d
         else:
