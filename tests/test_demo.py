@@ -78,7 +78,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     # cancelled and desired states the reconciler reverted are the control plane's decisions, kept apart.
     k = s["kpis"]
     real_failures = k["updates"]["failed"] + k["updates"]["rolled_back"]
-    assert real_failures == len(v3["failing_tier_devices"]) >= 1, k["updates"]
+    assert real_failures == len(tried) >= 1, k["updates"]  # the devices that tried v3, not every one moved
     assert k["update_success_rate"] == pytest.approx(
         k["updates"]["committed"] / (k["updates"]["committed"] + real_failures), abs=1e-4
     )
