@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Test files run in this many processes (pytest-xdist, a file's tests together in one): most tests wait on agents
 # and servers, and a single process kept 2 cores only a third busy. PYTEST_WORKERS=0 runs them in this process.
 PYTEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 .PHONY: demo test test-fast lint typecheck unit unit-fast test-slow browser-deps system-deps aarch64-deps clean
 

@@ -44,24 +44,10 @@ def _uses_process_fixture(item: pytest.Item) -> bool:
     )
 
 
-# The files whose tests take minutes (the demo alone ~150 s), started first: `make test` spreads test files over 2
-# processes in collection order (--no-loadscope-reorder; xdist otherwise starts the files with the most tests
-# first, and the demo's one test came last and held the run's final 2.5 minutes alone). Only the order changes.
-_LONG_FILES = (
-    "test_demo.py",
-    "test_cp_e2e.py",
-    "test_encrypted_rollout.py",
-    "test_agent_selfupdate.py",
-    "test_drift_e2e.py",
-)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if any(item.get_closest_marker(m) for m in _IMPLY_PROCESS) or _uses_process_fixture(item):
             item.add_marker(pytest.mark.process)
-    first = {name: i for i, name in enumerate(_LONG_FILES)}
-    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: every file keeps its own order
 
 
 @pytest.fixture(scope="session", autouse=True)
