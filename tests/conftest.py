@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from edgefleet import examples
+from edgefleet.sim.server import free_port  # noqa: F401  (tests import it from here)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -97,12 +97,6 @@ def silero_path() -> Path:
     if p is None:
         pytest.skip("silero-vad is not installed (make test installs it with --no-deps)")
     return p
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

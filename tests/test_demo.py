@@ -35,7 +35,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         out, err = proc.communicate()
         pytest.fail(f"edgefleet demo hung; its stacks:\n{err[-12000:]}")
     r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # with --json the error itself is on stdout ({"error": ...}); the stages are on stderr
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     s = json.loads(r.stdout)
     assert s["rollouts"]["1.0.0"]["state"] == "completed"
     assert s["rollouts"]["2.0.0"]["state"] == "completed"

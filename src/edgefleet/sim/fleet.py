@@ -69,6 +69,8 @@ class FullAgent:
     proc: subprocess.Popen[bytes] | None = None
     kills: int = 0
     log: Path | None = None
+    port_retries: int = 0
+    enroll_cmd: list[str] = field(default_factory=list)
 
     def state(self) -> dict[str, Any]:
         try:
@@ -81,6 +83,14 @@ class FullAgent:
             return str(json.loads((self.data_dir / "identity.json").read_text())["device_id"])
         except (OSError, ValueError, KeyError):
             return None
+
+
+def _tail(log: Path | None, n: int = 400) -> str:
+    """The last ``n`` characters of a log file, on one line."""
+    try:
+        return " ".join((log.read_bytes()[-n:] if log is not None else b"").decode(errors="replace").split())
+    except OSError:
+        return ""
 
 
 def _disk_full() -> None:
@@ -205,7 +215,9 @@ class Fleet:
                 preexec_fn=_disk_full if a.plan.fault("disk-full") else die_with_parent,
                 start_new_session=True,  # a kill -9 of the agent's group takes its worker with it, as power loss would
             )
-        # the token is one-time: a restart after a power loss must come back from the identity on disk
+        # the token is one-time: a restart after a power loss must come back from the identity on disk; one that
+        # never got as far as enrolling (it lost its port) starts again with it
+        a.enroll_cmd = a.enroll_cmd or list(a.cmd)
         a.cmd = [c for i, c in enumerate(a.cmd) if c != "--token" and (i == 0 or a.cmd[i - 1] != "--token")]
 
     async def _start_lite(self, p: DevicePlan, token: str, cfg: DeviceConfig) -> None:
@@ -350,11 +362,37 @@ class Fleet:
                 progress(len(devs), len(self.plans))
             if len(devs) >= len(self.plans):
                 return list(devs)
+            self._restart_unenrolled_exits()
             if time.monotonic() >= end:
+                missing = [a.plan.name for a in self.full if a.device_id() is None]
                 raise EdgefleetError(
                     f"only {len(devs)} of {len(self.plans)} simulated devices enrolled within {timeout_s:.0f} s"
+                    + (
+                        f" (full agents not enrolled: {', '.join(missing)}; logs in {self.workdir / 'agents'})"
+                        if missing
+                        else ""
+                    )
                 )
             await asyncio.sleep(0.25)
+
+    def _restart_unenrolled_exits(self) -> None:
+        """A full agent that ended before it enrolled: one that lost its port to another process between
+        :func:`free_port` and its bind starts again on a new port (a few times); any other exit ends the wait with
+        the agent's own last words."""
+        for a in self.full:
+            if a.proc is None or a.proc.poll() is None or a.device_id() is not None:
+                continue
+            said = _tail(a.log)
+            if "could not listen" in said and a.port_retries < 3:
+                a.port_retries += 1
+                a.port = free_port()
+                a.cmd = list(a.enroll_cmd)
+                a.cmd[a.cmd.index("--port") + 1] = str(a.port)
+                self._spawn(a)
+                continue
+            raise EdgefleetError(
+                f"simulated device {a.plan.name} exited ({a.proc.returncode}) before it enrolled: {said or 'no output'}"
+            )
 
     # ------------------------------------------------------------------ views and teardown
 
