@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Protocol, TextIO
 
+import typer
 from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape as _escape
@@ -39,6 +40,8 @@ def _make(stderr: bool) -> Console:
     # emoji off: ":warning:" inside a reason is text, not a picture
     return Console(stderr=stderr, width=_width(sys.stderr if stderr else sys.stdout), emoji=False, highlight=False)
 
+
+JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 console = _make(stderr=False)
 err_console = _make(stderr=True)

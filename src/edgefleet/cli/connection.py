@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+import typer
+
 from edgefleet.errors import AuthError, UsageError
 from edgefleet.transport import check_url
 
@@ -26,10 +28,21 @@ __all__ = [
     "DEFAULT_SERVER",
     "INSECURE_HTTP_ENV",
     "Connection",
+    "ServerOpt",
+    "TokenOpt",
     "client",
     "resolve_connection",
     "resolve_token",
 ]
+
+# every client command's two connection options, spelled once
+ServerOpt = typer.Option(None, "--server", envvar="EDGEFLEET_SERVER", help="Control plane URL [http://127.0.0.1:8700].")
+TokenOpt = typer.Option(
+    None,
+    "--api-token",
+    envvar="EDGEFLEET_API_TOKEN",
+    help="Operator API token [for a server on this machine: the file ./admin-token].",
+)
 
 DEFAULT_SERVER = "http://127.0.0.1:8700"
 CA_FILE_ENV = "EDGEFLEET_CA_FILE"

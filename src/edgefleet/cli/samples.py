@@ -12,22 +12,14 @@ from typing import Any
 
 import typer
 
-from edgefleet.cli._output import console, err_console, print_json, wire
-from edgefleet.cli.connection import client
+from edgefleet.cli._output import JsonOpt, console, err_console, print_json, wire
+from edgefleet.cli.connection import ServerOpt, TokenOpt, client
 from edgefleet.errors import DecryptionError, UsageError
 
 samples_app = typer.Typer(
     help="Input sampling: the operator's key, what devices sampled, and pulling it decrypted.", no_args_is_help=True
 )
 
-ServerOpt = typer.Option(None, "--server", envvar="EDGEFLEET_SERVER", help="Control plane URL [http://127.0.0.1:8700].")
-TokenOpt = typer.Option(
-    None,
-    "--api-token",
-    envvar="EDGEFLEET_API_TOKEN",
-    help="Operator API token [for a server on this machine: the file ./admin-token].",
-)
-JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
 _SAFE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,63}")
 
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from edgefleet.cli._output import cell, console, err_console, escape, print_json, wire
-from edgefleet.cli.connection import client
+from edgefleet.cli._output import JsonOpt, cell, console, err_console, escape, print_json, wire
+from edgefleet.cli.connection import ServerOpt, TokenOpt, client
 from edgefleet.cli.evidence import attach_evidence, judged_package, print_release, read_bench_report, read_gate_verdict
 from edgefleet.durations import parse_duration
 from edgefleet.errors import UsageError, validation_summary
@@ -25,14 +25,6 @@ if TYPE_CHECKING:
 
     from edgefleet.controlplane.schemas import RolloutPlanPreview
 
-ServerOpt = typer.Option(None, "--server", envvar="EDGEFLEET_SERVER", help="Control plane URL [http://127.0.0.1:8700].")
-TokenOpt = typer.Option(
-    None,
-    "--api-token",
-    envvar="EDGEFLEET_API_TOKEN",
-    help="Operator API token [for a server on this machine: the file ./admin-token].",
-)
-JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
 
 devices_app = typer.Typer(help="Enroll, list, pin and revoke devices.", no_args_is_help=True)
 rollout_app = typer.Typer(help="Roll a version out in waves, gated on runtime metrics.", no_args_is_help=True)

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, func, select, update
+from sqlalchemy import Connection, Table, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from edgefleet.controlplane.db import Device, FieldAccuracyRollup
-from edgefleet.controlplane.rollups import Key, bucket_of, stripe_of
+from edgefleet.controlplane.rollups import Key, bucket_of, stripe_of, sums_since
 
 __all__ = ["MAX_ROLLUP_CELLS", "Confusion", "FieldTotals", "accuracy", "add_windows", "merge_confusion", "read", "rows"]
 
@@ -134,25 +134,10 @@ def add_windows(s: Session, d: Device, windows: Iterable[Any], now: datetime) ->
 
 def read(s: Session, since: datetime) -> dict[tuple[str, str, str], FieldTotals]:
     """Totals per (model, version, tier) of every bucket from the one ``since`` falls in."""
-    start = bucket_of(since)
-    out: dict[tuple[str, str, str], FieldTotals] = {}
-    sums = s.execute(
-        select(
-            _T.c.model,
-            _T.c.version,
-            _T.c.tier,
-            func.sum(_T.c.matched),
-            func.sum(_T.c.correct),
-            func.sum(_T.c.unmatched),
-        )
-        .where(_T.c.bucket >= start)
-        .group_by(_T.c.model, _T.c.version, _T.c.tier)
-    )
-    for model, version, tier, m, c, u in sums:
-        out[(model, version, tier)] = FieldTotals(int(m or 0), int(c or 0), int(u or 0))
-    for model, version, tier, confusion in s.execute(
-        select(_T.c.model, _T.c.version, _T.c.tier, _T.c.confusion).where(_T.c.bucket >= start)
-    ):
+    sums = sums_since(s, _T, since, "matched", "correct", "unmatched")
+    out = {k: FieldTotals(matched=m, correct=c, unmatched=u) for k, (m, c, u) in sums.items()}
+    rows = select(_T.c.model, _T.c.version, _T.c.tier, _T.c.confusion).where(_T.c.bucket >= bucket_of(since))
+    for model, version, tier, confusion in s.execute(rows):
         t = out.get((model, version, tier))
         if t is not None and confusion:
             merge_confusion(t.confusion, confusion)

@@ -36,6 +36,7 @@ __all__ = [
     "latency_points",
     "read",
     "stripe_of",
+    "sums_since",
 ]
 
 # 5 minutes: a 24-hour figure reads 288 buckets per version × tier and overshoots its period by at most 5 minutes;
@@ -247,26 +248,20 @@ class Totals:
         return self.sketches.sketch()
 
 
+def sums_since(s: Session, t: Table, since: datetime, *columns: str) -> dict[tuple[str, str, str], list[int]]:
+    """The sums of ``columns`` per (model, version, tier) over every bucket of rollup table ``t`` from the one
+    ``since`` falls in."""
+    q = select(t.c.model, t.c.version, t.c.tier, *(func.sum(t.c[c]) for c in columns))
+    q = q.where(t.c.bucket >= bucket_of(since)).group_by(t.c.model, t.c.version, t.c.tier)
+    return {(m, v, tier): [int(x or 0) for x in sums] for m, v, tier, *sums in s.execute(q)}
+
+
 def read(s: Session, since: datetime) -> tuple[dict[tuple[str, str, str], Totals], dict[tuple[str, str], Any]]:
     """Totals per (model, version, tier) and merged drift counts per (model, version) of every bucket from the one
     ``since`` falls in: two queries, their rows bounded by versions × tiers × buckets × stripes."""
     start = bucket_of(since)
-    out: dict[tuple[str, str, str], Totals] = {}
-    sums = s.execute(
-        select(
-            _T.c.model,
-            _T.c.version,
-            _T.c.tier,
-            func.sum(_T.c.windows),
-            func.sum(_T.c.requests),
-            func.sum(_T.c.errors),
-            func.sum(_T.c.worker_crashes),
-        )
-        .where(_T.c.bucket >= start)
-        .group_by(_T.c.model, _T.c.version, _T.c.tier)
-    )
-    for model, version, tier, n, req, err, crashes in sums:
-        out[(model, version, tier)] = Totals(int(n or 0), int(req or 0), int(err or 0), int(crashes or 0))
+    sums = sums_since(s, _T, since, "windows", "requests", "errors", "worker_crashes")
+    out = {k: Totals(windows=w, requests=r, errors=e, worker_crashes=c) for k, (w, r, e, c) in sums.items()}
     drift: dict[tuple[str, str], dict[str, dict[str, list[float]]]] = {}
     rows = s.execute(select(_T.c.model, _T.c.version, _T.c.tier, _T.c.latency, _T.c.drift).where(_T.c.bucket >= start))
     for model, version, tier, latency, dr in rows:

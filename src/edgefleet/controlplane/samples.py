@@ -13,13 +13,14 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from edgefleet.controlplane.db import Device, DeviceGroup, InputSampleRow
+from edgefleet.controlplane.db import Device, InputSampleRow
 from edgefleet.controlplane.devices import get_device
-from edgefleet.errors import ConflictError, NotFoundError
-from edgefleet.protocol import DeviceConfig, SampleUpload
+from edgefleet.controlplane.uploads import consenting_device, group_config, newest, store_once
+from edgefleet.errors import NotFoundError
+from edgefleet.protocol import InputSample, SampleUpload
 
 __all__ = [
     "KEEP_PER_DEVICE",
@@ -34,12 +35,6 @@ __all__ = [
 
 KEEP_PER_DEVICE = 100
 _WRAP = ("ephemeral_public_key", "wrap_nonce", "wrapped_key", "nonce")
-
-
-def group_config(s: Session, d: Device) -> DeviceConfig:
-    """The configuration document of the device's group (the defaults, sampling off, when it has none)."""
-    group = s.get(DeviceGroup, d.group) if d.group else None
-    return DeviceConfig.model_validate(group.config or {}) if group is not None else DeviceConfig()
 
 
 def sampling_status(s: Session, d: Device) -> dict[str, Any]:
@@ -72,64 +67,31 @@ def sampling_status(s: Session, d: Device) -> dict[str, Any]:
 def store_samples(s: Session, device_id: str, upload: SampleUpload) -> tuple[list[str], list[str]]:
     """Keep the samples of a consenting device's upload. Returns (every id it sent that is now stored, the ids
     new with this upload)."""
-    d = get_device(s, device_id)
-    if d.revoked_at is not None or d.decommissioned_at is not None:
-        raise ConflictError(f"device {device_id} is revoked or decommissioned")
-    if not group_config(s, d).input_sampling:
-        where = f"group {d.group}" if d.group else "no group"
-        raise ConflictError(
-            f"device {device_id} is in {where}, which has not consented to input sampling: set input_sampling and "
-            "sample_public_key in the group's configuration document (PUT /api/v1/groups/NAME) to allow it"
-        )
-    ids = list(dict.fromkeys(x.sample_id for x in upload.samples))
-    known = set(
-        s.scalars(
-            select(InputSampleRow.sample_id).where(
-                InputSampleRow.device_id == device_id, InputSampleRow.sample_id.in_(ids)
-            )
-        )
+    d = consenting_device(
+        s, device_id, lambda c: c.input_sampling, "input sampling", "input_sampling and sample_public_key"
     )
-    new: list[str] = []
-    for x in upload.samples:
-        if x.sample_id in known:
-            continue
-        known.add(x.sample_id)
-        new.append(x.sample_id)
-        s.add(
-            InputSampleRow(
-                device_id=device_id,
-                sample_id=x.sample_id,
-                group=d.group,
-                at=x.at,
-                model=x.model,
-                version=x.version,
-                key_id=x.key_id,
-                envelope={k: getattr(x, k) for k in _WRAP},
-                ciphertext=base64.b64decode(x.ciphertext),
-                device_dropped=upload.dropped,
-            )
+
+    def row(x: InputSample) -> InputSampleRow:
+        return InputSampleRow(
+            device_id=device_id,
+            sample_id=x.sample_id,
+            group=d.group,
+            at=x.at,
+            model=x.model,
+            version=x.version,
+            key_id=x.key_id,
+            envelope={k: getattr(x, k) for k in _WRAP},
+            ciphertext=base64.b64decode(x.ciphertext),
+            device_dropped=upload.dropped,
         )
-    s.flush()
-    keep = select(InputSampleRow.id).where(InputSampleRow.device_id == device_id)
-    keep = keep.order_by(InputSampleRow.at.desc(), InputSampleRow.id.desc()).limit(KEEP_PER_DEVICE)
-    s.execute(
-        delete(InputSampleRow).where(
-            InputSampleRow.device_id == device_id, InputSampleRow.id.not_in(keep.scalar_subquery())
-        )
-    )
-    return ids, new
+
+    items = ((x.sample_id, lambda x=x: row(x)) for x in upload.samples)
+    return store_once(s, InputSampleRow, "sample_id", device_id, items, KEEP_PER_DEVICE)
 
 
 def list_samples(s: Session, device_id: str, limit: int = 50) -> tuple[Device, list[InputSampleRow]]:
     """The device and its newest ``limit`` samples, newest first (by the device's clock)."""
-    d = get_device(s, device_id)
-    rows = s.scalars(
-        select(InputSampleRow)
-        .where(InputSampleRow.device_id == device_id)
-        .order_by(InputSampleRow.at.desc(), InputSampleRow.id.desc())
-        .limit(limit)
-    )
-    return d, list(rows)
+    return newest(s, InputSampleRow, device_id, limit)
 
 
 def get_sample(s: Session, device_id: str, sample_id: str) -> InputSampleRow:
