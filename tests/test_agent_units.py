@@ -86,9 +86,12 @@ def test_probation_decisions() -> None:
     assert decide(CFG, st, 1.0, 0.5).action == "rollback"  # p95 1 ms > 0.5 ms budget
     bad = ProbationStats(started=0.0)
     for i in range(10):
-        bad.observe("model_error" if i < 2 else "ok", 0.001)
+        bad.observe("model_error" if i < 2 else "unavailable" if i < 3 else "ok", 0.001)
     d = decide(CFG, bad, 1.0, None)
-    assert d.action == "rollback" and "error rate" in d.reason
+    # the reason says what the errors were, not only how many
+    assert d.action == "rollback" and d.reason == (
+        "error rate 30.0% over 10 requests exceeds 10.0% (the model failed the request: 2, no worker to answer: 1)"
+    )
     client_errors = ProbationStats(started=0.0)
     for _ in range(10):
         client_errors.observe("bad_request", None)  # the client's fault, not the model's

@@ -18,6 +18,7 @@ __all__ = ["Decision", "ProbationStats", "crash_loop", "decide", "latency_budget
 
 # Outcomes that count against the model; a client's malformed request does not.
 MODEL_FAULTS = frozenset({"model_error", "unavailable"})
+_FAULT_WORDS = {"model_error": "the model failed the request", "unavailable": "no worker to answer"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ProbationStats:
     started: float
     requests: int = 0
     faults: int = 0
+    fault_kinds: dict[str, int] = field(default_factory=dict)  # what the faults were: the reason names them
     latencies: list[float] = field(default_factory=list)
     crash_times: list[float] = field(default_factory=list)
 
@@ -38,6 +40,7 @@ class ProbationStats:
         self.requests += 1
         if outcome in MODEL_FAULTS:
             self.faults += 1
+            self.fault_kinds[outcome] = self.fault_kinds.get(outcome, 0) + 1
         elif outcome == "ok" and seconds is not None and len(self.latencies) < 100_000:
             self.latencies.append(seconds)
 
@@ -71,7 +74,9 @@ def decide(cfg: DeviceConfig, stats: ProbationStats, now: float, budget_ms: floa
         if rate > cfg.max_error_rate:
             return Decision(
                 "rollback",
-                f"error rate {rate:.1%} over {stats.requests} requests exceeds {cfg.max_error_rate:.1%}",
+                f"error rate {rate:.1%} over {stats.requests} requests exceeds {cfg.max_error_rate:.1%} ("
+                + ", ".join(f"{_FAULT_WORDS.get(k, k)}: {n}" for k, n in sorted(stats.fault_kinds.items()))
+                + ")",
             )
     if budget_ms is not None and stats.latencies:
         p95 = float(np.percentile(stats.latencies, 95)) * 1000
