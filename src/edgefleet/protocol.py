@@ -89,6 +89,8 @@ __all__ = [
     "SampleUpload",
     "SampleUploadResponse",
     "ServedModel",
+    "ShadowOrder",
+    "ShadowStats",
     "TelemetryWindow",
     "UpdateEvent",
     "parse_window",
@@ -384,6 +386,20 @@ class DeviceConfig(_Wire):
         return self
 
 
+class ShadowOrder(_Wire):
+    """A rollout's shadow phase on this device (docs/adr/0107-shadow-evaluation.md): install the candidate in the
+    idle slot, run it in a second, low-priority worker on copies of served requests (at most ``rate_per_s`` a
+    second and ``cpu_share`` of one core), and report how often it agrees with the served model. Never served."""
+
+    rollout_id: Id
+    model: Str128
+    version: Str64
+    target: str = Field(max_length=256, description="TUF target name, {name}-{version}.efpkg")
+    package_sha256: Str64 | None = None
+    rate_per_s: float = Field(20.0, gt=0, le=10_000, description="mirrored requests a second, at most")
+    cpu_share: float = Field(0.25, gt=0, le=1, description="the candidate's compute, at most this share of one core")
+
+
 class DesiredState(_Wire):
     device_id: Id
     model: Str128 | None = None
@@ -393,6 +409,9 @@ class DesiredState(_Wire):
     rollout_id: Str64 | None = None
     pinned: bool = False
     config: DeviceConfig = Field(default_factory=DeviceConfig)
+    shadow: ShadowOrder | None = Field(
+        None, description="a rollout's shadow phase: evaluate this candidate on mirrored requests, never serve it"
+    )
     # Lifecycle orders. The server leaves them out of the body unless set, so agents that predate them (the wire
     # forbids unknown fields) are not broken by a server that knows them.
     rotate_credential: bool = Field(False, description="get a new credential: POST /devices/{id}/credential")
@@ -598,6 +617,37 @@ class FieldFeedback(_Wire):
         return v
 
 
+class ShadowStats(_Wire):
+    """One window of a shadow phase: how the candidate did on the requests mirrored to it (counts and a latency
+    sketch, never inputs). ``compared`` counts every mirrored request the candidate ran, its errors included."""
+
+    rollout_id: Id
+    model: Str128 | None = None
+    version: Str64 | None = None
+    metric: Str64 = Field("top1", description="what agreement means: top1 (same top class) or cosine (>= 0.99)")
+    compared: Count = 0
+    agreed: Count = Field(0, description="of those, answers that agree with the served model's")
+    errors: Count = Field(0, description="of those, requests the candidate failed (counted as disagreements)")
+    dropped: Count = Field(0, description="mirrored requests not run: the candidate busy or over its CPU share")
+    latency: SketchData = Field(default_factory=SketchData, description="the candidate's compute latencies")
+
+    @field_validator("agreed", "errors")
+    @classmethod
+    def _within_compared(cls, v: int, info: ValidationInfo) -> int:
+        compared = info.data.get("compared")
+        if compared is not None and v > compared:
+            raise ValueError(f"is {v}, more than the {compared} compared")
+        return v
+
+    @field_validator("latency")
+    @classmethod
+    def _counted(cls, v: SketchData, info: ValidationInfo) -> SketchData:
+        compared = info.data.get("compared")
+        if compared is not None and v.count > compared:
+            raise ValueError(f"holds {v.count:g} latencies, more than the {compared} compared")
+        return v
+
+
 class TelemetryWindow(_Wire):
     window_id: Id
     start: Timestamp
@@ -618,6 +668,9 @@ class TelemetryWindow(_Wire):
         0, description="requests routing wanted remote but could not send: unreachable, timed out, budget spent"
     )
     feedback: FieldFeedback | None = Field(None, description="ground truth reported for this window's requests")
+    shadow: ShadowStats | None = Field(
+        None, description="the shadow phase's candidate on this window's mirrored requests"
+    )
 
     # Cross-field checks sit on the later field (pydantic validates in declaration order), so the error names it.
     @field_validator("end")

@@ -53,6 +53,8 @@ from edgefleet.agent.routing import Policy
 from edgefleet.agent.sampling import ArrivalCap, SampleSpool, keep_samples, sampling_rate
 from edgefleet.agent.selfupdate import SelfUpdater
 from edgefleet.agent.service import InferenceService
+from edgefleet.agent.shadow import ShadowEvaluator
+from edgefleet.agent.shadow import install as install_shadow
 from edgefleet.agent.slots import SlotStore
 from edgefleet.agent.standalone import serve_standalone
 from edgefleet.agent.state import (
@@ -99,6 +101,7 @@ from edgefleet.protocol import (
     Report,
     SampleUpload,
     ServedModel,
+    ShadowOrder,
     TelemetryWindow,
     UpdateEvent,
 )
@@ -118,6 +121,7 @@ __all__ = [
 log = logging.getLogger("edgefleet.agent")
 
 DRIFT_TIMEOUT_S = 5.0  # a worker that cannot answer for its histograms in this time does not hold a window up
+SHADOW_RETRY_S = 60.0  # a shadow phase that could not start (offline, the candidate does not load) is tried again
 EXIT_DECOMMISSIONED = 10  # the control plane decommissioned this device and it wiped itself
 EXIT_CREDENTIAL_REFUSED = 11  # revoked or decommissioned, and no new token to enroll again with
 # One refused check-in may be a replica that has not seen a rotation yet; three in a row is a verdict.
@@ -219,6 +223,10 @@ class Agent:
         # input sampling (agent/sampling.py): the worker samples, the agent seals, spools and uploads, with consent
         self.samples = SampleSpool(self.data_dir / "samples")
         self._sample_cap = ArrivalCap(0.0)
+        # a rollout's shadow phase (agent/shadow.py): the candidate beside the served model, on mirrored requests
+        self.shadow: ShadowEvaluator | None = None
+        self._shadow_for: ShadowOrder | None = None
+        self._shadow_task: asyncio.Task[None] | None = None
 
     @property
     def stop_requested(self) -> asyncio.Event:
@@ -280,6 +288,7 @@ class Agent:
         if self._uds_server is not None:
             self._uds_server.close()
         tasks = [*self._tasks, *([self._update_task] if self._update_task else [])]
+        tasks += [self._shadow_task] if self._shadow_task else []
         self.selfupdate.stop()
         for t in tasks:
             t.cancel()
@@ -420,6 +429,66 @@ class Agent:
             n = self.samples.forget(answer.accepted_sample_ids)
             log.info("sent %d input sample(s) to the control plane", n)
 
+    def _sync_shadow(self) -> None:
+        """Start, replace or end the shadow phase the desired state orders. Only beside a committed model that
+        serves: the idle slot then holds nothing an update needs."""
+        want = self.desired.shadow if self.desired is not None else None
+        if want is not None and (self.backend is None or self.state.state is not AgentState.committed):
+            want = None
+        if want == self._shadow_for:
+            return
+        self._shadow_for = want
+        self._shadow_task = asyncio.get_running_loop().create_task(self._shadow_phase(self._shadow_task, want))
+
+    async def _shadow_phase(self, old: asyncio.Task[None] | None, order: ShadowOrder | None) -> None:
+        if old is not None:
+            old.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await old
+        if order is None:
+            return
+        ev: ShadowEvaluator | None = None
+        try:
+            path, metric = await install_shadow(UpdatePipeline(self), order)
+            spec = WorkerSpec(path, self.key_for(path), role="shadow", memory_mb=self.settings.memory_mb)
+            ev = ShadowEvaluator(order, spec, metric, monotonic=self.clock.monotonic)
+            await ev.start()
+            self.shadow = ev
+            self._sync_mirror()
+            log.info(
+                "shadow phase of rollout %s: %s runs on up to %g mirrored requests a second (%s agreement)",
+                order.rollout_id,
+                order.target,
+                order.rate_per_s,
+                metric,
+            )
+            await asyncio.Event().wait()  # until the order ends (cancelled)
+        except Exception as err:  # the served model goes on whatever becomes of its shadow
+            log.warning(
+                "shadow phase of %s not run: %s: %s; trying again in %g s",
+                order.target,
+                type(err).__name__,
+                err,
+                SHADOW_RETRY_S,
+            )
+        finally:
+            if ev is not None:
+                if self.shadow is ev:
+                    self.shadow = None
+                    self._sync_mirror()
+                await ev.stop()
+        await self.clock.sleep(SHADOW_RETRY_S)
+        if self._shadow_for == order:
+            self._shadow_for = None  # the next check-in starts it afresh if the order still holds
+
+    def _sync_mirror(self) -> None:
+        if self.backend is not None:
+            self.backend.mirror_requests(self.shadow.order.rate_per_s if self.shadow else 0.0, self._on_mirror)
+
+    def _on_mirror(self, batch: list[Any], info: ModelInfo | None) -> None:
+        if self.shadow is not None:
+            self.shadow.offer(batch, info)
+
     def _on_crash(self, reason: str) -> None:
         self.service.metrics.crashes.inc()
         if self._probation is not None:
@@ -464,6 +533,7 @@ class Agent:
         if new is not None and info is not None:
             self.service.set_backend(new, info)
             self._sync_sampling()
+            self._sync_mirror()
         else:
             self.service.clear(reason)
         if old is not None:
@@ -604,7 +674,7 @@ class Agent:
         d_crash, d_restart = max(0, crashes - self._counted[0]), max(0, restarts - self._counted[1])
         self._counted = (crashes, restarts)
         info = self.service.info
-        return self.service.window.close(
+        w = self.service.window.close(
             model=info.name if info else None,
             version=info.version if info else None,
             model_sha256=info.model_sha256 if info else None,
@@ -613,6 +683,7 @@ class Agent:
             worker_rss=b.rss_bytes() if b else None,
             drift=[],
         )
+        return w if self.shadow is None else w.model_copy(update={"shadow": self.shadow.take()})
 
     def _keep(self, w: TelemetryWindow, drift: list[DriftSummary]) -> TelemetryWindow:
         if drift:
@@ -859,6 +930,7 @@ class Agent:
                 if desired is not None:
                     self._apply(desired)
                 self.selfupdate.after_checkin(self.desired)
+                self._sync_shadow()
                 d = self.desired
                 if d is not None and d.send_logs_since is not None:
                     await self._send_logs(d)

@@ -72,6 +72,11 @@ class Backend(Protocol):
         cannot (in-process)."""
         ...
 
+    def mirror_requests(self, per_s: float, on_mirror: Samples) -> None:
+        """Copy at most ``per_s`` answered requests a second (inputs and served outputs; 0: off) to ``on_mirror``
+        for a shadow phase (agent/shadow.py); a no-op where the backend cannot (in-process)."""
+        ...
+
     async def infer(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> tuple[dict[str, Any], float]:
         """Outputs and compute seconds. Raises InputError (bad input), ModelError, WorkerUnavailable."""
         ...
@@ -176,6 +181,9 @@ class InProcessBackend:
 
     def sample_inputs(self, per_min: float, on_samples: Samples) -> None:
         """Never samples: the inputs stay in this process (the simulator's, an embedding's)."""
+
+    def mirror_requests(self, per_s: float, on_mirror: Samples) -> None:
+        """Never mirrors: a shadow phase needs a serving worker process (agent/shadow.py)."""
 
     async def drift(self, at_answer: Callable[[], None] | None = None) -> list[DriftSummary]:
         await asyncio.sleep(0)  # the counts that infer calls answered just before scheduled land in this window

@@ -19,7 +19,9 @@ answer), ``("serve", limits, extra)`` (``extra``: how many listening sockets rid
 ``("remote", token, tensors, meta)`` (hybrid routing, ADR 0105: a low-confidence request the worker hands the agent, and
 the agent's answer), ``("routing", settings)``,
 ``("drift",)``, ``("golden",)``, ``("flush",)``, ``("stop",)``, ``("sample", rate_per_min)`` (input sampling on
-or, at 0, off: agent/sampling.py) and ``("samples", [(unix_time, feeds), …])`` (what it sampled). An ``ok`` value is
+or, at 0, off: agent/sampling.py) and ``("samples", [(unix_time, feeds), …])`` (what it sampled), ``("shadow",
+rate_per_s)`` (mirroring for a shadow phase on or, at 0, off: agent/shadow.py) and ``("mirror", [(feeds, outputs),
+…])`` (the answered requests it copied). An ``ok`` value is
 a mapping of name → array (an inference's outputs) or a JSON value.
 
 Lean on purpose: the inference worker imports it (standard library and numpy only).
@@ -55,10 +57,11 @@ _KINDS = (
     *("hello", "ok", "err", "infer", "stats", "metrics", "serve", "drift", "golden", "flush", "stop"),
     *("shm", "sample", "samples"),
     *("remote", "routing"),
+    *("shadow", "mirror"),
 )
 _CODE = {name: i + 1 for i, name in enumerate(_KINDS)}
 _BARE = frozenset(("drift", "golden", "flush", "stop"))
-_CARRY = frozenset(("infer", "ok", "metrics", "samples", "remote"))  # the kinds that may carry data
+_CARRY = frozenset(("infer", "ok", "metrics", "samples", "remote", "mirror"))  # the kinds that may carry data
 
 
 class FrameError(AgentError):
@@ -148,6 +151,19 @@ def encode(msg: tuple[Any, ...]) -> bytes:
         return _frame(op, {"k": int(msg[1]), "m": msg[3], "t": table}, data, size)
     if op == "routing":
         return _frame(op, {"r": msg[1]})
+    if op == "shadow":
+        return _frame(op, {"r": float(msg[1])})
+    if op == "mirror":  # shadow evaluation (agent/shadow.py): [(inputs, served outputs), …]
+        mirrored: list[list[Any]] = []
+        chunks: list[Any] = []
+        length = 0
+        for feeds, outputs in msg[1]:
+            in_table, in_data, in_size = _tensors(feeds)
+            out_table, out_data, out_size = _tensors(outputs)
+            mirrored.append([in_size, in_table, out_size, out_table])
+            chunks += in_data + out_data
+            length += in_size + out_size
+        return _frame(op, {"m": mirrored}, chunks, length)
     if op in _BARE:
         return _frame(op, {})
     raise FrameError(f"unknown message {op!r}")
@@ -298,7 +314,34 @@ def decode(kind: int, desc_bytes: bytes | memoryview, data: memoryview) -> tuple
         if not isinstance(doc, dict):
             raise _fail("the routing settings are not an object")
         return (op, doc)
+    if op == "shadow":
+        rate = _num(desc.get("r"), "the mirroring rate")
+        if not 0 <= rate <= 1e6:
+            raise _fail("the mirroring rate is out of range")
+        return (op, rate)
+    if op == "mirror":
+        return (op, _read_mirror(desc.get("m"), data))
     return (op,)
+
+
+def _read_mirror(rows: Any, data: memoryview) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    if not isinstance(rows, list):
+        raise _fail("the mirrored requests are not a list")
+    out: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+    pos = 0
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 4):
+            raise _fail("a mirrored request is not [size, inputs, size, outputs]")
+        halves = []
+        for size, table in ((row[0], row[1]), (row[2], row[3])):
+            if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(data) - pos:
+                raise _fail("a mirrored request's size is out of bounds")
+            halves.append(_read_tensors(table, data[pos : pos + size]))
+            pos += size
+        out.append((halves[0], halves[1]))
+    if pos != len(data):
+        raise _fail(f"{len(data) - pos} data bytes that no mirrored request claims")
+    return out
 
 
 def _read_samples(rows: Any, data: memoryview) -> list[tuple[float, dict[str, np.ndarray]]]:

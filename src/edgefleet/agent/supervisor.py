@@ -88,6 +88,7 @@ class Supervisor:
         self._http: _Delegation | None = None
         self._handovers: set[asyncio.Task[None]] = set()
         self._sampling: tuple[float, Callable[[list[Any], ModelInfo | None], None]] | None = None
+        self._mirroring: tuple[float, Callable[[list[Any], ModelInfo | None], None]] | None = None
 
     @property
     def up(self) -> bool:
@@ -155,6 +156,23 @@ class Supervisor:
         with contextlib.suppress(WorkerUnavailable):
             w.submit(("sample", per_min), lambda reply, err: None)
 
+    def mirror_requests(self, per_s: float, on_mirror: Callable[[list[Any], ModelInfo | None], None]) -> None:
+        """Have every worker this supervisor runs copy at most ``per_s`` answered requests a second (inputs and
+        served outputs; 0: none) to ``on_mirror(batch, info)`` for a shadow phase (agent/shadow.py)."""
+        self._mirroring = (per_s, on_mirror)
+        if self.worker is not None:
+            self._tell_mirroring(self.worker)
+
+    def _tell_mirroring(self, w: WorkerProcess) -> None:
+        if self._mirroring is None:
+            return
+        per_s, w.on_mirror = self._mirroring
+        if w.mirror_rate == per_s:
+            return
+        w.mirror_rate = per_s
+        with contextlib.suppress(WorkerUnavailable):
+            w.submit(("shadow", per_s), lambda reply, err: None)
+
     async def flush(self) -> None:
         """Ship the per-request stats a worker serving HTTP still holds (before a telemetry window closes)."""
         w = self.worker
@@ -208,6 +226,7 @@ class Supervisor:
                 watchdog = asyncio.get_running_loop().create_task(self._watchdog(w)) if sample else None
                 self._hand_over(w)
                 self._tell_sampling(w)
+                self._tell_mirroring(w)
                 await w.closed.wait()
                 if self._http is not None:
                     self._http.on_serving(w, False)  # the agent accepts again, now (503 until a worker is back)

@@ -73,7 +73,7 @@ class _Conn(asyncio.Protocol):
                 self._remote(msg)
                 continue
             # unasked-for: from a worker serving HTTP (ADR 0032), and the inputs it sampled (agent/sampling.py)
-            if op == "stats" or op == "metrics" or op == "shm" or op == "samples":
+            if op == "stats" or op == "metrics" or op == "shm" or op == "samples" or op == "mirror":
                 self._unasked(msg)
                 continue
             if not waiters:
@@ -112,6 +112,9 @@ class _Conn(asyncio.Protocol):
             elif msg[0] == "samples":
                 if owner.on_samples is not None:
                     owner.on_samples(msg[1], owner.info)
+            elif msg[0] == "mirror":
+                if owner.on_mirror is not None:
+                    owner.on_mirror(msg[1], owner.info)
             elif msg[0] == "shm":
                 if owner.on_shm is not None:
                     owner.on_shm(msg[1])
@@ -151,6 +154,9 @@ class WorkerProcess:
         # input sampling (agent/sampling.py): the rate this worker was told, and where what it sampled goes
         self.sample_rate = 0.0
         self.on_samples: Callable[[list[Any], ModelInfo | None], None] | None = None
+        # shadow evaluation (agent/shadow.py): the mirroring rate this worker was told, and where its copies go
+        self.mirror_rate = 0.0
+        self.on_mirror: Callable[[list[Any], ModelInfo | None], None] | None = None
 
     @property
     def pid(self) -> int | None:

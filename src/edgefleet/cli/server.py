@@ -505,6 +505,19 @@ def rollout_start(
     compat_fail_devices: int = typer.Option(
         2, "--compat-fail-devices", help="Distinct failing devices before a compatibility cell blocks a tier."
     ),
+    shadow: str = typer.Option(
+        None,
+        "--shadow",
+        metavar="PERCENT",
+        help="Start with a shadow phase on this share of each tier's devices (at least one each): the candidate runs "
+        "on copies of live requests, never answering one, and the canary starts only if it agrees with the served "
+        "model. Default: no shadow phase.",
+    ),
+    shadow_for: str = typer.Option("10m", "--shadow-for", help="The shadow phase lasts at least this long."),
+    shadow_agreement: str = typer.Option(
+        "98%", "--shadow-agreement", help="Agreement with the served model each tier needs in shadow."
+    ),
+    shadow_samples: int = typer.Option(200, "--shadow-samples", help="Mirrored requests compared per tier to judge."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the devices of each wave; start nothing."),
     force: bool = ForceOpt,
     reason: str = ReasonOpt,
@@ -518,6 +531,7 @@ def rollout_start(
     from pydantic import ValidationError
 
     from edgefleet.controlplane.rollout import RolloutPolicy, parse_percent
+    from edgefleet.controlplane.shadow import ShadowPolicy
 
     if agent is not None and (name is not None or version is not None):
         raise UsageError("give NAME VERSION or --agent VERSION, not both")
@@ -543,6 +557,14 @@ def rollout_start(
             auto_rollback=auto_rollback,
             p95_budget_ms=p95_budget_ms,
             compat_fail_devices=compat_fail_devices,
+            shadow=None
+            if shadow is None
+            else ShadowPolicy(
+                percent=_shadow_percent(shadow),
+                duration_s=parse_duration(shadow_for, flag="--shadow-for"),
+                min_agreement=parse_percent(shadow_agreement),
+                min_samples=shadow_samples,
+            ),
         )
     except ValidationError as exc:
         raise UsageError(f"bad rollout policy: {validation_summary(exc)}") from None
@@ -565,6 +587,14 @@ def rollout_start(
     console.print(f"rollout {started.rollout_id} of {what}: {started.state}", markup=False)
     if started.warning:
         console.print(f"[yellow]warning:[/] {escape(started.warning)}")
+
+
+def _shadow_percent(text: str) -> float:
+    """``--shadow 5`` and ``--shadow 5%`` both mean five percent of each tier."""
+    try:
+        return float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise UsageError(f"--shadow {text!r}: give a percentage of each tier's devices, e.g. 5 or 5%") from None
 
 
 def _print_plan(p: RolloutPlanPreview, what: str) -> None:
@@ -612,6 +642,18 @@ def rollout_status(rollout_id: str, server_: str = ServerOpt, token: str = Token
     console.print(f"reason: {r['reason']}", markup=False)
     if r.get("step_error"):
         console.print(f"[red]last reconcile step failed:[/] {escape(r['step_error'])}")
+    if r.get("shadow"):
+        sh = r["shadow"]
+        rows = [
+            {
+                **t,
+                "agreement": "-" if t["agreement"] is None else f"{t['agreement']:.1%}",
+                "halves": " / ".join(f"{h['agreed']}/{h['compared']}" for h in t["halves"]),
+            }
+            for t in sh["tiers"]
+        ]
+        cols = ["tier", "devices", "compared", "agreement", "halves", "errors", "dropped", "p95_ms"]
+        _table(rows, cols, title=f"shadow phase: {sh['state']}")
     _table(r["transitions"], ["seq", "at", "from", "to", "wave", "actor", "reason"], title="transitions")
 
 

@@ -201,6 +201,9 @@ class Device(Base):
     # document's ``agent_version`` in the device's desired state; None: the group's document decides.
     desired_agent_version: Mapped[str | None] = mapped_column(String(64), default=None)
     desired_agent_rollout_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # A rollout's shadow phase on this device (``protocol.ShadowOrder`` wire form, controlplane/shadow.py): the
+    # candidate it evaluates on mirrored requests, never serving it; None: none.
+    desired_shadow: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
     pinned_model: Mapped[str | None] = mapped_column(String(128), default=None)
     pinned_version: Mapped[str | None] = mapped_column(String(64), default=None)
     dropped_records: Mapped[int] = mapped_column(Integer, default=0)
@@ -341,6 +344,8 @@ class TelemetryRow(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     # ``protocol.FieldFeedback`` wire form: ground truth reported in this window (None: none came)
     feedback: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # ``protocol.ShadowStats`` wire form: a shadow phase's candidate on this window's mirrored requests
+    shadow: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
 
 
 class TelemetryRollup(Base):
@@ -418,6 +423,9 @@ class Rollout(Base):
     lease_until: Mapped[datetime | None] = mapped_column(default=None)
     # the last error of this rollout's own step (each rollout steps on its own; one failing never stalls others)
     step_error: Mapped[str | None] = mapped_column(Text, default=None)
+    # the shadow phase (controlplane/shadow.py): None (none yet, or no phase), running, passed, failed
+    shadow_state: Mapped[str | None] = mapped_column(String(16), default=None)
+    shadow_started_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class RolloutDevice(Base):

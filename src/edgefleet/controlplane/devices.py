@@ -25,7 +25,7 @@ from edgefleet.bench.tiers import TierProfile, default_tiers, emulation_reason
 from edgefleet.controlplane.credentials import hash_secret, new_secret
 from edgefleet.controlplane.db import Device, DeviceGroup, DeviceLog, EnrollmentToken, ModelVersion, utcnow
 from edgefleet.errors import AuthError, ConflictError, NotFoundError
-from edgefleet.protocol import DesiredState, DeviceConfig, EnrollRequest, Hardware, LogUpload
+from edgefleet.protocol import DesiredState, DeviceConfig, EnrollRequest, Hardware, LogUpload, ShadowOrder
 
 __all__ = [
     "CLOCK_SKEW_S",
@@ -473,10 +473,22 @@ def desired_state(
         send_logs_since=_instant(d.logs_since) if d.logs_requested_at is not None and d.logs_since else None,
         wipe=d.decommissioned_at is not None,
         repository_url=repository_url,
+        shadow=_shadow_order(d.desired_shadow),
     )
 
 
-_LIFECYCLE = ("rotate_credential", "rotate_key", "wipe", "send_logs_since", "repository_url")
+def _shadow_order(doc: dict[str, Any] | None) -> ShadowOrder | None:
+    """The device's shadow order as the reconciler stored it; one that no longer parses is left out."""
+    if not doc:
+        return None
+    try:
+        return ShadowOrder.model_validate(doc)
+    except ValueError:
+        return None
+
+
+# absent unless set: agents that predate them refuse unknown fields
+_LIFECYCLE = ("rotate_credential", "rotate_key", "wipe", "send_logs_since", "repository_url", "shadow")
 _DELIVERY_UNSET: dict[str, object] = {
     "download_rate_bps": None,
     "download_stagger_s": 0.0,

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import traceback
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -59,8 +60,20 @@ from edgefleet.controlplane.rollout import (
     rollback_targets,
     silent_devices,
     update_outcome,
+    wave_bucket,
+)
+from edgefleet.controlplane.shadow import (
+    ShadowAction,
+    ShadowPolicy,
+    ShadowWindow,
+    TierShadow,
+    choose_devices,
+    judge_shadow,
+    shadow_action,
+    tier_stats,
 )
 from edgefleet.errors import ConflictError, NotFoundError
+from edgefleet.protocol import ShadowOrder
 from edgefleet.telemetry.drift import DriftReference, DriftSummary
 from edgefleet.telemetry.sketch import SketchData
 
@@ -74,6 +87,7 @@ __all__ = [
     "operator_action",
     "plan",
     "reconcile_once",
+    "shadow_figures",
     "step",
     "transition",
 ]
@@ -536,6 +550,9 @@ def step(
     if r.state == RolloutState.blocked.value:
         r.wave_started_at = now  # the wave bakes from when it could first move a device
         res.transitions.append(transition(s, r, RolloutState.running, "unblocked: an eligible device appeared", actor))
+    if policy.shadow is not None and not agent and not moved_rows and r.shadow_state in (None, "running"):
+        _shadow_step(s, r, policy.shadow, facts, devs, actor, now, res)
+        return res
     to_move = plan_wave(
         facts,
         model=r.model,
@@ -624,6 +641,127 @@ def step(
     return res
 
 
+def _shadow_step(
+    s: Session,
+    r: Rollout,
+    sp: ShadowPolicy,
+    facts: list[DeviceFacts],
+    devs: Mapping[str, Device],
+    actor: str,
+    now: datetime,
+    res: StepResult,
+) -> None:
+    """The shadow phase of a rollout that has moved no device yet (controlplane/shadow.py): order it on a few
+    devices of each tier, then judge their shadow windows each step until it passes (wave 0 starts) or halts the
+    rollout (paused, with the agreement figures) — before any device serves the candidate."""
+    if r.shadow_state is None:
+        eligible = [
+            (f.device_id, f.tier)
+            for f in facts
+            if eligibility(f, tier=r.tier, channel=r.channel) is None and (f.model, f.version) != (r.model, r.version)
+        ]
+        chosen = choose_devices(eligible, sp.percent, wave_bucket)
+        mv = registry.get_version(s, r.model, r.version)
+        order = ShadowOrder(
+            rollout_id=r.id,
+            model=r.model,
+            version=r.version,
+            target=mv.target,
+            package_sha256=mv.package_sha256,
+            rate_per_s=sp.rate_per_s,
+            cpu_share=sp.cpu_share,
+        ).model_dump(mode="json")
+        for device_id in chosen:
+            devs[device_id].desired_shadow = order
+            devs[device_id].changed_at = now
+            res.touched.add(device_id)
+        r.shadow_state, r.shadow_started_at = "running", now
+        audit.record(s, actor, "rollout.shadow", r.id, devices=chosen)
+        r.reason = f"shadow phase: {len(chosen)} device(s) evaluate {r.version} on mirrored requests"
+        return
+    started = r.shadow_started_at or now
+    holders = [i for i, d in devs.items() if (d.desired_shadow or {}).get("rollout_id") == r.id]
+    by_tier = Counter(devs[i].tier for i in holders)
+    tiers = tier_stats(shadow_windows(s, r, until=now), by_tier, _epoch(started), _epoch(now))
+    action, why = shadow_action(judge_shadow(tiers, sp), (naive_utc(now) - naive_utc(started)).total_seconds(), sp)
+    if action is ShadowAction.wait:
+        r.reason = why
+        return
+    res.touched |= end_shadow(devs.values(), r.id, now)
+    if action is ShadowAction.start_canary:
+        r.shadow_state = "passed"
+        r.wave_started_at = now
+        res.transitions.append(transition(s, r, RolloutState.running, why, actor))
+    else:
+        r.shadow_state = "failed"
+        r.halted_at = now
+        res.transitions.append(transition(s, r, RolloutState.paused, why, actor))
+
+
+def _epoch(t: datetime) -> float:
+    return naive_utc(t).replace(tzinfo=UTC).timestamp()
+
+
+def end_shadow(devices: Iterable[Device], rollout_id: str, now: datetime) -> set[str]:
+    """Withdraw a rollout's shadow order from every device that holds it; returns their ids."""
+    out = set()
+    for d in devices:
+        if (d.desired_shadow or {}).get("rollout_id") == rollout_id:
+            d.desired_shadow = None
+            d.changed_at = now
+            out.add(d.id)
+    return out
+
+
+def shadow_windows(s: Session, r: Rollout, *, until: datetime | None = None) -> list[ShadowWindow]:
+    """The shadow counts of a rollout's phase, one per telemetry window received since it started (server time)."""
+    if r.shadow_started_at is None:
+        return []
+    q = select(TelemetryRow).where(
+        TelemetryRow.received_at >= r.shadow_started_at,
+        TelemetryRow.model == r.model,
+        TelemetryRow.shadow.is_not(None),
+    )
+    if until is not None:
+        q = q.where(TelemetryRow.received_at <= until)
+    out = []
+    for w in s.scalars(q):
+        x = w.shadow or {}
+        if x.get("rollout_id") != r.id:
+            continue
+        out.append(
+            ShadowWindow(
+                tier=w.tier,
+                at=_epoch(w.received_at),
+                compared=int(x.get("compared", 0)),
+                agreed=int(x.get("agreed", 0)),
+                errors=int(x.get("errors", 0)),
+                dropped=int(x.get("dropped", 0)),
+                latency=SketchData.model_validate(x["latency"]) if x.get("latency") else SketchData(),
+                device_id=w.device_id,
+            )
+        )
+    return out
+
+
+def shadow_figures(s: Session, r: Rollout, now: datetime | None = None) -> list[TierShadow]:
+    """Each tier's shadow figures of a rollout (the API and the dashboard): over the phase until it ended (or
+    now), devices counted by the windows they sent."""
+    if r.shadow_started_at is None:
+        return []
+    end = now or utcnow()
+    if r.shadow_state in ("passed", "failed"):
+        end = r.wave_started_at if r.shadow_state == "passed" else (r.halted_at or end)
+    windows = shadow_windows(s, r, until=end)
+    holders = [
+        d.tier
+        for d in s.scalars(select(Device).where(Device.desired_shadow.is_not(None)))
+        if (d.desired_shadow or {}).get("rollout_id") == r.id
+    ]
+    by_tier = Counter(holders)
+    return tier_stats(windows, by_tier, _epoch(r.shadow_started_at), _epoch(end))
+
+
 def reconcile_once(store: Store, actor: str | None = None) -> list[str]:
     """Step every running or blocked rollout this process can lock, each in its own transaction: one whose step
     raises is rolled back, logged and marked with the error, and the others go on. Returns the transitions
@@ -708,6 +846,11 @@ def operator_action(
         elif action == "rollback":
             r.halted_at = r.halted_at or now
             touched = _revert(s, r, now)
+        if action in ("abort", "rollback") and r.shadow_state == "running":
+            # a shadow phase ends with its rollout: the candidate leaves the devices' idle slots' workers
+            holding = s.scalars(select(Device).where(Device.desired_shadow.is_not(None)))
+            touched |= end_shadow(holding, r.id, now)
+            r.shadow_state = "failed"
         transition(s, r, to, why, actor)
         result = {"rollout_id": r.id, "state": r.state, "reason": r.reason}
     store.refresh(touched)

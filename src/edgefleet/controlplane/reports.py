@@ -111,6 +111,7 @@ def store_report(s: Session, d: Device, r: Report, now: datetime | None = None) 
                     cpu_percent=w.cpu_percent,
                     rss_bytes=w.rss_bytes,
                     feedback=None if w.feedback is None else w.feedback.model_dump(mode="json"),
+                    shadow=None if w.shadow is None else w.shadow.model_dump(mode="json"),
                     received_at=now,
                 )
             )

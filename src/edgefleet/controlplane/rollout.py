@@ -33,6 +33,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgefleet.bench.stats import mann_whitney_greater
+from edgefleet.controlplane.shadow import ShadowPolicy
 from edgefleet.telemetry.drift import MIN_DRIFT_SAMPLE, DriftReference, DriftSummary, fleet_psi, merge_counts
 from edgefleet.telemetry.sketch import LatencySketch, SketchData
 
@@ -144,6 +145,9 @@ class RolloutPolicy(BaseModel):
     # A compatibility cell blocks a version only on failures from this many distinct devices: one device's bad
     # hardware or flaky storage must not shut a whole tier out. Fewer make the cell "suspect" (shown, not blocking).
     compat_fail_devices: int = Field(2, ge=1)
+    # A shadow phase before the canary (controlplane/shadow.py): the candidate runs on a few devices of each tier on
+    # copies of live requests, never serving; the canary starts only once its agreement passes. None: no phase.
+    shadow: ShadowPolicy | None = None
 
     @field_validator("waves")
     @classmethod

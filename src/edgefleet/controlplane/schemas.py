@@ -530,10 +530,34 @@ class RolloutTransition(_Out):
     at: str
 
 
+class ShadowHalf(_Out):
+    compared: int
+    agreed: int
+
+
+class ShadowTier(_Out):
+    tier: str
+    devices: int
+    compared: int = Field(description="mirrored requests the candidate ran, its errors included")
+    agreed: int
+    agreement: float | None = Field(description="agreed / compared; None before the first comparison")
+    errors: int
+    dropped: int = Field(description="mirrored requests not run: the candidate busy or over its CPU share")
+    p95_ms: float | None = Field(description="the candidate's compute p95 on the mirrored requests")
+    halves: list[ShadowHalf] = Field(description="the earlier and the later half of the phase, by server time")
+
+
+class RolloutShadow(_Out):
+    state: str = Field(description="running, passed (the canary started) or failed (the rollout halted)")
+    started_at: str | None
+    tiers: list[ShadowTier]
+
+
 class RolloutDetail(Rollout):
     policy: dict[str, Any]
     devices: list[RolloutDeviceEntry]
     transitions: list[RolloutTransition]
+    shadow: RolloutShadow | None = Field(None, description="the shadow phase before the canary, if the policy has one")
 
 
 class PlanWave(_Out):

@@ -22,7 +22,9 @@ Answers: ``("ok", value, compute_seconds)`` or ``("err", kind, message)``; the f
 worker also sends, unasked, ``("stats", observations)`` batches and ``("metrics",)`` requests (the agent answers
 ``("metrics", body)``). ``("sample", rate_per_min)`` turns input sampling on (0: off; agent/sampling.py): the
 inputs of answered requests, at most that many a minute, go to the agent unasked as ``("samples", [...])``
-(``worker/sampler.py``).
+(``worker/sampler.py``). ``("shadow", rate_per_s)`` turns mirroring on for a shadow phase (0: off): the inputs
+and outputs of answered requests, at most that many a second, go to the agent unasked as ``("mirror", [...])``
+(``worker/mirror.py``).
 
 ``EDGEFLEET_WORKER_FAULT=<version>:abort|alloc`` is a test hook: a serving worker for that model version aborts
 or allocates without bound after loading — a model that passes its golden vectors but crashes on live traffic.
@@ -241,7 +243,8 @@ def serve_loop(
     ``("serve",)`` (with a listening socket attached) turns to serving HTTP with the model ``info``."""
     perf = time.perf_counter
     sampler: list[Any] = []  # worker/sampler.py's WorkerSampler while the agent has input sampling on
-    after = _with_sampling(after, sampler)
+    mirror: list[Any] = []  # worker/mirror.py's WorkerMirror while a shadow phase runs (agent/shadow.py)
+    after = _with_sampling(after, sampler, mirror)
 
     def answer(msg: tuple[Any, ...]) -> tuple[bytes | None, tuple[dict[str, Any], dict[str, Any]] | None]:
         """One frame's answer (None: stop) and, for a served infer, its (feeds, outputs) for ``after``."""
@@ -258,8 +261,12 @@ def serve_loop(
             return answer_frame(result, perf() - t0), (msg[1], result)
         if msg[0] == "sample":
             return _set_sampling(sampler, sock, msg[1]), None
+        if msg[0] == "shadow":
+            return _set_mirror(mirror, sock, msg[1]), None
         if sampler and (msg[0] == "drift" or msg[0] == "stop"):
             sampler[0].ship()  # before the answer: what was sampled reaches the agent every telemetry window
+        if mirror and (msg[0] == "drift" or msg[0] == "stop"):
+            mirror[0].ship()
         reply = handle(msg)
         return (None, None) if reply is None else (encode(reply), None)
 
@@ -304,15 +311,29 @@ def serve_loop(
 
 
 def _with_sampling(
-    after: Callable[[dict[str, Any], dict[str, Any]], None] | None, sampler: list[Any]
+    after: Callable[[dict[str, Any], dict[str, Any]], None] | None, sampler: list[Any], mirror: list[Any]
 ) -> Callable[[dict[str, Any], dict[str, Any]], None]:
     def both(feeds: dict[str, Any], result: dict[str, Any]) -> None:
         if after is not None:
             after(feeds, result)
         if sampler:
             sampler[0].observe(feeds)  # after the answer went out, as drift: sampling never delays a request
+        if mirror:
+            mirror[0].observe(feeds, result)  # the same for shadow evaluation's copies
 
     return both
+
+
+def _set_mirror(mirror: list[Any], sock: socket.socket, per_s: float) -> bytes:
+    """Mirroring for a shadow phase on at ``per_s`` requests a second, or off at 0 (worker/mirror.py, imported
+    only when on)."""
+    if mirror:
+        mirror.pop().ship()
+    if isinstance(per_s, (int, float)) and per_s > 0:
+        from edgefleet.agent.worker.mirror import WorkerMirror
+
+        mirror.append(WorkerMirror(sock.sendall, float(per_s)))
+    return encode(("ok", None, 0.0))
 
 
 def _set_sampling(sampler: list[Any], sock: socket.socket, per_min: float) -> bytes:
@@ -373,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     memory_mb = int(a["memory-mb"]) if a.get("memory-mb") else None
     threads = int(a.get("threads", "1"))
     role = a.get("role", "serve")
+    if role == "shadow":
+        os.nice(10)  # a shadow phase's candidate yields the CPU to the worker that serves (agent/shadow.py)
     runtime_env = any(k.startswith("EDGEFLEET_RUNTIME_") for k in os.environ)
     if a["path"].endswith(".onnx") and not runtime_env:
         _serve_lean(sock, a["path"], role, threads, memory_mb)

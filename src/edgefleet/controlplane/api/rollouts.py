@@ -102,7 +102,32 @@ def rollout_dict(s: Any, r: Rollout, *, full: bool = False) -> dict[str, Any]:
                 select(RolloutTransition).where(RolloutTransition.rollout_id == r.id).order_by(RolloutTransition.seq)
             )
         ]
+        out["shadow"] = shadow_dict(s, r)
     return out
+
+
+def shadow_dict(s: Any, r: Rollout) -> dict[str, Any] | None:
+    """The rollout's shadow phase, tier by tier (controlplane/shadow.py); None without one."""
+    if r.shadow_state is None:
+        return None
+    return {
+        "state": r.shadow_state,
+        "started_at": r.shadow_started_at.isoformat() if r.shadow_started_at else None,
+        "tiers": [
+            {
+                "tier": t.tier,
+                "devices": t.devices,
+                "compared": t.compared,
+                "agreed": t.agreed,
+                "agreement": t.agreement,
+                "errors": t.errors,
+                "dropped": t.dropped,
+                "p95_ms": t.p95_ms,
+                "halves": [{"compared": c, "agreed": a} for c, a in t.halves],
+            }
+            for t in reconciler.shadow_figures(s, r)
+        ],
+    }
 
 
 _ACTIVE = (RolloutState.running.value, RolloutState.paused.value, RolloutState.blocked.value)
