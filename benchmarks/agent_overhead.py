@@ -2,11 +2,13 @@
 
 tritonclient → ``edgefleet serve`` (the agent's OIP server + worker process) for a small digits MLP, at
 concurrency 1 and 8, JSON and binary tensors; next to raw ``session.run`` in process and a *null* OIP server
-— the floor the client and HTTP stack alone allow. The null server runs the agent's own HTTP stack
-(``edgefleet.agent.httpserver``: the same parser, connection handling and one write per response) with a
-handler that answers a fixed response at once, without parsing the body or running inference; so the
-difference between the two columns is exactly what the agent adds (OIP parsing, the worker hop, encoding,
-metrics). For reference, one row also measures a null ASGI app on uvicorn (the stack the agent used before
+— the floor the client, the transport and the serving loop alone allow. The null server runs the loop that answers
+the agent's port (ADR 0032: the inference worker's ``worker/httpserve.py`` ``HTTPLoop``, with the agent's HTTP
+protocol, parser and one write per response) with a handler that answers at once, without parsing the body or
+running inference — and answers the very bytes the agent answered to the same request (taken from the agent before
+each row), so that the client reads and decodes the same answer from both. So the difference between the two
+columns is what the agent adds (OIP parsing and checks, the model run, encoding, shared memory access,
+bookkeeping). For reference, one row also measures a null ASGI app on uvicorn (the stack the agent used before
 ADR 0031; uvicorn picks httptools when it is installed). Plus cold start (``edgefleet serve`` process start →
 first inference answered) and idle RSS of the agent and its worker, next to a bare Python + onnxruntime process.
 
@@ -16,6 +18,7 @@ agent's Unix socket, and system shared memory (the input written into a register
 one) over TCP and over the Unix socket; for the digits MLP and for an image-like input of ~1 MB per call
 (float32[1, 3, 320, 272] → global average pool). tritonclient cannot speak over a Unix socket, so those rows (and
 their floors) use a minimal keep-alive HTTP client (``RawClient``), also run over TCP for a like-for-like row.
+Within a row the null floor and the agent take turns, 50 calls each, so that both columns see the same machine.
 
     .venv/bin/python benchmarks/agent_overhead.py [--requests 2000] [--path-requests 1000] [--only-paths]
 """
@@ -45,7 +48,7 @@ NULL_BODY = json.dumps(
 ).encode()
 
 
-async def null_app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+async def null_app(scope: dict, receive: object, send: object) -> None:
     """The reference: a null ASGI app, for uvicorn."""
     if scope["type"] != "http":
         return
@@ -64,22 +67,79 @@ async def null_app(scope: dict, receive: object, send: object) -> None:  # type:
 
 
 def serve_null(port: int, uds: str | None = None) -> None:
-    """The floor: the agent's HTTP stack answering a fixed response, no parsing, no inference (on ``uds`` too)."""
-    import asyncio
+    """The floor: a fixed response at once, no parsing, no inference, served by the loop that answers the agent's
+    port (the inference worker's selectors loop and HTTP stack, ``worker/httpserve.py``), on TCP and on ``uds``.
 
-    from edgefleet.agent.httpserver import JSON_HEADERS, Respond, serve_http
-    from edgefleet.agent.uds import serve_uds
+    The worker makes no memory system call while it serves ~1 MB bodies (strace: none in 100 requests): glibc's
+    mmap threshold there has risen above them (it rises to the size of a mapped block freed, up to 32 MiB), and what
+    the model holds sits on top of its heap. In a fresh process each body would be mapped, faulted in and unmapped
+    (or the heap grown and trimmed) per request, ~0.9 ms for 1 MB: a floor slower than the worker. A 16 MiB block
+    freed at start raises the threshold the same way (and the heap's trim threshold to twice that)."""
+    import socket
+
+    block = bytearray(16 * 2**20)
+    del block
+
+    from edgefleet.agent.httpserver import DEFAULT_LIMITS, JSON_HEADERS, Respond
+    from edgefleet.agent.worker.httpserve import serve_plain
+
+    # The answer to every request: the agent's own answer to the request measured (set through /null/answer before
+    # each row, see _same_answer), so that the client decodes the same bytes from both servers.
+    answer = [NULL_BODY, JSON_HEADERS]
 
     def handle(method: str, path: str, headers: dict[bytes, bytes], body: bytes, respond: Respond) -> None:
-        respond(200, NULL_BODY, JSON_HEADERS)
+        if path == "/null/answer":
+            json_len = headers.get(b"x-json-length")
+            answer[:] = [body, b"%s%s\r\n" % (BINARY_HEADERS, json_len) if json_len else JSON_HEADERS]
+        respond(200, answer[0], answer[1])
 
-    async def main() -> None:
-        await serve_http(handle, "127.0.0.1", port)
-        if uds:
-            await serve_uds(handle, uds)
-        await asyncio.Event().wait()
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind(("127.0.0.1", port))
+    tcp.listen(1024)
+    listens = [tcp]
+    if uds:
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.bind(uds)
+        unix.listen(1024)
+        listens.append(unix)
+    serve_plain(listens, handle, DEFAULT_LIMITS)
 
-    asyncio.run(main())
+
+BINARY_HEADERS = b"content-type: application/octet-stream\r\ninference-header-content-length: "
+
+
+def _same_answer(null: tuple[str, int] | str, agent: tuple[str, int] | str, path: str, head: bytes, raw: bytes) -> None:
+    """Make the null server answer what the agent answers to ``head`` + ``raw`` on ``path``, byte for byte."""
+    probe = RawClient(agent)
+    status, _, _ = probe.post(path, head, raw)
+    body, json_len = probe.last
+    probe.close()
+    if status != 200:
+        raise RuntimeError(f"the agent answered {status}: {body[:200]!r}")
+    setter = RawClient(null)
+    extra = b"x-json-length: %d\r\n" % json_len if json_len is not None else b""
+    setter.sock.sendall(
+        b"POST /null/answer HTTP/1.1\r\nhost: local\r\n%scontent-length: %d\r\n\r\n%s" % (extra, len(body), body)
+    )
+    setter.read()
+    setter.close()
+
+
+def _tc_request(x: np.ndarray, binary: bool) -> tuple[bytes, bytes]:
+    """The infer request tritonclient sends in :func:`run_client` (the JSON header and the raw tensor bytes)."""
+    inp: dict[str, Any] = {"name": "X", "shape": list(x.shape), "datatype": "FP32"}
+    if binary:
+        inp["parameters"] = {"binary_data_size": x.nbytes}
+    else:
+        inp["data"] = x.ravel().tolist()
+    head = {"inputs": [inp], "outputs": [{"name": "label", "parameters": {"binary_data": binary}}]}
+    return json.dumps(head).encode(), x.tobytes() if binary else b""
+
+
+def _start_null(port: int, uds: str | None = None) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, __file__, "--null-server", str(port)]
+    return subprocess.Popen(cmd + (["--null-uds", uds] if uds else []))
 
 
 def _free_port() -> int:
@@ -158,6 +218,7 @@ class RawClient:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.connect(addr)
         self.buf = b""
+        self.last: tuple[bytes, int | None] = (b"", None)
 
     def post(self, path: str, head: bytes, raw: bytes = b"") -> tuple[int, dict[str, Any], bytes]:
         extra = b"inference-header-content-length: %d\r\n" % len(head) if raw else b""
@@ -172,6 +233,12 @@ class RawClient:
             self.sock.sendall(raw)
         elif raw:
             self.sock.sendall(raw)
+        status, body, jl = self.read()
+        n = len(body) if jl is None else jl
+        return status, json.loads(body[:n]), body[n:]
+
+    def read(self) -> tuple[int, bytes, int | None]:
+        """One answer: its status, body and JSON header length (None: a JSON body); kept as :attr:`last`."""
         while b"\r\n\r\n" not in self.buf:
             self.buf += self.sock.recv(65536)
         top, _, rest = self.buf.partition(b"\r\n\r\n")
@@ -182,8 +249,9 @@ class RawClient:
         while len(rest) < n:
             rest += self.sock.recv(max(65536, n - len(rest)))
         body, self.buf = rest[:n], rest[n:]
-        jl = int(hdrs.get(b"inference-header-content-length", n))
-        return status, json.loads(body[:jl]), body[jl:]
+        jl = hdrs.get(b"inference-header-content-length")
+        self.last = (body, None if jl is None else int(jl))
+        return status, body, self.last[1]
 
     def infer(self, path: str, head: bytes, raw: bytes = b"") -> dict[str, np.ndarray]:
         status, doc, blob = self.post(path, head, raw)
@@ -231,6 +299,35 @@ def _timed(n: int, call: Any) -> dict[str, float]:
     wall = time.perf_counter() - t0
     p50, p99 = _pct(lat)
     return {"p50_ms": p50, "p99_ms": p99, "req_s": n / wall}
+
+
+def _side_by_side(
+    n: int, null_call: Any, agent_call: Any, block: int = 50
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``n`` calls each of the null floor and the agent, alternating in blocks of ``block``, so that both columns
+    see the same machine (other load comes and goes within a row, not between its two columns)."""
+    for _ in range(max(20, n // 20)):
+        null_call()
+        agent_call()
+    lats: tuple[list[float], list[float]] = ([], [])
+    walls = [0.0, 0.0]
+    done = 0
+    while done < n:
+        k = min(block, n - done)
+        for i, call in enumerate((null_call, agent_call)):
+            lat = lats[i]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                s = time.perf_counter()
+                call()
+                lat.append(time.perf_counter() - s)
+            walls[i] += time.perf_counter() - t0
+        done += k
+    out = []
+    for lat, wall in zip(lats, walls, strict=True):
+        p50, p99 = _pct(lat)
+        out.append({"p50_ms": p50, "p99_ms": p99, "req_s": n / wall})
+    return out[0], out[1]
 
 
 class _Regions:
@@ -346,16 +443,21 @@ def path_rows(
 
     host, port = url.split(":")
     nhost, nport = null_url.split(":")
-    paths: list[tuple[str, Any, Any]] = [
-        ("tcp binary (tritonclient)", tc_binary(null_url), tc_binary(url)),
-        ("tcp shm (tritonclient)", tc_shm(null_url), tc_shm(url)),
-        ("tcp binary (raw client)", raw_binary((nhost, int(nport))), raw_binary((host, int(port)))),
-        ("uds binary (raw client)", raw_binary(null_uds), raw_binary(uds)),
-        ("uds shm (raw client)", raw_shm(null_uds), raw_shm(uds)),
+    tcp, null_tcp = (host, int(port)), (nhost, int(nport))
+    raw = x.tobytes()
+    # (path, null call, agent call, the request whose answer the null server gives: its transport, head and body)
+    paths: list[tuple[str, Any, Any, tuple[Any, Any, bytes, bytes]]] = [
+        ("tcp binary (tritonclient)", tc_binary(null_url), tc_binary(url), (null_tcp, tcp, bin_head, raw)),
+        ("tcp shm (tritonclient)", tc_shm(null_url), tc_shm(url), (null_tcp, tcp, shm_head, b"")),
+        ("tcp binary (raw client)", raw_binary(null_tcp), raw_binary(tcp), (null_tcp, tcp, bin_head, raw)),
+        ("uds binary (raw client)", raw_binary(null_uds), raw_binary(uds), (null_uds, uds, bin_head, raw)),
+        ("uds shm (raw client)", raw_shm(null_uds), raw_shm(uds), (null_uds, uds, shm_head, b"")),
     ]
+    np.copyto(regions.in_view, x)
     rows = []
-    for name, null_call, agent_call in paths:
-        rows.append((name, _timed(n, null_call), _timed(n, agent_call)))
+    for name, null_call, agent_call, (null_addr, agent_addr, head, body) in paths:
+        _same_answer(null_addr, agent_addr, infer_path, head, body)
+        rows.append((name, *_side_by_side(n, null_call, agent_call)))
     regions.close()
     return rows
 
@@ -371,19 +473,18 @@ def _session_p50(model: Path, x: np.ndarray) -> float:
 
 def run_paths(exe: str, tmp: Path, small: Path, xs: np.ndarray, n: int) -> None:
     """Start a null server and an agent (TCP + Unix socket) per model; print the local paths' table."""
-    null_port = _free_port()
-    null_uds = str(tmp / "null.sock")
-    null = subprocess.Popen([sys.executable, __file__, "--null-server", str(null_port), "--null-uds", null_uds])
     big = tmp / "image.onnx"
     big.write_bytes(image_model())
     xb = np.random.default_rng(0).random((1, 3, 320, 272), dtype=np.float32)
     results = []
-    try:
-        _wait_ready(f"127.0.0.1:{null_port}")
-        for model, x, out, count in ((small, xs, "probabilities", n), (big, xb, "Y", max(100, n // 4))):
+    for model, x, out, count in ((small, xs, "probabilities", n), (big, xb, "Y", max(100, n // 4))):
+        null_port, null_uds = _free_port(), str(tmp / f"null-{model.stem}.sock")
+        null = _start_null(null_port, null_uds)
+        try:
             port, uds = _free_port(), str(tmp / f"{model.stem}.sock")
             agent = subprocess.Popen([exe, "serve", str(model), "--port", str(port), "--uds", uds])
             try:
+                _wait_ready(f"127.0.0.1:{null_port}")
                 _wait_ready(f"127.0.0.1:{port}")
                 time.sleep(0.5)  # the worker takes the port over just after it reports ready
                 rows = path_rows(
@@ -393,9 +494,9 @@ def run_paths(exe: str, tmp: Path, small: Path, xs: np.ndarray, n: int) -> None:
             finally:
                 agent.terminate()
                 agent.wait()
-    finally:
-        null.terminate()
-        null.wait()
+        finally:
+            null.terminate()
+            null.wait()
     print()
     print("local paths, concurrency 1, end to end (input written, answer read and decoded); Δ = agent − its null floor")
     print(f"{'model':>8} {'path':>26} | {'null p50':>9} {'p99':>7} | {'agent p50':>9} {'p99':>7} | {'Δp50 µs':>8}")
@@ -475,7 +576,7 @@ def main() -> None:
     rp50, rp99 = _pct(raw)
 
     null_port, agent_port, uvi_port = _free_port(), _free_port(), _free_port()
-    null = subprocess.Popen([sys.executable, __file__, "--null-server", str(null_port)])
+    null = _start_null(null_port)
     uvi = subprocess.Popen([sys.executable, __file__, "--uvicorn-null-server", str(uvi_port)])
     t_start = time.perf_counter()
     agent = subprocess.Popen([exe, "serve", str(model), "--port", str(agent_port)])
@@ -497,6 +598,9 @@ def main() -> None:
         for conc in (1, 8):
             for binary in (False, True):
                 mode = "binary" if binary else "json"
+                _same_answer(
+                    ("127.0.0.1", null_port), ("127.0.0.1", agent_port), "/v2/models/mlp/infer", *_tc_request(x, binary)
+                )
                 nul = run_client(f"127.0.0.1:{null_port}", "null", x, binary, conc, a.requests)
                 agt = run_client(f"127.0.0.1:{agent_port}", "mlp", x, binary, conc, a.requests)
                 rows.append((conc, mode, nul, agt))
@@ -534,10 +638,10 @@ def main() -> None:
             f"{agt['p50_ms']:9.3f} {agt['p99_ms']:7.3f} {agt['req_s']:7.0f} | "
             f"{agt['p50_ms'] - nul['p50_ms']:8.3f} {agt['req_s'] / nul['req_s']:11.2f}"
         )
-    for conc, r in uvi_rows:
+    for conc, u in uvi_rows:
         print(
-            f"reference: null ASGI app on uvicorn, conc {conc} json: p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms"
-            f"  {r['req_s']:.0f} req/s"
+            f"reference: null ASGI app on uvicorn, conc {conc} json: p50 {u['p50_ms']:.3f} ms  p99 {u['p99_ms']:.3f} ms"
+            f"  {u['req_s']:.0f} req/s"
         )
     print(f"cold start to first inference: {first * 1000:.0f} ms" if first else "cold start: no answer in 60 s")
     print(

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from edgefleet import __version__
-from edgefleet.agent.codec import DTYPE_TO_OIP, BadRequest, encode_response, parse_request
+from edgefleet.agent.codec import DTYPE_TO_OIP, BadRequest, PlanCache, encode_response, parse_request
 from edgefleet.agent.feedback import Predictions, parse_feedback, top1
 from edgefleet.agent.httpserver import JSON_HEADERS, MAX_BODY, HTTPLimits, Respond, error_body
 from edgefleet.agent.serving import ServedModel, Serving
@@ -60,6 +60,11 @@ class OIPApp:
         extensions = ["binary_tensor_data", *(["system_shared_memory"] if self.shm is not None else [])]
         self.server_meta = json.dumps({"name": "edgefleet", "version": __version__, "extensions": extensions}).encode()
         self._outputs_of: tuple[ServedModel, frozenset[str]] | None = None
+        # Infer paths checked against the model they named (path -> that model), and request headers checked
+        # against its inputs (codec.PlanCache): a keep-alive client repeats both, call after call.
+        self._routes: dict[str, ServedModel] = {}
+        self._plans = PlanCache()
+        self._heads: dict[tuple[Any, ...], bytes] = {}  # response JSON headers (codec.encode_response)
         # predicted top-1 of recent requests that carried an id, for ground-truth feedback (agent/feedback.py)
         self.predictions = Predictions()
 
@@ -247,7 +252,14 @@ class OIPApp:
         t0 = time.perf_counter()
         svc = self.service
         try:
-            self._model(path[len("/v2/models/") : -len("/infer")].split("/"))
+            info = svc.info
+            if info is None or self._routes.get(path) is not info:
+                self._model(path[len("/v2/models/") : -len("/infer")].split("/"))
+                info = svc.info
+                assert info is not None
+                if len(self._routes) >= 16:
+                    self._routes.clear()
+                self._routes[path] = info
             raw = headers.get(b"inference-header-content-length")
             header_length = None
             if raw is not None:
@@ -260,9 +272,7 @@ class OIPApp:
                         f"{self.limits.max_json_bytes} bytes",
                         413,
                     )
-            info = svc.info
-            assert info is not None
-            req = parse_request(body, header_length, info.inputs, self.limits.max_tensor_bytes, self.shm)
+            req = parse_request(body, header_length, info.inputs, self.limits.max_tensor_bytes, self.shm, self._plans)
             if req.outputs:
                 known = self._known_outputs(info)
                 for o in req.outputs:
@@ -283,7 +293,9 @@ class OIPApp:
                     shm = self.shm
                     if req.placed is not None and shm is not None:  # written before the answer the client waits on
                         placed = {n: shm.write(n, req.placed[n], results[n]) for n in req.placed if n in results}
-                    payload, json_len = encode_response(name, version, req.id, results, req.binary, placed, route)
+                    payload, json_len = encode_response(
+                        name, version, req.id, results, req.binary, placed, route, self._heads
+                    )
                 except BadRequest as bad:
                     err = bad
                 else:

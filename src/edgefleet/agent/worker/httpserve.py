@@ -37,19 +37,27 @@ from edgefleet.agent.codec import BadRequest
 from edgefleet.agent.feedback import FEEDBACK
 from edgefleet.agent.frames import encode
 from edgefleet.agent.frames import take as take_frames
-from edgefleet.agent.httpserver import ACCEPT_BACKOFF, HTTPLimits, HTTPProtocol, accept_burst, refuse_connection
+from edgefleet.agent.httpserver import (
+    ACCEPT_BACKOFF,
+    Handler,
+    HTTPLimits,
+    HTTPProtocol,
+    accept_burst,
+    refuse_connection,
+)
 from edgefleet.agent.oip import OIPApp
 from edgefleet.agent.serving import Done
 from edgefleet.agent.shm import ShmRegistry
 from edgefleet.agent.worker.main import answer_all
 
-__all__ = ["FLUSH_N", "FLUSH_S", "WorkerService", "serve_http"]
+__all__ = ["FLUSH_N", "FLUSH_S", "HTTPLoop", "WorkerService", "serve_http", "serve_plain"]
 
 FLUSH_S = 0.05
 FLUSH_N = 256
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _HIGH_WATER = 256 * 1024
 _RECV = 256 * 1024
+_ACCEPT = "accept"  # the key data of a listening socket
 
 # (outcome, total_s, compute_s) of a request, or (feedback.FEEDBACK, predicted, label) of ground truth
 Observation = tuple[str, Any, Any]
@@ -58,7 +66,7 @@ Observation = tuple[str, Any, Any]
 class _Transport:
     """What ``HTTPProtocol`` uses of an asyncio transport, over a non-blocking socket in a selectors loop."""
 
-    def __init__(self, loop: _Loop, sock: socket.socket, protocol: HTTPProtocol) -> None:
+    def __init__(self, loop: HTTPLoop, sock: socket.socket, protocol: HTTPProtocol) -> None:
         self.loop = loop
         self.sock = sock
         self.protocol = protocol
@@ -200,10 +208,101 @@ class _Transport:
         self.protocol.connection_lost(None)
 
 
-class _Loop:
-    def __init__(self) -> None:
+class HTTPLoop:
+    """Accepting on listening sockets and serving their connections with ``handle``, in a selectors loop; other
+    descriptors registered on :attr:`sel` come back to the caller of :meth:`wait`. :func:`serve_http` runs it with
+    the OIP app and the control socket; :func:`serve_plain` with any handler alone (the benchmark's null floor runs
+    exactly this loop, benchmarks/agent_overhead.py)."""
+
+    def __init__(self, listens: list[socket.socket], handle: Handler, limits: HTTPLimits) -> None:
         self.sel = selectors.DefaultSelector()
         self.transports: set[_Transport] = set()
+        self.listens = listens
+        self.handle = handle
+        self.limits = limits
+        self.tick = limits.tick_s
+        self.next_sweep = time.monotonic() + self.tick
+        self.backoff = 0.0
+        self.resume_at = 0.0  # accepting paused (EMFILE and the like) until then; 0: accepting
+        for s in listens:
+            s.setblocking(False)
+            self.sel.register(s, _READ, _ACCEPT)
+
+    def wait(self, wake: float = 0.0) -> list[selectors.SelectorKey]:
+        """Wait for events (until ``wake`` at the latest, a monotonic time; 0: none of the caller's), serve those
+        of connections and listening sockets, and return the keys of the caller's own descriptors that are ready."""
+        if self.transports:
+            wake = min(wake or self.next_sweep, self.next_sweep)
+        if self.resume_at:
+            wake = min(wake or self.resume_at, self.resume_at)
+        timeout = max(0.0, wake - time.monotonic()) if wake else None
+        other: list[selectors.SelectorKey] = []
+        for key, mask in self.sel.select(timeout):
+            data = key.data
+            if data.__class__ is _Transport:
+                data.on_event(mask)
+            elif data is _ACCEPT:
+                self._accept(key.fileobj)  # type: ignore[arg-type]
+            else:
+                other.append(key)
+        return other
+
+    def housekeeping(self, now: float) -> None:
+        """Resume accepting after a back-off; enforce the connections' deadlines every :attr:`tick`."""
+        if self.resume_at and now >= self.resume_at:
+            self.resume_at = 0.0
+            for s in self.listens:
+                self.sel.register(s, _READ, _ACCEPT)
+        if now >= self.next_sweep:
+            self.next_sweep = now + self.tick
+            for t in list(self.transports):
+                t.protocol.check(now)
+
+    def _take(self, conn: socket.socket) -> None:
+        if len(self.transports) >= self.limits.max_connections:
+            refuse_connection(conn, self.limits.max_connections)
+            return
+        conn.setblocking(False)
+        _Transport(self, conn, HTTPProtocol(self.handle, None, self.limits))
+
+    def _accept(self, sock: socket.socket) -> None:
+        err = accept_burst(sock, self._take, 16)
+        if err is None:
+            self.backoff = 0.0
+            return
+        # No descriptors (or buffers) now: the socket stays readable, so retrying at once would spin.
+        self.backoff = min(ACCEPT_BACKOFF[1], self.backoff * 2) if self.backoff else ACCEPT_BACKOFF[0]
+        self.resume_at = time.monotonic() + self.backoff
+        for s in self.listens:
+            self.sel.unregister(s)
+
+    def stop_accepting(self) -> None:
+        for s in self.listens:
+            if not self.resume_at:
+                self.sel.unregister(s)
+            s.close()
+
+    def close(self, grace_s: float = 1.0) -> None:
+        """Close every connection, sending what each still has buffered for up to ``grace_s``."""
+        for t in list(self.transports):
+            t.close()
+        deadline = time.monotonic() + grace_s
+        while any(t.out for t in self.transports) and time.monotonic() < deadline:
+            for key, mask in self.sel.select(0.05):
+                if isinstance(key.data, _Transport):
+                    key.data.on_event(mask)
+
+
+def serve_plain(listens: list[socket.socket], handle: Handler, limits: HTTPLimits) -> None:
+    """Serve ``handle`` on ``listens`` in an :class:`HTTPLoop` until interrupted."""
+    loop = HTTPLoop(listens, handle, limits)
+    try:
+        while True:
+            loop.wait()
+            loop.housekeeping(time.monotonic())
+    finally:
+        loop.stop_accepting()
+        loop.close()
 
 
 class WorkerService:
@@ -342,41 +441,13 @@ def serve_http(
     """Accept on ``listen`` (and ``more``: the Unix socket) and answer frames on ``ctrl`` (``buf``: frames already
     read; ``view``: the receive buffer, reused) until EOF or stop. ``regions``: the agent's shared memory regions,
     mapped here before the first request (one that cannot be is unregistered on the agent's side too)."""
-    loop = _Loop()
     svc = WorkerService(ctrl, info, run, input_errors, after)
     for region in regions if isinstance(regions, list) else []:
         lost = svc.shm.apply(region)
         if lost is not None:
             ctrl.sendall(encode(("shm", {"op": "unregister", "name": lost})))
-    handle = OIPApp(svc, limits=limits).handle
-    listens = [listen, *(more or [])]
-    for s in listens:
-        s.setblocking(False)
-        loop.sel.register(s, _READ, "accept")
+    loop = HTTPLoop([listen, *(more or [])], OIPApp(svc, limits=limits).handle, limits)
     loop.sel.register(ctrl, _READ, "ctrl")
-    tick = limits.tick_s
-    next_sweep = time.monotonic() + tick
-    backoff = 0.0
-    resume_at = 0.0  # accepting paused (EMFILE and the like) until then; 0: accepting
-
-    def take(conn: socket.socket) -> None:
-        if len(loop.transports) >= limits.max_connections:
-            refuse_connection(conn, limits.max_connections)
-            return
-        conn.setblocking(False)
-        _Transport(loop, conn, HTTPProtocol(handle, None, limits))
-
-    def accept(sock: socket.socket) -> None:
-        nonlocal backoff, resume_at
-        err = accept_burst(sock, take, 16)
-        if err is None:
-            backoff = 0.0
-            return
-        # No descriptors (or buffers) now: the socket stays readable, so retrying at once would spin.
-        backoff = min(ACCEPT_BACKOFF[1], backoff * 2) if backoff else ACCEPT_BACKOFF[0]
-        resume_at = time.monotonic() + backoff
-        for s in listens:
-            loop.sel.unregister(s)
 
     def special(msg: tuple[Any, ...]) -> bytes | None:
         if msg[0] == "remote":  # the agent's answer to a request handed over (hybrid routing)
@@ -410,45 +481,22 @@ def serve_http(
     try:
         running = control()
         while running:
-            now = time.monotonic()
-            wake = next_sweep if loop.transports else 0.0
-            if svc.observations:
-                wake = min(wake or svc.deadline, svc.deadline)
-            if resume_at:
-                wake = min(wake or resume_at, resume_at)
-            timeout = max(0.0, wake - now) if wake else None
-            for key, mask in loop.sel.select(timeout):
-                data = key.data
-                if isinstance(data, _Transport):
-                    data.on_event(mask)
-                elif data == "accept":
-                    accept(key.fileobj)  # type: ignore[arg-type]
-                else:
-                    n = ctrl.recv_into(view)
-                    if n == 0:
-                        running = False  # the agent is gone: so is this worker (and its hold on the port)
-                        break
-                    buf += view[:n]
-                    if not control():
-                        running = False
-                        break
+            for _key in loop.wait(svc.deadline if svc.observations else 0.0):  # only the control socket is ours
+                n = ctrl.recv_into(view)
+                if n == 0:
+                    running = False  # the agent is gone: so is this worker (and its hold on the port)
+                    break
+                buf += view[:n]
+                if not control():
+                    running = False
+                    break
             now = time.monotonic()
             if svc.observations and now >= svc.deadline:
                 svc.flush()
-            if resume_at and now >= resume_at:
-                resume_at = 0.0
-                for s in listens:
-                    loop.sel.register(s, _READ, "accept")
-            if now >= next_sweep:
-                next_sweep = now + tick
-                for t in list(loop.transports):
-                    t.protocol.check(now)
+            loop.housekeeping(now)
     finally:
         # A graceful stop (a switch, shutdown): no more accepting, answered requests counted, connections closed.
-        for s in listens:
-            if not resume_at:
-                loop.sel.unregister(s)
-            s.close()
+        loop.stop_accepting()
         svc.shm.close()
         for t in list(loop.transports):
             t.close()
@@ -456,8 +504,4 @@ def serve_http(
             svc.flush()
         except OSError:
             pass
-        deadline = time.monotonic() + 1.0
-        while any(t.out for t in loop.transports) and time.monotonic() < deadline:
-            for key, mask in loop.sel.select(0.05):
-                if isinstance(key.data, _Transport):
-                    key.data.on_event(mask)
+        loop.close()
