@@ -11,7 +11,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.data import CallData
+from edgefleet.optimize.api import _Clock, _share
 from edgefleet.optimize.candidates import Recipe
+from edgefleet.optimize.costs import heaviest_first, node_costs
 from edgefleet.optimize.evaluate import MetricValues
 from edgefleet.optimize.fallback import _needed, search
 from edgefleet.optimize.prepare import PreparedModel, compute_nodes, prepare
@@ -207,3 +209,81 @@ def test_sqnr_scores_every_compute_node_and_ranks_the_one_that_adds_noise(outlie
     # later nodes inherit the outlier's noise: the last one's output SQNR is the lowest, but the outlier adds it
     assert max(noise, key=lambda n: noise[n].added_db) == f"mm{outlier}"
     assert min(noise, key=lambda n: noise[n].out_db) == "mm5"
+
+
+class NoisyOracle(Oracle):
+    """No culprit: the score falls with the quantized nodes' count, past ``allowed`` of them out of tolerance (a
+    recognizer whose decode flips on tiny noise, wherever it comes from)."""
+
+    def __init__(self, nodes: list[str], allowed: int) -> None:
+        super().__init__(set())
+        self.nodes, self.allowed = nodes, allowed
+
+    def __call__(self, recipe: Recipe) -> CandidateReport:
+        self.trials.append(recipe.nodes_to_exclude)
+        quantized = len(set(self.nodes) - set(recipe.nodes_to_exclude))
+        ok = quantized <= self.allowed
+        return CandidateReport(
+            name=recipe.name, recipe=recipe, status="qualified" if ok else "out_of_tolerance",
+            metrics=MetricValues(metric="ctc", overall=1.0 - 0.002 * quantized), within_tolerance=ok,
+            nodes_excluded=list(recipe.nodes_to_exclude),
+        )  # fmt: skip
+
+
+def test_heaviest_first_quantizes_the_nodes_that_hold_the_time() -> None:
+    """Where no node is a culprit, the search keeps the cheap nodes in float and quantizes the heavy ones, largest
+    share of the time first, and stops at the first set within tolerance."""
+    prepared = _chain(10)
+    names = [f"mm{i}" for i in range(10)]
+    costs = {"mm3": 50.0, "mm7": 30.0, **{n: 20.0 / 8 for n in names if n not in ("mm3", "mm7")}}
+    oracle = NoisyOracle(names, allowed=2)
+    start = _start(prepared, oracle)
+    oracle.trials.clear()
+    result = search(
+        prepared, start, b"", oracle, CallData({"x": np.zeros((1, 1, 8), np.float32)}),
+        max_iterations=12, time_left=lambda: math.inf, costs=costs,
+    )  # fmt: skip
+    assert result.best is not None and result.best.within_tolerance
+    assert set(names) - set(result.best.nodes_excluded) == {"mm3", "mm7"}
+    quantized = [len(set(names) - set(t)) for t in oracle.trials]
+    first_pass = quantized.index(2)
+    assert quantized[: first_pass + 1] == sorted(quantized[: first_pass + 1], reverse=True), quantized
+    assert all(q > 2 for q in quantized[first_pass + 1 :]), "then it only tries to quantize more of the float set"
+
+
+def test_heaviest_first_that_fails_leaves_the_node_search_its_trials() -> None:
+    prepared = _chain(8)
+    names = [f"mm{i}" for i in range(8)]
+    oracle = Oracle({"mm6"})
+    start = _start(prepared, oracle)
+    oracle.trials.clear()
+    costs = {n: 1.0 for n in names} | {"mm6": 10.0}  # the culprit is the heavy node: no heavy-first set passes
+    result = search(
+        prepared, start, b"", oracle, CallData({"x": np.zeros((1, 1, 8), np.float32)}),
+        max_iterations=12, time_left=lambda: math.inf, costs=costs,
+    )  # fmt: skip
+    assert result.best is not None and set(result.best.nodes_excluded) == {"mm6"}
+
+
+def test_heaviest_first_sets() -> None:
+    nodes = ["a", "b", "c", "d"]
+    costs = {"a": 10.0, "b": 60.0, "c": 30.0}
+    assert heaviest_first(nodes, costs, (0.5, 0.9)) == [["b", "c"], ["b"]]
+    assert heaviest_first(nodes, costs, (1.0,)) == [["b", "c", "a"]], "d costs nothing: never worth quantizing alone"
+    assert heaviest_first(nodes, {}, (0.5,)) == []
+
+
+def test_node_costs_names_the_float_models_nodes() -> None:
+    prepared = _chain(3)
+    costs = node_costs(prepared.data, {"x": np.ones((1, 8), np.float32)}, runs=3)
+    assert set(costs) == {"mm0", "mm1", "mm2"} and all(v >= 0 for v in costs.values())
+    assert node_costs(b"not onnx", {}) == {}
+
+
+def test_a_waiting_second_start_keeps_a_third_of_the_search_time() -> None:
+    clock = _Clock(100.0)
+    first = _share(clock, 10.0, second_start=True)
+    last = _share(clock, 10.0, second_start=False)
+    assert first() == pytest.approx(60.0, abs=1.0) and last() == pytest.approx(90.0, abs=1.0)
+    clock.budget_s = 20.0  # the budget running out ends every share, whatever its deadline
+    assert first() <= 10.0 and last() <= 10.0

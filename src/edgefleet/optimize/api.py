@@ -36,6 +36,7 @@ from edgefleet.optimize.calibration import (
 )
 from edgefleet.optimize.candidates import Recipe, recipe_space
 from edgefleet.optimize.candidates import prune as prune_recipes
+from edgefleet.optimize.costs import node_costs
 from edgefleet.optimize.default_metric import default_metric, output_facts
 from edgefleet.optimize.evaluate import (
     MetricSpec,
@@ -230,6 +231,14 @@ def calibration_too_slow(recipe: Recipe, cache: CalibrationCache, left_s: float)
                 f"more than the {max(left_s, 0):.0f} s left to evaluate"
             )
     return None
+
+
+def _share(clock: _Clock, reserve: float, *, second_start: bool) -> Callable[[], float]:
+    """The time a fallback search has left: all of what the budget leaves above ``reserve``, or — when another start
+    waits — two thirds of it, so the next start is searched too (one start used to spend it all)."""
+    share = (clock.left() - reserve) * (2 / 3 if second_start else 1.0)
+    deadline = clock.elapsed + share
+    return lambda: min(deadline - clock.elapsed, clock.left() - reserve)
 
 
 def _since(t0: float) -> float:
@@ -427,7 +436,9 @@ def optimize(
     # Closest to tolerance first: the search ends when the budget does, and a candidate that lost a third of the
     # metric needs far more nodes in float (and keeps less of its speed) than one just over the line.
     starts.sort(key=lambda c: -(c.metrics.overall if c.metrics is not None else -np.inf))
-    for start in starts:
+    # Each float node's time: the search quantizes the heaviest first (profiled once, a second or two).
+    costs = node_costs(prepared.data, feed, threads=settings.intra_op_threads) if starts else {}
+    for k, start in enumerate(starts):
         if clock.left() <= reserve:
             fallback_reason = fallback_reason or "no time left in the budget for the fallback search"
             break
@@ -458,8 +469,9 @@ def optimize(
             evaluate,
             eval.subset(range(min(len(eval), 32))),
             max_iterations=max_fallback_iterations,
-            time_left=lambda: clock.left() - reserve,
+            time_left=_share(clock, reserve, second_start=k + 1 < len(starts)),
             build=lambda r: build_candidate(prepared, r, run.calibration),
+            costs=costs,
         )
         fallback_reason = fallback_reason or fb.reason
         start.reason += f"; fallback: {fb.reason}"
