@@ -15,8 +15,8 @@ shows them) and is judged with ``ctc``: the decoded sequences, not per-time-step
 when the wheel is absent). Beside it runs the expert's hand recipe — static QOperator per-channel INT8 on the later
 half of the convolutions, dynamic INT8 on the MatMuls — measured the same way in the same run, and the optimizer's
 ratio must come within 0.05 of the expert's (or beat it) when the expert's recipe is within tolerance. The
-recognizer runs twice: with ``ctc`` (every token) and, as ``ppocr-rec-text``, with the user metric ``ctc_text``
-below (space tokens at a line's ends dropped, as the text is stripped), the expert's recipe beside each.
+recognizer runs twice: with ``ctc`` on every token and, as ``ppocr-rec-text``, with ``ctc --ctc-trim 6624`` (space
+tokens at a line's ends dropped, as the text is stripped), the expert's recipe beside each.
 
     .venv/bin/python benchmarks/optimize.py [--budget 120] [--only NAME ...]
 """
@@ -79,34 +79,15 @@ def _cases(d: examples.Digits) -> list[Case]:
         print("ppocr-rec: skipped (pip install --no-deps rapidocr-onnxruntime to include it)", flush=True)
     else:
         cases.append(("ppocr-rec", rec, _text_lines(64, seed=0), _text_lines(64, seed=1), "ctc", None))
-        # the same lines judged on their text: a space token at a line's ends is no text (see ctc_text)
-        cases.append(
-            ("ppocr-rec-text", rec, _text_lines(64, seed=0), _text_lines(64, seed=1), f"{Path(__file__)}:ctc_text",
-             None)
-        )  # fmt: skip
+        # the same lines judged on their text: a space token at a line's ends is no text (CTC_TRIM)
+        cases.append(("ppocr-rec-text", rec, _text_lines(64, seed=0), _text_lines(64, seed=1), "ctc", None))
     return cases
 
 
 _SPACE = 6624  # PP-OCR's space token: the last class (the dictionary's 6623 characters, then " ")
-
-
-def ctc_text(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> float:
-    """A user metric (``--metric benchmarks/optimize.py:ctc_text``): ``ctc``'s 1 − CER of the greedy decodes with
-    space tokens at either end of a line dropped first, as a recognizer's text is stripped. On these lines every
-    token the convolutions' INT8 changed was such a space (measured): ``ctc`` counts it, the text has none."""
-    from edgefleet.optimize.metrics import ctc_score, ctc_sequences
-
-    def strip(seq: list[int]) -> list[int]:
-        lo, hi = 0, len(seq)
-        while lo < hi and seq[lo] == _SPACE:
-            lo += 1
-        while hi > lo and seq[hi - 1] == _SPACE:
-            hi -= 1
-        return seq[lo:hi]
-
-    ref = [strip(s) for s in ctc_sequences(reference, 0)]
-    hyp = [strip(s) for s in ctc_sequences(candidate, 0)]
-    return ctc_score(ref, hyp)[0]
+# ppocr-rec-text: ctc on the text as a recognizer returns it, stripped (--ctc-trim 6624): on these lines every token
+# the convolutions' INT8 changed was a space at a line's end (measured), which ctc on every token counts
+CTC_TRIM = {"ppocr-rec-text": (_SPACE,)}
 
 
 def _ppocr_rec() -> Path | None:
@@ -203,8 +184,9 @@ def _row(name: str, r: OptimizeReport, wall: float) -> tuple[str, bool]:
     ok = bool(c.within_tolerance) and never_slower
     ok = ok and wall <= r.time_budget_s * 1.1
     evaluation = "closed loop" if r.evaluation == "closed_loop" else "per call"
+    metric = Path(r.metric).name + (f" trim {r.ctc_trim}" if r.ctc_trim else "")
     line = (
-        f"{name:13s} chosen={c.name:45s} ratio={ratio:42s} {Path(r.metric).name} delta={delta:+.4f} ({evaluation}) "
+        f"{name:13s} chosen={c.name:45s} ratio={ratio:42s} {metric} delta={delta:+.4f} ({evaluation}) "
         f"size={size:.2f}x calib={r.calib_calls} wall={wall:.1f}s {'OK' if ok else 'FAIL'}"
     )
     return line, ok
@@ -228,8 +210,9 @@ def main() -> int:
             out = Path(tmp) / f"{name}.onnx"
             progress = _progress(name, t0) if args.verbose else None
             r = optimize(
-                model, calib, ev, out, metric=metric, time_budget_s=args.budget, state=state, progress=progress
-            )
+                model, calib, ev, out, metric=metric, ctc_trim=CTC_TRIM.get(name), time_budget_s=args.budget,
+                state=state, progress=progress,
+            )  # fmt: skip
             wall = time.perf_counter() - t0
             line, ok = _row(name, r, wall)
             print(line, flush=True)
@@ -276,8 +259,9 @@ def _versus_expert(
     the optimizer's ratio is within 0.05 of the expert's, or the expert's recipe is out of tolerance."""
     t0 = time.perf_counter()
     r = optimize(
-        model, calib, ev, tmp / "expert.onnx", metric=metric, time_budget_s=budget, recipes=[expert_recipe(model)]
-    )
+        model, calib, ev, tmp / "expert.onnx", metric=metric, ctc_trim=CTC_TRIM.get(name), time_budget_s=budget,
+        recipes=[expert_recipe(model)],
+    )  # fmt: skip
     wall = time.perf_counter() - t0
     cand = next(c for c in r.candidates if c.recipe.kind == "mixed")
     assert cand.metrics is not None

@@ -24,6 +24,7 @@ from edgefleet.gate.production import evaluation_of
 from edgefleet.optimize import LatencyResult, OptimizeReport, Recipe, optimize
 from edgefleet.optimize.evaluate import metric_values
 from edgefleet.optimize.metrics import (
+    MetricSpec,
     character_error_rate,
     ctc_decode,
     ctc_score,
@@ -183,6 +184,19 @@ def test_ctc_metric_values_per_slice_and_sequence_match() -> None:
     assert metric_values("agreement", ref, out, data).overall == pytest.approx(9 / 12)
 
 
+def test_ctc_trim_strips_a_lines_ends_only() -> None:
+    """A recognizer's text is stripped: a space (class 3 here) that quantization adds or drops at either end of a
+    line changes no text, one in the middle does."""
+    ref = np.stack([_onehot([1, 0, 2, 0]), _onehot([1, 0, 2, 0]), _onehot([1, 0, 2, 0])])
+    out = np.stack([_onehot([3, 1, 0, 2]), _onehot([1, 0, 2, 3]), _onehot([1, 3, 0, 2])])
+    data = CallData({"X": np.zeros((3, 1))})
+    every_token = metric_values("ctc", ref, out, data)
+    assert every_token.sequence_match == 0.0
+    trimmed = metric_values(MetricSpec("ctc", blank=0, trim=(3,)), ref, out, data)
+    assert trimmed.sequence_match == pytest.approx(2 / 3) and trimmed.overall == pytest.approx(1 - 0.5 / 3)
+    assert ctc_sequences(np.stack([_onehot([3, 3, 0, 3])]), 0, (3,)) == [[]]  # only spaces: an empty line
+
+
 # --- CTC: through optimize ---------------------------------------------------------------------------------------
 
 
@@ -241,6 +255,38 @@ def test_ctc_blank_from_metadata_option_and_errors(tmp_path: Path) -> None:
         assert "\n" not in str(err.value)
     with pytest.raises(DataError, match="--ctc-blank applies to --metric ctc only"):
         optimize(_linear_model(True), ev, ev, tmp_path / "o.onnx", metric="cosine", ctc_blank=1)
+
+
+def test_ctc_trim_from_metadata_option_and_errors(tmp_path: Path) -> None:
+    ev = CallData({"X": _ctc_calls(6, 3)})
+
+    def run(raw: bytes, ctc_trim: tuple[int, ...] | None = None, metric: str = "ctc") -> OptimizeReport:
+        return optimize(
+            raw, ev, ev, tmp_path / "o.onnx", metric=metric, ctc_trim=ctc_trim, recipes=[], time_budget_s=20,
+            compare_latency=lambda *_: _verdict(1.0),
+        )  # fmt: skip
+
+    def with_meta(trim: str) -> bytes:
+        m = onnx.load_from_string(_linear_model(True))
+        helper.set_model_props(m, {"ctc_trim": trim})
+        return bytes(m.SerializeToString())
+
+    assert run(_linear_model(True)).ctc_trim == []
+    assert run(with_meta("5, 4")).ctc_trim == [4, 5]
+    assert run(with_meta("5"), ctc_trim=(2,)).ctc_trim == [2]  # the option wins
+    for raw, trim, needle in [
+        (with_meta("space"), None, "metadata ctc_trim='space' is not a list of class indices"),
+        (_linear_model(True), (C,), f"--ctc-trim {C}: not all of the output's {C} classes"),
+        (_linear_model(True), (0,), "--ctc-trim 0: the blank never appears in a decoded line"),
+    ]:
+        with pytest.raises(DataError, match=needle) as err:
+            optimize(
+                raw, ev, ev, tmp_path / "o.onnx", metric="ctc", ctc_trim=trim, recipes=[], time_budget_s=20,
+                ctc_blank=0 if trim == (0,) else None, compare_latency=lambda *_: _verdict(1.0),
+            )  # fmt: skip
+        assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="--ctc-trim applies to --metric ctc only"):
+        run(_linear_model(True), (1,), metric="cosine")
 
 
 # --- cosine-min ---------------------------------------------------------------------------------------------------
@@ -392,6 +438,7 @@ def test_cli_metric_options(tmp_path: Path) -> None:
     for extra, needle in [
         (["--metric", "ctc", "--ctc-blank", "9"], "blank index 9 is not one of the output's 6 classes"),
         (["--metric", "sqnr", "--ctc-blank", "1"], "--ctc-blank applies to --metric ctc only"),
+        (["--metric", "ctc", "--ctc-trim", "a,b"], "--ctc-trim 'a,b': give class indices separated by commas"),
         (["--metric", "no_such_optA_mod:f"], "cannot import no_such_optA_mod"),
     ]:
         result = runner.invoke(app, [*base, *extra])
@@ -399,8 +446,10 @@ def test_cli_metric_options(tmp_path: Path) -> None:
         assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.output
     rep = tmp_path / "r.json"
     result = runner.invoke(
-        app, [*base, "--metric", "ctc", "--ctc-blank", "0", "--time-budget", "6", "--report", str(rep)]
+        app,
+        [*base, "--metric", "ctc", "--ctc-blank", "0", "--ctc-trim", "5", "--time-budget", "6", "--report", str(rep)],
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(rep.read_text())
     assert doc["metric"] == "ctc" and doc["ctc_blank"] == 0 and doc["max_accuracy_drop"] == 0.01
+    assert doc["ctc_trim"] == [5]

@@ -36,6 +36,13 @@ def optimize_cmd(
     ctc_blank: int | None = typer.Option(
         None, "--ctc-blank", help="Blank index for --metric ctc (default: the model's ctc_blank metadata, else 0)."
     ),
+    ctc_trim: str | None = typer.Option(
+        None,
+        "--ctc-trim",
+        metavar="N[,M]",
+        help="Classes --metric ctc strips from either end of each decoded line before comparing, as the text is "
+        "stripped (a recognizer's space) (default: the model's ctc_trim metadata, else none).",
+    ),
     max_accuracy_drop: float = typer.Option(0.01, "--max-accuracy-drop", help="Largest allowed metric drop."),
     max_slice_drop: float | None = typer.Option(
         None, "--max-slice-drop", help="Largest allowed drop in any slice (default: slices reported, not enforced)."
@@ -63,6 +70,7 @@ def optimize_cmd(
         _run(
             model, calib, eval_path, out, report, labels, slices, metric, ctc_blank, max_accuracy_drop,
             max_slice_drop, tier, time_budget, no_prune, as_json, state or None, calib_limit=calib_limit,
+            ctc_trim=ctc_trim,
         )  # fmt: skip
     except EdgefleetError as err:
         # main.run() does this too; catching here keeps the one-line error when the app is invoked directly.
@@ -88,10 +96,12 @@ def _run(
     as_json: bool,
     state: list[str] | None = None,
     calib_limit: int = 128,
+    ctc_trim: str | None = None,
 ) -> None:
     from edgefleet.bench.env import describe_host, emulation_of, fingerprint
     from edgefleet.bench.tiers import get_tier
     from edgefleet.optimize.api import host_tier, model_input_names, optimize
+    from edgefleet.optimize.metrics import parse_trim
     from edgefleet.optimize.report import table, with_host
     from edgefleet.optimize.select import CandidateLine
     from edgefleet.optimize.stateful import model_state_pairs
@@ -129,6 +139,7 @@ def _run(
             out,
             metric=metric,
             ctc_blank=ctc_blank,
+            ctc_trim=None if ctc_trim is None else parse_trim(ctc_trim),
             max_accuracy_drop=max_accuracy_drop,
             max_slice_drop=max_slice_drop,
             tier=profile,

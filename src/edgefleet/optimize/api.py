@@ -298,6 +298,7 @@ def optimize(
     *,
     metric: str | None = None,
     ctc_blank: int | None = None,
+    ctc_trim: tuple[int, ...] | None = None,
     max_accuracy_drop: float = 0.01,
     max_slice_drop: float | None = None,
     tier: TierProfile | str | None = None,
@@ -331,7 +332,7 @@ def optimize(
         raise DataError("--max-accuracy-drop must be >= 0")
     check_calib_limit(calib_limit)
     # user code imported (and a bad spec refused) before any model is loaded or built
-    spec = None if metric is None else resolve_metric(metric, ctc_blank)
+    spec = None if metric is None else resolve_metric(metric, ctc_blank, ctc_trim)
     if metric == "top1" and eval.labels is None:
         raise DataError("metric top1 needs labels in the eval data: pass --labels KEY (or use a label-free metric)")
     tier_profile = _resolve_tier(tier)
@@ -532,6 +533,7 @@ def optimize(
         tier=tier_profile.name,
         metric=spec.name,
         ctc_blank=spec.blank if spec.name == "ctc" else None,
+        ctc_trim=list(spec.trim or ()) if spec.name == "ctc" else None,
         metric_sha256=spec.source_sha256,
         max_accuracy_drop=max_accuracy_drop,
         max_slice_drop=max_slice_drop,

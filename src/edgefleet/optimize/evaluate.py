@@ -167,8 +167,8 @@ def metric_values(metric: str | MetricSpec, ref: np.ndarray, out: np.ndarray, da
         labels = None if spec.fn is None or data.labels is None else np.asarray(data.labels)
     seqs = None
     if spec.name == "ctc":
-        blank = 0 if spec.blank is None else spec.blank
-        seqs = (ctc_sequences(ref, blank), ctc_sequences(out, blank))
+        blank, trim = (0 if spec.blank is None else spec.blank), spec.trim or ()
+        seqs = (ctc_sequences(ref, blank, trim), ctc_sequences(out, blank, trim))
     everything = np.arange(len(out))
     overall = _score(spec, ref, out, labels, everything, seqs)
     per_slice = {k: _score(spec, ref, out, labels, idx, seqs) for k, idx in slice_index(data).items()}

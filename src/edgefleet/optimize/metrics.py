@@ -32,6 +32,7 @@ from edgefleet.errors import DataError
 __all__ = [
     "BUILTIN_METRICS",
     "CTC_BLANK_KEY",
+    "CTC_TRIM_KEY",
     "Metric",
     "MetricSpec",
     "UserMetric",
@@ -42,12 +43,15 @@ __all__ = [
     "ctc_sequences",
     "edit_distance",
     "load_user_metric",
+    "parse_trim",
     "resolve_metric",
+    "trimmed",
 ]
 
 Metric = Literal["top1", "agreement", "cosine", "cosine-min", "sqnr", "ctc"]
 BUILTIN_METRICS: tuple[str, ...] = get_args(Metric)
 CTC_BLANK_KEY = "ctc_blank"  # metadata_props key a CTC model may carry its blank index under
+CTC_TRIM_KEY = "ctc_trim"  # ... and the classes its text is stripped of at either end (comma-separated indices)
 # (reference outputs [n, ...], candidate outputs [n, ...], labels or None) -> score, higher is better
 UserMetric = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], float]
 
@@ -55,38 +59,65 @@ UserMetric = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], float]
 @dataclass(frozen=True)
 class MetricSpec:
     """A metric ready to score: ``name`` is what the report records (a built-in name, or the user's spec as given);
-    ``blank`` the CTC blank index (None until the model is known: then its metadata, else 0); ``fn`` the user's
-    function and ``source_sha256`` the hash of the file that defines it, so a report names the code that scored."""
+    ``blank`` the CTC blank index (None until the model is known: then its metadata, else 0); ``trim`` the classes
+    a decoded line is stripped of at either end before comparing (a recognizer's space: its text is stripped, so a
+    space quantization adds or drops at a line's end changes no text; None until the model is known: then its
+    metadata, else none); ``fn`` the user's function and ``source_sha256`` the hash of the file that defines it, so a
+    report names the code that scored."""
 
     name: str
     blank: int | None = None
     fn: UserMetric | None = None
     source_sha256: str | None = None
+    trim: tuple[int, ...] | None = None
 
     def for_model(self, model: onnx.ModelProto) -> MetricSpec:
-        """``ctc`` without an explicit blank takes the model's ``ctc_blank`` metadata, else 0."""
-        if self.name != "ctc" or self.blank is not None:
+        """``ctc`` without an explicit blank or trim takes the model's ``ctc_blank`` / ``ctc_trim`` metadata, else
+        blank 0 and no trim."""
+        if self.name != "ctc" or (self.blank is not None and self.trim is not None):
             return self
         meta = {p.key: p.value for p in model.metadata_props}
-        if CTC_BLANK_KEY not in meta:
-            return MetricSpec("ctc", blank=0)
-        raw = meta[CTC_BLANK_KEY].strip()
-        if not raw.isdigit():
-            raise DataError(
-                f"the model's metadata {CTC_BLANK_KEY}={meta[CTC_BLANK_KEY]!r} is not a class index; pass --ctc-blank N"
-            )
-        return MetricSpec("ctc", blank=int(raw))
+        blank, trim = self.blank, self.trim
+        if blank is None:
+            raw = meta.get(CTC_BLANK_KEY, "0").strip()
+            if not raw.isdigit():
+                raise DataError(
+                    f"the model's metadata {CTC_BLANK_KEY}={meta[CTC_BLANK_KEY]!r} is not a class index; "
+                    "pass --ctc-blank N"
+                )
+            blank = int(raw)
+        if trim is None:
+            raw = meta.get(CTC_TRIM_KEY, "")
+            try:
+                trim = parse_trim(raw)
+            except DataError:
+                raise DataError(
+                    f"the model's metadata {CTC_TRIM_KEY}={raw!r} is not a list of class indices; pass --ctc-trim N,M"
+                ) from None
+        return MetricSpec("ctc", blank=blank, trim=trim)
 
 
-def resolve_metric(metric: str, ctc_blank: int | None = None) -> MetricSpec:
+def parse_trim(text: str) -> tuple[int, ...]:
+    """``"6624"`` or ``"6624,0"`` → class indices; empty → none."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+        raise DataError(f"--ctc-trim {text!r}: give class indices separated by commas, e.g. 6624")
+    return tuple(sorted({int(p) for p in parts}))
+
+
+def resolve_metric(metric: str, ctc_blank: int | None = None, ctc_trim: tuple[int, ...] | None = None) -> MetricSpec:
     """The metric named by ``--metric`` (a built-in name, ``module:function`` or ``path/to/file.py:function``),
     user code imported now so that a bad spec stops the run before any model is built; one-line DataError else."""
     if ctc_blank is not None and metric != "ctc":
         raise DataError(f"--ctc-blank applies to --metric ctc only, not {metric!r}")
+    if ctc_trim is not None and metric != "ctc":
+        raise DataError(f"--ctc-trim applies to --metric ctc only, not {metric!r}")
     if ctc_blank is not None and ctc_blank < 0:
         raise DataError(f"--ctc-blank must be a class index >= 0, not {ctc_blank}")
+    if ctc_trim is not None and ctc_blank is not None and ctc_blank in ctc_trim:
+        raise DataError(f"--ctc-trim {ctc_blank}: the blank never appears in a decoded line")
     if metric in BUILTIN_METRICS:
-        return MetricSpec(metric, blank=ctc_blank)
+        return MetricSpec(metric, blank=ctc_blank, trim=ctc_trim)
     if ":" not in metric:
         raise DataError(
             f"unknown metric {metric!r}; use one of {', '.join(BUILTIN_METRICS)}, "
@@ -172,9 +203,19 @@ def ctc_decode(frames: np.ndarray, blank: int) -> list[int]:
     return [int(t) for t in best[keep] if t != blank]
 
 
-def ctc_sequences(out: np.ndarray, blank: int) -> list[list[int]]:
-    """Decoded sequence of every call of ``out`` ``[n_calls, ...]``; a call is ``[T, C]``, ``[T, 1, C]`` or
-    ``[1, T, C]`` (a batch of one, either layout)."""
+def trimmed(seq: list[int], trim: tuple[int, ...]) -> list[int]:
+    """``seq`` without the ``trim`` classes at either end (a stripped line of text)."""
+    lo, hi = 0, len(seq)
+    while lo < hi and seq[lo] in trim:
+        lo += 1
+    while hi > lo and seq[hi - 1] in trim:
+        hi -= 1
+    return seq[lo:hi]
+
+
+def ctc_sequences(out: np.ndarray, blank: int, trim: tuple[int, ...] = ()) -> list[list[int]]:
+    """Decoded sequence of every call of ``out`` ``[n_calls, ...]``, stripped of ``trim`` classes at either end; a
+    call is ``[T, C]``, ``[T, 1, C]`` or ``[1, T, C]`` (a batch of one, either layout)."""
     call = out.shape[1:]
     if len(call) == 2:
         frames = out
@@ -190,7 +231,11 @@ def ctc_sequences(out: np.ndarray, blank: int) -> list[list[int]]:
     classes = frames.shape[-1]
     if not 0 <= blank < classes:
         raise DataError(f"the CTC blank index {blank} is not one of the output's {classes} classes; pass --ctc-blank N")
-    return [ctc_decode(f, blank) for f in frames]
+    if any(not 0 <= t < classes for t in trim):
+        raise DataError(f"--ctc-trim {','.join(map(str, trim))}: not all of the output's {classes} classes")
+    if not trim:
+        return [ctc_decode(f, blank) for f in frames]
+    return [trimmed(ctc_decode(f, blank), trim) for f in frames]
 
 
 def edit_distance(a: list[int], b: list[int]) -> int:

@@ -121,6 +121,9 @@ class OptimizeReport(BaseModel):
     tier: str
     metric: str = Field(description="top1, agreement, cosine, cosine-min, sqnr, ctc, or the user's module:function")
     ctc_blank: int | None = Field(None, description="the CTC blank index metric ctc decoded with (ctc only)")
+    ctc_trim: list[int] | None = Field(
+        None, description="classes metric ctc stripped from either end of each decoded line (ctc only; none: [])"
+    )
     metric_sha256: str | None = Field(None, description="sha256 of the file defining a user metric (user only)")
     max_accuracy_drop: float = Field(description="the tolerance: largest allowed drop of metric from the input")
     max_slice_drop: float | None
