@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from _fleet_support import AgentProc, Fleet, committed_version, make_packages, state_of
 from conftest import free_port, starts_processes
 from edgefleet.agent.updater import CHUNK
+from edgefleet.controlplane.db import UpdateEventRow
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +169,7 @@ def test_crash_loop_rolls_back(cp: Fleet, tmp_path: Path, fault: str) -> None:
     try:
         cp.pin("1.0.0", probation_seconds=0.2, probation_requests=1000)
         agent.wait_until(lambda: state_of(agent.data_dir).get("state") == "committed", what="v1 committed")
-        cp.rollout(
+        rid = cp.rollout(
             "2.0.0",
             probation_seconds=30,
             probation_requests=100000,
@@ -186,5 +188,9 @@ def test_crash_loop_rolls_back(cp: Fleet, tmp_path: Path, fault: str) -> None:
         )
         crashes = [r for k, _, r in _events(cp) if k == "worker_crashed"]
         assert crashes and (fault != "alloc" or any("memory" in (r or "") for r in crashes)), crashes
+        # each crash names the rollout whose version crashed
+        with cp.store.db.session() as s:
+            rows = s.scalars(select(UpdateEventRow).where(UpdateEventRow.kind == "worker_crashed")).all()
+            assert rows and {(e.version, e.rollout_id) for e in rows} == {("2.0.0", rid)}
     finally:
         agent.stop()

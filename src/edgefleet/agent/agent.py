@@ -495,7 +495,9 @@ class Agent:
             self._probation.crash_times.append(self.clock.monotonic())
             self._probation_crash = reason
         a = self.state.active
-        self.event(EventKind.worker_crashed, reason, a.model if a else None, a.version if a else None)
+        # the rollout that installed what crashed, so the control plane counts the crash against that rollout
+        rid = a.rollout_id if a else None
+        self.event(EventKind.worker_crashed, reason, a.model if a else None, a.version if a else None, rid)
 
     async def start_backend(self, spec: WorkerSpec) -> tuple[Backend, ModelInfo]:
         backend = self.backend_factory(spec, self._on_crash)
