@@ -400,6 +400,26 @@ class ShadowOrder(_Wire):
     cpu_share: float = Field(0.25, gt=0, le=1, description="the candidate's compute, at most this share of one core")
 
 
+# Additional models one device may be assigned beside its first one (docs/adr/0108-several-models-per-device.md).
+MAX_MODELS = 16
+# The request header by which an agent's report declares that it serves additional models (value "1"): a header,
+# not a field, because servers that predate it refuse unknown fields and ignore unknown headers. The server moves a
+# device for a second model only once it has seen it.
+SEVERAL_MODELS_HEADER = "x-edgefleet-several-models"
+
+
+class ModelAssignment(_Wire):
+    """One additional model the device should run beside its first one (the desired state's top-level model): its
+    own slots, worker, probation and rollback on the device, served over OIP under its own name."""
+
+    model: Str128
+    version: Str64
+    target: str = Field(max_length=256, description="TUF target name, {name}-{version}.efpkg")
+    package_sha256: Str64 | None = None
+    rollout_id: Str64 | None = None
+    pinned: bool = False
+
+
 class DesiredState(_Wire):
     device_id: Id
     model: Str128 | None = None
@@ -411,6 +431,11 @@ class DesiredState(_Wire):
     config: DeviceConfig = Field(default_factory=DeviceConfig)
     shadow: ShadowOrder | None = Field(
         None, description="a rollout's shadow phase: evaluate this candidate on mirrored requests, never serve it"
+    )
+    models: list[ModelAssignment] = Field(
+        default_factory=list,
+        max_length=MAX_MODELS,
+        description="additional models beside the first (top-level) one; left out of the body when empty",
     )
     # Lifecycle orders. The server leaves them out of the body unless set, so agents that predate them (the wire
     # forbids unknown fields) are not broken by a server that knows them.
@@ -428,6 +453,17 @@ class DesiredState(_Wire):
         description="base URL of the TUF repository when the server names one (object storage, a CDN): it "
         "replaces the one the enrollment answer gave, so moving the repository reaches every device",
     )
+
+    @field_validator("models")
+    @classmethod
+    def _additional(cls, v: list[ModelAssignment], info: ValidationInfo) -> list[ModelAssignment]:
+        names = [m.model for m in v]
+        if len(set(names)) != len(names):
+            raise ValueError("names a model twice")
+        first = info.data.get("model")
+        if first is not None and first in names:
+            raise ValueError(f"names {first}, the first model, again")
+        return v
 
 
 class CredentialResponse(_Wire):
@@ -698,6 +734,15 @@ class TelemetryWindow(_Wire):
         return v
 
 
+class ModelStatus(_Wire):
+    """Where the device stands with one additional model: its own update state, the version it serves and why."""
+
+    model: Str128
+    state: AgentState
+    version: Str64 | None = Field(None, description="the version this model's worker serves; none: not serving")
+    reason: Str2000 | None = None
+
+
 class Report(_Wire):
     batch_id: Id
     state: AgentState
@@ -712,6 +757,19 @@ class Report(_Wire):
     telemetry: list[TelemetryWindow] = Field(default_factory=list, max_length=10_000)
     dropped_records: Count = Field(0, description="telemetry records dropped at the buffer cap, cumulative")
     sent_at: Timestamp | None = Field(None, description="the agent's clock when it sent this batch")
+    models: list[ModelStatus] = Field(
+        default_factory=list,
+        max_length=MAX_MODELS,
+        description="each additional model's status; left out of the body when empty (servers that predate it)",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _distinct_models(cls, v: list[ModelStatus]) -> list[ModelStatus]:
+        names = [m.model for m in v]
+        if len(set(names)) != len(names):
+            raise ValueError("names a model twice")
+        return v
 
 
 class ReportResponse(_Wire):

@@ -45,6 +45,7 @@ from edgefleet.agent.edges import Clock, HealthCheck, SystemClock
 from edgefleet.agent.healthcheck import run_health_check
 from edgefleet.agent.httpserver import HTTPLimits, serve_http
 from edgefleet.agent.logring import LogRing
+from edgefleet.agent.modelunit import ModelUnit, folder_name_ok, unit_folders
 from edgefleet.agent.nudge import NudgeListener, require_paho, sleep_or_nudge
 from edgefleet.agent.oip import OIPApp
 from edgefleet.agent.pipeline import MAX_UPDATE_ATTEMPTS, UpdatePipeline
@@ -206,6 +207,9 @@ class Agent:
         self._uds_server: Any = None  # the local API on a Unix socket (settings.uds, agent/uds.py)
         self._counted = (0, 0)
         self.pipeline = UpdatePipeline(self)
+        # several models (agent/modelunit.py, ADR 0108): one unit per additional model, and one update at a time
+        self.units: dict[str, ModelUnit] = {}
+        self.update_lock = asyncio.Lock()
         self._dropped_seen = self.buffer.dropped
         self.service.metrics.dropped.inc(self._dropped_seen)  # cumulative across restarts, like the reports
         self.port: int | None = None
@@ -256,14 +260,19 @@ class Agent:
         if self.state.state is AgentState.probation:
             self._probation = ProbationStats(self.clock.monotonic())
             self.service.listener = self._probation.observe
+        for name in unit_folders(self.data_dir):  # served again now; the first check-in says whether they stay
+            unit = self.units[name] = ModelUnit(self, name)
+            await unit.start()
+        self.service.held = bool(self.units)
         if self.with_http:
-            self._server = await serve_http(self.app, self.settings.host, self.settings.port)
+            limits = self.app.limits
+            self._server = await serve_http(self._route, self.settings.host, self.settings.port, limits)
             self.port = self._server.port
             more: list[Any] = []
             if self.settings.uds is not None:
                 from edgefleet.agent.uds import serve_uds
 
-                self._uds_server = await serve_uds(self.app, self.settings.uds)
+                self._uds_server = await serve_uds(self._route, self.settings.uds, limits)
                 more.append(self._uds_server)
             self.service.attach_http(self._server, *more)  # the worker serves the port itself (ADR 0032)
         loop = asyncio.get_running_loop()
@@ -308,6 +317,8 @@ class Agent:
                 t.cancel()
         if pending:
             log.warning("%d agent task(s) did not stop: %s", len(pending), ", ".join(t.get_name() for t in pending))
+        for unit in self.units.values():
+            await unit.stop()
         with contextlib.suppress(Exception):
             await self._drift_and_close()  # the last, partial window is kept for the next upload
         if self.backend is not None:
@@ -541,6 +552,48 @@ class Agent:
         if old is not None:
             await old.stop()
 
+    # ------------------------------------------------------------------ several models (ADR 0108)
+
+    def _route(self, method: str, path: str, headers: dict[bytes, bytes], body: bytes, respond: Any) -> None:
+        """A request naming an additional model goes to its unit's OIP app; every other one to the first model's.
+        While no unit exists the first model's worker serves the port itself and this is not on the hot path."""
+        if self.units and path.startswith("/v2/models/"):
+            unit = self.units.get(path[len("/v2/models/") :].split("/", 1)[0])
+            if unit is not None:
+                unit.app.handle(method, path, headers, body, respond)
+                return
+        self.app.handle(method, path, headers, body, respond)
+
+    async def _sync_units(self, d: DesiredState) -> None:
+        """Start, update or stop the unit of each additional model the desired state names."""
+        want = {a.model: a for a in d.models if folder_name_ok(a.model)}
+        for name in [n for n in self.units if n not in want]:
+            await self.units.pop(name).stop(forget=True)
+            log.info("model %s is no longer assigned: stopped, its slots deleted", name)
+        for name, a in want.items():
+            unit = self.units.get(name)
+            if unit is None:
+                unit = self.units[name] = ModelUnit(self, name)
+                await unit.start()
+                log.info("model %s assigned beside %s", name, d.model)
+            unit.assign(a, d)
+        await self._hold_port(bool(self.units))
+
+    async def _hold_port(self, on: bool) -> None:
+        """Keep the inference port in the agent while several models are assigned (routing by name), else hand it
+        to the first model's worker (ADR 0032). A worker serving it keeps it until it stops: a fresh one takes
+        over the first model, without the port."""
+        if self.service.held == on:
+            return
+        self.service.hold_http(on)
+        if on and self._server is not None and self.backend is not None and self.state.active is not None:
+            await self._serve_slot(self.state.active)
+
+    def keep_window(self, w: TelemetryWindow) -> None:
+        """Buffer an additional model's telemetry window for upload."""
+        self.buffer.add("window", w.model_dump_json())
+        self._sync_buffer_metrics()
+
     # ------------------------------------------------------------------ events, reports
 
     def event(
@@ -611,6 +664,7 @@ class Agent:
             telemetry=windows,
             dropped_records=self.buffer.dropped,
             sent_at=self.clock.now(),
+            models=[u.status() for u in self.units.values()],
         )
 
     async def _upload_loop(self) -> None:
@@ -931,6 +985,8 @@ class Agent:
                 self._online()
                 if desired is not None:
                     self._apply(desired)
+                if self.desired is not None:
+                    await self._sync_units(self.desired)
                 self.selfupdate.after_checkin(self.desired)
                 self._sync_shadow()
                 d = self.desired
@@ -1007,7 +1063,8 @@ class Agent:
 
     async def _update(self, d: DesiredState) -> None:
         try:
-            await self.pipeline.run(d)
+            async with self.update_lock:  # one download and TUF refresh at a time, whichever model (ADR 0108)
+                await self.pipeline.run(d)
         except Offline as err:
             self._offline(err)  # keep the partial download; the next check-in resumes it
         finally:

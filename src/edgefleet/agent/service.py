@@ -60,6 +60,9 @@ class InferenceService:
         self.router: RemoteRouter | None = None
         self.rolling_back = False  # probation failed; the committed version is not serving yet
         self._routed: set[Any] = set()  # the workers serving the port now, told the policy (confidence or not)
+        # Several models (ADR 0108): while held, no backend is handed the listening sockets; the agent answers and
+        # routes every request by the model it names.
+        self.held = False
 
     def attach_http(self, server: HTTPServer, *more: HTTPServer) -> None:
         """The agent's HTTP server (and ``more``: its Unix socket one): a backend that can serve the listening
@@ -69,8 +72,15 @@ class InferenceService:
         if self.backend is not None:
             self._delegate(self.backend)
 
+    def hold_http(self, on: bool) -> None:
+        """Keep the listening sockets in the agent (``on``), or hand them to the backend serving now. A worker that
+        serves them already keeps them until it stops: the caller starts a fresh one."""
+        self.held = on
+        if not on and self.backend is not None:
+            self._delegate(self.backend)
+
     def _delegate(self, backend: Backend) -> None:
-        if self.http is not None:
+        if self.http is not None and not self.held:
             # The worker serves under the agent's HTTP limits: it refuses exactly what the agent would.
             servers = [self.http, *self.http_more]
 

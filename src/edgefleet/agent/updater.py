@@ -23,6 +23,7 @@ from edgefleet.agent.state import PersistedState, refusal_key
 from edgefleet.errors import AgentError, AuthError, DownloadError, VerificationError
 from edgefleet.protocol import (
     API_PREFIX,
+    SEVERAL_MODELS_HEADER,
     AgentState,
     CrashUpload,
     CrashUploadResponse,
@@ -155,8 +156,10 @@ class ControlPlaneClient:
             "POST",
             f"/devices/{self.device_id}/report",
             rejectable=True,
-            content=report.model_dump_json(),
-            headers={**self._auth(), "content-type": "application/json"},
+            # absent when empty: servers that predate per-model status refuse unknown fields
+            content=report.model_dump_json(exclude=None if report.models else {"models"}),
+            # this agent serves additional models (ADR 0108); servers that predate it ignore the header
+            headers={**self._auth(), "content-type": "application/json", SEVERAL_MODELS_HEADER: "1"},
         )
         return ReportResponse.model_validate_json(r.content)
 

@@ -204,6 +204,13 @@ class Device(Base):
     # A rollout's shadow phase on this device (``protocol.ShadowOrder`` wire form, controlplane/shadow.py): the
     # candidate it evaluates on mirrored requests, never serving it; None: none.
     desired_shadow: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    # Several models per device (docs/adr/0108-several-models-per-device.md): the additional models beside the
+    # first (desired_model) as [{model, version, rollout_id}], the status the agent reported for each
+    # (``protocol.ModelStatus`` wire form), and whether its agent declared that it serves additional models
+    # (``protocol.SEVERAL_MODELS_HEADER`` on a report): only such a device is moved for a second model.
+    desired_models: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    reported_models: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    several_models: Mapped[bool] = mapped_column(Boolean, default=False)
     pinned_model: Mapped[str | None] = mapped_column(String(128), default=None)
     pinned_version: Mapped[str | None] = mapped_column(String(64), default=None)
     dropped_records: Mapped[int] = mapped_column(Integer, default=0)

@@ -25,7 +25,15 @@ from edgefleet.bench.tiers import TierProfile, default_tiers, emulation_reason
 from edgefleet.controlplane.credentials import hash_secret, new_secret
 from edgefleet.controlplane.db import Device, DeviceGroup, DeviceLog, EnrollmentToken, ModelVersion, utcnow
 from edgefleet.errors import AuthError, ConflictError, NotFoundError
-from edgefleet.protocol import DesiredState, DeviceConfig, EnrollRequest, Hardware, LogUpload, ShadowOrder
+from edgefleet.protocol import (
+    DesiredState,
+    DeviceConfig,
+    EnrollRequest,
+    Hardware,
+    LogUpload,
+    ModelAssignment,
+    ShadowOrder,
+)
 
 __all__ = [
     "CLOCK_SKEW_S",
@@ -196,6 +204,8 @@ def device_dict(d: Device, *, overdue_after_s: float, now: datetime | None = Non
         "desired_agent": {"version": d.desired_agent_version, "rollout_id": d.desired_agent_rollout_id}
         if d.desired_agent_version
         else None,
+        "models": additional_models(d),
+        "several_models": bool(d.several_models),
         "pinned": {"model": d.pinned_model, "version": d.pinned_version} if d.pinned_version else None,
         "enrolled_at": d.enrolled_at.isoformat(),
         "last_seen": d.last_seen.isoformat() if d.last_seen else None,
@@ -474,7 +484,54 @@ def desired_state(
         wipe=d.decommissioned_at is not None,
         repository_url=repository_url,
         shadow=_shadow_order(d.desired_shadow),
+        models=assignments(d.desired_models, versions, first=model),
     )
+
+
+def additional_models(d: Device) -> list[dict[str, Any]]:
+    """The models ``d`` runs beside its first one: each assignment with the status the agent reported for it, and
+    any model still reported but no longer assigned; in name order."""
+    out: dict[str, dict[str, Any]] = {}
+    for x in d.desired_models or ():
+        if isinstance(x, dict) and isinstance(x.get("model"), str):
+            out[x["model"]] = {
+                "model": x["model"],
+                "desired_version": x.get("version"),
+                "rollout_id": x.get("rollout_id"),
+                "state": None,
+                "served_version": None,
+                "reason": None,
+            }
+    for x in d.reported_models or ():
+        if isinstance(x, dict) and isinstance(x.get("model"), str):
+            row = out.setdefault(x["model"], {"model": x["model"], "desired_version": None, "rollout_id": None})
+            row.update(state=x.get("state"), served_version=x.get("version"), reason=x.get("reason"))
+    return [out[k] for k in sorted(out)]
+
+
+def assignments(
+    doc: list[Any] | None, versions: dict[tuple[str, str], ModelVersion], *, first: str | None
+) -> list[ModelAssignment]:
+    """The device's additional models as the reconciler stored them (``[{model, version, rollout_id}]``), each
+    with its registered target; one whose version is not registered (deleted since) or that names the first model
+    is left out."""
+    out: list[ModelAssignment] = []
+    for x in doc or ():
+        if not isinstance(x, dict) or x.get("model") == first:
+            continue
+        mv = versions.get((x.get("model"), x.get("version")))  # type: ignore[arg-type]
+        if mv is None:
+            continue
+        out.append(
+            ModelAssignment(
+                model=mv.model,
+                version=mv.version,
+                target=mv.target,
+                package_sha256=mv.package_sha256,
+                rollout_id=x.get("rollout_id"),
+            )
+        )
+    return out
 
 
 def _shadow_order(doc: dict[str, Any] | None) -> ShadowOrder | None:
@@ -488,7 +545,7 @@ def _shadow_order(doc: dict[str, Any] | None) -> ShadowOrder | None:
 
 
 # absent unless set: agents that predate them refuse unknown fields
-_LIFECYCLE = ("rotate_credential", "rotate_key", "wipe", "send_logs_since", "repository_url", "shadow")
+_LIFECYCLE = ("rotate_credential", "rotate_key", "wipe", "send_logs_since", "repository_url", "shadow", "models")
 _DELIVERY_UNSET: dict[str, object] = {
     "download_rate_bps": None,
     "download_stagger_s": 0.0,

@@ -27,6 +27,17 @@ from sqlalchemy.orm import Session
 
 from edgefleet.controlplane import agent_rollout, audit, compat, registry
 from edgefleet.controlplane.agent_rollout import AGENT_MODEL, KIND_AGENT
+from edgefleet.controlplane.assignments import (
+    Held,
+    Slot,
+    additional_of,
+    assigned,
+    beside,
+    held_by,
+    memory_problem,
+    move_for,
+    served_version,
+)
 from edgefleet.controlplane.db import (
     Database,
     Device,
@@ -73,7 +84,7 @@ from edgefleet.controlplane.shadow import (
     tier_stats,
 )
 from edgefleet.errors import ConflictError, NotFoundError
-from edgefleet.protocol import ShadowOrder
+from edgefleet.protocol import ModelStatus, ServedModel, ShadowOrder
 from edgefleet.telemetry.drift import DriftReference, DriftSummary
 from edgefleet.telemetry.sketch import SketchData
 
@@ -142,6 +153,8 @@ def _facts(s: Session, model: str, version: str, policy: RolloutPolicy) -> tuple
     failed = compat.failed_cells(s, model, version, min_devices=policy.compat_fail_devices)
     groups = {g.name: g for g in s.scalars(select(DeviceGroup))}
     devs = {d.id: d for d in s.scalars(select(Device))}
+    needs_mb = manifest.requirements.min_memory_mb if manifest is not None else None
+    memory = _MemoryOf(s)
     out = []
     for d in devs.values():
         g = groups.get(d.group) if d.group else None
@@ -153,8 +166,19 @@ def _facts(s: Session, model: str, version: str, policy: RolloutPolicy) -> tuple
             memory_mb=d.memory_mb,
             runtimes=compat.device_runtimes(d),
         )
-        if d.desired_model not in (None, model):
+        extra = additional_of(d.desired_models)
+        if d.desired_model not in (None, model) and not d.several_models:
+            # its agent serves one model (it never declared more): a second one would replace, not join, it
             problems.append(f"{OTHER_MODEL} ({d.desired_model})")
+        elif extra or d.desired_model not in (None, model):
+            # several models share the device's memory: the new package's need and every other one's
+            held = [(d.desired_model, d.desired_version)] if d.desired_model and d.desired_version else []
+            others = beside((Held(m, v, memory(m, v)) for m, v in [*held, *extra.items()]), model)
+            why = memory_problem(needs_mb, others, d.memory_mb)
+            if why is not None:
+                problems.append(why)
+        # what the device is assigned of this model: its first model's version, or its additional assignment's
+        mine = (model, extra[model]) if model in extra and d.desired_model != model else None
         out.append(
             DeviceFacts(
                 device_id=d.id,
@@ -164,12 +188,34 @@ def _facts(s: Session, model: str, version: str, policy: RolloutPolicy) -> tuple
                 channel=g.channel if g else "stable",
                 pinned=bool(d.pinned_version or (g is not None and g.pinned_version)),
                 revoked=d.revoked_at is not None,
-                model=d.desired_model,
-                version=d.desired_version,
+                model=mine[0] if mine else d.desired_model,
+                version=mine[1] if mine else d.desired_version,
                 compat_problems=tuple(problems),
             )
         )
     return out, devs
+
+
+class _MemoryOf:
+    """The memory each (model, version) package declares it needs, read once per step."""
+
+    def __init__(self, s: Session) -> None:
+        self.s = s
+        self.seen: dict[tuple[str, str], int | None] = {}
+
+    def __call__(self, model: str, version: str) -> int | None:
+        key = (model, version)
+        if key not in self.seen:
+            mv = self.s.scalar(select(ModelVersion).where(ModelVersion.model == model, ModelVersion.version == version))
+            manifest = registry.manifest_of(mv) if mv is not None else None
+            self.seen[key] = manifest.requirements.min_memory_mb if manifest is not None else None
+        return self.seen[key]
+
+
+def _serves(d: Device, model: str) -> str | None:
+    """The version of ``model`` the device last reported serving, first or additional."""
+    statuses = [ModelStatus.model_construct(**x) for x in d.reported_models or () if isinstance(x, dict)]
+    return served_version(ServedModel(model=d.served_model, version=d.served_version), statuses, model)
 
 
 def plan(
@@ -323,6 +369,8 @@ def _revert(s: Session, r: Rollout, now: datetime) -> set[str]:
                 update(Device).where(Device.id.in_(ids)).values(**values, changed_at=now).execution_options(**sync)
             )
         touched.update(mine)
+        if not agent:
+            touched.update(_revert_additional(s, r, chunk, previous, now))
         s.execute(
             update(RolloutDevice)
             .where(RolloutDevice.rollout_id == r.id, RolloutDevice.device_id.in_(chunk))
@@ -331,6 +379,23 @@ def _revert(s: Session, r: Rollout, now: datetime) -> set[str]:
         )
     r.rolled_back_at = now
     return touched
+
+
+def _revert_additional(
+    s: Session, r: Rollout, ids: list[str], previous: Mapping[str, tuple[str | None, str | None]], now: datetime
+) -> set[str]:
+    """The additional assignments of ``r.model`` that ``r`` set on ``ids`` and still holds, returned to the version
+    each device had before (removed where it had none); returns their ids. One object per device: only devices
+    with additional models are loaded."""
+    out: set[str] = set()
+    q = select(Device).where(Device.id.in_(ids), Device.desired_models.is_not(None))
+    for d in s.scalars(q):
+        if held_by(d.desired_models, r.model) != r.id or d.desired_model == r.model:
+            continue
+        d.desired_models = assigned(d.desired_models, r.model, previous[d.id][1], None) or None
+        d.changed_at = now
+        out.add(d.id)
+    return out
 
 
 def baked_seconds(
@@ -581,6 +646,24 @@ def step(
             d.changed_at = now
             res.touched.add(device_id)
             continue
+        move = move_for(d.desired_model, d.desired_version, additional_of(d.desired_models), r.model)
+        if move.slot is Slot.additional:
+            # a model beside the device's first one: only its own assignment moves (a rollback returns it, or
+            # removes it when the device had none)
+            s.add(
+                RolloutDevice(
+                    rollout_id=r.id,
+                    device_id=device_id,
+                    wave=r.wave,
+                    previous_model=r.model,
+                    previous_version=move.previous_version,
+                    moved_at=now,
+                )
+            )
+            d.desired_models = assigned(d.desired_models, r.model, r.version, r.id) or None
+            d.changed_at = now
+            res.touched.add(device_id)
+            continue
         s.add(
             RolloutDevice(
                 rollout_id=r.id,
@@ -607,7 +690,7 @@ def step(
     if agent:
         already = {i for i in moved if i in moved_rows and moved_rows[i].previous_version == r.version}
     else:
-        already = {i for i in moved if devs[i].served_model == r.model and devs[i].served_version == r.version}
+        already = {i for i in moved if _serves(devs[i], r.model) == r.version}
     treatment, control = wave_cohorts(
         s, r, moved, control_ids, already_serving=already, device_timeout_s=policy.device_timeout_s
     )
@@ -658,7 +741,10 @@ def _shadow_step(
         eligible = [
             (f.device_id, f.tier)
             for f in facts
-            if eligibility(f, tier=r.tier, channel=r.channel) is None and (f.model, f.version) != (r.model, r.version)
+            if eligibility(f, tier=r.tier, channel=r.channel) is None
+            and (f.model, f.version) != (r.model, r.version)
+            # the candidate is compared with the served model: only where it would replace the first one
+            and devs[f.device_id].desired_model in (None, r.model)
         ]
         chosen = choose_devices(eligible, sp.percent, wave_bucket)
         mv = registry.get_version(s, r.model, r.version)

@@ -19,8 +19,10 @@ from edgefleet.protocol import Report
 __all__ = ["store_report"]
 
 
-def store_report(s: Session, d: Device, r: Report, now: datetime | None = None) -> bool:
+def store_report(s: Session, d: Device, r: Report, now: datetime | None = None, *, several: bool = False) -> bool:
     """Store a batch once. Returns False when ``batch_id`` was stored before (the answer is the same).
+    ``several``: the agent declared that it serves additional models (``protocol.SEVERAL_MODELS_HEADER``); its
+    per-model status replaces the one stored (an agent that does not declare it has none).
 
     Everything stored is stamped with ``now``, the server's clock (one reading per report): verdicts never
     depend on a device's clock, whose offset from the server's is kept on the device."""
@@ -36,6 +38,10 @@ def store_report(s: Session, d: Device, r: Report, now: datetime | None = None) 
     d.state_reason = r.state_reason
     d.served_model, d.served_version = r.served.model, r.served.version
     d.served_model_sha256 = r.served.model_sha256
+    if several and not d.several_models:
+        d.several_models = True
+    if several or r.models:
+        d.reported_models = [m.model_dump(mode="json") for m in r.models] or None
     if r.agent_version:
         d.agent_version = r.agent_version
     if r.runtime_version:

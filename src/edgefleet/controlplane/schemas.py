@@ -245,6 +245,17 @@ class Pin(_Out):
     version: str
 
 
+class AdditionalModel(_Out):
+    """A model the device runs beside its first one (docs/controlplane.md, "Several models")."""
+
+    model: str
+    desired_version: str | None = Field(description="the version assigned; none: no longer assigned, still reported")
+    rollout_id: str | None
+    state: str | None = Field(description="the agent's update state for this model; none: not reported yet")
+    served_version: str | None
+    reason: str | None
+
+
 class Device(_Out):
     device_id: str
     tier: str
@@ -260,6 +271,10 @@ class Device(_Out):
     served: ServedModel
     desired: DesiredModel
     desired_agent: DesiredAgent | None = None
+    models: list[AdditionalModel] = Field(
+        default_factory=list, description="the models it runs beside its first one (served, desired)"
+    )
+    several_models: bool = Field(False, description="its agent serves additional models beside the first")
     pinned: Pin | None
     enrolled_at: str
     last_seen: str | None

@@ -38,6 +38,7 @@ from edgefleet.protocol import (
     MAX_CRASH_UPLOAD_BYTES,
     MAX_REPORT_BYTES,
     MAX_SAMPLE_UPLOAD_BYTES,
+    SEVERAL_MODELS_HEADER,
     CrashUpload,
     CrashUploadResponse,
     CredentialResponse,
@@ -264,6 +265,7 @@ async def report(device_id: str, request: Request) -> ReportResponse:
         await run_in_threadpool(_refused, store, device_id, str(err))
         raise
     store.cache.seen.pop(device_id, None)  # the report writes last_seen itself
+    several = request.headers.get(SEVERAL_MODELS_HEADER) == "1"
 
     def write() -> None:
         try:
@@ -271,7 +273,7 @@ async def report(device_id: str, request: Request) -> ReportResponse:
                 d = s.get(Device, device_id)
                 if d is None:
                     raise NotFoundError(f"no device {device_id}")
-                store_report(s, d, body)
+                store_report(s, d, body, several=several)
         except IntegrityError:
             # The same batch arrived twice at once (a retry racing its original): the other one stored it.
             pass
