@@ -15,7 +15,16 @@ import pytest
 from edgefleet.agent.buffer import TelemetryBuffer
 from edgefleet.agent.codec import BadRequest, encode_response, parse_request
 from edgefleet.agent.probation import ProbationStats, crash_loop, decide, latency_budget_ms
-from edgefleet.agent.state import Pending, PersistedState, SlotInfo, StateStore, recover, refusal_key
+from edgefleet.agent.state import (
+    Pending,
+    PersistedState,
+    SlotInfo,
+    StateStore,
+    committed,
+    recover,
+    refusal_key,
+    rolled_back,
+)
 from edgefleet.agent.supervisor import backoff_delay
 from edgefleet.agent.updater import CHUNK, download_resumable, jittered, should_update
 from edgefleet.protocol import AgentState, DesiredState, DeviceConfig
@@ -39,6 +48,19 @@ def test_recover_in_probation_keeps_candidate_then_gives_up() -> None:
     r = recover(recover(r))
     assert r.state is AgentState.rolled_back and r.active == V1
     assert r.pending is None and refusal_key("r2", "m-2.efpkg") in r.refused  # not installed again
+
+
+def test_probation_ends_in_a_commit_or_a_rollback_that_refuses_the_candidate() -> None:
+    s = PersistedState(state=AgentState.probation, committed=V1, active=V2, pending=PENDING, probation_resumes=1)
+    c = committed(s)
+    assert (c.state, c.committed, c.active, c.pending, c.reason, c.probation_resumes) == (
+        AgentState.committed, V2, V2, None, None, 0
+    )  # fmt: skip
+    r = rolled_back(s, "crash loop")
+    assert (r.state, r.active, r.committed, r.pending, r.reason) == (AgentState.rolled_back, V1, V1, None, "crash loop")
+    assert r.refused == [refusal_key("r2", "m-2.efpkg")]
+    many = PersistedState(active=V2, committed=V1, refused=[f"r{i}|x" for i in range(80)])
+    assert len(rolled_back(many, "x").refused) == 51  # bounded: the newest 50 and this one
 
 
 @pytest.mark.parametrize("state", ["idle", "committed", "rolled_back"])

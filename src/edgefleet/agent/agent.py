@@ -62,8 +62,9 @@ from edgefleet.agent.state import (
     PersistedState,
     SlotInfo,
     StateStore,
+    committed,
     recover,
-    refusal_key,
+    rolled_back,
     rolled_back_in_recovery,
 )
 from edgefleet.agent.supervisor import Supervisor
@@ -1111,7 +1112,7 @@ class Agent:
         a = s.active
         self._probation = None
         self.service.listener = None
-        self.save(s.with_(state=AgentState.committed, reason=None, committed=a, pending=None, probation_resumes=0))
+        self.save(committed(s))
         self.slots.clear_downloads()
         try:
             await self._prune_keys()  # the package replaced may have been the last one built for a retired key
@@ -1127,16 +1128,7 @@ class Agent:
         a = s.active
         self._probation = None
         self.service.listener = None
-        key = refusal_key(a.rollout_id, a.target or "") if a else None
-        self.save(
-            s.with_(
-                state=AgentState.rolled_back,
-                reason=reason,
-                active=s.committed,
-                pending=None,
-                refused=[*s.refused[-50:], *([key] if key else [])],
-            )
-        )
+        self.save(rolled_back(s, reason))
         self.event(
             EventKind.rolled_back, reason, a.model if a else None, a.version if a else None, a.rollout_id if a else None
         )

@@ -23,7 +23,15 @@ from edgefleet.agent.pipeline import UpdatePipeline
 from edgefleet.agent.probation import ProbationStats, decide, latency_budget_ms
 from edgefleet.agent.service import InferenceService
 from edgefleet.agent.slots import SlotStore
-from edgefleet.agent.state import PersistedState, SlotInfo, StateStore, recover, refusal_key, rolled_back_in_recovery
+from edgefleet.agent.state import (
+    PersistedState,
+    SlotInfo,
+    StateStore,
+    committed,
+    recover,
+    rolled_back,
+    rolled_back_in_recovery,
+)
 from edgefleet.agent.updater import Offline, should_update
 from edgefleet.agent.worker.spec import ModelInfo, WorkerSpec
 from edgefleet.errors import WorkerUnavailable
@@ -290,7 +298,7 @@ class ModelUnit:
         a = s.active
         self._probation = None
         self.service.listener = None
-        self.save(s.with_(state=AgentState.committed, reason=None, committed=a, pending=None, probation_resumes=0))
+        self.save(committed(s))
         self.slots.clear_downloads()
         self.event(EventKind.committed, reason, self.name, a.version if a else None, a.rollout_id if a else None)
         log.info("committed %s: %s", a.target if a else None, reason)
@@ -300,16 +308,7 @@ class ModelUnit:
         a = s.active
         self._probation = None
         self.service.listener = None
-        key = refusal_key(a.rollout_id, a.target or "") if a else None
-        self.save(
-            s.with_(
-                state=AgentState.rolled_back,
-                reason=reason,
-                active=s.committed,
-                pending=None,
-                refused=[*s.refused[-50:], *([key] if key else [])],
-            )
-        )
+        self.save(rolled_back(s, reason))
         self.event(EventKind.rolled_back, reason, self.name, a.version if a else None, a.rollout_id if a else None)
         log.warning("rolled back %s: %s", a.target if a else None, reason)
         if s.committed is not None:

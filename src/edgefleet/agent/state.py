@@ -35,8 +35,10 @@ __all__ = [
     "PersistedState",
     "SlotInfo",
     "StateStore",
+    "committed",
     "recover",
     "refusal_key",
+    "rolled_back",
     "rolled_back_in_recovery",
 ]
 
@@ -95,6 +97,24 @@ class PersistedState(BaseModel):
 def refusal_key(rollout_id: str | None, target: str) -> str:
     """A rolled-back or refused version is not retried until the desired state names a new rollout id."""
     return f"{rollout_id or '-'}|{target}"
+
+
+def committed(s: PersistedState) -> PersistedState:
+    """Probation passed: the active slot is the committed one."""
+    return s.with_(state=AgentState.committed, reason=None, committed=s.active, pending=None, probation_resumes=0)
+
+
+def rolled_back(s: PersistedState, reason: str) -> PersistedState:
+    """Probation failed: back to the committed slot, and the candidate refused until a new rollout names it."""
+    a = s.active
+    key = refusal_key(a.rollout_id, a.target or "") if a else None
+    return s.with_(
+        state=AgentState.rolled_back,
+        reason=reason,
+        active=s.committed,
+        pending=None,
+        refused=[*s.refused[-50:], *([key] if key else [])],
+    )
 
 
 MAX_PROBATION_RESUMES = 2

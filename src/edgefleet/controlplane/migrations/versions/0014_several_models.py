@@ -18,11 +18,12 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("devices", schema=None) as b:
-        b.add_column(sa.Column("desired_models", sa.JSON(), nullable=True))
-        b.add_column(sa.Column("reported_models", sa.JSON(), nullable=True))
-        # no agent before this revision declared that it serves additional models
-        b.add_column(sa.Column("several_models", sa.Boolean(), nullable=False, server_default=sa.false()))
+    # Plain ADD COLUMNs, not a batch: on SQLite a batch would rebuild `devices` (DROP TABLE), which the telemetry,
+    # events and rollout rows that reference a device refuse while foreign keys are enforced.
+    op.add_column("devices", sa.Column("desired_models", sa.JSON(), nullable=True))
+    op.add_column("devices", sa.Column("reported_models", sa.JSON(), nullable=True))
+    # no agent before this revision declared that it serves additional models
+    op.add_column("devices", sa.Column("several_models", sa.Boolean(), nullable=False, server_default=sa.false()))
 
 
 def downgrade() -> None:
