@@ -68,7 +68,7 @@ from edgefleet.agent.state import (
     rolled_back_in_recovery,
 )
 from edgefleet.agent.supervisor import Supervisor
-from edgefleet.agent.telemetry import WindowAccumulator
+from edgefleet.agent.telemetry import WindowAccumulator, cut_with_drift
 from edgefleet.agent.updater import (
     ControlPlaneClient,
     Offline,
@@ -122,7 +122,6 @@ __all__ = [
 
 log = logging.getLogger("edgefleet.agent")
 
-DRIFT_TIMEOUT_S = 5.0  # a worker that cannot answer for its histograms in this time does not hold a window up
 SHADOW_RETRY_S = 60.0  # a shadow phase that could not start (offline, the candidate does not load) is tried again
 EXIT_DECOMMISSIONED = 10  # the control plane decommissioned this device and it wiped itself
 EXIT_CREDENTIAL_REFUSED = 11  # revoked or decommissioned, and no new token to enroll again with
@@ -756,27 +755,8 @@ class Agent:
         """Close the window with the drift histograms of exactly the inputs served in it (they reset there): the
         backend cuts the counts at the instant it takes the histograms (``at_answer``)."""
         b = self.backend
-        if b is None:
-            return self.close_window()
-        cut: list[TelemetryWindow] = []
-        waiting = True
-
-        def at_answer() -> None:
-            if waiting and not cut:
-                cut.append(self._cut_window())
-
-        drift: list[DriftSummary] = []
-        try:
-            drift = await asyncio.wait_for(b.drift(at_answer), DRIFT_TIMEOUT_S)
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:
-            log.warning("telemetry window without drift: %s: %s", type(err).__name__, err)
-        finally:
-            waiting = False
-        if not cut:  # no answer in time: the window closes now, its histograms (if any come) are lost
-            return self.close_window()
-        return self._keep(cut[0], drift)
+        got = None if b is None else await cut_with_drift(b.drift, self._cut_window, "telemetry window")
+        return self.close_window() if got is None else self._keep(*got)
 
     # ------------------------------------------------------------------ control plane
 

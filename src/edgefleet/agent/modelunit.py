@@ -32,6 +32,7 @@ from edgefleet.agent.state import (
     rolled_back,
     rolled_back_in_recovery,
 )
+from edgefleet.agent.telemetry import cut_with_drift
 from edgefleet.agent.updater import Offline, should_update
 from edgefleet.agent.worker.spec import ModelInfo, WorkerSpec
 from edgefleet.errors import WorkerUnavailable
@@ -53,7 +54,6 @@ __all__ = ["MODELS_DIR", "ModelUnit", "folder_name_ok", "unit_folders"]
 log = logging.getLogger("edgefleet.agent")
 
 MODELS_DIR = "models"  # under the data folder: one folder per additional model
-DRIFT_TIMEOUT_S = 5.0
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -355,23 +355,6 @@ class ModelUnit:
 
     async def _drift_and_close(self) -> None:
         b = self.backend
-        if b is None:
-            self._keep(self._cut_window(), [])
-            return
-        cut: list[TelemetryWindow] = []
-        waiting = True
-
-        def at_answer() -> None:
-            if waiting and not cut:
-                cut.append(self._cut_window())
-
-        drift: list[DriftSummary] = []
-        try:
-            drift = await asyncio.wait_for(b.drift(at_answer), DRIFT_TIMEOUT_S)
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:
-            log.warning("telemetry window of %s without drift: %s: %s", self.name, type(err).__name__, err)
-        finally:
-            waiting = False
-        self._keep(cut[0] if cut else self._cut_window(), drift if cut else [])
+        what = f"telemetry window of {self.name}"
+        got = None if b is None else await cut_with_drift(b.drift, self._cut_window, what)
+        self._keep(*(got or (self._cut_window(), [])))

@@ -4,8 +4,10 @@ ground-truth feedback counted in it (``feedback.py``)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import psutil
@@ -15,7 +17,38 @@ from edgefleet.protocol import TelemetryWindow
 from edgefleet.telemetry.drift import DriftSummary
 from edgefleet.telemetry.sketch import LatencySketch
 
-__all__ = ["WindowAccumulator", "utcnow"]
+__all__ = ["DRIFT_TIMEOUT_S", "WindowAccumulator", "cut_with_drift", "utcnow"]
+
+log = logging.getLogger("edgefleet.agent")
+
+DRIFT_TIMEOUT_S = 5.0  # a worker that cannot answer for its histograms in this time does not hold a window up
+
+
+async def cut_with_drift(
+    drift: Callable[[Callable[[], None]], Awaitable[list[DriftSummary]]],
+    cut: Callable[[], TelemetryWindow],
+    what: str,
+) -> tuple[TelemetryWindow, list[DriftSummary]] | None:
+    """A window with the drift histograms of exactly the inputs served in it (they reset there): ``drift`` (a
+    backend's) calls its argument at the instant it takes the histograms, and the window's counts are ``cut`` then.
+    None when no answer came in time: the caller closes the window now, its histograms (if any come) lost."""
+    windows: list[TelemetryWindow] = []
+    waiting = True
+
+    def at_answer() -> None:
+        if waiting and not windows:
+            windows.append(cut())
+
+    summaries: list[DriftSummary] = []
+    try:
+        summaries = await asyncio.wait_for(drift(at_answer), DRIFT_TIMEOUT_S)
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:
+        log.warning("%s without drift: %s: %s", what, type(err).__name__, err)
+    finally:
+        waiting = False
+    return (windows[0], summaries) if windows else None
 
 
 def utcnow() -> datetime:

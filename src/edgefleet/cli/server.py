@@ -591,8 +591,11 @@ def rollout_start(
 
 def _shadow_percent(text: str) -> float:
     """``--shadow 5`` and ``--shadow 5%`` both mean five percent of each tier."""
+    from edgefleet.controlplane.rollout import parse_percent
+
+    t = text.strip()
     try:
-        return float(text.strip().removesuffix("%"))
+        return parse_percent(t if t.endswith("%") else t + "%") * 100
     except ValueError:
         raise UsageError(f"--shadow {text!r}: give a percentage of each tier's devices, e.g. 5 or 5%") from None
 

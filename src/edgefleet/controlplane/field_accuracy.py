@@ -16,11 +16,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Table, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from edgefleet.controlplane.db import Device, FieldAccuracyRollup
-from edgefleet.controlplane.rollups import Key, bucket_of, stripe_of, sums_since
+from edgefleet.controlplane.rollups import Key, add_counts, bucket_of, stripe_of, sums_since
 
 __all__ = ["MAX_ROLLUP_CELLS", "Confusion", "FieldTotals", "accuracy", "add_windows", "merge_confusion", "read", "rows"]
 
@@ -86,31 +85,10 @@ class FieldTotals:
 
 
 def _upsert(conn: Session | Connection, key: Key, d: FieldTotals) -> None:
-    bucket, model, version, tier, stripe = key
-    values = {
-        "bucket": bucket,
-        "model": model,
-        "version": version,
-        "tier": tier,
-        "stripe": stripe,
-        "matched": d.matched,
-        "correct": d.correct,
-        "unmatched": d.unmatched,
-        "confusion": {},
-    }
-    dialect = conn.get_bind().dialect.name if isinstance(conn, Session) else conn.dialect.name
-    ins = postgresql.insert(_T) if dialect == "postgresql" else sqlite.insert(_T)
-    add = {c: _T.c[c] + ins.excluded[c] for c in ("matched", "correct", "unmatched")}
-    conn.execute(ins.values(**values).on_conflict_do_update(index_elements=list(_T.primary_key.columns), set_=add))
+    counts = {"matched": d.matched, "correct": d.correct, "unmatched": d.unmatched}
+    where = add_counts(conn, _T, key, counts, {"confusion": {}})
     if not d.confusion:
         return
-    where = (
-        _T.c.bucket == bucket,
-        _T.c.model == model,
-        _T.c.version == version,
-        _T.c.tier == tier,
-        _T.c.stripe == stripe,
-    )
     # the upsert above holds this row's lock until commit: nobody else merges into it in between
     stored = conn.execute(select(_T.c.confusion).where(*where)).scalar_one()
     merged: Confusion = {}

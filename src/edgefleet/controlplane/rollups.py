@@ -168,34 +168,28 @@ def _merge_sketch(stored: Mapping[str, Any] | None, add: SketchSum) -> dict[str,
     return out.sketch().to_data().model_dump(mode="json") if out.count else {}
 
 
-def _upsert(conn: Session | Connection, key: Key, d: Delta) -> None:
+def add_counts(
+    conn: Session | Connection, t: Table, key: Key, counts: Mapping[str, int], empty: Mapping[str, Any]
+) -> Any:
+    """Insert rollup table ``t``'s row of ``key`` (its JSON columns ``empty``) or add ``counts`` to it, in one
+    statement on either database; returns the row's WHERE clause, for merging its JSON columns next."""
     bucket, model, version, tier, stripe = key
-    values = {
-        "bucket": bucket,
-        "model": model,
-        "version": version,
-        "tier": tier,
-        "stripe": stripe,
-        "windows": d.windows,
-        "requests": d.requests,
-        "errors": d.errors,
-        "worker_crashes": d.worker_crashes,
-        "latency": {},
-        "drift": {},
-    }
+    where = {"bucket": bucket, "model": model, "version": version, "tier": tier, "stripe": stripe}
     dialect = conn.get_bind().dialect.name if isinstance(conn, Session) else conn.dialect.name
-    ins = postgresql.insert(_T) if dialect == "postgresql" else sqlite.insert(_T)
-    add = {c: _T.c[c] + ins.excluded[c] for c in ("windows", "requests", "errors", "worker_crashes")}
-    conn.execute(ins.values(**values).on_conflict_do_update(index_elements=list(_T.primary_key.columns), set_=add))
+    ins = postgresql.insert(t) if dialect == "postgresql" else sqlite.insert(t)
+    add = {c: t.c[c] + ins.excluded[c] for c in counts}
+    stmt = ins.values(**where, **counts, **empty).on_conflict_do_update(
+        index_elements=list(t.primary_key.columns), set_=add
+    )
+    conn.execute(stmt)
+    return tuple(t.c[c] == v for c, v in where.items())
+
+
+def _upsert(conn: Session | Connection, key: Key, d: Delta) -> None:
+    counts = {"windows": d.windows, "requests": d.requests, "errors": d.errors, "worker_crashes": d.worker_crashes}
+    where = add_counts(conn, _T, key, counts, {"latency": {}, "drift": {}})
     if not d.sketch.count and not d.drift:
         return
-    where = (
-        _T.c.bucket == bucket,
-        _T.c.model == model,
-        _T.c.version == version,
-        _T.c.tier == tier,
-        _T.c.stripe == stripe,
-    )
     # the upsert above holds this row's lock until commit: nobody else merges into it in between
     latency, drift = conn.execute(select(_T.c.latency, _T.c.drift).where(*where)).one()
     merged: dict[str, dict[str, list[float]]] = {}
